@@ -1,0 +1,1 @@
+"""LoRAJob Kubernetes operator."""

@@ -1,0 +1,1 @@
+"""LoRA/QLoRA trainer run by every LoRAJob pod."""

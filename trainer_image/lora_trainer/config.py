@@ -1,0 +1,337 @@
+"""The trainer's one validated configuration model.
+
+This module must stay importable without torch, transformers or boto3: the
+operator embeds these models in the LoRAJob spec and generates the CRD schema
+from them, so the operator image never has to carry the training stack.
+
+Field names are camelCase on the wire (the Kubernetes convention) and
+snake_case in Python; both spellings are accepted when parsing.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import (
+    AliasGenerator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+__all__ = [
+    "DatasetSpec",
+    "LoraSpec",
+    "ModelSpec",
+    "OutputSpec",
+    "QuantizationSpec",
+    "SpecModel",
+    "TrainerConfig",
+    "TrainingSpec",
+    "format_validation_error",
+    "parse_uri",
+]
+
+# Sources and destinations the trainer knows how to read and write.
+URI_SCHEMES = ("s3", "hf")
+_S3_RE = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(?P<key>.*))?$")
+_HF_RE = re.compile(
+    r"^hf://(?P<repo>[A-Za-z0-9][\w.\-]*(?:/[A-Za-z0-9][\w.\-]*)?)(?:@(?P<rev>[\w.\-/]+))?$"
+)
+
+
+class SpecModel(BaseModel):
+    """Base for every spec model: camelCase aliases, unknown fields rejected.
+
+    `extra="forbid"` is what turns a typo such as `learningrate` into an error
+    that names the field instead of a silently ignored setting.
+    """
+
+    model_config = ConfigDict(
+        alias_generator=AliasGenerator(alias=to_camel),
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+    )
+
+    def to_wire(self) -> dict[str, Any]:
+        """The camelCase dict form used in manifests and env vars (None fields omitted)."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def parse_uri(uri: str) -> tuple[str, str, str]:
+    """Split a source/destination URI into (scheme, location, revision-or-key).
+
+    Returns ("s3", bucket, key), ("hf", "org/name", revision) or ("file", path, "").
+    Raises ValueError with the accepted forms when the URI fits none of them.
+    """
+    if uri.startswith("s3://"):
+        m = _S3_RE.match(uri)
+        if not m:
+            raise ValueError(
+                f"{uri!r} is not a valid S3 URI; use s3://<bucket>/<prefix> with a "
+                "lowercase bucket name of 3-63 characters"
+            )
+        return "s3", m["bucket"], (m["key"] or "").strip("/")
+    if uri.startswith("hf://"):
+        m = _HF_RE.match(uri)
+        if not m:
+            raise ValueError(f"{uri!r} is not a valid Hub URI; use hf://<org>/<name>[@<revision>]")
+        return "hf", m["repo"], m["rev"] or "main"
+    if "://" in uri:
+        scheme = uri.split("://", 1)[0]
+        raise ValueError(
+            f"URI scheme {scheme!r} is not supported; use s3://bucket/prefix, "
+            "hf://org/name[@revision] or an absolute path (e.g. a mounted PVC)"
+        )
+    if not uri.startswith("/"):
+        raise ValueError(
+            f"{uri!r} is a relative path; use an absolute path (e.g. /data/train.jsonl), "
+            "s3://bucket/key or hf://org/name"
+        )
+    return "file", uri, ""
+
+
+def _check_uri(value: str, *, allow_hf: bool = True) -> str:
+    scheme, _, _ = parse_uri(value)
+    if scheme == "hf" and not allow_hf:
+        raise ValueError("the output cannot be a Hub repository; use s3://bucket/prefix or a path")
+    return value
+
+
+class ModelSpec(SpecModel):
+    """The base model to fine-tune."""
+
+    uri: str = Field(
+        description="Base model: s3://bucket/prefix (a Hugging Face model directory), "
+        "hf://org/name[@revision], or an absolute local/PVC path.",
+        min_length=1,
+    )
+    trust_remote_code: bool = Field(
+        default=False,
+        description="Run the model repository's own Python code. Off by default; an admin "
+        "policy may forbid it.",
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        return _check_uri(v)
+
+
+DatasetFormat = Literal["auto", "text", "alpaca", "messages", "prompt_completion"]
+
+
+class DatasetSpec(SpecModel):
+    """Training data: JSONL, JSON or Parquet, in one of the common record formats."""
+
+    uri: str = Field(
+        description="Training data file (or a prefix/directory of files): .jsonl, .json or "
+        ".parquet at s3://..., hf://org/name[@revision] or an absolute path.",
+        min_length=1,
+    )
+    format: DatasetFormat = Field(
+        default="auto",
+        description="Record format: text ({text}), alpaca ({instruction,input,output}), "
+        "messages ({messages:[{role,content}]}), prompt_completion ({prompt,completion}); "
+        "auto detects it from the first record.",
+    )
+    eval_uri: str | None = Field(
+        default=None, description="Optional separate evaluation file, same formats as uri."
+    )
+    eval_split: float = Field(
+        default=0.05,
+        ge=0.0,
+        lt=0.5,
+        description="Fraction of the training records held out for evaluation when evalUri "
+        "is not set; 0 disables evaluation.",
+    )
+    max_records: int | None = Field(
+        default=None, gt=0, description="Use at most this many training records."
+    )
+
+    @field_validator("uri", "eval_uri")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        return None if v is None else _check_uri(v)
+
+
+class LoraSpec(SpecModel):
+    """LoRA adapter shape. Defaults follow "LoRA Without Regret": all linear layers."""
+
+    r: int = Field(default=16, ge=1, le=1024, description="Adapter rank.")
+    alpha: int = Field(default=32, ge=1, le=4096, description="Scaling numerator (lora_alpha).")
+    dropout: float = Field(
+        default=0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input."
+    )
+    target_modules: str | list[str] = Field(
+        default="all-linear",
+        description='Layers to adapt: "all-linear" (every linear layer but the output head) or '
+        "a list of module name suffixes such as [q_proj, v_proj].",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, str):
+            if v != "all-linear":
+                raise ValueError(
+                    f'use "all-linear" or a list of module names such as [q_proj, v_proj], not {v!r}'
+                )
+            return v
+        if not v or any(not m.strip() for m in v):
+            raise ValueError("list must name at least one module, with no empty names")
+        return v
+
+    use_rslora: bool = Field(default=False, description="Rank-stabilised scaling alpha/sqrt(r).")
+    use_dora: bool = Field(default=False, description="Weight-decomposed LoRA (DoRA).")
+    modules_to_save: list[str] | None = Field(
+        default=None, description="Extra modules trained in full and saved with the adapter."
+    )
+
+
+class QuantizationSpec(SpecModel):
+    """How the frozen base model is loaded."""
+
+    mode: Literal["nf4", "fp4", "int8", "none"] = Field(
+        default="nf4",
+        description="nf4 (QLoRA, default), fp4, int8 (bitsandbytes LLM.int8) or none.",
+    )
+    double_quant: bool = Field(
+        default=True,
+        description="Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).",
+    )
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto",
+        description="Dtype of the matmuls; auto = bfloat16 on a GPU that supports it, else "
+        "float16 on GPU, float32 on CPU.",
+    )
+
+
+Optimizer = Literal[
+    "adamw_torch",
+    "adamw_torch_fused",
+    "paged_adamw_8bit",
+    "adamw_8bit",
+    "paged_adamw_32bit",
+    "adafactor",
+    "sgd",
+]
+Scheduler = Literal["linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup"]
+
+
+class TrainingSpec(SpecModel):
+    """Optimisation hyper-parameters."""
+
+    epochs: float = Field(
+        default=1.0,
+        gt=0,
+        le=1000,
+        description="Passes over the data (ignored when maxSteps is set).",
+    )
+    max_steps: int | None = Field(
+        default=None, gt=0, description="Stop after this many optimizer steps."
+    )
+    learning_rate: float = Field(
+        default=2e-4,
+        gt=0,
+        le=1.0,
+        description="Peak learning rate; LoRA wants ~10x a full fine-tune's.",
+    )
+    batch_size: int = Field(default=4, ge=1, le=1024, description="Per-device micro-batch size.")
+    gradient_accumulation_steps: int = Field(default=4, ge=1, le=1024)
+    max_seq_length: int = Field(
+        default=1024, ge=16, le=131072, description="Tokens per training sequence."
+    )
+    packing: bool = Field(
+        default=True,
+        description="Pack several short records into each sequence (no padding waste; "
+        "attention stays within each record).",
+    )
+    gradient_checkpointing: bool = Field(
+        default=True, description="Trade compute for activation memory."
+    )
+    optimizer: Optimizer = Field(default="adamw_torch")
+    scheduler: Scheduler = Field(default="cosine")
+    warmup_ratio: float = Field(default=0.03, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    seed: int = Field(default=42, ge=0)
+    completion_only_loss: bool = Field(
+        default=True,
+        description="Train only on completions/assistant turns where the format has them.",
+    )
+    checkpoint_every_steps: int = Field(
+        default=50,
+        ge=1,
+        description="Save a resumable checkpoint to <output>/checkpoints every N steps.",
+    )
+    eval_every_steps: int | None = Field(
+        default=None, ge=1, description="Evaluate every N steps (default: at the end only)."
+    )
+    logging_steps: int = Field(default=1, ge=1, description="Report loss every N steps.")
+
+
+class OutputSpec(SpecModel):
+    """Where the adapter goes."""
+
+    uri: str = Field(
+        description="Destination prefix: s3://bucket/prefix or an absolute path. The adapter "
+        "lands there with manifest.json written last; checkpoints go to <uri>/checkpoints/.",
+        min_length=1,
+    )
+    merged_model: bool = Field(
+        default=False,
+        description="Also write the base model with the adapter merged in (<uri>/merged/).",
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        return _check_uri(v, allow_hf=False)
+
+
+class TrainerConfig(SpecModel):
+    """Everything the trainer needs to run one fine-tuning job."""
+
+    model: ModelSpec
+    dataset: DatasetSpec
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    output: OutputSpec
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> TrainerConfig:
+        if self.lora.use_dora and self.quantization.mode == "int8":
+            raise ValueError(
+                "lora.useDora is not supported with quantization.mode=int8; use nf4 or none"
+            )
+        return self
+
+
+def format_validation_error(err: ValidationError, *, prefix: str = "") -> str:
+    """One line per problem, each naming the field by its camelCase path.
+
+    e.g. "spec.training.learningRate: Input should be greater than 0 (got -1)".
+    """
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        path = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field; check the spelling (fields are camelCase) or remove it"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        got = e.get("input")
+        tail = ""
+        if e["type"] not in ("missing", "extra_forbidden") and not isinstance(got, dict | list):
+            tail = f" (got {got!r})"
+        lines.append(f"{path}: {msg}{tail}")
+    return "; ".join(lines)
