@@ -1,0 +1,161 @@
+"""Failures the trainer knows how to explain, and how unknown ones are classified.
+
+Every failure ends as one `TrainerError`: a `FailureReason`, a message that says
+what happened, a hint that says what to change, and (through the reason) the
+exit code the operator uses to decide whether a retry can help. Secret values
+are scrubbed from every message before it can reach a log or the termination
+message.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+
+from lora_trainer.protocol import (
+    ENV_HF_TOKEN,
+    ENV_S3_ACCESS_KEY,
+    ENV_S3_SECRET_KEY,
+    ENV_S3_SESSION_TOKEN,
+    PERMANENT_EXIT_CODES,
+    REASON_EXIT_CODES,
+    ExitCode,
+    FailureReason,
+)
+
+__all__ = [
+    "ConfigError",
+    "CredentialsError",
+    "DatasetError",
+    "Interrupted",
+    "OutOfMemory",
+    "SourceNotFound",
+    "StorageError",
+    "TargetModulesNotFound",
+    "TrainerError",
+    "classify",
+    "scrub",
+]
+
+SECRET_ENV_VARS = (ENV_S3_ACCESS_KEY, ENV_S3_SECRET_KEY, ENV_S3_SESSION_TOKEN, ENV_HF_TOKEN)
+_REDACTED = "***"
+# Token shapes that must never be shown even when they are not in our env
+# (e.g. a token pasted into a URI): Hub tokens and AWS access key ids.
+_TOKEN_PATTERNS = (
+    re.compile(r"hf_[A-Za-z0-9]{20,}"),
+    re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"),
+)
+
+
+def scrub(text: str, secrets: Iterable[str] | None = None) -> str:
+    """Replace every secret value (from the env, or given) and token-shaped string."""
+    values = list(secrets) if secrets is not None else []
+    values += [os.environ.get(name, "") for name in SECRET_ENV_VARS]
+    # Longest first, so a secret containing another is replaced whole; very short
+    # values are skipped because replacing them would mangle ordinary text.
+    for value in sorted({v for v in values if len(v) >= 4}, key=len, reverse=True):
+        text = text.replace(value, _REDACTED)
+    for pattern in _TOKEN_PATTERNS:
+        text = pattern.sub(_REDACTED, text)
+    return text
+
+
+class TrainerError(Exception):
+    """A failure with a reason, a user-facing message and a hint."""
+
+    reason: FailureReason = FailureReason.INTERNAL_ERROR
+    default_hint: str | None = None
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        self.message = scrub(message)
+        self.hint = hint if hint is not None else self.default_hint
+        super().__init__(self.message)
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return REASON_EXIT_CODES[self.reason]
+
+    @property
+    def retryable(self) -> bool:
+        return self.exit_code not in PERMANENT_EXIT_CODES
+
+
+class ConfigError(TrainerError):
+    reason = FailureReason.INVALID_SPEC
+    default_hint = "Fix the named field(s) in the LoRAJob spec and resubmit."
+
+
+class DatasetError(TrainerError):
+    reason = FailureReason.INVALID_DATASET
+    default_hint = (
+        "Each record must be one of: {text}, {instruction,input,output} (alpaca), "
+        "{messages:[{role,content}]} or {prompt,completion}; set spec.dataset.format to "
+        "force one."
+    )
+
+
+class TargetModulesNotFound(TrainerError):
+    reason = FailureReason.TARGET_MODULES_NOT_FOUND
+
+
+class CredentialsError(TrainerError):
+    reason = FailureReason.CREDENTIALS_ERROR
+    default_hint = (
+        "Check spec.storage.credentialsSecret / hfTokenSecret: the Secret must hold valid "
+        "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or HF_TOKEN) with access to this location."
+    )
+
+
+class SourceNotFound(TrainerError):
+    reason = FailureReason.SOURCE_NOT_FOUND
+    default_hint = "Check the URI (bucket, prefix, repository and revision) for typos."
+
+
+class StorageError(TrainerError):
+    reason = FailureReason.STORAGE_ERROR
+    default_hint = "A storage or network error; the job is retried automatically."
+
+
+class OutOfMemory(TrainerError):
+    reason = FailureReason.CUDA_OUT_OF_MEMORY
+    default_hint = (
+        "Lower spec.training.batchSize (raise gradientAccumulationSteps to keep the "
+        "effective batch), enable spec.training.gradientCheckpointing, shorten "
+        "spec.training.maxSeqLength, keep quantization.mode=nf4, or request a larger GPU."
+    )
+
+
+class Interrupted(TrainerError):
+    reason = FailureReason.INTERRUPTED
+    default_hint = "The pod was asked to stop; the job resumes from the last checkpoint."
+
+
+def classify(exc: BaseException) -> TrainerError:
+    """Map any exception to a TrainerError (known ones keep their own reason)."""
+    if isinstance(exc, TrainerError):
+        return exc
+    text = f"{type(exc).__name__}: {exc}"
+    if _is_cuda_oom(exc):
+        return OutOfMemory(f"CUDA out of memory: {_first_line(str(exc))}")
+    if isinstance(exc, MemoryError):
+        return OutOfMemory(
+            "the process ran out of host memory",
+            hint="Request more memory (spec.resources.memory) or use a smaller model/batch.",
+        )
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return StorageError(f"network error: {text}")
+    return TrainerError(
+        f"unexpected error: {_first_line(text)}",
+        hint="This is likely a trainer bug; the logs have the full traceback.",
+    )
+
+
+def _is_cuda_oom(exc: BaseException) -> bool:
+    name = type(exc).__name__
+    return name == "OutOfMemoryError" or "CUDA out of memory" in str(exc)
+
+
+def _first_line(text: str, limit: int = 500) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else text
+    return line[:limit]
