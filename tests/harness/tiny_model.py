@@ -72,10 +72,18 @@ def corpus(n_lines: int = 400, seed: int = 0) -> Iterator[str]:
         q, a = _qa(rng)
         filler = " ".join(rng.choice(_WORDS + _COLORS + _THINGS) for _ in range(8))
         yield f"{q} {a} {filler}"
-    yield "### Instruction:\n### Input:\n### Response:\nsystem user assistant"
+    # The Alpaca prompt (as rendered by lora_trainer.data) and chat roles, so
+    # those formats tokenize into reasonably short sequences too.
+    for _ in range(50):
+        yield (
+            "Below is an instruction that describes a task, paired with an input that provides "
+            "further context. Write a response that appropriately completes the request.\n\n"
+            "### Instruction:\nAnswer the question.\n\n### Input:\n### Response:\n"
+        )
+        yield "system user assistant"
 
 
-def build_tokenizer(vocab_size: int = 512) -> Any:
+def build_tokenizer(vocab_size: int = 1024) -> Any:
     """A byte-level BPE tokenizer (transformers fast tokenizer) with a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -108,7 +116,7 @@ def build_tiny_model(
     *,
     hidden_size: int = 64,
     layers: int = 2,
-    vocab_size: int = 512,
+    vocab_size: int = 1024,
     seed: int = 0,
 ) -> Path:
     """Write a tiny random LlamaForCausalLM + tokenizer to `out_dir` (safetensors)."""

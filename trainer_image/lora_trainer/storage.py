@@ -182,6 +182,15 @@ class Storage:
             return None
         return bytes(body)
 
+    def delete(self, uri: str) -> None:
+        """Remove one object (no error when it does not exist)."""
+        scheme, location, key = parse_uri(uri)
+        if scheme == "file":
+            Path(location).unlink(missing_ok=True)
+            return
+        with self._s3_errors(uri):
+            self.s3.delete_object(Bucket=location, Key=key)
+
     def delete_prefix(self, uri: str) -> None:
         """Remove everything under `uri` (old checkpoints)."""
         scheme, location, key = parse_uri(uri)

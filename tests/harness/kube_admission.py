@@ -1,0 +1,274 @@
+"""Admission for the API emulator: ResourceQuota and validating webhooks.
+
+* Quota: pod creation is rejected with 403 "exceeded quota: ..." when the sum of
+  non-terminal pods' requests/limits in the namespace would pass a quota's
+  `spec.hard` (keys `pods`, `count/pods`, `cpu`, `memory`, `requests.<res>`,
+  `limits.<res>`); quota `status.hard/used` is kept current like the quota controller.
+* Webhooks: every ValidatingWebhookConfiguration whose rules match gets an
+  AdmissionReview v1 POSTed to its `clientConfig.url` (TLS verified against
+  `caBundle`); a denial becomes the real server's error text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ssl
+import uuid
+from fractions import Fraction
+from typing import Any
+
+import aiohttp
+
+from tests.harness import kube_errors as errors
+from tests.harness.kube_quantity import QuantityError, format_quantity, parse_quantity
+from tests.harness.kube_resources import ResourceType
+from tests.harness.kube_store import TERMINAL_POD_PHASES, Obj, Store
+
+_COMPUTE = ("cpu", "memory", "ephemeral-storage")
+
+
+# ------------------------------------------------------------------------ quota
+def _container_amounts(pod: Obj, section: str) -> dict[str, Fraction]:
+    totals: dict[str, Fraction] = {}
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        values = (container.get("resources") or {}).get(section) or {}
+        for key, value in values.items():
+            try:
+                totals[key] = totals.get(key, Fraction(0)) + parse_quantity(value)
+            except QuantityError:
+                continue
+    return totals
+
+
+def pod_usage(pod: Obj, key: str) -> Fraction:
+    """How much of quota key `key` one pod consumes."""
+    if key in ("pods", "count/pods"):
+        return Fraction(1)
+    if key.startswith("requests."):
+        return _container_amounts(pod, "requests").get(key[len("requests.") :], Fraction(0))
+    if key.startswith("limits."):
+        return _container_amounts(pod, "limits").get(key[len("limits.") :], Fraction(0))
+    if key in _COMPUTE:
+        return _container_amounts(pod, "requests").get(key, Fraction(0))
+    return Fraction(0)
+
+
+def _counts(pod: Obj) -> bool:
+    return (pod.get("status") or {}).get("phase") not in TERMINAL_POD_PHASES
+
+
+def namespace_usage(store: Store, namespace: str, keys: list[str], exclude: str = "") -> dict[str, Fraction]:
+    pods = store.resource("", "v1", "pods")
+    used = dict.fromkeys(keys, Fraction(0))
+    for entry in store.iter_entries(pods, namespace):
+        if entry.obj["metadata"]["name"] == exclude or not _counts(entry.obj):
+            continue
+        for key in keys:
+            used[key] += pod_usage(entry.obj, key)
+    return used
+
+
+def quota_admission(store: Store, operation: str, resource: ResourceType, obj: Obj, old: Obj | None) -> None:
+    """Reject a pod creation that would exceed a ResourceQuota of its namespace."""
+    del old
+    if operation != "CREATE" or resource.group or resource.plural != "pods":
+        return
+    namespace = obj["metadata"]["namespace"]
+    quotas = store.resource("", "v1", "resourcequotas")
+    for entry in store.iter_entries(quotas, namespace):
+        hard_spec: dict[str, Any] = (entry.obj.get("spec") or {}).get("hard") or {}
+        hard = {k: parse_quantity(v) for k, v in hard_spec.items()}
+        requested = {k: pod_usage(obj, k) for k in hard}
+        requested = {k: v for k, v in requested.items() if v > 0}
+        if not requested:
+            continue
+        used = namespace_usage(store, namespace, list(requested))
+        exceeded = sorted(k for k, v in requested.items() if used[k] + v > hard[k])
+        if exceeded:
+            def render(values: dict[str, Fraction], keys: list[str]) -> str:
+                return ",".join(f"{k}={format_quantity(values[k])}" for k in keys)
+
+            raise errors.forbidden(
+                "",
+                "pods",
+                obj["metadata"]["name"],
+                f"exceeded quota: {entry.obj['metadata']['name']}, requested: {render(requested, exceeded)}, "
+                f"used: {render(used, exceeded)}, limited: {render(hard, exceeded)}",
+            )
+
+
+def refresh_quota_status(store: Store, resource: ResourceType, operation: str, obj: Obj) -> None:
+    """After-commit hook: keep `status.used` of the namespace's quotas current."""
+    del operation
+    if resource.group or resource.plural not in ("pods", "resourcequotas"):
+        return
+    namespace = obj["metadata"].get("namespace", "")
+    quotas = store.resource("", "v1", "resourcequotas")
+    for entry in list(store.iter_entries(quotas, namespace)):
+        hard = (entry.obj.get("spec") or {}).get("hard") or {}
+        try:
+            used = namespace_usage(store, namespace, list(hard))
+        except QuantityError:
+            continue
+        status = {"hard": dict(hard), "used": {k: format_quantity(v) if v else "0" for k, v in used.items()}}
+        if entry.obj.get("status") != status:
+            updated = entry.fresh()
+            updated["status"] = status
+            store.internal_update(quotas, namespace, entry.obj["metadata"]["name"], updated)
+
+
+# --------------------------------------------------------------------- webhooks
+def _selector_matches(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
+    if not selector:
+        return True
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr.get("key"), expr.get("operator"), expr.get("values") or []
+        present = key in labels
+        if (
+            (op == "In" and (not present or labels[key] not in values))
+            or (op == "NotIn" and present and labels[key] in values)
+            or (op == "Exists" and not present)
+            or (op == "DoesNotExist" and present)
+        ):
+            return False
+    return True
+
+
+def _rule_matches(rule: dict[str, Any], operation: str, resource: ResourceType, subresource: str | None) -> bool:
+    def any_of(values: list[str] | None, value: str) -> bool:
+        return bool(values) and ("*" in values or value in values)  # type: ignore[operator]
+
+    full = f"{resource.plural}/{subresource}" if subresource else resource.plural
+    resources = rule.get("resources") or []
+    resource_ok = (
+        full in resources
+        or "*/*" in resources
+        or (not subresource and "*" in resources)
+        or (subresource is not None and f"*/{subresource}" in resources)
+        or (subresource is not None and f"{resource.plural}/*" in resources)
+    )
+    scope = rule.get("scope", "*")
+    scope_ok = scope == "*" or (scope == "Namespaced") == resource.namespaced
+    return (
+        any_of(rule.get("operations"), operation)
+        and any_of(rule.get("apiGroups"), resource.group)
+        and any_of(rule.get("apiVersions"), resource.version)
+        and resource_ok
+        and scope_ok
+    )
+
+
+class WebhookAdmission:
+    """Calls ValidatingWebhookConfigurations' webhooks for matching requests."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._session: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def _session_for(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    async def __call__(
+        self, operation: str, resource: ResourceType, obj: Obj, old: Obj | None, subresource: str | None
+    ) -> None:
+        configs = self.store.resource("admissionregistration.k8s.io", "v1", "validatingwebhookconfigurations")
+        entries = list(self.store.iter_entries(configs, ""))
+        if not entries:
+            return
+        for entry in entries:
+            for webhook in entry.obj.get("webhooks") or []:
+                if not any(_rule_matches(r, operation, resource, subresource) for r in webhook.get("rules") or []):
+                    continue
+                labels = (obj.get("metadata") or {}).get("labels") or {}
+                if not _selector_matches(webhook.get("objectSelector"), labels):
+                    continue
+                if resource.namespaced:
+                    ns = self.store.find(self.store.resource("", "v1", "namespaces"), "", obj["metadata"].get("namespace", ""))
+                    ns_labels = ((ns or {}).get("metadata") or {}).get("labels") or {}
+                    if not _selector_matches(webhook.get("namespaceSelector"), ns_labels):
+                        continue
+                await self._call(webhook, operation, resource, obj, old, subresource)
+
+    async def _call(
+        self,
+        webhook: dict[str, Any],
+        operation: str,
+        resource: ResourceType,
+        obj: Obj,
+        old: Obj | None,
+        subresource: str | None,
+    ) -> None:
+        name = webhook.get("name", "")
+        client = webhook.get("clientConfig") or {}
+        url = client.get("url")
+        meta = obj.get("metadata") or {}
+        gvk = {"group": resource.group, "version": resource.version, "kind": resource.kind}
+        gvr = {"group": resource.group, "version": resource.version, "resource": resource.plural}
+        review = {
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": str(uuid.uuid4()),
+                "kind": gvk,
+                "resource": gvr,
+                "requestKind": gvk,
+                "requestResource": gvr,
+                "name": meta.get("name", ""),
+                "namespace": meta.get("namespace", ""),
+                "operation": operation,
+                "userInfo": {"username": "harness-admin", "groups": ["system:masters", "system:authenticated"]},
+                "object": None if operation == "DELETE" else obj,
+                "oldObject": old if operation != "CREATE" else None,
+                "dryRun": False,
+                "options": None,
+            },
+        }
+        if subresource:
+            review["request"]["subResource"] = subresource  # type: ignore[index]
+        ignore = webhook.get("failurePolicy", "Fail") == "Ignore"
+        try:
+            if not url:
+                raise RuntimeError("only clientConfig.url is reachable from the harness API server")
+            ssl_context = ssl.create_default_context()
+            if client.get("caBundle"):
+                ssl_context = ssl.create_default_context(cadata=base64.b64decode(client["caBundle"]).decode())
+            async with self._session_for().post(
+                url,
+                json=review,
+                ssl=ssl_context if url.startswith("https") else None,
+                timeout=aiohttp.ClientTimeout(total=float(webhook.get("timeoutSeconds", 10))),
+            ) as response:
+                if response.status != 200:
+                    raise RuntimeError(f"received status {response.status}")
+                answer = await response.json(content_type=None)
+        except (aiohttp.ClientError, RuntimeError, ssl.SSLError, TimeoutError, asyncio.TimeoutError, ValueError) as exc:
+            if ignore:
+                return
+            raise errors.ApiError(
+                500,
+                "InternalError",
+                f'Internal error occurred: failed calling webhook "{name}": failed to call webhook: '
+                f'Post "{url}": {exc}',
+            ) from exc
+        result = answer.get("response") or {}
+        if result.get("allowed"):
+            return
+        status = result.get("status") or {}
+        code = max(int(status.get("code") or 400), 400)
+        denied = f'admission webhook "{name}" denied the request'
+        message = status.get("message") or status.get("reason")
+        raise errors.ApiError(
+            code,
+            status.get("reason") or "BadRequest",
+            f"{denied}: {message}" if message else f"{denied} without explanation",
+        )

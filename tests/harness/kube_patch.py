@@ -1,0 +1,139 @@
+"""The three patch flavours of the Kubernetes API.
+
+* `application/merge-patch+json` (RFC 7386);
+* `application/json-patch+json` (RFC 6902, via the jsonpatch library);
+* `application/strategic-merge-patch+json`: an approximation of the server's
+  strategic merge for built-in types: merge patch, except that the well-known
+  lists are merged by their patchMergeKey (containers by name, conditions by
+  type, ...), `finalizers` merge as a set, and `$patch: delete` items and
+  `$deleteFromPrimitiveList/<field>` directives are honoured.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import jsonpatch
+
+MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
+APPLY_PATCH = "application/apply-patch+yaml"
+
+# patchMergeKey of the list fields we approximate (field name -> key).
+_MERGE_KEYS = {
+    "containers": "name",
+    "initContainers": "name",
+    "ephemeralContainers": "name",
+    "env": "name",
+    "volumes": "name",
+    "volumeMounts": "mountPath",
+    "ports": "containerPort",
+    "conditions": "type",
+    "ownerReferences": "uid",
+    "imagePullSecrets": "name",
+    "containerStatuses": "name",
+    "initContainerStatuses": "name",
+    "podIPs": "ip",
+    "readinessGates": "conditionType",
+}
+_SET_LISTS = {"finalizers"}
+
+
+class PatchError(ValueError):
+    """A patch the server cannot apply (-> 422/400)."""
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch; returns a new value."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def json_patch(target: Any, operations: Any) -> Any:
+    if not isinstance(operations, list):
+        raise PatchError("json patch must be a list of operations")
+    try:
+        return jsonpatch.JsonPatch(operations).apply(copy.deepcopy(target))
+    except (
+        jsonpatch.JsonPatchException,
+        jsonpatch.JsonPointerException,
+        KeyError,
+        IndexError,
+        TypeError,
+    ) as exc:
+        raise PatchError(
+            f"the server rejected our request due to an error in our request: {exc}"
+        ) from exc
+
+
+def _merge_keyed_list(target: list[Any], patch: list[Any], key: str) -> list[Any]:
+    result = copy.deepcopy(target)
+    index = {item.get(key): i for i, item in enumerate(result) if isinstance(item, dict)}
+    for item in patch:
+        if not isinstance(item, dict) or key not in item:
+            result.append(copy.deepcopy(item))
+            continue
+        position = index.get(item[key])
+        if item.get("$patch") == "delete":
+            if position is not None:
+                result[position] = None
+            continue
+        if position is None:
+            index[item[key]] = len(result)
+            result.append(strategic_merge_patch({}, item))
+        else:
+            result[position] = strategic_merge_patch(result[position], item)
+    return [item for item in result if item is not None]
+
+
+def strategic_merge_patch(target: Any, patch: Any) -> Any:
+    """Approximate strategic merge patch (see module docstring); returns a new value."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    deletions = {}
+    for key, value in patch.items():
+        if key.startswith("$deleteFromPrimitiveList/"):
+            deletions[key.split("/", 1)[1]] = set(value or [])
+        elif key.startswith("$"):
+            continue  # $setElementOrder, $retainKeys, $patch: ordering/hints only
+        elif value is None:
+            result.pop(key, None)
+        elif isinstance(value, list) and key in _MERGE_KEYS and isinstance(result.get(key), list):
+            result[key] = _merge_keyed_list(result[key], value, _MERGE_KEYS[key])
+        elif isinstance(value, list) and key in _SET_LISTS and isinstance(result.get(key), list):
+            result[key] = result[key] + [v for v in value if v not in result[key]]
+        elif isinstance(value, dict) and value.get("$patch") == "replace":
+            result[key] = {k: copy.deepcopy(v) for k, v in value.items() if k != "$patch"}
+        elif isinstance(value, dict) and value.get("$patch") == "delete":
+            result.pop(key, None)
+        else:
+            result[key] = strategic_merge_patch(result.get(key), value)
+    for key, removed in deletions.items():
+        if isinstance(result.get(key), list):
+            result[key] = [v for v in result[key] if v not in removed]
+    return result
+
+
+def apply_patch(content_type: str, target: dict[str, Any], body: Any) -> Any:
+    """Apply a patch of the given media type to `target` (not modified)."""
+    media = content_type.split(";", 1)[0].strip()
+    if media == MERGE_PATCH:
+        return merge_patch(target, body)
+    if media == JSON_PATCH:
+        return json_patch(target, body)
+    if media == STRATEGIC_MERGE_PATCH:
+        return strategic_merge_patch(target, body)
+    if media == APPLY_PATCH:
+        # Server-side apply without field ownership: the applied configuration wins.
+        return merge_patch(target, body)
+    raise PatchError(f"the server does not support patch type {media!r}")

@@ -1,0 +1,247 @@
+"""Command line: find the config, set up the runtime, run, report, exit.
+
+Config sources, first match wins:
+  --job MANIFEST      a LoRAJob manifest (local debugging of a spec)
+  --config FILE       a TrainerConfig file (JSON or YAML)
+  $LORA_TRAINER_CONFIG       TrainerConfig JSON (what the operator sets)
+  $LORA_TRAINER_CONFIG_FILE  path to a TrainerConfig file
+
+Only the config model and the protocol are imported before the config is
+valid; torch and the training stack load afterwards, so a bad config fails in
+well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from lora_trainer.config import TrainerConfig, format_validation_error
+from lora_trainer.errors import ConfigError, TrainerError, classify, scrub
+from lora_trainer.protocol import (
+    DEFAULT_PROGRESS_PORT,
+    DEFAULT_WORK_DIR,
+    ENV_CACHE_DIR,
+    ENV_CONFIG,
+    ENV_CONFIG_FILE,
+    ENV_JOB_NAME,
+    ENV_PROGRESS_HOST,
+    ENV_PROGRESS_PORT,
+    ENV_WORK_DIR,
+    ExitCode,
+)
+
+__all__ = ["LoadedConfig", "load_config", "main"]
+
+log = logging.getLogger("lora_trainer")
+
+# LoRAJob spec fields that only matter to Kubernetes; `--job` ignores them.
+KUBERNETES_ONLY_FIELDS = frozenset(
+    {
+        "resources",
+        "scheduling",
+        "storage",
+        "image",
+        "backoffLimit",
+        "activeDeadlineSeconds",
+        "suspend",
+        "ttlSecondsAfterFinished",
+    }
+)
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    config: TrainerConfig
+    source: str
+    s3_endpoint: str | None = None  # from a manifest's spec.storage
+    s3_region: str | None = None
+    job_name: str | None = None
+
+
+def _parse_text(text: str, source: str) -> Any:
+    """JSON or YAML (YAML is a superset, but JSON errors read better for JSON)."""
+    stripped = text.lstrip()
+    if stripped.startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{source}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: invalid YAML: {e}") from e
+
+
+def _read(path: str, what: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from e
+
+
+def _validate(data: Any, source: str, prefix: str = "") -> TrainerConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of config fields, got {type(data).__name__}")
+    try:
+        return TrainerConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"invalid config ({source}): {format_validation_error(e, prefix=prefix)}") from e
+
+
+def load_job_manifest(path: str) -> LoadedConfig:
+    doc = _parse_text(_read(path, "LoRAJob manifest"), path)
+    if not isinstance(doc, dict) or doc.get("kind") != "LoRAJob" or not isinstance(doc.get("spec"), dict):
+        raise ConfigError(f"{path}: not a LoRAJob manifest (expected kind: LoRAJob with a spec)")
+    spec = doc["spec"]
+    storage = spec.get("storage") if isinstance(spec.get("storage"), dict) else {}
+    trainer_fields = {k: v for k, v in spec.items() if k not in KUBERNETES_ONLY_FIELDS}
+    meta = doc.get("metadata") or {}
+    name = meta.get("name")
+    return LoadedConfig(
+        config=_validate(trainer_fields, path, prefix="spec."),
+        source=path,
+        s3_endpoint=storage.get("endpoint"),
+        s3_region=storage.get("region"),
+        job_name=f"{meta.get('namespace', 'default')}/{name}" if name else None,
+    )
+
+
+def load_config(args: argparse.Namespace, env: dict[str, str]) -> LoadedConfig:
+    if args.job:
+        return load_job_manifest(args.job)
+    if args.config:
+        return LoadedConfig(_validate(_parse_text(_read(args.config, "config file"), args.config), args.config), args.config)
+    if env.get(ENV_CONFIG):
+        return LoadedConfig(_validate(_parse_text(env[ENV_CONFIG], ENV_CONFIG), ENV_CONFIG), ENV_CONFIG)
+    if env.get(ENV_CONFIG_FILE):
+        path = env[ENV_CONFIG_FILE]
+        return LoadedConfig(_validate(_parse_text(_read(path, "config file"), path), path), path)
+    raise ConfigError(
+        f"no config: pass --config FILE or --job MANIFEST, or set {ENV_CONFIG} / {ENV_CONFIG_FILE}"
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m lora_trainer",
+        description="Fine-tune a LoRA/QLoRA adapter (the program every LoRAJob pod runs).",
+        epilog=f"Without --config/--job the config comes from ${ENV_CONFIG} (JSON) or "
+        f"${ENV_CONFIG_FILE}. Exit codes: "
+        + ", ".join(f"{c.value}={c.name}" for c in ExitCode),
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--config", metavar="FILE", help="TrainerConfig as JSON or YAML")
+    src.add_argument(
+        "--job",
+        metavar="MANIFEST",
+        help="run a LoRAJob manifest's training locally (Kubernetes-only fields are ignored; "
+        "spec.storage.endpoint/region apply when AWS_ENDPOINT_URL/AWS_DEFAULT_REGION are unset)",
+    )
+    p.add_argument("--validate-only", action="store_true", help="check the config and exit")
+    return p
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # Every log line passes through scrub(): no secret reaches the pod log.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_ScrubFilter())
+
+
+class _ScrubFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = scrub(record.getMessage())
+        record.args = None
+        return True
+
+
+def _work_dir(env: dict[str, str], local: bool) -> Path:
+    configured = env.get(ENV_WORK_DIR)
+    if configured:
+        path = Path(configured)
+    elif not local and os.access(DEFAULT_WORK_DIR, os.W_OK):
+        path = Path(DEFAULT_WORK_DIR)
+    else:
+        path = Path(tempfile.mkdtemp(prefix="lora-trainer-"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging()
+    env = dict(os.environ)
+    from lora_trainer.progress import ProgressBoard, ProgressServer
+    from lora_trainer.protocol import TerminationMessage
+    from lora_trainer.reporting import failure_message, write_termination_message
+    from lora_trainer.signals import StopRequest
+
+    board = ProgressBoard()
+    stop = StopRequest().install()
+    server: ProgressServer | None = None
+    try:
+        loaded = load_config(args, env)
+        if args.validate_only:
+            write_termination_message(TerminationMessage(outcome="Succeeded", message="config is valid"))
+            print(json.dumps(loaded.config.to_wire(), indent=2))
+            return ExitCode.OK
+        local = args.job is not None or args.config is not None
+        server = _start_progress_server(board, env, local)
+        work_dir = _work_dir(env, local)
+        from lora_trainer.storage import Storage
+
+        cache_dir = Path(env.get(ENV_CACHE_DIR) or (Path.home() / ".cache" / "lora_trainer" if local else work_dir / "cache"))
+        storage = Storage(cache_dir, env, default_endpoint=loaded.s3_endpoint, default_region=loaded.s3_region)
+        from lora_trainer.train import Runtime, run  # torch & co. load here
+
+        rt = Runtime(work_dir=work_dir, storage=storage, board=board, stop=stop, job_name=env.get(ENV_JOB_NAME) or loaded.job_name)
+        message = run(loaded.config, rt)
+        write_termination_message(message)
+        return ExitCode.OK
+    except BaseException as exc:  # every exit path writes a termination message
+        if isinstance(exc, SystemExit):
+            raise
+        err: TrainerError = classify(exc)
+        if not isinstance(exc, TrainerError):
+            log.error("unexpected error:\n%s", scrub("".join(traceback.format_exception(exc))))
+        board.update(stage="failed")
+        snap = board.snapshot()
+        write_termination_message(
+            failure_message(err, steps=snap.step or None, last_checkpoint=snap.last_checkpoint)
+        )
+        return err.exit_code
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _start_progress_server(board: Any, env: dict[str, str], local: bool) -> Any:
+    from lora_trainer.progress import ProgressServer
+
+    host = env.get(ENV_PROGRESS_HOST) or ("127.0.0.1" if local else "0.0.0.0")  # noqa: S104
+    port = int(env.get(ENV_PROGRESS_PORT) or (0 if local else DEFAULT_PROGRESS_PORT))
+    try:
+        server = ProgressServer(board, host, port).start()
+    except OSError as e:
+        log.warning("progress endpoint not started on %s:%d: %s", host, port, e)
+        return None
+    log.info("progress at %s/progress", server.url)
+    return server

@@ -1,0 +1,393 @@
+"""Training data: read files, detect and check the record format, tokenize with loss masks.
+
+Formats (one per dataset; `auto` detects it from the first record, then every
+record must fit it):
+
+* text               {"text": "..."}                              loss on every token
+* alpaca             {"instruction", "input"?, "output"}          loss on the response
+* messages           {"messages": [{"role", "content"}, ...]}     loss on assistant turns
+                     (ShareGPT {"conversations": [{"from", "value"}]} is accepted too)
+* prompt_completion  {"prompt", "completion"}                     loss on the completion
+
+Tokenization happens here rather than in TRL so the loss mask is exact for any
+chat template: each assistant turn's character span is found by rendering the
+conversation up to that turn, and tokens are masked by their character offsets.
+TRL then receives `input_ids` + `completion_mask` and builds labels, packs and
+collates. A record that does not fit raises a `DatasetError` naming the file and
+record number and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from lora_trainer.errors import DatasetError
+
+__all__ = [
+    "ALPACA_PROMPT",
+    "ALPACA_PROMPT_NO_INPUT",
+    "Example",
+    "Record",
+    "TokenizedData",
+    "convert",
+    "detect_format",
+    "load_records",
+    "split_records",
+    "tokenize",
+]
+
+log = logging.getLogger(__name__)
+
+Format = Literal["text", "alpaca", "messages", "prompt_completion"]
+SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet")
+ROLES = ("system", "user", "assistant", "tool")
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+_SHAREGPT_ROLES |= {"system": "system", "tool": "tool"}
+
+# The Stanford Alpaca prompt, the de-facto standard for this record shape.
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides "
+    "further context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One raw record and where it came from (for error messages)."""
+
+    data: Any
+    file: str
+    number: int  # 1-based within its file (the line number for JSONL)
+
+    @property
+    def where(self) -> str:
+        return f"{self.file} record {self.number}"
+
+
+@dataclass(frozen=True)
+class Example:
+    """A record in one canonical shape: a prompt/completion pair, text, or a chat."""
+
+    text: str | None = None
+    prompt: str | None = None
+    completion: str | None = None
+    messages: tuple[tuple[str, str], ...] | None = None
+
+
+@dataclass
+class TokenizedData:
+    input_ids: list[list[int]] = field(default_factory=list)
+    completion_mask: list[list[int]] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(ids) for ids in self.input_ids)
+
+    def drop_unlearnable(self, max_length: int) -> int:
+        """Drop rows with no loss token within the first `max_length` tokens; returns how many.
+
+        Longer rows are truncated to `max_length` when trained, so a record whose
+        prompt alone fills it would only cost compute and teach nothing.
+        """
+        keep = [i for i, m in enumerate(self.completion_mask) if any(m[:max_length])]
+        dropped = len(self.input_ids) - len(keep)
+        self.input_ids = [self.input_ids[i] for i in keep]
+        self.completion_mask = [self.completion_mask[i] for i in keep]
+        return dropped
+
+    def count_longer_than(self, max_length: int) -> int:
+        return sum(1 for ids in self.input_ids if len(ids) > max_length)
+
+    def to_dataset(self) -> Any:
+        from datasets import Dataset  # noqa: PLC0415 - heavy; only when training
+
+        return Dataset.from_dict(
+            {"input_ids": self.input_ids, "completion_mask": self.completion_mask}
+        )
+
+
+# --- reading files ---------------------------------------------------------------
+
+
+def load_records(path: Path, *, limit: int | None = None) -> list[Record]:
+    """Records from one file, or from every supported file in a directory (sorted)."""
+    files = _data_files(path)
+    out: list[Record] = []
+    for f in files:
+        out.extend(_read_file(f, root=path if path.is_dir() else f.parent))
+        if limit is not None and len(out) >= limit:
+            return out[:limit]
+    if not out:
+        raise DatasetError(f"{path.name}: the dataset has no records")
+    return out
+
+
+def _data_files(path: Path) -> list[Path]:
+    if path.is_file():
+        if path.suffix not in SUPPORTED_SUFFIXES:
+            raise DatasetError(
+                f"{path.name}: unsupported file type {path.suffix!r}",
+                hint="Use .jsonl, .json or .parquet files.",
+            )
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUPPORTED_SUFFIXES)
+    if not files:
+        raise DatasetError(
+            f"no .jsonl, .json or .parquet files under {path.name}/",
+            hint="Point spec.dataset.uri at a data file or a prefix that contains some.",
+        )
+    return files
+
+
+def _read_file(f: Path, root: Path) -> list[Record]:
+    name = f.relative_to(root).as_posix() if f.is_relative_to(root) else f.name
+    if f.suffix == ".parquet":
+        import pyarrow.parquet as pq  # type: ignore[import-untyped]  # noqa: PLC0415
+
+        try:
+            rows = pq.read_table(f).to_pylist()
+        except Exception as e:
+            raise DatasetError(f"{name}: not a readable Parquet file ({e})") from e
+        return [Record(r, name, i) for i, r in enumerate(rows, 1)]
+    text = f.read_text(encoding="utf-8", errors="strict")
+    if f.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":  # "Extra data" = JSON Lines saved as .json
+                raise DatasetError(
+                    f"{name}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
+                ) from e
+        else:
+            if isinstance(data, dict) and isinstance(data.get("data"), list):
+                data = data["data"]
+            if not isinstance(data, list):
+                raise DatasetError(
+                    f"{name}: a .json dataset must be a list of records (or {{\"data\": [...]}})"
+                )
+            return [Record(r, name, i) for i, r in enumerate(data, 1)]
+    out = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(Record(json.loads(line), name, lineno))
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{name} record {lineno}: invalid JSON: {e.msg}") from e
+    return out
+
+
+# --- formats ---------------------------------------------------------------------
+
+
+def detect_format(data: Any) -> Format | None:
+    """The format a record's keys say it is in, or None."""
+    if not isinstance(data, dict):
+        return None
+    if "messages" in data or "conversations" in data:
+        return "messages"
+    if "instruction" in data and "output" in data:
+        return "alpaca"
+    if "prompt" in data and "completion" in data:
+        return "prompt_completion"
+    if "text" in data:
+        return "text"
+    return None
+
+
+def convert(records: Sequence[Record], fmt: str) -> tuple[Format, list[Example]]:
+    """Check every record against the format (detected if "auto") and convert it."""
+    if not records:
+        raise DatasetError("the dataset has no records")
+    resolved: Format | None = detect_format(records[0].data) if fmt == "auto" else fmt  # type: ignore[assignment]
+    if resolved is None:
+        first = records[0]
+        raise DatasetError(
+            f"{first.where}: cannot detect the format from keys {_keys(first.data)}"
+        )
+    converter = _CONVERTERS[resolved]
+    return resolved, [converter(r) for r in records]
+
+
+def _keys(data: Any) -> str:
+    if isinstance(data, dict):
+        return str(sorted(data))
+    return f"(a JSON {type(data).__name__}, not an object)"
+
+
+def _need_str(r: Record, key: str, fmt: str, *, allow_empty: bool = False) -> str:
+    if not isinstance(r.data, dict):
+        raise DatasetError(f"{r.where}: expected a JSON object in {fmt} format, got {_keys(r.data)}")
+    value = r.data.get(key)
+    if not isinstance(value, str) or (not allow_empty and not value.strip()):
+        got = "missing" if key not in r.data else f"{type(value).__name__} {value!r}"[:80]
+        raise DatasetError(
+            f"{r.where}: {fmt} format needs {key!r} as a non-empty string ({got}); "
+            f"record keys: {_keys(r.data)}"
+        )
+    return value
+
+
+def _text(r: Record) -> Example:
+    return Example(text=_need_str(r, "text", "text"))
+
+
+def _alpaca(r: Record) -> Example:
+    instruction = _need_str(r, "instruction", "alpaca")
+    output = _need_str(r, "output", "alpaca")
+    inp = r.data.get("input") or ""
+    if not isinstance(inp, str):
+        raise DatasetError(f"{r.where}: alpaca 'input' must be a string, got {type(inp).__name__}")
+    template = ALPACA_PROMPT if inp.strip() else ALPACA_PROMPT_NO_INPUT
+    return Example(prompt=template.format(instruction=instruction, input=inp), completion=output)
+
+
+def _prompt_completion(r: Record) -> Example:
+    prompt = _need_str(r, "prompt", "prompt_completion")
+    return Example(prompt=prompt, completion=_need_str(r, "completion", "prompt_completion"))
+
+
+def _messages(r: Record) -> Example:
+    data = r.data
+    if not isinstance(data, dict):
+        raise DatasetError(f"{r.where}: expected a JSON object in messages format, got {_keys(data)}")
+    sharegpt = "messages" not in data and "conversations" in data
+    turns = data.get("conversations" if sharegpt else "messages")
+    if not isinstance(turns, list) or not turns:
+        raise DatasetError(f"{r.where}: 'messages' must be a non-empty list of {{role, content}}")
+    out: list[tuple[str, str]] = []
+    for i, turn in enumerate(turns):
+        role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
+        if not isinstance(turn, dict):
+            raise DatasetError(f"{r.where}: message {i} is not an object")
+        role, content = turn.get(role_key), turn.get(content_key)
+        if sharegpt and isinstance(role, str):
+            role = _SHAREGPT_ROLES.get(role, role)
+        if role not in ROLES:
+            raise DatasetError(
+                f"{r.where}: message {i} has role {role!r}; use one of {', '.join(ROLES)}"
+            )
+        if not isinstance(content, str):
+            raise DatasetError(f"{r.where}: message {i} needs {content_key!r} as a string")
+        out.append((role, content))
+    if not any(role == "assistant" for role, _ in out):
+        raise DatasetError(f"{r.where}: the conversation has no assistant message to learn from")
+    return Example(messages=tuple(out))
+
+
+_CONVERTERS = {
+    "text": _text,
+    "alpaca": _alpaca,
+    "prompt_completion": _prompt_completion,
+    "messages": _messages,
+}
+
+
+def split_records(
+    records: Sequence[Record], fraction: float, seed: int
+) -> tuple[list[Record], list[Record]]:
+    """Deterministic train/eval split (the same on every attempt of a job)."""
+    if fraction <= 0 or len(records) < 2:
+        return list(records), []
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(records) - 1, max(1, round(len(records) * fraction)))
+    held = set(order[:n_eval])
+    train = [r for i, r in enumerate(records) if i not in held]
+    evals = [r for i, r in enumerate(records) if i in held]
+    return train, evals
+
+
+# --- tokenization ------------------------------------------------------------------
+
+
+def tokenize(examples: Iterable[Example], tokenizer: Any, *, completion_only: bool) -> TokenizedData:
+    """input_ids (EOS-terminated) and completion_mask (1 = token counts in the loss)."""
+    out = TokenizedData()
+    warned = False
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DatasetError(
+            "the model's tokenizer has no eos_token",
+            hint="Use a tokenizer with an EOS token: the model must learn where answers end.",
+        )
+    for ex in examples:
+        if ex.messages is not None:
+            ids, mask, exact = _tokenize_chat(ex.messages, tokenizer)
+            if not exact and not warned:
+                log.warning(
+                    "the chat template does not render conversations prefix-stably; "
+                    "training on whole conversations instead of assistant turns only"
+                )
+                warned = True
+        elif ex.text is not None:
+            ids = [*_encode(tokenizer, ex.text, special=True), eos]
+            mask = [1] * len(ids)
+        else:
+            assert ex.prompt is not None and ex.completion is not None
+            prompt_ids = _encode(tokenizer, ex.prompt, special=True)
+            completion_ids = [*_encode(tokenizer, ex.completion, special=False), eos]
+            ids = prompt_ids + completion_ids
+            mask = [0] * len(prompt_ids) + [1] * len(completion_ids)
+        if not completion_only:
+            mask = [1] * len(ids)
+        out.input_ids.append(ids)
+        out.completion_mask.append(mask)
+    return out
+
+
+def _encode(tokenizer: Any, text: str, *, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _render(tokenizer: Any, messages: Sequence[tuple[str, str]], *, gen_prompt: bool) -> str:
+    rendered = tokenizer.apply_chat_template(
+        [{"role": r, "content": c} for r, c in messages],
+        tokenize=False,
+        add_generation_prompt=gen_prompt,
+    )
+    return str(rendered)
+
+
+def _tokenize_chat(
+    messages: Sequence[tuple[str, str]], tokenizer: Any
+) -> tuple[list[int], list[int], bool]:
+    """Tokenize a conversation; mask = assistant turns. `exact` False = fell back to all."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DatasetError(
+            "the messages format needs a chat template, and the model's tokenizer has none",
+            hint="Use an instruct/chat model whose tokenizer_config.json has a chat_template, "
+            "or convert the records to prompt/completion.",
+        )
+    full = _render(tokenizer, messages, gen_prompt=False)
+    spans: list[tuple[int, int]] = []
+    exact = True
+    for i, (role, _) in enumerate(messages):
+        if role != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], gen_prompt=True) if i else ""
+        upto = _render(tokenizer, messages[: i + 1], gen_prompt=False)
+        if not (full.startswith(upto) and upto.startswith(before)):
+            exact = False
+            break
+        spans.append((len(before), len(upto)))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=exact)
+    ids = list(enc["input_ids"])
+    if not exact:
+        return ids, [1] * len(ids), False
+    mask = [
+        1 if any(start < e and end > s for s, e in spans) else 0
+        for start, end in enc["offset_mapping"]
+    ]
+    return ids, mask, True

@@ -1,0 +1,132 @@
+"""The final output: model card, metrics, manifest, and the upload order that keeps it honest.
+
+Upload order: any previous `manifest.json` is deleted first, then every file,
+then the new manifest (sizes + sha256 of every file) last. A reader that waits
+for the manifest and checks the hashes never takes a partial or mixed adapter
+for a complete one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from lora_trainer.config import TrainerConfig
+from lora_trainer.protocol import MANIFEST_NAME, AdapterInfo
+from lora_trainer.storage import Storage, join_uri
+
+__all__ = ["ADAPTER_WEIGHTS", "build_manifest", "model_card", "upload_output"]
+
+log = logging.getLogger(__name__)
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    size: int
+    sha256: str
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_entries(root: Path) -> list[FileEntry]:
+    return [
+        FileEntry(p.relative_to(root).as_posix(), p.stat().st_size, _sha256(p))
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    ]
+
+
+def build_manifest(entries: list[FileEntry], cfg: TrainerConfig, steps: int) -> dict[str, Any]:
+    return {
+        "version": MANIFEST_VERSION,
+        "createdAt": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "baseModel": cfg.model.uri,
+        "steps": steps,
+        "files": [{"path": e.path, "size": e.size, "sha256": e.sha256} for e in entries],
+    }
+
+
+def model_card(cfg: TrainerConfig, metrics: dict[str, Any], job_name: str | None) -> str:
+    """README.md for the adapter: what it is, how it was trained, how to load it."""
+    lora, t, q = cfg.lora, cfg.training, cfg.quantization
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(lora.target_modules)
+    rows = [
+        ("Base model", cfg.model.uri),
+        ("Dataset", cfg.dataset.uri),
+        ("Quantization", q.mode + (" (double quant)" if q.mode in ("nf4", "fp4") and q.double_quant else "")),
+        ("LoRA", f"r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, targets={targets}"
+         + (", rsLoRA" if lora.use_rslora else "") + (", DoRA" if lora.use_dora else "")),
+        ("Training", f"lr={t.learning_rate}, batch={t.batch_size}x{t.gradient_accumulation_steps}, "
+         f"maxSeqLength={t.max_seq_length}, packing={t.packing}, scheduler={t.scheduler}"),
+        ("Steps", str(metrics.get("steps"))),
+        ("Train loss", _fmt(metrics.get("train_loss"))),
+        ("Eval loss", _fmt(metrics.get("eval_loss"))),
+        ("Tokens/s", _fmt(metrics.get("tokens_per_second"))),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    title = f"LoRA adapter{f' from LoRAJob {job_name}' if job_name else ''}"
+    return f"""---
+library_name: peft
+tags: [lora, {"qlora, " if q.mode in ("nf4", "fp4") else ""}trl, sft]
+---
+
+# {title}
+
+| | |
+|---|---|
+{table}
+
+## Use
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import PeftModel
+
+base = AutoModelForCausalLM.from_pretrained("<base model>")
+model = PeftModel.from_pretrained(base, "<this directory>")
+tokenizer = AutoTokenizer.from_pretrained("<this directory>")
+```
+
+`manifest.json` lists every file with its size and sha256.
+"""
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def upload_output(
+    storage: Storage, local_dir: Path, output_uri: str, cfg: TrainerConfig, steps: int
+) -> AdapterInfo:
+    """Upload `local_dir` to `output_uri`, manifest last; returns what was published."""
+    entries = file_entries(local_dir)
+    manifest_uri = join_uri(output_uri, MANIFEST_NAME)
+    storage.delete(manifest_uri)  # an old manifest must not vouch for new files
+    for e in entries:
+        storage.put_file(local_dir / e.path, join_uri(output_uri, e.path))
+    manifest = build_manifest(entries, cfg, steps)
+    storage.put_bytes(json.dumps(manifest, indent=2).encode(), manifest_uri)
+    weights = next(e for e in entries if e.path == ADAPTER_WEIGHTS)
+    log.info("adapter published to %s (%d files)", output_uri, len(entries))
+    return AdapterInfo(
+        uri=output_uri,
+        manifest_uri=manifest_uri,
+        sha256=weights.sha256,
+        size=weights.size,
+        files=len(entries),
+    )

@@ -1,0 +1,68 @@
+"""The final word: the container's termination message and the matching exit code."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from lora_trainer.errors import TrainerError, scrub
+from lora_trainer.protocol import (
+    DEFAULT_TERMINATION_LOG,
+    ENV_TERMINATION_LOG,
+    TERMINATION_MESSAGE_LIMIT,
+    ExitCode,
+    TerminationMessage,
+)
+
+__all__ = ["failure_message", "termination_log_path", "write_termination_message"]
+
+log = logging.getLogger(__name__)
+
+
+def termination_log_path() -> Path:
+    return Path(os.environ.get(ENV_TERMINATION_LOG) or DEFAULT_TERMINATION_LOG)
+
+
+def failure_message(err: TrainerError, **extra: object) -> TerminationMessage:
+    return TerminationMessage.model_validate(
+        {
+            "outcome": "Failed",
+            "reason": err.reason.value,
+            "message": err.message,
+            "hint": err.hint,
+            "retryable": err.retryable,
+            **extra,
+        }
+    )
+
+
+def encode(msg: TerminationMessage) -> str:
+    """JSON under Kubernetes' 4 KiB limit: the message text is shortened if needed."""
+    msg = msg.model_copy(update={"message": scrub(msg.message)})
+    text = msg.to_json()
+    while len(text.encode()) > TERMINATION_MESSAGE_LIMIT and msg.message:
+        excess = len(text.encode()) - TERMINATION_MESSAGE_LIMIT
+        keep = max(0, len(msg.message) - excess - 20)
+        msg = msg.model_copy(update={"message": msg.message[:keep] + " [truncated]"})
+        text = msg.to_json()
+        if keep == 0:
+            break
+    return text
+
+
+def write_termination_message(msg: TerminationMessage, path: Path | None = None) -> None:
+    """Write the message; outside Kubernetes the default path may be unwritable (fine)."""
+    target = path or termination_log_path()
+    text = encode(msg)
+    try:
+        target.write_text(text)
+    except OSError as e:
+        if target != Path(DEFAULT_TERMINATION_LOG):
+            log.warning("could not write termination message to %s: %s", target, e)
+    level = logging.INFO if msg.outcome == "Succeeded" else logging.ERROR
+    log.log(level, "outcome: %s", text)
+
+
+def exit_code_for(msg: TerminationMessage, err: TrainerError | None) -> ExitCode:
+    return ExitCode.OK if err is None else err.exit_code

@@ -1,0 +1,238 @@
+"""One training run, top to bottom.
+
+    fetch model + data -> tokenize and check data -> load (quantized) model
+    -> check target modules -> resume from the latest complete checkpoint
+    -> SFTTrainer.train -> evaluate -> save adapter, card, metrics (+ merged)
+    -> upload with the manifest last -> TerminationMessage
+
+Every failure is raised as a TrainerError subclass; __main__ turns it into the
+termination message and exit code.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
+from trl import SFTTrainer
+
+from lora_trainer import checkpoints, data
+from lora_trainer.callbacks import CheckpointCallback, ProgressCallback, StopCallback
+from lora_trainer.config import TrainerConfig
+from lora_trainer.errors import DatasetError, Interrupted, SourceNotFound
+from lora_trainer.progress import ProgressBoard
+from lora_trainer.protocol import TerminationMessage
+from lora_trainer.publish import model_card, upload_output
+from lora_trainer.signals import StopRequest
+from lora_trainer.storage import Storage
+from lora_trainer.translate import (
+    Device,
+    linear_layer_names,
+    model_load_kwargs,
+    resolve_target_modules,
+    to_lora_config,
+    to_sft_config,
+)
+
+__all__ = ["Runtime", "run"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """What a run needs besides its config."""
+
+    work_dir: Path
+    storage: Storage
+    board: ProgressBoard
+    stop: StopRequest
+    job_name: str | None = None
+
+
+def run(cfg: TrainerConfig, rt: Runtime) -> TerminationMessage:
+    _quiet_progress_bars()
+    device = Device.detect()
+    log.info("device: %s", device.name)
+
+    # 1. Sources.
+    rt.board.update(stage="downloading")
+    model_dir = rt.storage.fetch(cfg.model.uri, repo_type="model")
+    if not (model_dir / "config.json").is_file():
+        raise SourceNotFound(
+            f"model.uri {cfg.model.uri} holds no Hugging Face model (config.json missing)",
+            hint="Point model.uri at a directory saved with save_pretrained (config.json, "
+            "*.safetensors, tokenizer files).",
+        )
+    data_path = rt.storage.fetch(cfg.dataset.uri, repo_type="dataset")
+    eval_path = rt.storage.fetch(cfg.dataset.eval_uri, repo_type="dataset") if cfg.dataset.eval_uri else None
+
+    # 2. Data, checked before the (slow) model load so bad records fail fast.
+    rt.board.update(stage="loading")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+    train_ds, eval_ds = _prepare_data(cfg, tokenizer, data_path, eval_path)
+
+    # 3. Model, target modules, adapter config.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **model_load_kwargs(cfg, device))
+    targets = resolve_target_modules(cfg.lora, linear_layer_names(model))
+    peft_config = to_lora_config(cfg.lora, targets)
+
+    # 4. Resume from the newest complete checkpoint, if an earlier attempt left one.
+    ckpt_dir = rt.work_dir / "checkpoints"
+    resume = checkpoints.find_latest(rt.storage, cfg.output.uri)
+    resume_path = checkpoints.restore(rt.storage, resume, ckpt_dir) if resume else None
+    if resume:
+        log.info("resuming from %s (step %d)", resume.uri, resume.step)
+        rt.board.update(resumed_from_step=resume.step, step=resume.step, last_checkpoint=resume.uri)
+
+    # 5. Train.
+    progress = ProgressCallback(rt.board)
+    saver = CheckpointCallback(rt.storage, cfg.output.uri, rt.board)
+    trainer = SFTTrainer(
+        model=model,
+        args=to_sft_config(cfg, device, ckpt_dir, has_eval=eval_ds is not None),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[progress, saver, StopCallback(rt.stop)],
+    )
+    trainer.remove_callback(PrinterCallback)  # ProgressCallback logs each step instead
+    rt.stop.training = True
+    if rt.stop.requested:  # a signal arrived while the trainer was being built
+        raise Interrupted("stopped before training started")
+    result = trainer.train(resume_from_checkpoint=str(resume_path) if resume_path else None)
+    rt.stop.training = False
+    steps = trainer.state.global_step
+    if rt.stop.requested:
+        raise Interrupted(
+            f"stopped by {rt.stop.signal_name} at step {steps}/{trainer.state.max_steps}; "
+            f"checkpoint {saver.last_uri or 'none'}"
+        )
+
+    # 6. Evaluate and assemble the output directory.
+    metrics: dict[str, Any] = {
+        "steps": steps,
+        "max_steps": trainer.state.max_steps,
+        "epochs": trainer.state.epoch,
+        "train_loss": result.training_loss,
+        "train_runtime_s": result.metrics.get("train_runtime"),
+        "tokens_seen": trainer.state.num_input_tokens_seen,
+        "tokens_per_second": progress.tokens_per_second
+        or result.metrics.get("train_tokens_per_second"),
+        "resumed_from_step": resume.step if resume else None,
+        "loss_history": progress.loss_history,
+    }
+    if eval_ds is not None:
+        rt.board.update(stage="evaluating")
+        eval_metrics = trainer.evaluate()
+        metrics["eval_loss"] = eval_metrics.get("eval_loss")
+        metrics["eval_history"] = [*progress.eval_history, (steps, metrics["eval_loss"])]
+        rt.board.update(eval_loss=metrics["eval_loss"])
+    out_dir = rt.work_dir / "output"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    trainer.save_model(str(out_dir))  # adapter_config.json + adapter_model.safetensors
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; nothing to publish
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out_dir / "README.md").write_text(model_card(cfg, metrics, rt.job_name))
+
+    del trainer, model
+    _free_memory()
+    if cfg.output.merged_model:
+        rt.board.update(stage="merging")
+        _merge(cfg, model_dir, out_dir, out_dir / "merged", device)
+
+    # 7. Upload, manifest last.
+    rt.board.update(stage="uploading")
+    adapter = upload_output(rt.storage, out_dir, cfg.output.uri, cfg, steps)
+    rt.board.update(stage="done")
+    return TerminationMessage(
+        outcome="Succeeded",
+        message=f"trained {steps} steps; adapter at {cfg.output.uri}",
+        adapter=adapter,
+        steps=steps,
+        train_loss=metrics["train_loss"],
+        eval_loss=metrics.get("eval_loss"),
+        tokens_per_second=metrics["tokens_per_second"],
+        last_checkpoint=saver.last_uri,
+    )
+
+
+def _prepare_data(
+    cfg: TrainerConfig, tokenizer: Any, data_path: Path, eval_path: Path | None
+) -> tuple[Any, Any | None]:
+    """Tokenized train and eval datasets (eval is None when disabled)."""
+    ds = cfg.dataset
+    records = data.load_records(data_path, limit=ds.max_records)
+    fmt, _ = data.convert(records[:1], ds.format)  # resolve "auto" once, from record 1
+    if eval_path is not None:
+        train_records, eval_records = records, data.load_records(eval_path)
+    else:
+        train_records, eval_records = data.split_records(records, ds.eval_split, cfg.training.seed)
+    completion_only = cfg.training.completion_only_loss
+    max_len = cfg.training.max_seq_length
+    _, train_examples = data.convert(train_records, fmt)
+    train = data.tokenize(train_examples, tokenizer, completion_only=completion_only)
+    if long := train.count_longer_than(max_len):
+        log.warning("%d training records are longer than maxSeqLength=%d and get truncated", long, max_len)
+    if dropped := train.drop_unlearnable(max_len):
+        log.warning(
+            "%d training records have no completion/assistant token within maxSeqLength=%d; skipped",
+            dropped,
+            max_len,
+        )
+    if not train.input_ids:
+        raise DatasetError(
+            f"no training record has a completion/assistant token within the first "
+            f"training.maxSeqLength={max_len} tokens",
+            hint="Raise spec.training.maxSeqLength or shorten the prompts.",
+        )
+    log.info(
+        "dataset: %d training records (%s format, %d tokens), %d eval records",
+        len(train_records),
+        fmt,
+        train.num_tokens,
+        len(eval_records),
+    )
+    eval_ds = None
+    if eval_records:
+        _, eval_examples = data.convert(eval_records, fmt)
+        evals = data.tokenize(eval_examples, tokenizer, completion_only=completion_only)
+        evals.drop_unlearnable(max_len)
+        eval_ds = evals.to_dataset() if evals.input_ids else None
+    return train.to_dataset(), eval_ds
+
+
+def _merge(cfg: TrainerConfig, model_dir: Path, adapter_dir: Path, dest: Path, device: Device) -> None:
+    """Base model (unquantized, compute dtype) + adapter, merged and saved as safetensors."""
+    kwargs = model_load_kwargs(cfg.model_copy(update={"quantization": cfg.quantization.model_copy(update={"mode": "none"})}), device)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.save_pretrained(dest)
+    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(dest)
+    del base, merged
+    _free_memory()
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _quiet_progress_bars() -> None:
+    """tqdm bars garble pod logs; ProgressCallback reports progress instead."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
