@@ -224,9 +224,29 @@ class ApiHandlers:
         del request
         return web.Response(text="ok")
 
-    async def openapi(self, request: web.Request) -> web.Response:
-        # No OpenAPI documents: kubectl then skips client-side schema validation and
-        # relies on the server (which validates CRs against their schema).
+    async def openapi_v3_root(self, request: web.Request) -> web.Response:
+        del request
+        stamp = len(self.store.types)
+        paths = {
+            (f"apis/{g}/{v}" if g else f"api/{v}"): {
+                "serverRelativeURL": f"/openapi/v3/{'apis/' + g if g else 'api'}/{v}?hash={stamp:08X}"
+            }
+            for g, versions in self.store.group_versions().items()
+            for v in versions
+        }
+        return _json_response({"paths": paths})
+
+    async def openapi_v3_group_version(self, request: web.Request) -> web.Response:
+        parts = [p for p in request.match_info["tail"].split("/") if p]
+        group, version = ("", parts[1]) if parts[:1] == ["api"] and len(parts) == 2 else (
+            (parts[1], parts[2]) if parts[:1] == ["apis"] and len(parts) == 3 else ("", "")
+        )
+        resources = self.store.resources_in(group, version) if version else []
+        if not resources:
+            raise errors.ApiError(404, "NotFound", "the server could not find the requested resource")
+        return _json_response(openapi_v3_document(group, version, resources))
+
+    async def openapi_v2(self, request: web.Request) -> web.Response:
         del request
         raise errors.ApiError(404, "NotFound", "the server could not find the requested resource")
 
@@ -385,7 +405,11 @@ class ApiHandlers:
         if not isinstance(body, dict):
             raise errors.bad_request("the body of the request must be a JSON object")
         created = await self.store.create(
-            resource, target.namespace or "", body, dry_run=request.query.get("dryRun") == "All"
+            resource,
+            target.namespace or "",
+            body,
+            dry_run=request.query.get("dryRun") == "All",
+            field_validation=request.query.get("fieldValidation", ""),
         )
         return _json_response(_served_obj(resource, created), status=201)
 
@@ -401,6 +425,7 @@ class ApiHandlers:
             body,
             subresource=target.sub,
             dry_run=request.query.get("dryRun") == "All",
+            field_validation=request.query.get("fieldValidation", ""),
         )
         return _json_response(_served_obj(target.resource, updated))
 
@@ -411,7 +436,14 @@ class ApiHandlers:
         dry_run = request.query.get("dryRun") == "All"
         try:
             patched = await self.store.patch(
-                target.resource, target.namespace or "", target.name, content_type, body, subresource=target.sub, dry_run=dry_run
+                target.resource,
+                target.namespace or "",
+                target.name,
+                content_type,
+                body,
+                subresource=target.sub,
+                dry_run=dry_run,
+                field_validation=request.query.get("fieldValidation", ""),
             )
         except errors.ApiError as exc:
             # Server-side apply creates what does not exist yet.
@@ -525,6 +557,37 @@ class ApiHandlers:
             return response
 
 
+def openapi_v3_document(group: str, version: str, resources: list[ResourceType]) -> Obj:
+    """A minimal OpenAPI v3 document for one group-version.
+
+    kubectl reads it to learn that the server validates fields itself (the
+    `fieldValidation` query parameter on PATCH) and then leaves validation to us;
+    CRD schemas are included so `kubectl explain` has something to show.
+    """
+    prefix = f"/apis/{group}/{version}" if group else f"/api/{version}"
+    paths: dict[str, Any] = {}
+    schemas: dict[str, Any] = {}
+    param = {"name": "fieldValidation", "in": "query", "schema": {"type": "string", "uniqueItems": True}}
+    for resource in resources:
+        gvk = {"group": resource.group, "version": resource.version, "kind": resource.kind}
+        scope = f"{prefix}/namespaces/{{namespace}}" if resource.namespaced else prefix
+        operation = {"x-kubernetes-group-version-kind": gvk, "parameters": [param], "responses": {"200": {"description": "OK"}}}
+        paths[f"{scope}/{resource.plural}/{{name}}"] = {
+            "put": operation, "patch": {**operation, "x-kubernetes-action": "patch"}
+        }
+        paths[f"{scope}/{resource.plural}"] = {"post": operation}
+        schema: Obj = dict(resource.schema.schema) if resource.schema else {"type": "object"}
+        schema["x-kubernetes-group-version-kind"] = [gvk]
+        dotted = ".".join(reversed(resource.group.split("."))) if resource.group else "io.k8s.api.core"
+        schemas[f"{dotted}.{resource.version}.{resource.kind}"] = schema
+    return {
+        "openapi": "3.0.0",
+        "info": {"title": "Kubernetes", "version": KUBERNETES_VERSION["gitVersion"]},
+        "paths": paths,
+        "components": {"schemas": schemas},
+    }
+
+
 def _set_condition(obj: Obj, condition: Obj) -> None:
     conditions = obj.setdefault("status", {}).setdefault("conditions", [])
     condition = {**condition, "lastTransitionTime": now_rfc3339(), "lastProbeTime": None}
@@ -595,7 +658,9 @@ def build_app(store: Store, token: str) -> tuple[web.Application, ApiHandlers]:
     app.router.add_get("/version", handlers.version)
     for path in ("/healthz", "/readyz", "/livez"):
         app.router.add_get(path, handlers.healthz)
-    app.router.add_get("/openapi/{tail:.*}", handlers.openapi)
+    app.router.add_get("/openapi/v3", handlers.openapi_v3_root)
+    app.router.add_get("/openapi/v3/{tail:.*}", handlers.openapi_v3_group_version)
+    app.router.add_get("/openapi/v2", handlers.openapi_v2)
     app.router.add_route("*", "/{tail:.*}", handlers.dispatch)
     return app, handlers
 

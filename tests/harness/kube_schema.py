@@ -33,25 +33,29 @@ def _is_preserving(schema: Schema) -> bool:
     return bool(schema.get("x-kubernetes-preserve-unknown-fields"))
 
 
-def prune(schema: Schema, value: Any, *, root: bool = False) -> Any:
-    """Drop fields the schema does not declare (in place; returns value)."""
+def prune(schema: Schema, value: Any, *, root: bool = False, path: str = "", dropped: list[str] | None = None) -> Any:
+    """Drop fields the schema does not declare (in place; returns value); the
+    dotted paths of dropped fields are appended to `dropped`."""
+    dropped = dropped if dropped is not None else []
     if isinstance(value, dict):
         props: dict[str, Schema] = schema.get("properties") or {}
         additional = schema.get("additionalProperties")
         for key in list(value):
             if root and key in ("apiVersion", "kind", "metadata"):
                 continue
+            child = f"{path}.{key}" if path else key
             if key in props:
-                prune(props[key], value[key])
+                prune(props[key], value[key], path=child, dropped=dropped)
             elif isinstance(additional, dict):
-                prune(additional, value[key])
+                prune(additional, value[key], path=child, dropped=dropped)
             elif additional is True or _is_preserving(schema):
                 continue
             elif schema.get("type") == "object" or props:
                 del value[key]
+                dropped.append(child)
     elif isinstance(value, list) and isinstance(schema.get("items"), dict):
-        for item in value:
-            prune(schema["items"], item)
+        for index, item in enumerate(value):
+            prune(schema["items"], item, path=f"{path}[{index}]", dropped=dropped)
     return value
 
 
@@ -171,10 +175,12 @@ class CompiledSchema:
         (validated.get("properties") or {}).pop("metadata", None)
         self._validator = Draft4Validator(to_json_schema(validated))
 
-    def admit(self, obj: dict[str, Any]) -> list[FieldCause]:
-        """Prune + default `obj` in place, then return its validation errors."""
-        prune(self.schema, obj, root=True)
+    def admit(self, obj: dict[str, Any]) -> tuple[list[FieldCause], list[str]]:
+        """Prune + default `obj` in place; return its validation errors and the
+        paths of the unknown fields that were pruned."""
+        dropped: list[str] = []
+        prune(self.schema, obj, root=True, dropped=dropped)
         apply_defaults(self.schema, obj)
         body = {k: v for k, v in obj.items() if k != "metadata"}
         causes = [_cause(e) for e in self._validator.iter_errors(body)]
-        return sorted(causes, key=lambda c: c.field)
+        return sorted(causes, key=lambda c: c.field), dropped

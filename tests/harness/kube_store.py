@@ -372,16 +372,28 @@ class Store:
                 ],
             )
 
-    def _validate_schema(self, resource: ResourceType, obj: Obj, name: str) -> None:
+    def _validate_schema(self, resource: ResourceType, obj: Obj, name: str, field_validation: str) -> None:
         if resource.schema is None:
             return
-        causes = resource.schema.admit(obj)
+        causes, unknown = resource.schema.admit(obj)
+        if unknown and field_validation == "Strict":
+            fields = ", ".join(f'unknown field "{path}"' for path in unknown)
+            raise errors.bad_request(
+                f"{resource.kind} in version \"{resource.version}\" cannot be handled as a {resource.kind}: "
+                f"strict decoding error: {fields}"
+            )
         if causes:
             raise errors.invalid(resource.group, resource.kind, name, [c.as_dict() for c in causes])
 
     # ---------------------------------------------------------------- create
     async def create(
-        self, resource: ResourceType, namespace: str, obj: Obj, *, dry_run: bool = False
+        self,
+        resource: ResourceType,
+        namespace: str,
+        obj: Obj,
+        *,
+        dry_run: bool = False,
+        field_validation: str = "",
     ) -> Obj:
         if not isinstance(obj, dict):
             raise errors.bad_request("the body of the request must be a JSON object")
@@ -421,7 +433,7 @@ class Store:
         if resource.has_status and resource.custom:
             obj.pop("status", None)  # CRs with a status subresource ignore status on create
         _defaults_on_create(resource, obj)
-        self._validate_schema(resource, obj, name)
+        self._validate_schema(resource, obj, name, field_validation)
         for plugin in self.sync_admission:
             plugin(self, "CREATE", resource, obj, None)
         for hook in self.async_admission:
@@ -442,6 +454,7 @@ class Store:
         subresource: str | None,
         *,
         require_rv: bool,
+        field_validation: str,
     ) -> Obj:
         old = current.obj
         old_meta = old["metadata"]
@@ -507,7 +520,7 @@ class Store:
         if _spec_changed(old, obj):
             meta["generation"] = meta["generation"] + 1
         _validate_update(resource, old, obj)
-        self._validate_schema(resource, obj, name)
+        self._validate_schema(resource, obj, name, field_validation)
         return obj
 
     async def update(
@@ -520,11 +533,14 @@ class Store:
         subresource: str | None = None,
         dry_run: bool = False,
         require_rv: bool = True,
+        field_validation: str = "",
     ) -> Obj:
         namespace = namespace if resource.namespaced else ""
         current = self.get_entry(resource, namespace, name)
         _defaults_on_update(resource, obj)
-        new = self._prepare_update(resource, current, obj, subresource, require_rv=require_rv)
+        new = self._prepare_update(
+            resource, current, obj, subresource, require_rv=require_rv, field_validation=field_validation
+        )
         for plugin in self.sync_admission:
             plugin(self, "UPDATE", resource, new, current.obj)
         for hook in self.async_admission:
@@ -547,13 +563,14 @@ class Store:
         *,
         subresource: str | None = None,
         dry_run: bool = False,
+        field_validation: str = "",
     ) -> Obj:
         namespace = namespace if resource.namespaced else ""
         current = self.get_entry(resource, namespace, name)
         try:
             patched = apply_patch(content_type, current.obj, body)
         except PatchError as exc:
-            raise errors.ApiError(422 if "json patch" not in str(exc) else 400, "Invalid" if "json patch" not in str(exc) else "BadRequest", str(exc)) from exc
+            raise errors.bad_request(str(exc)) from exc
         if not isinstance(patched, dict):
             raise errors.bad_request("the patch must produce a JSON object")
         # A patch only conflicts when it carries a resourceVersion precondition.
@@ -561,7 +578,13 @@ class Store:
         if patched_meta.get("resourceVersion") != current.obj["metadata"]["resourceVersion"]:
             raise errors.conflict(resource.group, resource.plural, name)
         return await self.update(
-            resource, namespace, name, patched, subresource=subresource, dry_run=dry_run
+            resource,
+            namespace,
+            name,
+            patched,
+            subresource=subresource,
+            dry_run=dry_run,
+            field_validation=field_validation,
         )
 
     # ---------------------------------------------------------------- delete

@@ -36,6 +36,7 @@ __all__ = [
     "resolve_target_modules",
     "to_bnb_config",
     "to_lora_config",
+    "sft_config_kwargs",
     "to_sft_config",
 ]
 
@@ -172,11 +173,22 @@ def to_sft_config(
     """SFTConfig for this job; `output_dir` is the local checkpoint directory."""
     from trl import SFTConfig
 
+    return SFTConfig(**sft_config_kwargs(cfg, device, output_dir, has_eval=has_eval))
+
+
+def sft_config_kwargs(
+    cfg: TrainerConfig,
+    device: Device,
+    output_dir: Path,
+    *,
+    has_eval: bool,
+) -> dict[str, Any]:
+    """The SFTConfig arguments (SFTConfig itself checks them against this machine's GPU)."""
     t = cfg.training
     dtype = compute_dtype_name(cfg.quantization, device)
     eval_strategy = "steps" if has_eval and t.eval_every_steps else "no"
     scheduler_kwargs = {"min_lr_rate": MIN_LR_RATE} if t.scheduler == "cosine_with_min_lr" else {}
-    return SFTConfig(
+    return dict(  # noqa: C408 - mirrors the SFTConfig call it feeds
         output_dir=str(output_dir),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps if t.max_steps is not None else -1,
@@ -190,8 +202,8 @@ def to_sft_config(
         # Without packing, rows are padded per batch (not to maxSeqLength).
         padding_free=False,
         completion_only_loss=t.completion_only_loss,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         optim=t.optimizer,
         lr_scheduler_type=t.scheduler,
         lr_scheduler_kwargs=scheduler_kwargs,

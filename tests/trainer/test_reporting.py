@@ -1,0 +1,140 @@
+"""Progress endpoint, termination message, error classification and secret scrubbing."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from lora_trainer.checkpoints import find_latest, list_complete, publish, restore
+from lora_trainer.errors import (
+    ConfigError,
+    CredentialsError,
+    OutOfMemory,
+    StorageError,
+    TrainerError,
+    classify,
+    scrub,
+)
+from lora_trainer.progress import ProgressBoard, ProgressServer, Throughput
+from lora_trainer.protocol import (
+    PERMANENT_EXIT_CODES,
+    TERMINATION_MESSAGE_LIMIT,
+    ExitCode,
+    FailureReason,
+    Progress,
+    TerminationMessage,
+)
+from lora_trainer.reporting import encode, failure_message, write_termination_message
+from lora_trainer.storage import Storage
+
+
+def test_progress_server_serves_json_and_health() -> None:
+    board = ProgressBoard()
+    server = ProgressServer(board, "127.0.0.1", 0).start()
+    try:
+        board.update(stage="training", step=3, total_steps=10, loss=1.5)
+        with urllib.request.urlopen(server.url + "/progress", timeout=5) as resp:
+            body = json.loads(resp.read())
+        progress = Progress.model_validate(body)
+        assert (progress.stage, progress.step, progress.total_steps, progress.loss) == (
+            "training",
+            3,
+            10,
+            1.5,
+        )
+        assert "totalSteps" in body and body["updatedAt"].endswith("Z")
+        with urllib.request.urlopen(server.url + "/healthz", timeout=5) as resp:
+            assert resp.status == 200
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(server.url + "/nope", timeout=5)
+        assert err.value.code == 404
+    finally:
+        server.stop()
+
+
+def test_throughput_and_eta(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = iter([100.0, 110.0])
+    monkeypatch.setattr("lora_trainer.progress.time.monotonic", lambda: next(clock))
+    t = Throughput()
+    assert t.measure(5, 100, 10) == (None, None)
+    t.start(step=4, tokens=1000)  # resumed at step 4
+    tps, eta = t.measure(step=6, tokens=3000, total_steps=10)
+    assert tps == pytest.approx(200.0)  # 2000 tokens in 10 s
+    assert eta == pytest.approx(20.0)  # 4 steps left at 5 s/step
+
+
+def test_termination_message_is_capped_and_scrubbed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value")
+    msg = TerminationMessage(outcome="Failed", message="x" * 10000 + " very-secret-value")
+    text = encode(msg)
+    assert len(text.encode()) <= TERMINATION_MESSAGE_LIMIT
+    assert json.loads(text)["message"].endswith("[truncated]")
+    path = tmp_path / "termination-log"
+    write_termination_message(
+        TerminationMessage(outcome="Failed", message="key very-secret-value leaked?"), path
+    )
+    written = json.loads(path.read_text())
+    assert "very-secret-value" not in path.read_text()
+    assert written["message"] == "key *** leaked?"
+
+
+def test_failure_message_carries_reason_hint_and_retryability() -> None:
+    msg = failure_message(OutOfMemory("CUDA out of memory"), steps=4)
+    assert msg.reason == FailureReason.CUDA_OUT_OF_MEMORY.value
+    assert msg.hint and "batchSize" in msg.hint and "gradientCheckpointing" in msg.hint
+    assert "maxSeqLength" in msg.hint
+    assert msg.retryable is False and msg.steps == 4
+    assert failure_message(StorageError("boom")).retryable is True
+
+
+def test_classify() -> None:
+    class OutOfMemoryError(RuntimeError):  # torch.cuda.OutOfMemoryError's name
+        pass
+
+    assert isinstance(classify(OutOfMemoryError("CUDA out of memory. Tried")), OutOfMemory)
+    assert isinstance(classify(RuntimeError("CUDA out of memory. Tried to allocate")), OutOfMemory)
+    assert isinstance(classify(ConnectionResetError()), StorageError)
+    err = classify(KeyError("x"))
+    assert type(err) is TrainerError and err.exit_code == ExitCode.INTERNAL and err.retryable
+    cfg = ConfigError("bad")
+    assert classify(cfg) is cfg and cfg.exit_code == ExitCode.INVALID_CONFIG
+    assert CredentialsError("x").exit_code in PERMANENT_EXIT_CODES
+
+
+def test_scrub(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_abcdefghijklmnopqrstuvwxyz012345")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAABCDEFGHIJKLMNOP")
+    text = "token hf_abcdefghijklmnopqrstuvwxyz012345 and AKIAABCDEFGHIJKLMNOP and hf_zzzzzzzzzzzzzzzzzzzzzzzz"
+    out = scrub(text)
+    assert "hf_" not in out and "AKIA" not in out
+    assert scrub("plain text", ["ab"]) == "plain text"  # very short values are left alone
+
+
+def test_checkpoint_publish_find_restore_prune(tmp_path: Path) -> None:
+    storage = Storage(tmp_path / "cache", {})
+    out = str(tmp_path / "out")
+    for step in (2, 4, 6):
+        local = tmp_path / "local" / f"checkpoint-{step}"
+        local.mkdir(parents=True)
+        (local / "adapter_model.safetensors").write_bytes(b"w" * step)
+        (local / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        publish(storage, local, out)
+    # Only the newest REMOTE_KEPT survive.
+    assert [c.step for c in list_complete(storage, out)] == [4, 6]
+    # A checkpoint without its marker (an interrupted upload) is never picked.
+    partial = tmp_path / "out" / "checkpoints" / "checkpoint-8"
+    partial.mkdir()
+    (partial / "adapter_model.safetensors").write_bytes(b"partial")
+    latest = find_latest(storage, out)
+    assert latest is not None and latest.step == 6
+    restored = restore(storage, latest, tmp_path / "restore")
+    assert restored.name == "checkpoint-6"
+    assert (restored / "adapter_model.safetensors").read_bytes() == b"w" * 6
+    assert not (restored / "COMPLETE").exists()
+    assert find_latest(storage, str(tmp_path / "nothing")) is None
