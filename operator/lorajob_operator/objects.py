@@ -1,0 +1,312 @@
+"""Every Kubernetes object the operator creates, built by pure functions.
+
+No I/O here: the builders take the job, its parsed spec and the settings and return
+plain dicts ready for the API. Golden-file tests pin their output.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from lora_trainer import protocol
+
+from lorajob_operator import names
+from lorajob_operator.api import API_VERSION, GROUP, KIND, LoRAJobSpec, spec_hash, trainer_config
+from lorajob_operator.settings import OperatorSettings
+
+__all__ = [
+    "ANNOTATION_SPEC_HASH",
+    "CONTAINER_NAME",
+    "LABEL_ATTEMPT",
+    "LABEL_JOB",
+    "LABEL_JOB_UID",
+    "LABEL_KUEUE_QUEUE",
+    "JobRef",
+    "build_trainer_pod",
+    "owner_reference",
+    "pod_labels",
+    "pod_name",
+    "pod_selector",
+    "selector_string",
+]
+
+CONTAINER_NAME = "trainer"
+LABEL_JOB = f"{GROUP}/job"
+LABEL_JOB_UID = f"{GROUP}/job-uid"
+LABEL_ATTEMPT = f"{GROUP}/attempt"
+LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+ANNOTATION_SPEC_HASH = f"{GROUP}/spec-hash"
+MANAGED_BY = "lorajob-operator"
+
+SCRATCH_DIR = protocol.DEFAULT_WORK_DIR  # /scratch
+CACHE_MOUNT = "/cache"
+UID = 1000  # the trainer image's non-root user
+TMP_SIZE_LIMIT = "2Gi"
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """The identity of a LoRAJob, enough to name and own its objects."""
+
+    name: str
+    namespace: str
+    uid: str
+
+
+def pod_name(job_name: str, attempt: int) -> str:
+    """`<job>-<attempt>`: deterministic, a DNS-1123 label (<= 63 chars).
+
+    Deterministic so that a retried create after a lost response finds the pod it
+    already made (409) instead of making a second one. Long or dotted job names are
+    shortened and get a hash of the full name, so two such jobs never collide.
+    """
+    suffix = f"-{attempt}"
+    candidate = job_name + suffix
+    if len(candidate) <= 63 and "." not in job_name:
+        return candidate
+    digest = names.short_hash(job_name)
+    room = 63 - len(suffix) - len(digest) - 1
+    base = re.sub(r"[^a-z0-9-]", "-", job_name)[:room].strip("-")
+    return f"{base}-{digest}{suffix}" if base else f"{digest}{suffix}"
+
+
+def pod_selector(job: JobRef) -> dict[str, str]:
+    """Labels that select every pod of `job` (by uid: a re-created job is a new job)."""
+    return {"app.kubernetes.io/managed-by": MANAGED_BY, LABEL_JOB_UID: job.uid}
+
+
+def selector_string(job: JobRef) -> str:
+    """pod_selector() as a label-selector query string."""
+    return ",".join(f"{k}={v}" for k, v in pod_selector(job).items())
+
+
+def owner_reference(job: JobRef) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": job.name,
+        "uid": job.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def queue_name(spec: LoRAJobSpec, namespace: str, settings: OperatorSettings) -> str | None:
+    """The Kueue LocalQueue for the job: the spec's, else the namespace's or global default."""
+    return spec.scheduling.queue_name or settings.queue_for(namespace)
+
+
+def pod_labels(
+    job: JobRef, spec: LoRAJobSpec, settings: OperatorSettings, attempt: int
+) -> dict[str, str]:
+    labels = {
+        "app.kubernetes.io/name": "lora-trainer",
+        "app.kubernetes.io/instance": names.label_safe(job.name),
+        "app.kubernetes.io/component": "trainer",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        LABEL_JOB: names.label_safe(job.name),
+        LABEL_JOB_UID: job.uid,
+        LABEL_ATTEMPT: str(attempt),
+    }
+    queue = queue_name(spec, job.namespace, settings)
+    if queue:
+        labels[LABEL_KUEUE_QUEUE] = queue
+    return labels
+
+
+def _secret_env(name: str, secret: str, key: str, *, optional: bool = False) -> dict[str, Any]:
+    ref: dict[str, Any] = {"name": secret, "key": key}
+    if optional:
+        ref["optional"] = True
+    return {"name": name, "valueFrom": {"secretKeyRef": ref}}
+
+
+def _env(
+    job: JobRef, spec: LoRAJobSpec, settings: OperatorSettings, attempt: int
+) -> list[dict[str, Any]]:
+    cache_dir = CACHE_MOUNT if settings.cache_pvc_name else f"{SCRATCH_DIR}/cache"
+    config = json.dumps(trainer_config(spec).to_wire(), separators=(",", ":"))
+    env: list[dict[str, Any]] = [
+        {"name": protocol.ENV_CONFIG, "value": config},
+        {"name": protocol.ENV_WORK_DIR, "value": SCRATCH_DIR},
+        {"name": protocol.ENV_CACHE_DIR, "value": cache_dir},
+        {
+            "name": protocol.ENV_PROGRESS_HOST,
+            "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "status.podIP"}},
+        },
+        {"name": protocol.ENV_PROGRESS_PORT, "value": str(settings.progress_port)},
+        {"name": protocol.ENV_TERMINATION_LOG, "value": protocol.DEFAULT_TERMINATION_LOG},
+        {"name": protocol.ENV_ATTEMPT, "value": str(attempt)},
+        {"name": protocol.ENV_JOB_NAME, "value": f"{job.namespace}/{job.name}"},
+        {"name": protocol.ENV_S3_REGION, "value": spec.storage.region},
+    ]
+    if spec.storage.endpoint:
+        env.append({"name": protocol.ENV_S3_ENDPOINT, "value": spec.storage.endpoint})
+    if spec.storage.credentials_secret:
+        # Only references: the values stay in the Secret and never pass through the
+        # operator, its logs, the pod spec or the LoRAJob.
+        secret = spec.storage.credentials_secret
+        env += [
+            _secret_env(protocol.ENV_S3_ACCESS_KEY, secret, protocol.ENV_S3_ACCESS_KEY),
+            _secret_env(protocol.ENV_S3_SECRET_KEY, secret, protocol.ENV_S3_SECRET_KEY),
+            _secret_env(
+                protocol.ENV_S3_SESSION_TOKEN, secret, protocol.ENV_S3_SESSION_TOKEN, optional=True
+            ),
+        ]
+    if spec.storage.hf_token_secret:
+        env.append(
+            _secret_env(protocol.ENV_HF_TOKEN, spec.storage.hf_token_secret, protocol.ENV_HF_TOKEN)
+        )
+    # The root filesystem is read-only: point every library cache at writable volumes.
+    env += [
+        {"name": "HOME", "value": SCRATCH_DIR},
+        {"name": "XDG_CACHE_HOME", "value": f"{SCRATCH_DIR}/.cache"},
+        {"name": "HF_HOME", "value": f"{cache_dir}/huggingface"},
+        {"name": "TRITON_CACHE_DIR", "value": f"{SCRATCH_DIR}/.triton"},
+        {"name": "TMPDIR", "value": "/tmp"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    env += [{"name": k, "value": v} for k, v in sorted(settings.trainer_extra_env.items())]
+    return env
+
+
+def _resources(spec: LoRAJobSpec, settings: OperatorSettings) -> dict[str, Any]:
+    # requests == limits for every resource: the pod gets the Guaranteed QoS class,
+    # the last to be evicted under node pressure, which matters for hours-long runs.
+    amounts: dict[str, str] = {
+        "cpu": spec.resources.cpu or settings.default_cpu,
+        "memory": spec.resources.memory or settings.default_memory,
+    }
+    if spec.resources.gpus > 0:
+        gpu = spec.resources.gpu_resource_name or settings.gpu_resource_name
+        amounts[gpu] = str(spec.resources.gpus)
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def _node_selector(spec: LoRAJobSpec, settings: OperatorSettings) -> dict[str, str]:
+    selector = {**settings.default_node_selector, **spec.scheduling.node_selector}
+    if spec.resources.gpu_product:
+        selector[settings.gpu_product_label] = spec.resources.gpu_product
+    return selector
+
+
+def _tolerations(spec: LoRAJobSpec, settings: OperatorSettings) -> list[dict[str, Any]]:
+    tolerations = (
+        [t.to_wire() for t in settings.default_gpu_tolerations] if spec.resources.gpus else []
+    )
+    for toleration in (t.to_wire() for t in spec.scheduling.tolerations):
+        if toleration not in tolerations:
+            tolerations.append(toleration)
+    return tolerations
+
+
+def _volumes(settings: OperatorSettings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    scratch: dict[str, Any] = {}
+    if settings.scratch_size_limit:
+        scratch["sizeLimit"] = settings.scratch_size_limit
+    volumes: list[dict[str, Any]] = [
+        {"name": "scratch", "emptyDir": scratch},
+        {"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE_LIMIT}},
+        # Data loader workers share batches through /dev/shm; the runtime default is 64Mi.
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.shm_size_limit}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "scratch", "mountPath": SCRATCH_DIR},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    if settings.cache_pvc_name:
+        volumes.append(
+            {"name": "cache", "persistentVolumeClaim": {"claimName": settings.cache_pvc_name}}
+        )
+        mounts.append({"name": "cache", "mountPath": CACHE_MOUNT})
+    return volumes, mounts
+
+
+def build_trainer_pod(
+    job: JobRef, spec: LoRAJobSpec, settings: OperatorSettings, attempt: int
+) -> dict[str, Any]:
+    """The trainer pod for attempt number `attempt` (1-based) of `job`.
+
+    activeDeadlineSeconds is deliberately not set: the job's deadline spans all
+    attempts and the operator enforces it, a per-pod deadline would restart the clock.
+    """
+    volumes, mounts = _volumes(settings)
+    port = settings.progress_port
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": spec.image or settings.trainer_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["python", "-m", "lora_trainer"],
+        "env": _env(job, spec, settings, attempt),
+        "ports": [{"name": "progress", "containerPort": port, "protocol": "TCP"}],
+        "resources": _resources(spec, settings),
+        "volumeMounts": mounts,
+        # Generous: model loading can starve the HTTP thread, and a false kill costs
+        # an attempt (the trainer resumes from its last checkpoint either way).
+        "livenessProbe": {
+            "httpGet": {"path": protocol.HEALTH_PATH, "port": "progress"},
+            "initialDelaySeconds": 60,
+            "periodSeconds": 30,
+            "timeoutSeconds": 10,
+            "failureThreshold": 10,
+        },
+        "terminationMessagePath": protocol.DEFAULT_TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "runAsUser": UID,
+            "runAsGroup": UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": settings.termination_grace_seconds,
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": UID,
+            "runAsGroup": UID,
+            "fsGroup": UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if settings.trainer_service_account:
+        pod_spec["serviceAccountName"] = settings.trainer_service_account
+    if settings.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in settings.image_pull_secrets]
+    if settings.runtime_class_name:
+        pod_spec["runtimeClassName"] = settings.runtime_class_name
+    if selector := _node_selector(spec, settings):
+        pod_spec["nodeSelector"] = selector
+    if tolerations := _tolerations(spec, settings):
+        pod_spec["tolerations"] = tolerations
+    if spec.scheduling.affinity:
+        pod_spec["affinity"] = spec.scheduling.affinity
+    if spec.scheduling.priority_class_name:
+        pod_spec["priorityClassName"] = spec.scheduling.priority_class_name
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": pod_name(job.name, attempt),
+            "namespace": job.namespace,
+            "labels": pod_labels(job, spec, settings, attempt),
+            "annotations": {
+                ANNOTATION_SPEC_HASH: spec_hash(spec),
+                "kubectl.kubernetes.io/default-container": CONTAINER_NAME,
+            },
+            "ownerReferences": [owner_reference(job)],
+        },
+        "spec": pod_spec,
+    }
