@@ -39,6 +39,11 @@ here is a settings field and that the rendered values parse.
 - name: LORAJOB_CACHE_PVC_NAME
   value: {{ . | quote }}
 {{- end }}
+{{- range $name, $_ := .Values.trainer.extraEnv }}
+{{- if or (hasPrefix "AWS_" $name) (hasPrefix "LORA_TRAINER_" $name) (hasPrefix "HF_TOKEN" $name) }}
+{{- fail (printf "trainer.extraEnv.%s: the operator sets %s itself (credentials only ever come from Secrets by reference); remove it" $name $name) }}
+{{- end }}
+{{- end }}
 - name: LORAJOB_TRAINER_EXTRA_ENV
   value: {{ .Values.trainer.extraEnv | toJson | quote }}
 - name: LORAJOB_TERMINATION_GRACE_SECONDS
