@@ -1,14 +1,14 @@
 """Import a package the way it would be imported inside an image, in a child process.
 
-    python image_imports.py <package> <allowed.json>
+    python -I -S image_imports.py <package> <paths.json>
 
-`allowed.json` holds {"roots": [dirs standing in for the image's PYTHONPATH],
-"distributions": [top-level module names the image's pip install provides],
-"repo": the repository root, whose source directories are taken off sys.path}.
-Run it with `python -I` so neither PYTHONPATH nor the current directory leak in.
-Everything else outside the standard library is made unimportable, including the
-repository's own editable install, so an import that only works on a developer's
-machine (torch, a test helper, a trainer module the image does not copy) fails here.
+`paths.json` holds {"roots": [dirs standing in for the image's PYTHONPATH],
+"site": a directory holding exactly the packages the image's pip install provides}.
+Run with `-S` (no site-packages, so neither the venv's other packages nor the
+repository's editable install are visible) and `-I` (no PYTHONPATH, no current
+directory): the interpreter then sees the standard library, `site` and `roots`, and
+nothing else, so an import that only works on a developer machine (torch, a test
+helper, a trainer module the image does not copy) fails here.
 
 Every module of <package> is imported except `__main__` (which would start it).
 Prints a JSON report: {"imported": [...], "files": {module: file}}.
@@ -17,52 +17,17 @@ Prints a JSON report: {"imported": [...], "files": {module: file}}.
 from __future__ import annotations
 
 import importlib
-import importlib.abc
-import importlib.machinery
 import json
 import pkgutil
 import sys
-from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 
 
-class _ImageOnly(importlib.abc.MetaPathFinder):
-    """Refuse top-level imports that the image could not satisfy."""
-
-    def __init__(self, allowed: set[str]) -> None:
-        self.allowed = allowed
-
-    def find_spec(
-        self,
-        fullname: str,
-        path: Sequence[str] | None,
-        target: ModuleType | None = None,
-    ) -> importlib.machinery.ModuleSpec | None:
-        del path, target
-        top = fullname.partition(".")[0]
-        if top in self.allowed or top in sys.stdlib_module_names or top in sys.modules:
-            return None  # let the normal finders look (only in allowed places)
-        raise ModuleNotFoundError(f"{fullname!r} is not in the image", name=fullname)
-
-
-def _in_repo_sources(path: Path, repo: Path) -> bool:
-    resolved = path.resolve()
-    venv = repo / ".venv"
-    return resolved.is_relative_to(repo) and not resolved.is_relative_to(venv)
-
-
-def main(package: str, allowed_file: str) -> int:
-    spec = json.loads(Path(allowed_file).read_text())
-    roots = [str(Path(r).resolve()) for r in spec["roots"]]
-    repo = Path(spec["repo"]).resolve()
-    # The image's PYTHONPATH first, then the interpreter's own paths; the repository's
-    # source directories and its editable-install finder are removed.
-    sys.path[:] = roots + [p for p in sys.path if p and not _in_repo_sources(Path(p), repo)]
-    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()]
-    own = {p.name for r in roots for p in Path(r).iterdir() if p.is_dir() or p.suffix == ".py"}
-    allowed = set(spec["distributions"]) | {name.removesuffix(".py") for name in own}
-    sys.meta_path.insert(0, _ImageOnly(allowed))
+def main(package: str, paths_file: str) -> int:
+    spec = json.loads(Path(paths_file).read_text())
+    roots = [str(Path(r)) for r in spec["roots"]]
+    sys.path[:0] = [*roots, str(Path(spec["site"]))]
+    own = {p.name.removesuffix(".py") for r in roots for p in Path(r).iterdir()}
 
     root_pkg = importlib.import_module(package)
     imported = [package]
@@ -76,7 +41,7 @@ def main(package: str, allowed_file: str) -> int:
         for name, mod in sorted(sys.modules.items())
         if name.partition(".")[0] in own
     }
-    print(json.dumps({"imported": imported, "files": files}))
+    print(json.dumps({"imported": imported, "files": files, "modules": sorted(sys.modules)}))
     return 0
 
 
