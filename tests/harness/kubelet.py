@@ -1,0 +1,1217 @@
+"""The test kubelet: a scheduler plus a node agent that runs pods as local processes.
+
+It is an ordinary API client (HTTPS + bearer token, like a real kubelet):
+
+* registers fake Nodes (default: one GPU node `gpu-node-1`, 8x H100, tainted
+  `nvidia.com/gpu=present:NoSchedule`);
+* schedules pods the way kube-scheduler's basic filters do: scheduling gates,
+  nodeSelector, required node affinity, taints vs tolerations, resource fit
+  (incl. extended resources). A pod that fits nowhere gets `PodScheduled=False`,
+  reason `Unschedulable`, message "0/N nodes are available: ..."; binding goes
+  through the pods/binding subresource;
+* runs each bound pod's containers as process groups: `python`/`python3` is the
+  current interpreter; env from values, Secret/ConfigMap keys (missing ->
+  `CreateContainerConfigError`), fieldRefs, resourceFieldRefs; emptyDir mounts
+  are per-pod host directories and any env value, argument or workingDir under a
+  mount path is rewritten onto them; the terminationMessagePath becomes a host file
+  whose content lands in `state.terminated.message`; pod IPs are 127.0.0.N;
+* reports status through pods/status: Pending -> Running -> Succeeded/Failed;
+* on graceful deletion (deletionTimestamp) sends SIGTERM to the process group,
+  SIGKILL after the grace period, then deletes the pod with grace 0;
+* simulations: annotation `harness.loraops.dev/simulate: OOMKilled` (+
+  `harness.loraops.dev/simulate-after-seconds`), image pull errors for images
+  matching a pattern, `evict()` (Eviction API) and `lose_node()`;
+* serves container logs at /containerLogs/<ns>/<pod>/<container> for `kubectl logs`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import base64
+import concurrent.futures
+import contextlib
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import signal
+import ssl
+import sys
+import tempfile
+import threading
+from collections.abc import Awaitable, Iterable
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import aiohttp
+import yaml
+from aiohttp import web
+
+from tests.harness.kube_quantity import QuantityError, parse_quantity
+
+T = TypeVar("T")
+Obj = dict[str, Any]
+
+SIMULATE_ANNOTATION = "harness.loraops.dev/simulate"
+SIMULATE_AFTER_ANNOTATION = "harness.loraops.dev/simulate-after-seconds"
+TERMINATION_MESSAGE_LIMIT = 4096
+_MERGE = {"Content-Type": "application/merge-patch+json"}
+_STRATEGIC = {"Content-Type": "application/strategic-merge-patch+json"}
+_LIVE_GROUPS: set[int] = set()  # process groups still running, for the atexit net
+
+
+def _kill_leftovers() -> None:
+    for pgid in list(_LIVE_GROUPS):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+
+
+atexit.register(_kill_leftovers)
+
+
+def now_rfc3339() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """A fake node. Capacity values are Kubernetes quantities."""
+
+    name: str = "gpu-node-1"
+    labels: dict[str, str] = field(
+        default_factory=lambda: {
+            "nvidia.com/gpu.present": "true",
+            "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
+            "nvidia.com/gpu.count": "8",
+        }
+    )
+    capacity: dict[str, str] = field(
+        default_factory=lambda: {"cpu": "64", "memory": "512Gi", "nvidia.com/gpu": "8", "pods": "110"}
+    )
+    taints: tuple[dict[str, str], ...] = (
+        {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"},
+    )
+
+    def node_object(self) -> Obj:
+        labels = {
+            "kubernetes.io/hostname": self.name,
+            "kubernetes.io/os": "linux",
+            "kubernetes.io/arch": "amd64",
+            **self.labels,
+        }
+        return {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": self.name, "labels": labels},
+            "spec": {"taints": [dict(t) for t in self.taints]} if self.taints else {},
+        }
+
+
+def cpu_node(name: str = "cpu-node-1") -> NodeConfig:
+    """A node without GPUs or taints."""
+    return NodeConfig(name=name, labels={}, capacity={"cpu": "16", "memory": "64Gi", "pods": "110"}, taints=())
+
+
+# ----------------------------------------------------------------- scheduling
+def _requests(pod: Obj) -> dict[str, Fraction]:
+    totals: dict[str, Fraction] = {}
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        resources = container.get("resources") or {}
+        values = {**(resources.get("limits") or {}), **(resources.get("requests") or {})}
+        for key, value in values.items():
+            with contextlib.suppress(QuantityError):
+                totals[key] = totals.get(key, Fraction(0)) + parse_quantity(value)
+    return totals
+
+
+def _tolerates(tolerations: list[Obj], taint: Obj) -> bool:
+    for toleration in tolerations:
+        if toleration.get("effect") and toleration["effect"] != taint.get("effect"):
+            continue
+        if toleration.get("operator") == "Exists":
+            if not toleration.get("key") or toleration["key"] == taint.get("key"):
+                return True
+        elif toleration.get("key") == taint.get("key") and toleration.get("value", "") == taint.get("value", ""):
+            return True
+    return False
+
+
+def _expression_matches(expr: Obj, labels: dict[str, str]) -> bool:
+    key, op, values = expr.get("key", ""), expr.get("operator"), expr.get("values") or []
+    present = key in labels
+    if op == "In":
+        return present and labels[key] in values
+    if op == "NotIn":
+        return not present or labels[key] not in values
+    if op == "Exists":
+        return present
+    if op == "DoesNotExist":
+        return not present
+    if op in ("Gt", "Lt") and present and values:
+        try:
+            left, right = int(labels[key]), int(values[0])
+        except ValueError:
+            return False
+        return left > right if op == "Gt" else left < right
+    return False
+
+
+def _affinity_matches(pod: Obj, labels: dict[str, str]) -> bool:
+    required = (
+        (((pod.get("spec") or {}).get("affinity") or {}).get("nodeAffinity") or {}).get(
+            "requiredDuringSchedulingIgnoredDuringExecution"
+        )
+        or {}
+    )
+    terms = required.get("nodeSelectorTerms") or []
+    if not terms:
+        return True
+    return any(
+        all(_expression_matches(e, labels) for e in term.get("matchExpressions") or []) for term in terms
+    )
+
+
+def unschedulable_reasons(pod: Obj, node: Obj, used: dict[str, Fraction]) -> list[str]:
+    """Why `pod` cannot go to `node` (empty list: it fits). Wording as kube-scheduler's."""
+    spec = pod.get("spec") or {}
+    labels = (node.get("metadata") or {}).get("labels") or {}
+    reasons = []
+    selector = spec.get("nodeSelector") or {}
+    if any(labels.get(k) != v for k, v in selector.items()) or not _affinity_matches(pod, labels):
+        reasons.append("node(s) didn't match Pod's node affinity/selector")
+    for taint in (node.get("spec") or {}).get("taints") or []:
+        if taint.get("effect") in ("NoSchedule", "NoExecute") and not _tolerates(spec.get("tolerations") or [], taint):
+            value = f": {taint['value']}" if taint.get("value") else ""
+            reasons.append(f"node(s) had untolerated taint {{{taint.get('key')}{value}}}")
+    if (node.get("spec") or {}).get("unschedulable"):
+        reasons.append("node(s) were unschedulable")
+    allocatable = (node.get("status") or {}).get("allocatable") or {}
+    for key, amount in sorted(_requests(pod).items()):
+        if amount <= 0:
+            continue
+        available = parse_quantity(allocatable.get(key, "0"))
+        if used.get(key, Fraction(0)) + amount > available:
+            reasons.append(f"Insufficient {key}")
+    return reasons
+
+
+def unschedulable_message(per_node: dict[str, list[str]]) -> str:
+    counts: dict[str, int] = {}
+    for reasons in per_node.values():
+        for reason in reasons:
+            counts[reason] = counts.get(reason, 0) + 1
+    total = len(per_node)
+    detail = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
+    return (
+        f"0/{total} nodes are available: {detail}. preemption: 0/{total} nodes are available: "
+        f"{total} Preemption is not helpful for scheduling."
+    )
+
+
+# ------------------------------------------------------------------ running
+@dataclass
+class ContainerRun:
+    name: str
+    log_path: Path
+    termination_path: Path | None
+    process: asyncio.subprocess.Process | None = None
+    started_at: str = ""
+    exit_code: int | None = None
+    finished_at: str = ""
+    oom_killed: bool = False
+
+
+@dataclass
+class PodRun:
+    """Everything the kubelet tracks for one pod it runs."""
+
+    uid: str
+    namespace: str
+    name: str
+    node: str
+    ip: str
+    directory: Path
+    containers: dict[str, ContainerRun] = field(default_factory=dict)
+    task: asyncio.Task[None] | None = None
+    terminating: asyncio.Event = field(default_factory=asyncio.Event)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    killed_for_node_loss: bool = False
+
+
+class ContainerConfigError(Exception):
+    """Env/volume source missing; the pod waits with CreateContainerConfigError."""
+
+
+class Kubelet:
+    """See the module docstring. Use as a context manager or start()/stop()."""
+
+    def __init__(
+        self,
+        kubeconfig: Path,
+        workdir: Path | None = None,
+        *,
+        nodes: Iterable[NodeConfig] = (NodeConfig(),),
+        image_pull_error_pattern: str | None = None,
+        base_env: dict[str, str] | None = None,
+        python: str = sys.executable,
+    ) -> None:
+        self.kubeconfig = kubeconfig
+        self._tempdir: tempfile.TemporaryDirectory[str] | None = None
+        if workdir is None:
+            self._tempdir = tempfile.TemporaryDirectory(prefix="kubelet-")
+            workdir = Path(self._tempdir.name)
+        self.workdir = workdir
+        self.nodes = {n.name: n for n in nodes}
+        self.image_pull_error = re.compile(image_pull_error_pattern) if image_pull_error_pattern else None
+        self.base_env = dict(base_env or {})
+        self.python = python
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._runner: web.AppRunner | None = None
+        self._log_port = 0
+        self.pods: dict[str, Obj] = {}  # uid -> latest pod object seen
+        self.runs: dict[str, PodRun] = {}  # uid -> running pod
+        self._ips_in_use: set[str] = set()
+        self._stopping = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._schedule_wakeup: asyncio.Event | None = None
+        self._lost_nodes: set[str] = set()
+
+    # ------------------------------------------------------------- lifecycle
+    def start(self) -> Kubelet:
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._loop = asyncio.new_event_loop()
+
+        def serve() -> None:
+            assert self._loop is not None
+            asyncio.set_event_loop(self._loop)
+            try:
+                self._loop.run_until_complete(self._start_async())
+            except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
+                ready.set_exception(exc)
+                return
+            ready.set_result(None)
+            self._loop.run_forever()
+            self._loop.run_until_complete(self._stop_async())
+            self._loop.close()
+
+        self._thread = threading.Thread(target=serve, name="test-kubelet", daemon=True)
+        self._thread.start()
+        ready.result(timeout=60)
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=60)
+        self._thread = None
+        if self._tempdir is not None:
+            self._tempdir.cleanup()
+            self._tempdir = None
+
+    def __enter__(self) -> Kubelet:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def run(self, coro: Awaitable[T], timeout: float = 60) -> T:
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)  # type: ignore[arg-type]
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _start_async(self) -> None:
+        config = yaml.safe_load(self.kubeconfig.read_text())
+        cluster = config["clusters"][0]["cluster"]
+        token = config["users"][0]["user"]["token"]
+        ssl_context = ssl.create_default_context()
+        if cluster.get("certificate-authority-data"):
+            ssl_context = ssl.create_default_context(
+                cadata=base64.b64decode(cluster["certificate-authority-data"]).decode()
+            )
+        self._session = aiohttp.ClientSession(
+            cluster["server"],
+            headers={"Authorization": f"Bearer {token}"},
+            connector=aiohttp.TCPConnector(ssl=ssl_context, limit=32),
+        )
+        self._schedule_wakeup = asyncio.Event()
+        app = web.Application()
+        app.router.add_get("/containerLogs/{namespace}/{pod}/{container}", self._serve_logs)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        server = site._server  # noqa: SLF001 - the only way to read the bound port
+        assert server is not None
+        self._log_port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+        for node in self.nodes.values():
+            await self._register(node)
+        rv = await self._initial_list()
+        self._spawn(self._watch_pods(rv))
+        self._spawn(self._scheduler_loop())
+
+    async def _stop_async(self) -> None:
+        self._stopping = True
+        for run in list(self.runs.values()):
+            for container in run.containers.values():
+                self._signal(container, signal.SIGKILL)
+        for run in list(self.runs.values()):
+            for container in run.containers.values():
+                if container.process is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(container.process.wait(), 10)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+
+    # ----------------------------------------------------------------- API
+    async def _request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        assert self._session is not None
+        data = json.dumps(body) if body is not None else None
+        hdrs = {"Content-Type": "application/json", **(headers or {})}
+        async with self._session.request(method, path, data=data, headers=hdrs) as response:
+            text = await response.text()
+            try:
+                return response.status, json.loads(text) if text else None
+            except ValueError:
+                return response.status, text
+
+    async def _patch_status(self, pod: Obj, status: Obj) -> None:
+        meta = pod["metadata"]
+        path = f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status"
+        code, body = await self._request("PATCH", path, {"status": status}, _STRATEGIC)
+        if code == 200 and isinstance(body, dict) and body["metadata"].get("uid") == meta.get("uid"):
+            self.pods[meta["uid"]] = body
+
+    async def _event(self, pod: Obj, type_: str, reason: str, message: str, component: str = "kubelet") -> None:
+        """A core/v1 Event about `pod`, as the scheduler and kubelet post them."""
+        meta = pod["metadata"]
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta["uid"],
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message,
+            "source": {"component": component},
+            "firstTimestamp": now_rfc3339(),
+            "lastTimestamp": now_rfc3339(),
+            "eventTime": None,
+            "count": 1,
+            "reportingComponent": component,
+            "reportingInstance": now,
+        }
+        with contextlib.suppress(aiohttp.ClientError):
+            await self._request("POST", f"/api/v1/namespaces/{meta['namespace']}/events", event)
+
+    async def _register(self, node: NodeConfig) -> None:
+        code, body = await self._request("POST", "/api/v1/nodes", node.node_object())
+        if code not in (201, 409):
+            raise RuntimeError(f"registering node {node.name} failed: {code} {body}")
+        await self._set_node_status(node, ready=True)
+
+    async def _set_node_status(self, node: NodeConfig, *, ready: bool) -> None:
+        now = now_rfc3339()
+        status = {
+            "capacity": dict(node.capacity),
+            "allocatable": dict(node.capacity),
+            "addresses": [
+                {"type": "InternalIP", "address": "127.0.0.1"},
+                {"type": "Hostname", "address": node.name},
+            ],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self._log_port}},
+            "nodeInfo": {
+                "kubeletVersion": "v1.35.0-harness",
+                "containerRuntimeVersion": "harness://local-process",
+                "operatingSystem": "linux",
+                "architecture": "amd64",
+            },
+            "conditions": [
+                {
+                    "type": "Ready",
+                    "status": "True" if ready else "Unknown",
+                    "reason": "KubeletReady" if ready else "NodeStatusUnknown",
+                    "message": "kubelet is posting ready status" if ready else "Kubelet stopped posting node status.",
+                    "lastHeartbeatTime": now,
+                    "lastTransitionTime": now,
+                }
+            ],
+        }
+        code, body = await self._request("PATCH", f"/api/v1/nodes/{node.name}/status", {"status": status}, _MERGE)
+        if code != 200:
+            raise RuntimeError(f"node status for {node.name} failed: {code} {body}")
+
+    async def _node_objects(self) -> dict[str, Obj]:
+        result = {}
+        for name in self.nodes:
+            code, body = await self._request("GET", f"/api/v1/nodes/{name}")
+            if code == 200:
+                result[name] = body
+        return result
+
+    # ---------------------------------------------------------------- watch
+    async def _initial_list(self) -> str:
+        code, body = await self._request("GET", "/api/v1/pods")
+        if code != 200:
+            raise RuntimeError(f"listing pods failed: {code} {body}")
+        for pod in body.get("items") or []:
+            self._on_pod("ADDED", pod)
+        return str(body["metadata"]["resourceVersion"])
+
+    async def _watch_pods(self, rv: str) -> None:
+        assert self._session is not None
+        while not self._stopping:
+            try:
+                params = {"watch": "true", "resourceVersion": rv, "allowWatchBookmarks": "true", "timeoutSeconds": "300"}
+                async with self._session.get(
+                    "/api/v1/pods", params=params, timeout=aiohttp.ClientTimeout(total=None, sock_read=None)
+                ) as response:
+                    buffer = b""
+                    async for chunk in response.content.iter_any():
+                        buffer += chunk
+                        *lines, buffer = buffer.split(b"\n")
+                        for line in lines:
+                            if not line.strip():
+                                continue
+                            event = json.loads(line)
+                            obj = event.get("object") or {}
+                            if event.get("type") == "ERROR":
+                                rv = await self._initial_list()
+                                break
+                            rv = (obj.get("metadata") or {}).get("resourceVersion", rv)
+                            if event.get("type") != "BOOKMARK":
+                                self._on_pod(event["type"], obj)
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                if self._stopping:
+                    return
+                await asyncio.sleep(0.2)
+
+    def _on_pod(self, kind: str, pod: Obj) -> None:
+        meta = pod.get("metadata") or {}
+        uid = meta.get("uid", "")
+        if kind == "DELETED":
+            self.pods.pop(uid, None)
+            run = self.runs.get(uid)
+            if run is not None and run.finished.is_set():
+                self._forget(run)
+            elif run is not None:
+                run.terminating.set()
+            self._wake_scheduler()
+            return
+        self.pods[uid] = pod
+        spec = pod.get("spec") or {}
+        node = spec.get("nodeName")
+        if not node:
+            self._wake_scheduler()
+            return
+        if node not in self.nodes or node in self._lost_nodes:
+            return
+        phase = (pod.get("status") or {}).get("phase")
+        run = self.runs.get(uid)
+        if meta.get("deletionTimestamp"):
+            if run is None:
+                self._spawn(self._finish_deletion(pod))
+            elif run.finished.is_set():
+                self._spawn(self._complete_deletion(run))
+            else:
+                run.terminating.set()
+            return
+        if run is None and phase not in ("Succeeded", "Failed"):
+            run = self._new_run(pod)
+            self.runs[uid] = run
+            run.task = self._spawn(self._run_pod(run))
+
+    def _wake_scheduler(self) -> None:
+        if self._schedule_wakeup is not None:
+            self._schedule_wakeup.set()
+
+    # ------------------------------------------------------------- scheduler
+    async def _scheduler_loop(self) -> None:
+        assert self._schedule_wakeup is not None
+        reported: dict[str, str] = {}  # uid -> last reason/message we wrote
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._schedule_wakeup.wait(), timeout=1.0)
+            self._schedule_wakeup.clear()
+            pending = [
+                p
+                for p in list(self.pods.values())
+                if not (p.get("spec") or {}).get("nodeName")
+                and not p["metadata"].get("deletionTimestamp")
+                and (p.get("spec") or {}).get("schedulerName", "default-scheduler") == "default-scheduler"
+            ]
+            if not pending:
+                continue
+            nodes = await self._node_objects()
+            for pod in sorted(pending, key=lambda p: p["metadata"].get("creationTimestamp", "")):
+                try:
+                    await self._schedule(pod, nodes, reported)
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    continue
+
+    def _used_on(self, node: str) -> dict[str, Fraction]:
+        used: dict[str, Fraction] = {}
+        for pod in self.pods.values():
+            if (pod.get("spec") or {}).get("nodeName") != node:
+                continue
+            if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                continue
+            for key, value in _requests(pod).items():
+                used[key] = used.get(key, Fraction(0)) + value
+        used["pods"] = Fraction(sum(1 for p in self.pods.values() if (p.get("spec") or {}).get("nodeName") == node))
+        return used
+
+    async def _schedule(self, pod: Obj, nodes: dict[str, Obj], reported: dict[str, str]) -> None:
+        uid = pod["metadata"]["uid"]
+        if (pod.get("spec") or {}).get("schedulingGates"):
+            condition = {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "SchedulingGated",
+                "message": "Scheduling is blocked due to non-empty scheduling gates",
+            }
+        else:
+            per_node: dict[str, list[str]] = {}
+            for name, node in nodes.items():
+                if name in self._lost_nodes:
+                    per_node[name] = ["node(s) had untolerated taint {node.kubernetes.io/unreachable: }"]
+                    continue
+                reasons = unschedulable_reasons(pod, node, self._used_on(name))
+                if not reasons:
+                    meta = pod["metadata"]
+                    code, _ = await self._request(
+                        "POST",
+                        f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/binding",
+                        {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": meta["name"]}, "target": {"apiVersion": "v1", "kind": "Node", "name": name}},
+                    )
+                    if code == 201:
+                        pod.setdefault("spec", {})["nodeName"] = name  # count it until the watch catches up
+                        reported.pop(uid, None)
+                        await self._event(
+                            pod, "Normal", "Scheduled",
+                            f"Successfully assigned {meta['namespace']}/{meta['name']} to {name}",
+                            "default-scheduler",
+                        )
+                        return
+                per_node[name] = reasons
+            condition = {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": unschedulable_message(per_node) if per_node else "no nodes available to schedule pods",
+            }
+        key = f"{condition['reason']}|{condition['message']}"
+        if reported.get(uid) == key:
+            return
+        reported[uid] = key
+        if condition["reason"] == "Unschedulable":
+            await self._event(pod, "Warning", "FailedScheduling", condition["message"], "default-scheduler")
+        await self._patch_status(pod, {"conditions": [{**condition, "lastTransitionTime": now_rfc3339(), "lastProbeTime": None}]})
+
+    # ----------------------------------------------------------------- pods
+    def _allocate_ip(self) -> str:
+        for n in range(2, 255 * 255):
+            ip = f"127.0.{n // 255}.{n % 255}" if n >= 255 else f"127.0.0.{n}"
+            if ip not in self._ips_in_use and not ip.endswith(".0") and not ip.endswith(".255"):
+                self._ips_in_use.add(ip)
+                return ip
+        raise RuntimeError("out of pod IPs")
+
+    def _new_run(self, pod: Obj) -> PodRun:
+        meta = pod["metadata"]
+        directory = self.workdir / "pods" / f"{meta['namespace']}_{meta['name']}_{meta['uid'][:8]}"
+        directory.mkdir(parents=True, exist_ok=True)
+        return PodRun(
+            uid=meta["uid"],
+            namespace=meta["namespace"],
+            name=meta["name"],
+            node=pod["spec"]["nodeName"],
+            ip=self._allocate_ip(),
+            directory=directory,
+        )
+
+    async def _get_obj(self, kind: str, namespace: str, name: str) -> Obj | None:
+        code, body = await self._request("GET", f"/api/v1/namespaces/{namespace}/{kind}/{name}")
+        return body if code == 200 else None
+
+    async def _key_ref(self, kind: str, ref: Obj, namespace: str) -> str | None:
+        name, key = ref.get("name", ""), ref.get("key", "")
+        obj = await self._get_obj("secrets" if kind == "Secret" else "configmaps", namespace, name)
+        if obj is None:
+            if ref.get("optional"):
+                return None
+            raise ContainerConfigError(f'{kind.lower()} "{name}" not found')
+        if kind == "Secret":
+            data = obj.get("data") or {}
+            if key in data:
+                return base64.b64decode(data[key]).decode()
+        else:
+            data = obj.get("data") or {}
+            if key in data:
+                return str(data[key])
+        if ref.get("optional"):
+            return None
+        return_kind = "Secret" if kind == "Secret" else "ConfigMap"
+        raise ContainerConfigError(f"couldn't find key {key} in {return_kind} {namespace}/{name}")
+
+    def _field_ref(self, pod: Obj, run: PodRun, path: str) -> str:
+        meta = pod["metadata"]
+        if path.startswith("metadata.labels['") or path.startswith("metadata.annotations['"):
+            section, key = path.split("['", 1)
+            return str((meta.get(section.split(".")[1]) or {}).get(key.rstrip("']"), ""))
+        values = {
+            "metadata.name": meta["name"],
+            "metadata.namespace": meta["namespace"],
+            "metadata.uid": meta["uid"],
+            "status.podIP": run.ip,
+            "status.hostIP": "127.0.0.1",
+            "spec.nodeName": run.node,
+            "spec.serviceAccountName": (pod.get("spec") or {}).get("serviceAccountName", "default"),
+        }
+        return values.get(path, "")
+
+    @staticmethod
+    def _resource_field(container: Obj, ref: Obj) -> str:
+        resource = ref.get("resource", "")
+        section, _, name = resource.partition(".")
+        value = ((container.get("resources") or {}).get(section) or {}).get(name)
+        if value is None:
+            return "0"
+        divisor = parse_quantity(ref.get("divisor", "1"))
+        amount = parse_quantity(value) / divisor
+        return str(-(-amount.numerator // amount.denominator))  # ceiling, like the kubelet
+
+    def _mounts(self, pod: Obj, run: PodRun, container: Obj) -> dict[str, Path]:
+        volumes = {v["name"]: v for v in (pod.get("spec") or {}).get("volumes") or []}
+        mounts = {}
+        for mount in container.get("volumeMounts") or []:
+            volume = volumes.get(mount["name"], {})
+            host = run.directory / "volumes" / mount["name"]
+            host.mkdir(parents=True, exist_ok=True)
+            if mount.get("subPath"):
+                host = host / mount["subPath"]
+                host.mkdir(parents=True, exist_ok=True)
+            if "emptyDir" in volume or "secret" in volume or "configMap" in volume or "hostPath" in volume:
+                mounts[mount["mountPath"].rstrip("/") or "/"] = host
+        return mounts
+
+    async def _fill_volumes(self, pod: Obj, run: PodRun) -> None:
+        for volume in (pod.get("spec") or {}).get("volumes") or []:
+            host = run.directory / "volumes" / volume["name"]
+            host.mkdir(parents=True, exist_ok=True)
+            for kind, source_key in (("Secret", "secret"), ("ConfigMap", "configMap")):
+                source = volume.get(source_key)
+                if not source:
+                    continue
+                name = source.get("secretName") if kind == "Secret" else source.get("name")
+                obj = await self._get_obj("secrets" if kind == "Secret" else "configmaps", run.namespace, name or "")
+                if obj is None:
+                    if source.get("optional"):
+                        continue
+                    raise ContainerConfigError(f'{kind.lower()} "{name}" not found')
+                for key, value in (obj.get("data") or {}).items():
+                    data = base64.b64decode(value) if kind == "Secret" else str(value).encode()
+                    (host / key).write_bytes(data)
+
+    @staticmethod
+    def _rewrite(value: str, mounts: dict[str, Path]) -> str:
+        for mount_path in sorted(mounts, key=len, reverse=True):
+            if value == mount_path:
+                return str(mounts[mount_path])
+            if value.startswith(mount_path.rstrip("/") + "/"):
+                return str(mounts[mount_path]) + value[len(mount_path.rstrip("/")) :]
+        return value
+
+    async def _container_env(self, pod: Obj, run: PodRun, container: Obj, mounts: dict[str, Path], termination: Path) -> dict[str, str]:
+        env: dict[str, str] = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOSTNAME": run.name,
+            "HOME": str(run.directory),
+            "LANG": "C.UTF-8",
+        }
+        if os.environ.get("PYTHONPATH"):
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+        env.update(self.base_env)
+        for source in container.get("envFrom") or []:
+            prefix = source.get("prefix", "")
+            for kind, key in (("Secret", "secretRef"), ("ConfigMap", "configMapRef")):
+                ref = source.get(key)
+                if not ref:
+                    continue
+                obj = await self._get_obj("secrets" if kind == "Secret" else "configmaps", run.namespace, ref.get("name", ""))
+                if obj is None:
+                    if ref.get("optional"):
+                        continue
+                    raise ContainerConfigError(f'{kind.lower()} "{ref.get("name")}" not found')
+                for k, v in (obj.get("data") or {}).items():
+                    env[prefix + k] = base64.b64decode(v).decode() if kind == "Secret" else str(v)
+        termination_path = container.get("terminationMessagePath", "/dev/termination-log")
+        for item in container.get("env") or []:
+            name = item["name"]
+            value: str | None
+            if "valueFrom" in item:
+                source = item["valueFrom"]
+                if "secretKeyRef" in source:
+                    value = await self._key_ref("Secret", source["secretKeyRef"], run.namespace)
+                elif "configMapKeyRef" in source:
+                    value = await self._key_ref("ConfigMap", source["configMapKeyRef"], run.namespace)
+                elif "fieldRef" in source:
+                    value = self._field_ref(pod, run, source["fieldRef"].get("fieldPath", ""))
+                elif "resourceFieldRef" in source:
+                    value = self._resource_field(container, source["resourceFieldRef"])
+                else:
+                    value = ""
+                if value is None:
+                    continue
+            else:
+                value = _expand(str(item.get("value", "")), env)
+            if value == termination_path:
+                value = str(termination)
+            env[name] = self._rewrite(value, mounts)
+        return env
+
+    async def _run_pod(self, run: PodRun) -> None:
+        try:
+            await self._run_pod_inner(run)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a kubelet bug must surface on the pod, not vanish
+            pod = self.pods.get(run.uid)
+            if pod is not None:
+                with contextlib.suppress(Exception):
+                    await self._patch_status(pod, {"phase": "Failed", "reason": "HarnessKubeletError", "message": f"{type(exc).__name__}: {exc}"})
+        finally:
+            run.finished.set()
+            if run.uid not in self.pods or self.pods[run.uid]["metadata"].get("deletionTimestamp"):
+                await self._complete_deletion(run)
+
+    async def _run_pod_inner(self, run: PodRun) -> None:
+        pod = self.pods[run.uid]
+        spec = pod["spec"]
+        containers = spec.get("containers") or []
+        started = now_rfc3339()
+        base_status: Obj = {
+            "hostIP": "127.0.0.1",
+            "hostIPs": [{"ip": "127.0.0.1"}],
+            "podIP": run.ip,
+            "podIPs": [{"ip": run.ip}],
+            "startTime": started,
+        }
+        # 1. Image pulls and container config (env sources); both wait and retry.
+        while not run.terminating.is_set():
+            waiting = self._image_problem(containers)
+            reason, message = waiting if waiting else ("", "")
+            env_by_container: dict[str, tuple[dict[str, str], dict[str, Path], Path]] = {}
+            if not waiting:
+                try:
+                    await self._fill_volumes(pod, run)
+                    for container in containers:
+                        mounts = self._mounts(pod, run, container)
+                        termination = run.directory / f"termination-{container['name']}"
+                        env = await self._container_env(pod, run, container, mounts, termination)
+                        env_by_container[container["name"]] = (env, mounts, termination)
+                except ContainerConfigError as exc:
+                    reason, message = "CreateContainerConfigError", str(exc)
+            if not reason:
+                break
+            await self._event(pod, "Warning", "Failed", f"Error: {message}" if reason == "CreateContainerConfigError" else message)
+            await self._patch_status(
+                pod,
+                {
+                    **base_status,
+                    "phase": "Pending",
+                    "conditions": _conditions(ready=False, initialized=True, reason="ContainersNotReady"),
+                    "containerStatuses": [
+                        _waiting_status(c, reason, message) for c in containers
+                    ],
+                },
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(run.terminating.wait(), timeout=1.0)
+            pod = self.pods.get(run.uid, pod)
+            if reason == "ErrImagePull":
+                reason = "ImagePullBackOff"
+        if run.terminating.is_set():
+            return
+        # 2. Start every container.
+        for container in containers:
+            env, mounts, termination = env_by_container[container["name"]]
+            await self._start_container(run, container, env, mounts, termination)
+            await self._event(pod, "Normal", "Started", f"Started container {container['name']}")
+        await self._patch_status(
+            pod,
+            {
+                **base_status,
+                "phase": "Running",
+                "conditions": _conditions(ready=True, initialized=True),
+                "containerStatuses": [self._container_status(run, c) for c in containers],
+            },
+        )
+        # 3. Wait for exits, deletion or a simulated OOM kill.
+        simulate = (pod["metadata"].get("annotations") or {}).get(SIMULATE_ANNOTATION)
+        after = float((pod["metadata"].get("annotations") or {}).get(SIMULATE_AFTER_ANNOTATION, "1"))
+        waits = [asyncio.ensure_future(self._wait_exit(c)) for c in run.containers.values()]
+        terminating = asyncio.ensure_future(run.terminating.wait())
+        oom = asyncio.ensure_future(asyncio.sleep(after)) if simulate == "OOMKilled" else None
+        pending: set[asyncio.Future[Any]] = {*waits, terminating, *([oom] if oom else [])}
+        while any(not w.done() for w in waits):
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if oom is not None and oom in done:
+                for container in run.containers.values():
+                    container.oom_killed = True
+                    self._signal(container, signal.SIGKILL)
+            if terminating in done:
+                await self._terminate(run, pod)
+                break
+        await asyncio.gather(*waits, return_exceptions=True)
+        for future in pending:
+            future.cancel()
+        if run.killed_for_node_loss:
+            return
+        # 4. Final status.
+        pod = self.pods.get(run.uid, pod)
+        codes = [c.exit_code for c in run.containers.values()]
+        phase = "Succeeded" if all(code == 0 for code in codes) else "Failed"
+        await self._patch_status(
+            pod,
+            {
+                **base_status,
+                "phase": phase,
+                "conditions": _conditions(ready=False, initialized=True, reason="PodCompleted"),
+                "containerStatuses": [self._container_status(run, c) for c in containers],
+            },
+        )
+
+    def _image_problem(self, containers: list[Obj]) -> tuple[str, str] | None:
+        if self.image_pull_error is None:
+            return None
+        for container in containers:
+            image = str(container.get("image", ""))
+            if self.image_pull_error.search(image):
+                return (
+                    "ErrImagePull",
+                    f'failed to pull and unpack image "{image}": failed to resolve reference "{image}": '
+                    f"{image}: not found",
+                )
+        return None
+
+    async def _start_container(self, run: PodRun, container: Obj, env: dict[str, str], mounts: dict[str, Path], termination: Path) -> None:
+        name = container["name"]
+        log_path = run.directory / f"{name}.log"
+        argv = [*(container.get("command") or []), *(container.get("args") or [])]
+        if not argv:
+            raise RuntimeError(f"container {name}: the harness cannot run an image's default entrypoint; set command")
+        argv = [_expand(a, env) for a in argv]
+        if argv[0] in ("python", "python3") or re.fullmatch(r"(/usr(/local)?/bin/)?python3?(\.\d+)?", argv[0]):
+            argv[0] = self.python
+        argv = [self._rewrite(a, mounts) for a in argv]
+        cwd = self._rewrite(container.get("workingDir") or "", mounts) or str(run.directory)
+        Path(cwd).mkdir(parents=True, exist_ok=True)
+        termination.unlink(missing_ok=True)
+        record = ContainerRun(name=name, log_path=log_path, termination_path=termination)
+        with log_path.open("ab") as log:
+            record.process = await asyncio.create_subprocess_exec(
+                *argv,
+                env=env,
+                cwd=cwd,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+            )
+        _LIVE_GROUPS.add(record.process.pid)
+        record.started_at = now_rfc3339()
+        run.containers[name] = record
+
+    async def _wait_exit(self, container: ContainerRun) -> None:
+        assert container.process is not None
+        code = await container.process.wait()
+        _LIVE_GROUPS.discard(container.process.pid)
+        # Reap the rest of the group so nothing outlives the container.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(container.process.pid, signal.SIGKILL)
+        container.exit_code = 128 - code if code < 0 else code  # signals as the runtime reports them
+        container.finished_at = now_rfc3339()
+
+    @staticmethod
+    def _signal(container: ContainerRun, sig: signal.Signals) -> None:
+        if container.process is None or container.exit_code is not None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(container.process.pid, sig)
+
+    async def _terminate(self, run: PodRun, pod: Obj) -> None:
+        """Graceful stop: SIGTERM, wait the grace period, SIGKILL."""
+        pod = self.pods.get(run.uid, pod)
+        grace = pod["metadata"].get("deletionGracePeriodSeconds")
+        if grace is None:
+            grace = (pod.get("spec") or {}).get("terminationGracePeriodSeconds", 30)
+        for container in run.containers.values():
+            await self._event(pod, "Normal", "Killing", f"Stopping container {container.name}")
+            self._signal(container, signal.SIGTERM)
+        waits = [self._wait_done(c) for c in run.containers.values()]
+        try:
+            await asyncio.wait_for(asyncio.gather(*waits), timeout=max(float(grace), 0.0))
+        except TimeoutError:
+            for container in run.containers.values():
+                self._signal(container, signal.SIGKILL)
+
+    @staticmethod
+    async def _wait_done(container: ContainerRun) -> None:
+        if container.process is not None:
+            await container.process.wait()
+
+    def _container_status(self, run: PodRun, container: Obj) -> Obj:
+        record = run.containers.get(container["name"])
+        status: Obj = {
+            "name": container["name"],
+            "image": container.get("image", ""),
+            "imageID": f"harness://{container.get('image', '')}",
+            "restartCount": 0,
+            "ready": False,
+            "started": False,
+            "state": {},
+        }
+        # Explicit nulls: the status is a strategic merge patch, and a container
+        # state has exactly one of running/waiting/terminated.
+        if record is None:
+            return {**status, "state": {"waiting": {"reason": "ContainerCreating"}, "running": None, "terminated": None}}
+        status["containerID"] = f"harness://{run.uid[:8]}-{record.name}-{record.process.pid if record.process else 0}"
+        if record.exit_code is None:
+            return {
+                **status,
+                "ready": True,
+                "started": True,
+                "state": {"running": {"startedAt": record.started_at}, "waiting": None, "terminated": None},
+            }
+        code = record.exit_code
+        reason = "OOMKilled" if record.oom_killed else ("Completed" if code == 0 else "Error")
+        terminated: Obj = {
+            "exitCode": code,
+            "reason": reason,
+            "startedAt": record.started_at,
+            "finishedAt": record.finished_at,
+            "containerID": status["containerID"],
+        }
+        message = self._termination_message(record, container, code)
+        if message:
+            terminated["message"] = message
+        return {**status, "state": {"terminated": terminated, "running": None, "waiting": None}}
+
+    @staticmethod
+    def _termination_message(record: ContainerRun, container: Obj, code: int) -> str:
+        message = b""
+        if record.termination_path is not None and record.termination_path.is_file():
+            message = record.termination_path.read_bytes()[:TERMINATION_MESSAGE_LIMIT]
+        if not message and code != 0 and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+            with contextlib.suppress(OSError):
+                lines = record.log_path.read_bytes().splitlines()[-80:]
+                message = b"\n".join(lines)[-2048:]
+        return message.decode("utf-8", errors="replace")
+
+    async def _finish_deletion(self, pod: Obj) -> None:
+        """A terminating pod we never ran (or already finished): just remove it."""
+        meta = pod["metadata"]
+        await self._request(
+            "DELETE",
+            f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
+            {"gracePeriodSeconds": 0, "preconditions": {"uid": meta["uid"]}},
+        )
+
+    def _forget(self, run: PodRun) -> None:
+        self.runs.pop(run.uid, None)
+        self._ips_in_use.discard(run.ip)
+
+    async def _complete_deletion(self, run: PodRun) -> None:
+        self._forget(run)
+        pod = self.pods.get(run.uid)
+        if pod is not None and pod["metadata"].get("deletionTimestamp"):
+            await self._finish_deletion(pod)
+        self._wake_scheduler()
+
+    # ---------------------------------------------------------- simulations
+    def evict(self, namespace: str, name: str) -> None:
+        """Evict a pod through the Eviction API (as `kubectl drain` does)."""
+
+        async def evict() -> None:
+            code, body = await self._request(
+                "POST",
+                f"/api/v1/namespaces/{namespace}/pods/{name}/eviction",
+                {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": name, "namespace": namespace}},
+            )
+            if code != 201:
+                raise RuntimeError(f"eviction of {namespace}/{name} failed: {code} {body}")
+
+        self.run(evict())
+
+    def lose_node(self, node: str) -> None:
+        """The node dies: its processes vanish, the node goes NotReady + unreachable
+        taint, and its pods are failed as the node lifecycle controller does."""
+
+        async def lose() -> None:
+            self._lost_nodes.add(node)
+            await self._set_node_status(self.nodes[node], ready=False)
+            await self._request(
+                "PATCH",
+                f"/api/v1/nodes/{node}",
+                {"spec": {"taints": [*[dict(t) for t in self.nodes[node].taints], {"key": "node.kubernetes.io/unreachable", "effect": "NoExecute", "timeAdded": now_rfc3339()}]}},
+                _MERGE,
+            )
+            for run in [r for r in self.runs.values() if r.node == node]:
+                run.killed_for_node_loss = True
+                for container in run.containers.values():
+                    self._signal(container, signal.SIGKILL)
+                pod = self.pods.get(run.uid)
+                if pod is None:
+                    continue
+                now = now_rfc3339()
+                await self._patch_status(
+                    pod,
+                    {
+                        "phase": "Failed",
+                        "reason": "NodeLost",
+                        "message": f"Node {node} which was running pod {run.name} is unresponsive",
+                        "conditions": [
+                            {"type": "DisruptionTarget", "status": "True", "reason": "DeletionByTaintManager", "message": "Taint manager: deleting due to NoExecute taint", "lastTransitionTime": now, "lastProbeTime": None},
+                            {"type": "Ready", "status": "False", "reason": "NodeLost", "message": "", "lastTransitionTime": now, "lastProbeTime": None},
+                        ],
+                        "containerStatuses": [
+                            {
+                                "name": c["name"],
+                                "image": c.get("image", ""),
+                                "imageID": "",
+                                "ready": False,
+                                "started": False,
+                                "restartCount": 0,
+                                "state": {"terminated": {"exitCode": 137, "reason": "ContainerStatusUnknown", "message": "The container could not be located when the pod was terminated", "finishedAt": now, "startedAt": now}},
+                            }
+                            for c in (pod.get("spec") or {}).get("containers") or []
+                        ],
+                    },
+                )
+
+        self.run(lose())
+
+    def restore_node(self, node: str) -> None:
+        """Bring a lost node back (Ready, unreachable taint removed)."""
+
+        async def restore() -> None:
+            self._lost_nodes.discard(node)
+            await self._request("PATCH", f"/api/v1/nodes/{node}", {"spec": {"taints": [dict(t) for t in self.nodes[node].taints]}}, _MERGE)
+            await self._set_node_status(self.nodes[node], ready=True)
+            self._wake_scheduler()
+
+        self.run(restore())
+
+    def pod_log(self, namespace: str, name: str, container: str | None = None) -> str:
+        """Captured stdout+stderr of a pod's container (any pod this kubelet ran)."""
+        matches = sorted((self.workdir / "pods").glob(f"{namespace}_{name}_*"), key=lambda p: p.stat().st_mtime)
+        if not matches:
+            raise FileNotFoundError(f"no logs for pod {namespace}/{name}")
+        logs = sorted(matches[-1].glob(f"{container or '*'}.log"))
+        return "".join(p.read_text(errors="replace") for p in logs)
+
+    def process_ids(self) -> list[int]:
+        """PIDs of the container processes still running (tests assert cleanup)."""
+        return [
+            c.process.pid
+            for r in list(self.runs.values())
+            for c in r.containers.values()
+            if c.process is not None and c.exit_code is None
+        ]
+
+    # ----------------------------------------------------------------- logs
+    async def _serve_logs(self, request: web.Request) -> web.StreamResponse:
+        namespace, pod, container = (request.match_info[k] for k in ("namespace", "pod", "container"))
+        matches = sorted((self.workdir / "pods").glob(f"{namespace}_{pod}_*"), key=lambda p: p.stat().st_mtime)
+        path = matches[-1] / f"{container}.log" if matches else None
+        if path is None or not path.exists():
+            return web.Response(status=404, text=f'container "{container}" in pod "{pod}" is waiting to start: ContainerCreating')
+        follow = request.query.get("follow") in ("true", "1")
+        tail = request.query.get("tailLines")
+        response = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        await response.prepare(request)
+        data = path.read_bytes()
+        if tail:
+            data = b"".join(data.splitlines(keepends=True)[-int(tail) :])
+        await response.write(data)
+        if follow:
+            offset = path.stat().st_size
+            uid = matches[-1].name.rsplit("_", 1)[-1]
+            while True:
+                running = any(r.uid.startswith(uid) and not r.finished.is_set() for r in self.runs.values())
+                size = path.stat().st_size
+                if size > offset:
+                    with path.open("rb") as handle:
+                        handle.seek(offset)
+                        await response.write(handle.read(size - offset))
+                    offset = size
+                if not running:
+                    break
+                await asyncio.sleep(0.2)
+        return response
+
+
+def _expand(value: str, env: dict[str, str]) -> str:
+    """Kubernetes $(VAR) expansion; $$ escapes."""
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        return env.get(match.group(1), match.group(0))
+
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)", replace, value)
+
+
+def _conditions(*, ready: bool, initialized: bool, reason: str = "") -> list[Obj]:
+    now = now_rfc3339()
+    state = "True" if ready else "False"
+    extra = {"reason": reason} if reason and not ready else {}
+    return [
+        {"type": "PodReadyToStartContainers", "status": "True", "lastTransitionTime": now, "lastProbeTime": None},
+        {"type": "Initialized", "status": "True" if initialized else "False", "lastTransitionTime": now, "lastProbeTime": None},
+        {"type": "Ready", "status": state, "lastTransitionTime": now, "lastProbeTime": None, **extra},
+        {"type": "ContainersReady", "status": state, "lastTransitionTime": now, "lastProbeTime": None, **extra},
+        {"type": "PodScheduled", "status": "True", "lastTransitionTime": now, "lastProbeTime": None},
+    ]
+
+
+def _waiting_status(container: Obj, reason: str, message: str) -> Obj:
+    return {
+        "name": container["name"],
+        "image": container.get("image", ""),
+        "imageID": "",
+        "ready": False,
+        "started": False,
+        "restartCount": 0,
+        "state": {"waiting": {"reason": reason, "message": message}, "running": None, "terminated": None},
+    }
+
+
+def cleanup_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
