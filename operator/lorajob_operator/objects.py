@@ -24,6 +24,7 @@ __all__ = [
     "LABEL_JOB",
     "LABEL_JOB_UID",
     "LABEL_KUEUE_QUEUE",
+    "MANAGED_BY",
     "JobRef",
     "build_trainer_pod",
     "owner_reference",
@@ -45,6 +46,7 @@ SCRATCH_DIR = protocol.DEFAULT_WORK_DIR  # /scratch
 CACHE_MOUNT = "/cache"
 UID = 1000  # the trainer image's non-root user
 TMP_SIZE_LIMIT = "2Gi"
+TRAINER_COMMAND = ("python", "-m", "lora_trainer")
 
 
 @dataclass(frozen=True)
@@ -240,7 +242,7 @@ def build_trainer_pod(
         "name": CONTAINER_NAME,
         "image": spec.image or settings.trainer_image,
         "imagePullPolicy": settings.image_pull_policy,
-        "command": ["python", "-m", "lora_trainer"],
+        "command": list(settings.trainer_command or TRAINER_COMMAND),
         "env": _env(job, spec, settings, attempt),
         "ports": [{"name": "progress", "containerPort": port, "protocol": "TCP"}],
         "resources": _resources(spec, settings),

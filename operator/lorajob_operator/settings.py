@@ -87,6 +87,30 @@ class OperatorSettings(BaseSettings):
         default=5, ge=0, description="Least time between two status updates of one job."
     )
 
+    # --- retries and waits (reconcile.py) ------------------------------------------
+    retry_backoff_seconds: float = Field(
+        default=10, gt=0, description="Wait before retrying a failed attempt; doubles per failure."
+    )
+    retry_backoff_max_seconds: float = Field(default=300, gt=0)
+    wait_backoff_seconds: float = Field(
+        default=15,
+        gt=0,
+        description="First re-check of a job waiting for a Secret or for quota; the interval "
+        "grows up to wait_backoff_max_seconds.",
+    )
+    wait_backoff_max_seconds: float = Field(default=300, gt=0)
+    max_disruptions: int = Field(
+        default=20,
+        ge=0,
+        description="Evictions, preemptions and node losses a job survives before it fails "
+        "(they never count against backoffLimit).",
+    )
+    trainer_command: list[str] | None = Field(
+        default=None,
+        description="Override of the trainer container command (JSON list); for tests that "
+        "run a fake trainer, never needed in production.",
+    )
+
     # --- scheduling ----------------------------------------------------------------
     kueue_default_queue: str | None = Field(
         default=None, description="LocalQueue for jobs without scheduling.queueName."

@@ -91,3 +91,13 @@ def test_overrides_for_tests() -> None:
     assert s.progress_port == 1234
     assert s.policy.allow_private_endpoints is True
     assert isinstance(s, OperatorSettings)
+
+
+def test_retry_settings_and_trainer_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORAJOB_TRAINER_COMMAND", '["python", "fake_trainer.py"]')
+    monkeypatch.setenv("LORAJOB_MAX_DISRUPTIONS", "2")
+    s = load_settings()
+    assert s.trainer_command == ["python", "fake_trainer.py"]
+    assert s.max_disruptions == 2
+    assert s.retry_backoff_seconds <= s.retry_backoff_max_seconds
+    assert s.wait_backoff_seconds <= s.wait_backoff_max_seconds

@@ -306,3 +306,9 @@ def test_pod_name_long_and_dotted() -> None:
         assert len(name) <= 63
         assert name[0].isalnum()
         assert name[-1].isalnum()
+
+
+def test_trainer_command_override() -> None:
+    settings = OperatorSettings(trainer_command=["python", "fake_trainer.py"])
+    pod = build_trainer_pod(JOB, parse_spec(MINIMAL), settings, 1)
+    assert pod["spec"]["containers"][0]["command"] == ["python", "fake_trainer.py"]
