@@ -1,0 +1,373 @@
+"""kopf handlers: thin glue between watch events, reconcile.decide() and kube.py.
+
+Run with `kopf run --standalone --all-namespaces -m lorajob_operator.handlers`
+(or `python -m lorajob_operator`).
+
+One kopf daemon per LoRAJob is its reconcile loop: it reads the job and its pods,
+asks `reconcile.decide()` what to do, does it, and sleeps until a watch event
+wakes it or the decision's requeue time comes. Watch events on the job and on
+its pods only *wake* the loop, so all writes for one job happen in one task, in
+order, and a burst of pod events costs one reconciliation. While the trainer
+runs, the same loop reads its progress every `progress_interval_seconds`.
+kopf starts the daemons for every existing job at startup, which is how an
+operator restart resumes: from the objects, not from memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+
+from lorajob_operator import api, objects, policy, reconcile, webhook
+from lorajob_operator.events import build_event
+from lorajob_operator.kube import Kube, PodRejected, QuotaExceeded, load_config
+from lorajob_operator.metrics import Metrics
+from lorajob_operator.progress import ProgressError, ProgressReader
+from lorajob_operator.settings import OperatorSettings, load_settings
+
+SETTINGS: OperatorSettings = load_settings()
+ANNOTATION_PREFIX = f"kopf.{api.GROUP}"
+FINALIZER = f"{api.GROUP}/finalizer"
+# Backoff for a reconciliation that raised (API unreachable, conflict, bug).
+ERROR_BACKOFF_MIN = 2.0
+ERROR_BACKOFF_MAX = 300.0
+# Poll interval of the finalizer while trainer pods are still stopping.
+POD_GONE_RECHECK = 2.0
+
+log = logging.getLogger(__name__)
+JobKey = tuple[str, str]
+
+
+@dataclass
+class Runtime:
+    """Process-wide helpers; nothing here is state that must survive a restart."""
+
+    settings: OperatorSettings
+    kube: Kube
+    metrics: Metrics
+    reader: ProgressReader
+    wakeups: dict[JobKey, asyncio.Event] = field(default_factory=dict)
+    queued: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    # Held while a job counts its namespace's running jobs and creates a pod, so
+    # two jobs never both take the last slot of a concurrency limit.
+    namespace_locks: dict[str, asyncio.Lock] = field(
+        default_factory=lambda: defaultdict(asyncio.Lock)
+    )
+
+    def wakeup(self, key: JobKey) -> asyncio.Event:
+        return self.wakeups.setdefault(key, asyncio.Event())
+
+    def wake(self, key: JobKey) -> None:
+        self.wakeup(key).set()
+
+    def wake_queued(self, namespace: str) -> None:
+        for name in list(self.queued.get(namespace, ())):
+            self.wake((namespace, name))
+
+
+RUNTIME: Runtime | None = None
+METRICS = Metrics()
+
+
+def runtime() -> Runtime:
+    if RUNTIME is None:
+        raise kopf.TemporaryError("the operator is still starting", delay=1)
+    return RUNTIME
+
+
+webhook.register(SETTINGS)
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) -> None:
+    global RUNTIME  # noqa: PLW0603 - one runtime per operator process
+    # kopf's bookkeeping goes to annotations: `status` is our API and only ours.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+        prefix=ANNOTATION_PREFIX
+    )
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = FINALIZER
+    # We post our own Events for every transition; kopf adds one only for warnings
+    # (e.g. a handler that raised).
+    settings.posting.level = logging.WARNING
+    # Watches: reconnect quickly after an API server restart, and re-list every
+    # few minutes so a silently dropped stream cannot hide changes for long.
+    settings.watching.connect_timeout = 10
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.reconnect_backoff = 1.0
+    settings.batching.idle_timeout = 5.0
+    settings.batching.batch_window = 0.1
+    settings.batching.exit_timeout = 10.0
+    settings.execution.max_workers = 8
+    settings.peering.standalone = True
+    settings.peering.mandatory = False
+    webhook.configure(settings, SETTINGS)
+
+    load_config()
+    metrics = METRICS
+    with contextlib.suppress(OSError):  # a second operator in one process (tests)
+        metrics.serve(SETTINGS.metrics_port)
+    RUNTIME = Runtime(
+        settings=SETTINGS,
+        kube=Kube(),
+        metrics=metrics,
+        reader=ProgressReader(SETTINGS.progress_port),
+    )
+    logger.info(
+        "lorajob operator ready: metrics on :%d, progress every %.0fs",
+        SETTINGS.metrics_port,
+        SETTINGS.progress_interval_seconds,
+    )
+
+
+@kopf.on.cleanup()
+async def cleanup(**_: Any) -> None:
+    if RUNTIME is not None:
+        await RUNTIME.reader.close()
+
+
+@kopf.on.probe(id="jobs")
+def probe_jobs(**_: Any) -> int:
+    """Liveness detail: how many LoRAJobs this operator follows."""
+    return len(RUNTIME.wakeups) if RUNTIME else 0
+
+
+# --------------------------------------------------------------------------- triggers
+
+
+@kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
+def job_event(type: str, body: kopf.Body, name: str, namespace: str | None, **_: Any) -> None:
+    """Wake the job's loop on spec or metadata changes (not on our own status writes)."""
+    if RUNTIME is None or namespace is None:
+        return
+    status = body.get("status") or {}
+    if type == "DELETED":
+        RUNTIME.wakeups.pop((namespace, name), None)
+        RUNTIME.queued[namespace].discard(name)
+        RUNTIME.metrics.forget(namespace, name)
+        return
+    meta = body.get("metadata") or {}
+    if meta.get("generation") != status.get("observedGeneration") or meta.get("deletionTimestamp"):
+        RUNTIME.wake((namespace, name))
+
+
+@kopf.on.event(
+    "",
+    "v1",
+    "pods",
+    labels={
+        objects.LABEL_JOB_UID: kopf.PRESENT,
+        "app.kubernetes.io/managed-by": objects.MANAGED_BY,
+    },
+)
+def pod_event(type: str, body: kopf.Body, **_: Any) -> None:
+    """A trainer pod changed: wake its job; a pod that ended may free a queue slot."""
+    if RUNTIME is None:
+        return
+    key = reconcile.job_key_of_pod(body)
+    if key is not None:
+        RUNTIME.wake(key)
+    if type == "DELETED" or not reconcile.is_live(body):
+        namespace = (body.get("metadata") or {}).get("namespace")
+        if namespace:
+            RUNTIME.wake_queued(str(namespace))
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@kopf.daemon(api.GROUP, api.VERSION, api.PLURAL, cancellation_timeout=10.0)
+async def job_loop(
+    name: str, namespace: str | None, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_: Any
+) -> None:
+    rt = runtime()
+    namespace = namespace or ""
+    key = (namespace, name)
+    wakeup = rt.wakeup(key)
+    errors = 0
+    next_poll = 0.0
+    while not stopped:
+        wakeup.clear()
+        poll = time.monotonic() >= next_poll
+        try:
+            with rt.metrics.reconcile_seconds.time():
+                outcome = await reconcile_job(rt, namespace, name, logger, poll_progress=poll)
+        except Exception as exc:
+            errors += 1
+            rt.metrics.reconcile_errors.inc()
+            delay = min(ERROR_BACKOFF_MAX, ERROR_BACKOFF_MIN * 2 ** min(errors - 1, 10))
+            logger.warning("reconciliation failed (%s); retrying in %.0fs", exc, delay)
+            await _sleep(wakeup, stopped, delay)
+            continue
+        errors = 0
+        if outcome is None:
+            return  # the job is gone
+        requeue, running = outcome
+        if running and poll:
+            next_poll = time.monotonic() + rt.settings.progress_interval_seconds
+        if running:
+            until_poll = max(0.0, next_poll - time.monotonic())
+            requeue = until_poll if requeue is None else min(requeue, until_poll)
+        await _sleep(wakeup, stopped, requeue)
+
+
+async def _sleep(wakeup: asyncio.Event, stopped: kopf.DaemonStopped, timeout: float | None) -> None:
+    """Until woken, stopped, or `timeout` seconds (None: no timeout) have passed."""
+    waiters = {asyncio.ensure_future(wakeup.wait()), asyncio.ensure_future(stopped.wait())}
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+async def reconcile_job(
+    rt: Runtime, namespace: str, name: str, logger: kopf.Logger, *, poll_progress: bool
+) -> tuple[float | None, bool] | None:
+    """One reconciliation. Returns (requeue seconds, pod running) or None if the job is gone."""
+    job = await rt.kube.get_job(namespace, name)
+    if job is None:
+        return None
+    ref = _ref(job)
+    pods = await rt.kube.list_job_pods(ref)
+    pod_ip = reconcile.progress_pod_ip(job, pods)
+    progress = None
+    if pod_ip and poll_progress:
+        try:
+            progress = await rt.reader.read(pod_ip)
+        except ProgressError as exc:
+            # Expected while the trainer starts up; status keeps the last progress.
+            rt.metrics.progress_poll_errors.inc()
+            logger.debug("progress not readable: %s", exc)
+
+    if reconcile.needs_new_attempt(job, pods):
+        async with rt.namespace_locks[namespace]:
+            missing = [
+                (path, secret)
+                for path, secret in reconcile.secret_refs(job.get("spec") or {})
+                if not await rt.kube.secret_exists(namespace, secret)
+            ]
+            active = await _active_jobs(rt, namespace, exclude=ref.uid)
+            observed = reconcile.Observed(
+                job, pods, _now(), missing_secrets=missing, active_in_namespace=active
+            )
+            decision = await execute(rt, job, observed, logger)
+    else:
+        observed = reconcile.Observed(job, pods, _now(), progress=progress)
+        decision = await execute(rt, job, observed, logger)
+
+    if decision.phase == api.Phase.QUEUED:
+        rt.queued[namespace].add(name)
+    else:
+        rt.queued[namespace].discard(name)
+    return decision.requeue_after, pod_ip is not None
+
+
+async def _active_jobs(rt: Runtime, namespace: str, *, exclude: str) -> int:
+    """Other LoRAJobs of the namespace with a live trainer pod."""
+    if policy.concurrency_limit(rt.settings.policy, namespace) is None:
+        return 0
+    pods = await rt.kube.list_trainer_pods(namespace)
+    uids = {
+        (p.get("metadata") or {}).get("labels", {}).get(objects.LABEL_JOB_UID)
+        for p in pods
+        if reconcile.is_live(p)
+    }
+    uids.discard(exclude)
+    uids.discard(None)
+    return len(uids)
+
+
+async def execute(
+    rt: Runtime, job: Mapping[str, Any], observed: reconcile.Observed, logger: kopf.Logger
+) -> reconcile.Decision:
+    """Carry out one decision: pods first, then status, then Events and metrics.
+
+    The order makes every crash point safe: a pod created before a lost status
+    write is adopted next time (by its attempt label); Events go out only for
+    transitions that reached status, so none is posted twice.
+    """
+    decision = reconcile.decide(observed, rt.settings)
+    meta = job.get("metadata") or {}
+    namespace, name = str(meta["namespace"]), str(meta["name"])
+    for delete in decision.delete:
+        logger.info("deleting pod %s (%s)", delete.name, delete.reason)
+        await rt.kube.delete_pod(namespace, delete.name, rt.settings.termination_grace_seconds)
+    if decision.create is not None:
+        create = decision.create
+        try:
+            created = await rt.kube.create_pod(namespace, create.body)
+            logger.info(
+                "pod %s for attempt %d %s",
+                create.body["metadata"]["name"],
+                create.attempt,
+                "created" if created else "already existed",
+            )
+        except QuotaExceeded as exc:
+            decision = reconcile.create_rejected(create, str(exc), quota=True)
+        except PodRejected as exc:
+            decision = reconcile.create_rejected(create, str(exc), quota=False)
+    if decision.status:
+        await rt.kube.patch_job_status(namespace, name, decision.status)
+    now = observed.now
+    for event in decision.events:
+        await rt.kube.post_event(
+            namespace, build_event(job, event.type, event.reason, event.message, now)
+        )
+        log_fn = logger.warning if event.type == "Warning" else logger.info
+        log_fn("%s: %s", event.reason, event.message)
+    rt.metrics.record(decision.tallies)
+    rt.metrics.set_phase(namespace, name, decision.phase)
+    if decision.delete_job:
+        await rt.kube.delete_job(namespace, name)
+    return decision
+
+
+def _ref(job: Mapping[str, Any]) -> objects.JobRef:
+    meta = job.get("metadata") or {}
+    return objects.JobRef(
+        name=str(meta.get("name")), namespace=str(meta.get("namespace")), uid=str(meta.get("uid"))
+    )
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+# --------------------------------------------------------------------------- deletion
+
+
+@kopf.on.delete(api.GROUP, api.VERSION, api.PLURAL)
+async def job_deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+    """Finalizer: stop the trainer pods (they checkpoint on SIGTERM) and wait until
+    they are gone. The adapter and checkpoints in object storage are kept."""
+    rt = runtime()
+    ref = _ref(body)
+    pods = await rt.kube.list_job_pods(ref)
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        if not meta.get("deletionTimestamp"):
+            await rt.kube.delete_pod(
+                ref.namespace, str(meta.get("name")), rt.settings.termination_grace_seconds
+            )
+    if pods:
+        raise kopf.TemporaryError(
+            f"waiting for {len(pods)} trainer pod(s) to stop", delay=POD_GONE_RECHECK
+        )
+    rt.metrics.forget(ref.namespace, ref.name)
+    logger.info("trainer pods removed; the adapter in object storage is kept")

@@ -1,0 +1,1006 @@
+"""The LoRAJob state machine, as pure functions.
+
+`decide()` looks at one LoRAJob, its trainer pods and a few facts the handler
+gathered (missing Secrets, how many jobs run in the namespace, live progress)
+and returns a `Decision`: which pod to create or delete, the status merge patch,
+the Events to post, the metrics to count and when to look again. Nothing here
+talks to the API, so every transition is a table-driven unit test and a
+restarted operator that sees the same objects makes the same decision.
+
+State lives only in the resources, never in memory:
+
+* `status.attempts` is the number of the latest attempt whose pod was created;
+  pods are named `objects.pod_name(job, attempt)` and labelled with the attempt,
+  so a pod created just before a crash (status not yet written) is adopted, and a
+  retried create hits 409 AlreadyExists instead of making a twin.
+* `status.podName` is set while the latest attempt's outcome is still open and
+  cleared (in the same merge patch that counts it) once the outcome is
+  accounted, so a failed pod left for `kubectl logs` is never counted twice.
+  Finished jobs keep `podName` so people can find the last pod.
+* A new attempt starts only when no pod of the job is alive (not even one that
+  is still terminating), so two trainers never write checkpoints at once.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from lora_trainer.protocol import Progress
+
+from lorajob_operator import api, objects, policy, progress
+from lorajob_operator.api import Phase
+from lorajob_operator.conditions import (
+    HINTS,
+    ConditionType,
+    Reason,
+    derive_phase,
+    get_condition,
+    set_condition,
+)
+from lorajob_operator.podstatus import PodOutcome, classify_pod
+from lorajob_operator.settings import OperatorSettings
+
+__all__ = [
+    "CreatePod",
+    "Decision",
+    "DeletePod",
+    "Event",
+    "Observed",
+    "Tally",
+    "create_rejected",
+    "decide",
+    "is_live",
+    "job_key_of_pod",
+    "needs_new_attempt",
+    "parse_time",
+    "pod_attempt",
+    "progress_pod_ip",
+    "retry_delay",
+    "secret_refs",
+    "wait_delay",
+]
+
+EventType = Literal["Normal", "Warning"]
+# attempt: a pod was created; disruption / attempt_failure: an attempt ended so;
+# failure: the job failed (by reason); finished: the job ended (value = seconds).
+TallyKind = Literal["attempt", "disruption", "attempt_failure", "failure", "finished"]
+
+# How long to wait before re-checking a job that waits for a free slot in its
+# namespace; finishing pods also wake waiting jobs, this is only the safety net.
+CONCURRENCY_RECHECK_SECONDS = 30.0
+# Re-check interval while an old pod is still terminating before the next attempt.
+TERMINATING_RECHECK_SECONDS = 5.0
+# Re-check interval for a pod whose state could not be classified.
+UNKNOWN_RECHECK_SECONDS = 15.0
+
+
+# --------------------------------------------------------------------------- types
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything `decide()` may look at; gathered by the handler."""
+
+    job: Mapping[str, Any]
+    pods: Sequence[Mapping[str, Any]]
+    now: datetime
+    # (field path, Secret name) of referenced Secrets that do not exist.
+    missing_secrets: Sequence[tuple[str, str]] = ()
+    # Other LoRAJobs of the namespace that have a live pod (for the concurrency limit).
+    active_in_namespace: int = 0
+    # Progress just read from the running pod, if any.
+    progress: Progress | None = None
+
+
+@dataclass(frozen=True)
+class Event:
+    type: EventType
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Tally:
+    """Something metrics count: an attempt started, a disruption, a failure, a finish."""
+
+    kind: TallyKind
+    reason: str
+    value: float = 1.0
+
+
+@dataclass(frozen=True)
+class DeletePod:
+    name: str
+    reason: str
+
+
+@dataclass
+class Decision:
+    status: dict[str, Any] = field(default_factory=dict)  # merge patch for .status
+    create: CreatePod | None = None
+    delete: list[DeletePod] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    tallies: list[Tally] = field(default_factory=list)
+    requeue_after: float | None = None
+    delete_job: bool = False
+    phase: Phase | None = None  # the phase after this decision
+
+
+@dataclass(frozen=True)
+class CreatePod:
+    attempt: int
+    body: dict[str, Any]
+    # The decision to apply instead when the API server refuses the pod
+    # (create_rejected() builds on it).
+    fallback: _Builder
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def parse_time(value: Any) -> datetime | None:
+    """An RFC 3339 timestamp from the API (or None when absent/unreadable)."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _fmt_time(when: datetime) -> str:
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def pod_attempt(pod: Mapping[str, Any]) -> int:
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    try:
+        return int(labels.get(objects.LABEL_ATTEMPT, "0"))
+    except ValueError:
+        return 0
+
+
+def job_key_of_pod(pod: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(namespace, job name) of a trainer pod, from its controller reference.
+
+    Not from the job label: label values are shortened for long job names.
+    """
+    meta = pod.get("metadata") or {}
+    namespace = meta.get("namespace")
+    for ref in meta.get("ownerReferences") or []:
+        if (
+            ref.get("kind") == api.KIND
+            and str(ref.get("apiVersion", "")).startswith(f"{api.GROUP}/")
+            and namespace
+            and ref.get("name")
+        ):
+            return str(namespace), str(ref["name"])
+    return None
+
+
+def is_live(pod: Mapping[str, Any]) -> bool:
+    """The pod may still run a trainer (terminating pods count until they are gone)."""
+    return (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+
+
+def _is_terminating(pod: Mapping[str, Any]) -> bool:
+    return bool((pod.get("metadata") or {}).get("deletionTimestamp"))
+
+
+def _pod_name(pod: Mapping[str, Any]) -> str:
+    return str((pod.get("metadata") or {}).get("name", ""))
+
+
+def _finished_at(pod: Mapping[str, Any]) -> datetime | None:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        terminated = (cs.get("state") or {}).get("terminated") or {}
+        when = parse_time(terminated.get("finishedAt"))
+        if when is not None:
+            return when
+    return None
+
+
+def retry_delay(failed_attempts: int, base: float, cap: float) -> float:
+    """Exponential backoff before retry number `failed_attempts` (1-based)."""
+    if failed_attempts <= 0:
+        return 0.0
+    return float(min(cap, base * 2 ** min(failed_attempts - 1, 30)))
+
+
+def wait_delay(since: datetime | None, now: datetime, low: float, high: float) -> float:
+    """Backoff for open-ended waits (missing Secret, quota) without a counter.
+
+    Waiting as long again as we have waited so far doubles the interval each
+    time, from `low` up to `high`: quick for a typo fixed at once, quiet for a
+    quota that stays full for an hour.
+    """
+    waited = (now - since).total_seconds() if since else 0.0
+    # Never below a second, whatever the settings say: this must not become a hot loop.
+    return float(max(1.0, min(high, max(low, waited))))
+
+
+def secret_refs(spec: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(field path, Secret name) of every Secret the spec references."""
+    storage = spec.get("storage") if isinstance(spec, Mapping) else None
+    if not isinstance(storage, Mapping):
+        return []
+    refs = []
+    for key in ("credentialsSecret", "hfTokenSecret"):
+        value = storage.get(key)
+        if isinstance(value, str) and value:
+            refs.append((f"spec.storage.{key}", value))
+    return refs
+
+
+def _status(job: Mapping[str, Any]) -> Mapping[str, Any]:
+    status = job.get("status")
+    return status if isinstance(status, Mapping) else {}
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _current_attempt(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> int:
+    """The latest attempt: from status, or a pod created just before a crash."""
+    return max([_int(_status(job).get("attempts"))] + [pod_attempt(p) for p in pods])
+
+
+def _is_finished(job: Mapping[str, Any]) -> bool:
+    return _status(job).get("phase") in (Phase.SUCCEEDED, Phase.FAILED)
+
+
+def needs_new_attempt(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether `decide()` may create a pod now, so the handler should look up the
+    Secrets and the namespace's running jobs first (they cost API calls)."""
+    meta = job.get("metadata") or {}
+    spec = job.get("spec") or {}
+    status = _status(job)
+    if meta.get("deletionTimestamp") or spec.get("suspend") is True:
+        return False
+    if status.get("phase") == Phase.SUCCEEDED:
+        return False
+    if status.get("phase") == Phase.FAILED and _int(status.get("attempts")):
+        return False
+    return not any(is_live(p) for p in pods)
+
+
+def progress_pod_ip(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> str | None:
+    """IP of the current attempt's pod when it runs, i.e. when progress can be read."""
+    name = _status(job).get("podName")
+    if not name or _is_finished(job):
+        return None
+    for pod in pods:
+        if _pod_name(pod) == name and not _is_terminating(pod):
+            status = pod.get("status") or {}
+            if status.get("phase") == "Running" and status.get("podIP"):
+                return str(status["podIP"])
+    return None
+
+
+# --------------------------------------------------------------------------- builder
+
+
+class _Builder:
+    """Accumulates one decision: condition changes, status fields, events, actions."""
+
+    def __init__(self, obs: Observed, settings: OperatorSettings) -> None:
+        self.obs = obs
+        self.settings = settings
+        self.now = obs.now
+        meta = obs.job.get("metadata") or {}
+        self.name = str(meta.get("name", ""))
+        self.namespace = str(meta.get("namespace", ""))
+        self.generation = _int(meta.get("generation")) or None
+        self.status_in = _status(obs.job)
+        self.conditions_in: list[dict[str, Any]] = [
+            dict(c) for c in self.status_in.get("conditions") or [] if isinstance(c, Mapping)
+        ]
+        self.conditions = copy.deepcopy(self.conditions_in)
+        self.fields: dict[str, Any] = {}
+        self.decision = Decision()
+
+    def copy(self) -> _Builder:
+        clone = copy.copy(self)
+        clone.conditions = copy.deepcopy(self.conditions)
+        clone.fields = copy.deepcopy(self.fields)
+        clone.decision = replace(
+            self.decision,
+            status={},
+            delete=list(self.decision.delete),
+            events=list(self.decision.events),
+            tallies=list(self.decision.tallies),
+        )
+        return clone
+
+    # -- reading
+    def get(self, key: str) -> Any:
+        """A status field as it will be after this decision."""
+        return self.fields[key] if key in self.fields else self.status_in.get(key)
+
+    def cond(self, ctype: ConditionType) -> Mapping[str, Any] | None:
+        return get_condition(self.conditions, ctype)
+
+    def cond_is(self, ctype: ConditionType, reason: str | None = None) -> bool:
+        c = self.cond(ctype)
+        return bool(
+            c and c.get("status") == "True" and (reason is None or c.get("reason") == reason)
+        )
+
+    # -- writing
+    def set(self, key: str, value: Any) -> None:
+        self.fields[key] = value
+
+    def condition(
+        self,
+        ctype: ConditionType,
+        status: bool,
+        reason: str,
+        message: str,
+        *,
+        event: EventType | None = None,
+        per_generation: bool = False,
+    ) -> bool:
+        """Set a condition; post `event` only on a transition (status or reason
+        changed; with `per_generation` also a new generation), so a replayed
+        decision posts nothing."""
+        before = self.cond(ctype)
+        self.conditions = set_condition(
+            self.conditions, ctype, status, reason, message, self.generation, self.now
+        )
+        after = self.cond(ctype) or {}
+        keys = (
+            ("status", "reason", "observedGeneration") if per_generation else ("status", "reason")
+        )
+        changed = before is None or any(before.get(k) != after.get(k) for k in keys)
+        if changed and event is not None and (before is not None or status):
+            self.event(event, reason, message)
+        return changed
+
+    def event(self, type_: EventType, reason: str, message: str) -> None:
+        self.decision.events.append(Event(type_, reason, message))
+
+    def tally(self, kind: TallyKind, reason: str, value: float = 1.0) -> None:
+        self.decision.tallies.append(Tally(kind, reason, value))
+
+    def requeue(self, seconds: float) -> None:
+        seconds = max(0.0, float(seconds))
+        current = self.decision.requeue_after
+        self.decision.requeue_after = seconds if current is None else min(current, seconds)
+
+    def delete_pod(self, name: str, reason: str) -> None:
+        if all(d.name != name for d in self.decision.delete):
+            self.decision.delete.append(DeletePod(name, reason))
+
+    def finish(self) -> Decision:
+        decision = self.decision
+        patch = {k: v for k, v in self.fields.items() if self.status_in.get(k) != v}
+        if self.conditions != self.conditions_in:
+            patch["conditions"] = self.conditions
+        phase = derive_phase(self.conditions)
+        if self.status_in.get("phase") != phase:
+            patch["phase"] = str(phase)
+        if self.generation is not None and self.status_in.get("observedGeneration") != (
+            self.generation
+        ):
+            patch["observedGeneration"] = self.generation
+        decision.status = patch
+        decision.phase = phase
+        if phase in (Phase.SUCCEEDED, Phase.FAILED) and self.status_in.get("phase") != phase:
+            created = parse_time((self.obs.job.get("metadata") or {}).get("creationTimestamp"))
+            duration = (self.now - created).total_seconds() if created else 0.0
+            self.tally("finished", str(phase), max(0.0, duration))
+        return decision
+
+
+# --------------------------------------------------------------------------- decide
+
+
+def decide(obs: Observed, settings: OperatorSettings) -> Decision:
+    """The next step for one LoRAJob. Pure: same inputs, same decision."""
+    b = _Builder(obs, settings)
+    meta = obs.job.get("metadata") or {}
+    if meta.get("deletionTimestamp"):
+        return Decision()  # the finalizer handler owns deleted jobs
+    if _is_finished(obs.job) and not _revalidate_after_invalid_spec(b):
+        _finished(b)
+        return b.finish()
+
+    spec_in = obs.job.get("spec") or {}
+    suspend_requested = isinstance(spec_in, Mapping) and spec_in.get("suspend") is True
+    live = [p for p in obs.pods if is_live(p)]
+    try:
+        spec = api.parse_spec(spec_in)
+        problems = policy.check_policy(spec, b.namespace, settings.policy, settings)
+    except api.InvalidSpecError as err:
+        spec, problems = None, []
+        invalid: tuple[Reason, str] | None = (Reason.INVALID_SPEC, err.message)
+    else:
+        invalid = (Reason.POLICY_VIOLATION, "; ".join(problems)) if problems else None
+
+    if invalid is not None and (not live or suspend_requested) and not b.get("podName"):
+        return _reject_spec(b, *invalid)
+
+    # From here on a pod may run. Spec problems only block the *next* attempt.
+    _account_current_pod(b, spec)
+    if _is_final(b):
+        _stop_live_pods(b, live, Reason.COMPLETED)
+        _ttl(b)
+        return b.finish()
+
+    if _deadline_exceeded(b, spec_in, live):
+        _ttl(b)
+        return b.finish()
+
+    if suspend_requested:
+        _suspend(b, live)
+        return b.finish()
+    if b.cond_is(ConditionType.SUSPENDED) and not _resume(b, live):
+        return b.finish()
+
+    current_hash = api.spec_hash(spec) if spec is not None else None
+    if live:
+        _check_spec_change(b, invalid, current_hash)
+        _stale_pods(b, live)
+        return b.finish()
+    if invalid is not None:
+        return _reject_spec(b, *invalid)
+    assert spec is not None
+    assert current_hash is not None
+    _accept_spec(b, current_hash)
+    _maybe_create(b, spec, current_hash)
+    return b.finish()
+
+
+def _is_final(b: _Builder) -> bool:
+    return b.cond_is(ConditionType.SUCCEEDED) or b.cond_is(ConditionType.FAILED)
+
+
+def _revalidate_after_invalid_spec(b: _Builder) -> bool:
+    """A job that failed validation before any pod ran gets a second chance when
+    its spec is edited: the fix is what the error message asked for."""
+    status = b.status_in
+    if status.get("failureReason") not in (Reason.INVALID_SPEC, Reason.POLICY_VIOLATION):
+        return False
+    if _int(status.get("attempts")) or b.generation == status.get("observedGeneration"):
+        return False
+    b.condition(ConditionType.FAILED, False, Reason.SPEC_VALID, "the spec was changed")
+    for key in ("failureReason", "failureMessage", "hint", "completionTime"):
+        b.set(key, None)
+    return True
+
+
+def _finished(b: _Builder) -> None:
+    """A Succeeded/Failed job: nothing runs any more; reject edits, honour the TTL."""
+    live = [p for p in b.obs.pods if is_live(p) and not _is_terminating(p)]
+    _stop_live_pods(b, live, Reason.COMPLETED)
+    spec = b.obs.job.get("spec") or {}
+    try:
+        current = api.spec_hash(api.parse_spec(spec))
+    except api.InvalidSpecError:
+        current = None
+    if b.generation != b.status_in.get("observedGeneration") and current != b.get("specHash"):
+        b.condition(
+            ConditionType.ACCEPTED,
+            False,
+            Reason.SPEC_CHANGE_REJECTED,
+            f"the job has finished ({b.status_in.get('phase')}); spec changes are not applied. "
+            "Create a new LoRAJob to train again",
+            event="Warning",
+            per_generation=True,
+        )
+    _ttl(b)
+
+
+def _ttl(b: _Builder) -> None:
+    """Delete the job ttlSecondsAfterFinished after completion (or requeue until then)."""
+    spec = b.obs.job.get("spec") or {}
+    ttl = spec.get("ttlSecondsAfterFinished") if isinstance(spec, Mapping) else None
+    done = parse_time(b.get("completionTime"))
+    if isinstance(ttl, int) and not isinstance(ttl, bool) and ttl >= 0 and done is not None:
+        left = (done + timedelta(seconds=ttl) - b.now).total_seconds()
+        if left <= 0:
+            b.decision.delete_job = True
+            b.event("Normal", "Deleted", f"ttlSecondsAfterFinished ({ttl}s) has passed")
+        else:
+            b.requeue(left)
+
+
+def _stop_live_pods(b: _Builder, live: Sequence[Mapping[str, Any]], reason: str) -> None:
+    for pod in live:
+        if not _is_terminating(pod):
+            b.delete_pod(_pod_name(pod), reason)
+
+
+def _fail(b: _Builder, reason: str, message: str, *, hint: str | None = None) -> None:
+    """The job ends Failed with `reason`; live pods are the caller's business."""
+    b.condition(ConditionType.FAILED, True, reason, message, event="Warning")
+    b.condition(ConditionType.RUNNING, False, reason, message)
+    b.condition(ConditionType.QUEUED, False, reason, message)
+    b.set("failureReason", reason)
+    b.set("failureMessage", message)
+    b.set("hint", hint or _hint(reason))
+    b.set("completionTime", b.get("completionTime") or _fmt_time(b.now))
+    b.tally("failure", reason)
+
+
+def _hint(reason: str) -> str | None:
+    try:
+        return HINTS.get(Reason(reason))
+    except ValueError:
+        return None
+
+
+def _reject_spec(b: _Builder, reason: Reason, message: str) -> Decision:
+    """Invalid spec or policy violation before (or between) attempts: fail, no pod."""
+    b.condition(ConditionType.ACCEPTED, False, reason, message)
+    _fail(b, reason, message)
+    return b.finish()
+
+
+# -- the current attempt's pod ------------------------------------------------------
+
+
+def _account_current_pod(b: _Builder, spec: api.LoRAJobSpec | None) -> None:
+    """Fold the current attempt's pod state into status (once per outcome)."""
+    obs = b.obs
+    attempt = _current_attempt(obs.job, obs.pods)
+    recorded = _int(b.status_in.get("attempts"))
+    by_attempt = {pod_attempt(p): p for p in obs.pods}
+    if attempt > recorded:
+        # Created just before the operator stopped: adopt it instead of making another.
+        pod = by_attempt[attempt]
+        b.set("attempts", attempt)
+        b.set("podName", _pod_name(pod))
+        annotations = (pod.get("metadata") or {}).get("annotations") or {}
+        if annotations.get(objects.ANNOTATION_SPEC_HASH):
+            b.set("specHash", annotations[objects.ANNOTATION_SPEC_HASH])
+        b.set("startTime", b.get("startTime") or _fmt_time(b.now))
+    name = b.get("podName")
+    if not name:
+        return
+    current = next((p for p in obs.pods if _pod_name(p) == name), None)
+    if current is None:
+        if b.cond_is(ConditionType.SUSPENDED) or (obs.job.get("spec") or {}).get("suspend"):
+            b.set("podName", None)  # we deleted it to suspend; not a disruption
+            return
+        _disrupted(b, attempt, Reason.DISRUPTED, f"pod {name} was deleted")
+        return
+    outcome = classify_pod(current)
+    suspending = (obs.job.get("spec") or {}).get("suspend") is True or b.cond_is(
+        ConditionType.SUSPENDED
+    )
+    if suspending and outcome.kind != "succeeded":
+        # We stop this pod on purpose: its end is neither a failure nor a disruption.
+        if not is_live(current):
+            b.set("podName", None)
+        return
+    _apply_outcome(b, attempt, current, outcome, spec)
+
+
+def _apply_outcome(
+    b: _Builder,
+    attempt: int,
+    pod: Mapping[str, Any],
+    outcome: PodOutcome,
+    spec: api.LoRAJobSpec | None,
+) -> None:
+    name = _pod_name(pod)
+    node = (pod.get("spec") or {}).get("nodeName")
+    if node:
+        b.set("nodeName", node)
+    reason = outcome.reason or ""
+    kind = outcome.kind
+    if kind == "queued":
+        b.condition(
+            ConditionType.QUEUED,
+            True,
+            reason or Reason.UNSCHEDULABLE,
+            outcome.message,
+            event="Normal",
+        )
+        b.condition(ConditionType.RUNNING, False, reason or Reason.POD_PENDING, outcome.message)
+    elif kind == "pending":
+        b.condition(ConditionType.QUEUED, False, Reason.POD_PENDING, outcome.message)
+        b.condition(ConditionType.RUNNING, False, reason or Reason.POD_PENDING, outcome.message)
+    elif kind == "running":
+        _running(b, attempt, name, node)
+    elif kind == "succeeded":
+        _succeeded(b, attempt, pod, outcome)
+    elif kind == "disrupted":
+        _disrupted(b, attempt, reason or Reason.DISRUPTED, outcome.message)
+    elif kind == "failed":
+        _failed(b, attempt, pod, outcome, spec)
+    else:
+        b.requeue(UNKNOWN_RECHECK_SECONDS)
+
+
+def _running(b: _Builder, attempt: int, name: str, node: Any) -> None:
+    resumed = attempt > 1
+    reason = Reason.RESUMING if resumed else Reason.TRAINER_RUNNING
+    where = f" on node {node}" if node else ""
+    what = "resumed from the last checkpoint" if resumed else "started"
+    message = f"attempt {attempt}: trainer {what} in pod {name}{where}"
+    b.condition(ConditionType.QUEUED, False, reason, message)
+    b.condition(ConditionType.RUNNING, True, reason, message, event="Normal")
+    if b.obs.progress is not None:
+        patch = progress.status_progress(
+            b.obs.progress,
+            b.status_in.get("progress"),
+            b.now,
+            b.settings.status_min_interval_seconds,
+        )
+        if patch is not None:
+            b.set("progress", patch)
+        if b.obs.progress.last_checkpoint:
+            b.set("lastCheckpoint", b.obs.progress.last_checkpoint)
+
+
+def _succeeded(b: _Builder, attempt: int, pod: Mapping[str, Any], outcome: PodOutcome) -> None:
+    term = outcome.termination
+    if term is None or term.adapter is None:
+        # Exit 0 without a report is a trainer bug, never a finished adapter.
+        broken = replace(
+            outcome,
+            kind="failed",
+            reason=Reason.TRAINER_ERROR,
+            retryable=True,
+            message="the trainer exited 0 but reported no adapter in its termination message",
+        )
+        _failed(b, attempt, pod, broken, None)
+        return
+    adapter = term.adapter
+    message = f"adapter written to {adapter.uri} (attempt {attempt})"
+    b.condition(ConditionType.RUNNING, False, Reason.COMPLETED, message)
+    b.condition(ConditionType.QUEUED, False, Reason.COMPLETED, message)
+    b.condition(ConditionType.SUCCEEDED, True, Reason.COMPLETED, message, event="Normal")
+    b.set(
+        "adapter",
+        {
+            "uri": adapter.uri,
+            "manifestUri": adapter.manifest_uri,
+            "sha256": adapter.sha256,
+            "size": adapter.size,
+            "files": adapter.files,
+        },
+    )
+    done = _finished_at(pod) or b.now
+    b.set("completionTime", _fmt_time(done))
+    if term.last_checkpoint:
+        b.set("lastCheckpoint", term.last_checkpoint)
+    previous = b.status_in.get("progress") or {}
+    steps = term.steps if term.steps is not None else previous.get("step", 0)
+    final: dict[str, Any] = {
+        **previous,
+        "stage": "done",
+        "step": steps,
+        "totalSteps": previous.get("totalSteps") or steps,
+        "percent": 100.0,
+        "etaSeconds": 0.0,
+        "lastUpdated": _fmt_time(b.now),
+    }
+    for key, value in (
+        ("loss", term.train_loss),
+        ("evalLoss", term.eval_loss),
+        ("tokensPerSecond", term.tokens_per_second),
+    ):
+        if value is not None and math.isfinite(value):
+            final[key] = value
+    b.set("progress", final)
+    for key in ("failureReason", "failureMessage", "hint"):
+        b.set(key, None)
+
+
+def _disrupted(b: _Builder, attempt: int, reason: str, message: str) -> None:
+    count = _int(b.get("disruptions")) + 1
+    b.set("disruptions", count)
+    b.set("podName", None)
+    b.tally("disruption", reason)
+    limit = b.settings.max_disruptions
+    text = f"attempt {attempt} was interrupted ({reason}: {message})"
+    if count > limit:
+        _fail(
+            b,
+            Reason.DISRUPTED,
+            f"{text}; the job was disrupted {count} times, more than the operator's limit "
+            f"of {limit}",
+            hint="check the node pool's stability and the job's priority class; the adapter "
+            "can be resumed from the last checkpoint by creating a new job with the same output",
+        )
+        return
+    message = (
+        f"{text}; a new attempt resumes from the last checkpoint (not counted against backoffLimit)"
+    )
+    b.condition(ConditionType.RUNNING, False, reason, message, event="Warning")
+
+
+def _failed(
+    b: _Builder,
+    attempt: int,
+    pod: Mapping[str, Any],
+    outcome: PodOutcome,
+    spec: api.LoRAJobSpec | None,
+) -> None:
+    reason = outcome.reason or Reason.TRAINER_ERROR
+    failed = _int(b.get("failedAttempts")) + 1
+    b.set("failedAttempts", failed)
+    b.tally("attempt_failure", reason)
+    if is_live(pod):
+        b.delete_pod(_pod_name(pod), reason)  # e.g. stuck in ImagePullBackOff
+    code = f" (exit code {outcome.exit_code})" if outcome.exit_code is not None else ""
+    text = f"attempt {attempt} failed{code}: {outcome.message}"
+    if outcome.termination and outcome.termination.last_checkpoint:
+        b.set("lastCheckpoint", outcome.termination.last_checkpoint)
+    if not outcome.retryable:
+        _fail(b, reason, text, hint=outcome.hint)
+        b.set("podName", _pod_name(pod))
+        return
+    limit = spec.backoff_limit if spec is not None else _backoff_limit(b.obs.job)
+    if failed > limit:
+        _fail(
+            b,
+            Reason.BACKOFF_LIMIT_EXCEEDED,
+            f"{text}; {failed} failed attempts exceed backoffLimit={limit}",
+            hint=outcome.hint,
+        )
+        return
+    b.set("podName", None)
+    delay = retry_delay(
+        failed, b.settings.retry_backoff_seconds, b.settings.retry_backoff_max_seconds
+    )
+    b.condition(
+        ConditionType.RUNNING,
+        False,
+        reason,
+        f"{text}; retry {failed} of {limit} in {delay:.0f}s, resuming from the last checkpoint",
+        event="Warning",
+    )
+
+
+def _backoff_limit(job: Mapping[str, Any]) -> int:
+    value = (job.get("spec") or {}).get("backoffLimit")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 3
+
+
+# -- deadlines, suspend, spec changes -------------------------------------------------
+
+
+def _deadline_exceeded(
+    b: _Builder, spec_in: Mapping[str, Any], live: Sequence[Mapping[str, Any]]
+) -> bool:
+    deadline = spec_in.get("activeDeadlineSeconds") if isinstance(spec_in, Mapping) else None
+    started = parse_time(b.get("startTime"))
+    if not isinstance(deadline, int) or isinstance(deadline, bool) or deadline <= 0:
+        return False
+    if started is None or spec_in.get("suspend") is True or b.cond_is(ConditionType.SUSPENDED):
+        return False
+    left = (started + timedelta(seconds=deadline) - b.now).total_seconds()
+    if left > 0:
+        b.requeue(left)
+        return False
+    _stop_live_pods(b, live, Reason.DEADLINE_EXCEEDED)
+    _fail(
+        b,
+        Reason.DEADLINE_EXCEEDED,
+        f"the job ran longer than activeDeadlineSeconds={deadline} (across all attempts)",
+    )
+    return True
+
+
+def _suspend(b: _Builder, live: Sequence[Mapping[str, Any]]) -> None:
+    message = (
+        "spec.suspend is true: the trainer saves a checkpoint and stops; set spec.suspend "
+        "to false to resume from it"
+    )
+    _stop_live_pods(b, live, Reason.SUSPENDED_BY_USER)
+    b.condition(ConditionType.SUSPENDED, True, Reason.SUSPENDED_BY_USER, message, event="Normal")
+    b.condition(ConditionType.RUNNING, False, Reason.SUSPENDED_BY_USER, message)
+    b.condition(ConditionType.QUEUED, False, Reason.SUSPENDED_BY_USER, message)
+    if not live:
+        b.set("podName", None)
+    # While suspended every (valid) spec is accepted; the next attempt uses it.
+    try:
+        spec = api.parse_spec(b.obs.job.get("spec") or {})
+    except api.InvalidSpecError as err:
+        b.condition(
+            ConditionType.ACCEPTED, False, Reason.INVALID_SPEC, err.message, event="Warning"
+        )
+        return
+    problems = policy.check_policy(spec, b.namespace, b.settings.policy, b.settings)
+    if problems:
+        b.condition(
+            ConditionType.ACCEPTED,
+            False,
+            Reason.POLICY_VIOLATION,
+            "; ".join(problems),
+            event="Warning",
+        )
+    else:
+        b.condition(ConditionType.ACCEPTED, True, Reason.SPEC_VALID, "the spec is valid")
+
+
+def _resume(b: _Builder, live: Sequence[Mapping[str, Any]]) -> bool:
+    """Leave Suspended once the old pod is gone; True when a new attempt may start."""
+    if live:
+        b.requeue(TERMINATING_RECHECK_SECONDS)
+        return False
+    message = "spec.suspend is false: a new attempt resumes from the last checkpoint"
+    b.condition(ConditionType.SUSPENDED, False, Reason.RESUMED, message, event="Normal")
+    b.set("podName", None)
+    # Like a Kubernetes Job, the deadline clock restarts on resume.
+    b.set("startTime", None)
+    return True
+
+
+def _check_spec_change(
+    b: _Builder, invalid: tuple[Reason, str] | None, current_hash: str | None
+) -> None:
+    """A spec edit while a pod runs is rejected, visibly; the attempt keeps its spec."""
+    running_hash = b.get("specHash")
+    if invalid is None and (running_hash is None or current_hash == running_hash):
+        if not b.cond_is(ConditionType.ACCEPTED):
+            b.condition(ConditionType.ACCEPTED, True, Reason.SPEC_VALID, "the spec is valid")
+        return
+    detail = f" ({invalid[1]})" if invalid is not None else ""
+    b.condition(
+        ConditionType.ACCEPTED,
+        False,
+        Reason.SPEC_CHANGE_REJECTED,
+        f"spec generation {b.generation} was not applied{detail}: attempt "
+        f"{b.get('attempts')} keeps running the spec it started with. Suspend the job "
+        "(spec.suspend: true) to change its spec, or create a new job",
+        event="Warning",
+        per_generation=True,
+    )
+
+
+def _stale_pods(b: _Builder, live: Sequence[Mapping[str, Any]]) -> None:
+    """Pods of earlier attempts still running (should not happen) are stopped."""
+    current = b.get("podName")
+    for pod in live:
+        if _pod_name(pod) != current and not _is_terminating(pod):
+            b.delete_pod(_pod_name(pod), "Superseded")
+    if any(_pod_name(p) != current for p in live):
+        b.requeue(TERMINATING_RECHECK_SECONDS)
+
+
+def _accept_spec(b: _Builder, current_hash: str) -> None:
+    running_hash = b.get("specHash")
+    if running_hash and running_hash != current_hash:
+        message = f"spec generation {b.generation} is applied from the next attempt on"
+    else:
+        message = "the spec is valid"
+    b.condition(ConditionType.ACCEPTED, True, Reason.SPEC_VALID, message, event="Normal")
+
+
+# -- starting an attempt ----------------------------------------------------------
+
+
+def _maybe_create(b: _Builder, spec: api.LoRAJobSpec, current_hash: str) -> None:
+    obs, settings = b.obs, b.settings
+    if b.get("podName"):
+        return  # outcome still open (e.g. unknown pod state): wait for it
+    if obs.missing_secrets:
+        detail = "; ".join(
+            f"Secret {name!r} ({path}) does not exist in namespace {b.namespace!r}"
+            for path, name in obs.missing_secrets
+        )
+        _queue(b, Reason.SECRET_NOT_FOUND, f"{detail}; create it and the job starts by itself")
+        return
+    limit = policy.concurrency_limit(settings.policy, b.namespace)
+    if limit is not None and obs.active_in_namespace >= limit:
+        _queue(
+            b,
+            Reason.CONCURRENCY_LIMIT,
+            f"{obs.active_in_namespace} LoRAJobs already run in namespace {b.namespace!r} "
+            f"(limit {limit}); this one starts when one of them finishes",
+            recheck=CONCURRENCY_RECHECK_SECONDS,
+        )
+        return
+    attempt = _current_attempt(obs.job, obs.pods)
+    left = _retry_wait_left(b, attempt)
+    if left > 0:
+        b.requeue(left)
+        return
+    fallback = b.copy()
+    attempt += 1
+    job_ref = objects.JobRef(
+        name=b.name, namespace=b.namespace, uid=str((obs.job.get("metadata") or {}).get("uid", ""))
+    )
+    body = objects.build_trainer_pod(job_ref, spec, settings, attempt)
+    name = _pod_name(body) or objects.pod_name(b.name, attempt)
+    resume = " (resumes from the last checkpoint)" if attempt > 1 else ""
+    message = f"created pod {name} for attempt {attempt}{resume}"
+    b.set("attempts", attempt)
+    b.set("podName", name)
+    b.set("nodeName", None)
+    b.set("specHash", current_hash)
+    b.set("startTime", b.get("startTime") or _fmt_time(b.now))
+    b.condition(ConditionType.QUEUED, False, Reason.POD_CREATED, message)
+    b.condition(ConditionType.RUNNING, False, Reason.POD_CREATED, message)
+    b.event("Normal", Reason.POD_CREATED, message)
+    b.tally("attempt", Reason.RESUMING if attempt > 1 else Reason.POD_CREATED)
+    b.decision.create = CreatePod(attempt=attempt, body=body, fallback=fallback)
+
+
+# Running=False reasons after which the next attempt starts without a backoff.
+_NO_BACKOFF_REASONS = frozenset(
+    {
+        Reason.EVICTED,
+        Reason.PREEMPTED,
+        Reason.NODE_LOST,
+        Reason.DISRUPTED,
+        Reason.SUSPENDED_BY_USER,
+        Reason.RESUMED,
+        Reason.SECRET_NOT_FOUND,
+        Reason.CONCURRENCY_LIMIT,
+        Reason.QUOTA_EXCEEDED,
+        Reason.POD_CREATED,
+        Reason.POD_PENDING,
+        Reason.TRAINER_RUNNING,
+        Reason.RESUMING,
+    }
+)
+
+
+def _retry_wait_left(b: _Builder, attempt: int) -> float:
+    """Seconds until the exponential backoff after a failed attempt has passed."""
+    failed = _int(b.get("failedAttempts"))
+    running = b.cond(ConditionType.RUNNING) or {}
+    if not failed or running.get("reason") in _NO_BACKOFF_REASONS:
+        return 0.0
+    previous = next((p for p in b.obs.pods if pod_attempt(p) == attempt), None)
+    finished = _finished_at(previous) if previous is not None else None
+    if finished is None:
+        return 0.0
+    delay = retry_delay(
+        failed, b.settings.retry_backoff_seconds, b.settings.retry_backoff_max_seconds
+    )
+    return (finished + timedelta(seconds=delay) - b.now).total_seconds()
+
+
+def _queue(b: _Builder, reason: Reason, message: str, *, recheck: float | None = None) -> None:
+    b.condition(ConditionType.QUEUED, True, reason, message, event="Warning")
+    b.condition(ConditionType.RUNNING, False, reason, message)
+    if recheck is not None:
+        b.requeue(recheck)
+        return
+    queued = b.cond(ConditionType.QUEUED) or {}
+    since = parse_time(queued.get("lastTransitionTime"))
+    b.requeue(
+        wait_delay(
+            since, b.now, b.settings.wait_backoff_seconds, b.settings.wait_backoff_max_seconds
+        )
+    )
+
+
+def create_rejected(create: CreatePod, message: str, *, quota: bool) -> Decision:
+    """The API server refused the trainer pod.
+
+    Exceeded quota is a wait (Queued/QuotaExceeded, re-tried with growing
+    intervals until the quota frees up); any other refusal (admission policy,
+    invalid pod) is permanent until an admin changes something, so the job fails
+    instead of hammering the API server.
+    """
+    b = create.fallback.copy()
+    if quota:
+        _queue(
+            b,
+            Reason.QUOTA_EXCEEDED,
+            f"the namespace's ResourceQuota has no room for the trainer pod; waiting for it "
+            f"to free up. API server: {message}",
+        )
+    else:
+        _fail(
+            b,
+            Reason.CONTAINER_CONFIG_ERROR,
+            f"the API server refused the trainer pod: {message}",
+            hint="an admission policy or webhook rejected the pod; ask your cluster admin, "
+            "or adjust spec.resources/spec.scheduling",
+        )
+    return b.finish()

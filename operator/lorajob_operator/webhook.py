@@ -1,0 +1,113 @@
+"""Validating admission for LoRAJobs: bad specs are refused at `kubectl apply` time.
+
+The rules are the operator's own (api.parse_spec, policy.check_policy, the
+spec-change rule of reconcile.py), so the webhook and the operator never
+disagree; without the webhook the operator applies them when it reconciles.
+Enabled by LORAJOB_WEBHOOK_ENABLED; kopf serves it (its WebhookServer, with a
+self-signed certificate unless cert files are given) and, in the cluster, the
+chart's Service and ValidatingWebhookConfiguration point at it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from lorajob_operator import api, policy
+from lorajob_operator.settings import OperatorSettings
+
+__all__ = ["configure", "register", "review"]
+
+WEBHOOK_PATH = "/validate"
+MANAGED_CONFIGURATION = f"lorajob-validation.{api.GROUP}"
+# Phases in which a pod may be running with the spec it started with.
+_ACTIVE_PHASES = frozenset({api.Phase.PENDING, api.Phase.QUEUED, api.Phase.RUNNING})
+
+
+def review(
+    operation: str,
+    new: Mapping[str, Any],
+    old: Mapping[str, Any] | None,
+    namespace: str,
+    settings: OperatorSettings,
+) -> str | None:
+    """Why the LoRAJob must be refused, or None to admit it."""
+    if operation not in ("CREATE", "UPDATE"):
+        return None
+    new_spec = new.get("spec") or {}
+    if operation == "UPDATE" and old is not None and (old.get("spec") or {}) == new_spec:
+        return None  # metadata-only change (labels, finalizers): nothing to check
+    try:
+        spec = api.parse_spec(new_spec)
+    except api.InvalidSpecError as err:
+        return f"invalid LoRAJob spec: {err.message}"
+    problems = policy.check_policy(spec, namespace, settings.policy, settings)
+    if problems:
+        return "the LoRAJob violates the cluster policy: " + "; ".join(problems)
+    if operation == "UPDATE" and old is not None:
+        return _spec_change_problem(spec, old)
+    return None
+
+
+def _spec_change_problem(spec: api.LoRAJobSpec, old: Mapping[str, Any]) -> str | None:
+    status = old.get("status") or {}
+    old_spec = old.get("spec") or {}
+    phase = status.get("phase")
+    running_hash = status.get("specHash")
+    if not running_hash or api.spec_hash(spec) == running_hash:
+        return None  # never started, or only control fields (suspend, ...) changed
+    if phase in (api.Phase.SUCCEEDED, api.Phase.FAILED):
+        return (
+            f"the LoRAJob has finished ({phase}); its spec can no longer change. "
+            "Create a new LoRAJob to train again"
+        )
+    if phase in _ACTIVE_PHASES and old_spec.get("suspend") is not True and not spec.suspend:
+        return (
+            "the LoRAJob is running and its spec cannot change under a running trainer: "
+            "suspend the job (spec.suspend: true) to change its spec, or create a new job"
+        )
+    return None
+
+
+def register(settings: OperatorSettings, registry: kopf.OperatorRegistry | None = None) -> None:
+    """Register the handler only when enabled: kopf refuses to start with
+    admission handlers but no server."""
+    if not settings.webhook_enabled:
+        return
+
+    def validate_lorajob(
+        body: kopf.Body, namespace: str | None, subresource: str | None, **kwargs: Any
+    ) -> None:
+        if subresource:  # status writes are the operator's own
+            return
+        previous = kwargs.get("old")
+        problem = review(
+            str(kwargs.get("operation") or ""), body, previous, namespace or "", settings
+        )
+        if problem:
+            raise kopf.AdmissionError(problem, code=422)
+
+    kopf.on.validate(
+        api.GROUP,
+        api.VERSION,
+        api.PLURAL,
+        id="lorajob",
+        operations=["CREATE", "UPDATE"],
+        registry=registry,
+    )(validate_lorajob)
+
+
+def configure(kopf_settings: kopf.OperatorSettings, settings: OperatorSettings) -> None:
+    """Point kopf's admission server at our port (called from the startup handler)."""
+    if not settings.webhook_enabled:
+        return
+    kopf_settings.admission.server = kopf.WebhookServer(
+        addr="0.0.0.0",
+        port=settings.webhook_port,
+        host=settings.webhook_host,
+        certfile=settings.webhook_cert_file,
+        pkeyfile=settings.webhook_key_file,
+    )
+    kopf_settings.admission.managed = MANAGED_CONFIGURATION

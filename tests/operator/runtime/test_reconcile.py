@@ -1,0 +1,632 @@
+"""Every transition of the LoRAJob state machine, decided without an API server."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import pytest
+from lora_trainer.protocol import ExitCode, Progress
+from lorajob_operator import api, reconcile
+from lorajob_operator.conditions import ConditionType, Reason, get_condition
+from lorajob_operator.policy import Policy
+from lorajob_operator.settings import OperatorSettings, load_settings
+
+from tests.operator.runtime.kubefakes import (
+    NAME,
+    SPEC,
+    T0,
+    apply_status,
+    at,
+    job,
+    pod,
+    stamp,
+    termination,
+)
+
+SETTINGS = load_settings(
+    retry_backoff_seconds=10,
+    retry_backoff_max_seconds=300,
+    wait_backoff_seconds=15,
+    wait_backoff_max_seconds=300,
+    max_disruptions=3,
+    status_min_interval_seconds=5,
+)
+
+
+class World:
+    """A job plus its pods; `step()` decides and applies the status patch like handlers.py."""
+
+    def __init__(self, body: dict[str, Any] | None = None, settings: OperatorSettings = SETTINGS):
+        self.job = body or job()
+        self.pods: list[dict[str, Any]] = []
+        self.settings = settings
+        self.created: list[dict[str, Any]] = []
+        self.deleted: list[str] = []
+
+    def step(
+        self,
+        now: datetime = T0,
+        *,
+        quota: str | None = None,
+        **facts: Any,
+    ) -> reconcile.Decision:
+        observed = reconcile.Observed(self.job, list(self.pods), now, **facts)
+        decision = reconcile.decide(observed, self.settings)
+        self.deleted += [d.name for d in decision.delete]
+        create = decision.create
+        if create is not None:
+            if quota is not None:
+                decision = reconcile.create_rejected(create, quota, quota=True)
+            else:
+                self.created.append(create.body)
+        self.job = apply_status(self.job, decision.status)
+        return decision
+
+    @property
+    def status(self) -> dict[str, Any]:
+        return dict(self.job.get("status") or {})
+
+    def cond(self, ctype: ConditionType) -> dict[str, Any]:
+        found = get_condition(self.status.get("conditions"), ctype)
+        assert found is not None, f"no {ctype} condition in {self.status}"
+        return found
+
+    def replace_pod(self, new: dict[str, Any]) -> None:
+        name = new["metadata"]["name"]
+        self.pods = [p for p in self.pods if p["metadata"]["name"] != name] + [new]
+
+    def started(self, now: datetime = T0) -> None:
+        """Create attempt 1 and see its pod running."""
+        decision = self.step(now)
+        assert decision.create is not None
+        self.pods.append(pod(1, spec_hash=self.status["specHash"]))
+        self.step(now)
+
+
+def reasons(decision: reconcile.Decision) -> list[str]:
+    return [e.reason for e in decision.events]
+
+
+# --------------------------------------------------------------------------- creation
+
+
+def test_new_job_creates_attempt_one() -> None:
+    w = World()
+    d = w.step()
+    assert d.create is not None
+    assert d.create.attempt == 1
+    assert d.create.body["metadata"]["name"] == f"{NAME}-1"
+    assert w.status["attempts"] == 1
+    assert w.status["podName"] == f"{NAME}-1"
+    assert w.status["specHash"] == api.spec_hash(api.parse_spec(SPEC))
+    assert w.status["startTime"] == stamp(T0)
+    assert w.status["phase"] == "Pending"
+    assert w.status["observedGeneration"] == 1
+    assert w.cond(ConditionType.ACCEPTED)["status"] == "True"
+    assert reasons(d) == [Reason.SPEC_VALID, Reason.POD_CREATED]
+    assert [t.kind for t in d.tallies] == ["attempt"]
+
+
+def test_replayed_decision_changes_nothing() -> None:
+    w = World()
+    w.step()
+    w.pods.append(pod(1, phase="Pending"))
+    w.step()
+    again = w.step()
+    assert again.status == {}
+    assert again.events == []
+    assert again.create is None
+
+
+def test_trainer_command_override_is_used() -> None:
+    w = World(settings=load_settings(trainer_command=["python", "fake.py"]))
+    create = w.step().create
+    assert create is not None
+    assert create.body["spec"]["containers"][0]["command"] == ["python", "fake.py"]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def test_invalid_spec_fails_without_pod_and_without_retry() -> None:
+    bad = {**SPEC, "training": {"learningRate": -1}}
+    w = World(job(spec=bad))
+    d = w.step()
+    assert d.create is None
+    assert w.status["phase"] == "Failed"
+    assert w.status["failureReason"] == Reason.INVALID_SPEC
+    assert "spec.training.learningRate" in w.status["failureMessage"]
+    assert w.status["hint"]
+    assert [(e.type, e.reason) for e in d.events] == [("Warning", Reason.INVALID_SPEC)]
+    assert d.requeue_after is None
+    again = w.step(at(60))
+    assert again.status == {}
+    assert again.events == []
+    assert again.create is None
+
+
+def test_fixed_spec_of_a_job_that_never_ran_is_revalidated() -> None:
+    w = World(job(spec={**SPEC, "training": {"learningRate": -1}}))
+    w.step()
+    w.job["spec"] = dict(SPEC)
+    w.job["metadata"]["generation"] = 2
+    d = w.step(at(5))
+    assert d.create is not None
+    assert w.status["phase"] == "Pending"
+    assert "failureReason" not in w.status
+
+
+def test_policy_violation_fails() -> None:
+    settings = load_settings(policy=Policy(max_gpus_per_job=0))
+    w = World(settings=settings)
+    d = w.step()
+    assert d.create is None
+    assert w.status["failureReason"] == Reason.POLICY_VIOLATION
+    assert w.status["phase"] == "Failed"
+
+
+# --------------------------------------------------------------------------- running
+
+
+def test_running_pod_sets_running_and_node() -> None:
+    w = World()
+    w.step()
+    w.pods.append(pod(1))
+    d = w.step(at(3))
+    assert w.status["phase"] == "Running"
+    assert w.status["nodeName"] == "gpu-node-1"
+    assert w.cond(ConditionType.RUNNING)["reason"] == Reason.TRAINER_RUNNING
+    assert reasons(d) == [Reason.TRAINER_RUNNING]
+
+
+def test_progress_is_copied_when_changed_and_rate_limited() -> None:
+    w = World()
+    w.started()
+    p1 = Progress(stage="training", step=5, total_steps=20, loss=2.0, tokens_per_second=900.0)
+    w.step(at(10), progress=p1)
+    assert w.status["progress"]["step"] == 5
+    assert w.status["progress"]["percent"] == 25.0
+    # Changed, but only 2s later: not written yet.
+    p2 = Progress(stage="training", step=6, total_steps=20, loss=1.9)
+    assert "progress" not in w.step(at(12), progress=p2).status
+    # Same values later: nothing to write.
+    assert "progress" not in w.step(at(30), progress=p1.model_copy(update={"step": 5})).status or (
+        w.status["progress"]["step"] == 6
+    )
+    d = w.step(at(40), progress=p2)
+    assert w.status["progress"]["step"] == 6
+    assert "progress" not in w.step(at(60), progress=p2).status
+    assert d.events == []
+
+
+def test_progress_checkpoint_is_recorded() -> None:
+    w = World()
+    w.started()
+    w.step(
+        at(10),
+        progress=Progress(step=10, last_checkpoint="s3://adapters/tune/checkpoints/checkpoint-10"),
+    )
+    assert w.status["lastCheckpoint"].endswith("checkpoint-10")
+
+
+# --------------------------------------------------------------------------- outcomes
+
+
+def test_success_records_adapter_and_completion() -> None:
+    w = World()
+    w.started()
+    w.replace_pod(pod(1, "Succeeded", exit_code=0, message=termination(), finished=at(100)))
+    d = w.step(at(101))
+    s = w.status
+    assert s["phase"] == "Succeeded"
+    assert s["adapter"]["sha256"] == "ab" * 32
+    assert s["adapter"]["manifestUri"].endswith("manifest.json")
+    assert s["completionTime"] == stamp(at(100))
+    assert s["progress"]["percent"] == 100.0
+    assert s["podName"] == f"{NAME}-1"
+    assert reasons(d) == [Reason.COMPLETED]
+    assert ("finished", "Succeeded") in [(t.kind, t.reason) for t in d.tallies]
+    assert w.step(at(200)).status == {}
+
+
+def test_exit_zero_without_adapter_is_not_success() -> None:
+    w = World()
+    w.started()
+    w.replace_pod(
+        pod(1, "Succeeded", exit_code=0, message=termination(with_adapter=False), finished=at(100))
+    )
+    w.step(at(101))
+    assert w.status["phase"] != "Succeeded"
+    assert w.status["failedAttempts"] == 1
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        (ExitCode.INVALID_DATASET, Reason.INVALID_DATASET),
+        (ExitCode.CUDA_OOM, Reason.CUDA_OUT_OF_MEMORY),
+        (ExitCode.TARGET_MODULES_NOT_FOUND, Reason.TARGET_MODULES_NOT_FOUND),
+    ],
+)
+def test_permanent_failure_is_not_retried(code: int, reason: str) -> None:
+    w = World()
+    w.started()
+    msg = termination("Failed", reason=str(reason), message="bad data")
+    w.replace_pod(pod(1, "Failed", exit_code=int(code), message=msg, finished=at(50)))
+    d = w.step(at(51))
+    assert d.create is None
+    assert w.status["phase"] == "Failed"
+    assert w.status["failureReason"] == reason
+    assert w.status["failedAttempts"] == 1
+    assert w.status["hint"]
+    assert w.step(at(500)).create is None
+
+
+def test_oom_killed_is_permanent() -> None:
+    w = World()
+    w.started()
+    w.replace_pod(pod(1, "Failed", exit_code=137, term_reason="OOMKilled", finished=at(50)))
+    w.step(at(51))
+    assert w.status["phase"] == "Failed"
+    assert w.status["failureReason"] == Reason.OOM_KILLED
+
+
+def test_retryable_failure_retries_after_backoff_and_resumes() -> None:
+    w = World()
+    w.started()
+    msg = termination("Failed", reason="StorageError", message="S3 503", retryable=True)
+    w.replace_pod(pod(1, "Failed", exit_code=ExitCode.TRANSIENT, message=msg, finished=at(50)))
+    d = w.step(at(51))
+    assert d.create is None
+    assert w.status["failedAttempts"] == 1
+    assert "podName" not in w.status
+    assert w.status["phase"] == "Pending"
+    assert d.requeue_after == pytest.approx(9)
+    assert "retry 1 of 3" in w.cond(ConditionType.RUNNING)["message"]
+    # Backoff not over yet: still nothing.
+    assert w.step(at(55)).create is None
+    d = w.step(at(61))
+    assert d.create is not None
+    assert d.create.attempt == 2
+    assert w.status["attempts"] == 2
+    w.pods.append(pod(2))
+    d = w.step(at(62))
+    assert w.cond(ConditionType.RUNNING)["reason"] == Reason.RESUMING
+    assert w.status["failedAttempts"] == 1
+
+
+def test_backoff_limit_exceeded() -> None:
+    w = World(job(spec={**SPEC, "backoffLimit": 1}))
+    w.started()
+    msg = termination("Failed", reason="InternalError", retryable=True)
+    w.replace_pod(pod(1, "Failed", exit_code=ExitCode.INTERNAL, message=msg, finished=at(10)))
+    w.step(at(11))
+    assert w.step(at(30)).create is not None
+    w.pods.append(pod(2, "Failed", exit_code=ExitCode.INTERNAL, message=msg, finished=at(40)))
+    d = w.step(at(41))
+    assert d.create is None
+    assert w.status["phase"] == "Failed"
+    assert w.status["failureReason"] == Reason.BACKOFF_LIMIT_EXCEEDED
+    assert w.status["failedAttempts"] == 2
+
+
+def test_backoff_limit_zero_means_no_retry() -> None:
+    w = World(job(spec={**SPEC, "backoffLimit": 0}))
+    w.started()
+    msg = termination("Failed", reason="StorageError", retryable=True)
+    w.replace_pod(pod(1, "Failed", exit_code=ExitCode.TRANSIENT, message=msg, finished=at(10)))
+    w.step(at(11))
+    assert w.status["phase"] == "Failed"
+
+
+# --------------------------------------------------------------------------- disruptions
+
+
+def test_eviction_starts_new_attempt_without_counting_a_failure() -> None:
+    w = World()
+    w.started()
+    w.replace_pod(pod(1, "Failed", pod_reason="Evicted", exit_code=137, finished=at(20)))
+    d = w.step(at(21))
+    assert w.status["disruptions"] == 1
+    assert w.status.get("failedAttempts", 0) == 0
+    assert d.create is not None
+    assert d.create.attempt == 2
+    assert ("disruption", Reason.EVICTED) in [(t.kind, t.reason) for t in d.tallies]
+
+
+def test_kueue_preemption_is_a_disruption() -> None:
+    w = World()
+    w.started()
+    target = {
+        "type": "DisruptionTarget",
+        "status": "True",
+        "reason": "PreemptionByScheduler",
+        "message": "Preempted by Kueue",
+    }
+    w.replace_pod(pod(1, "Running", conditions=[target], deleting=True))
+    d = w.step(at(21))
+    assert w.status["disruptions"] == 1
+    assert d.create is None  # the old trainer is still checkpointing
+    assert d.delete == []
+    w.pods = []
+    d = w.step(at(30))
+    assert d.create is not None
+    assert d.create.attempt == 2
+    assert w.status["disruptions"] == 1
+
+
+def test_vanished_pod_is_a_disruption() -> None:
+    w = World()
+    w.started()
+    w.pods = []
+    d = w.step(at(30))
+    assert w.status["disruptions"] == 1
+    assert d.create is not None
+    assert d.create.attempt == 2
+
+
+def test_too_many_disruptions_fail_the_job() -> None:
+    w = World(job(status={"attempts": 4, "disruptions": 3, "podName": f"{NAME}-4"}))
+    w.pods = [pod(4, "Failed", pod_reason="Evicted", exit_code=137)]
+    d = w.step(at(5))
+    assert d.create is None
+    assert w.status["phase"] == "Failed"
+    assert w.status["failureReason"] == Reason.DISRUPTED
+
+
+# --------------------------------------------------------------------------- deadline
+
+
+def test_active_deadline_deletes_pod_and_fails() -> None:
+    w = World(job(spec={**SPEC, "activeDeadlineSeconds": 60}))
+    w.started()
+    d = w.step(at(30))
+    assert d.requeue_after == pytest.approx(30)
+    d = w.step(at(61))
+    assert d.delete
+    assert d.delete[0].name == f"{NAME}-1"
+    assert w.status["failureReason"] == Reason.DEADLINE_EXCEEDED
+    w.replace_pod(pod(1, "Failed", exit_code=21, finished=at(62)))
+    d = w.step(at(63))
+    assert d.create is None
+    assert w.status["phase"] == "Failed"
+
+
+# --------------------------------------------------------------------------- suspend
+
+
+def test_suspend_and_resume() -> None:
+    w = World()
+    w.started()
+    w.job["spec"]["suspend"] = True
+    w.job["metadata"]["generation"] = 2
+    d = w.step(at(10))
+    assert [x.name for x in d.delete] == [f"{NAME}-1"]
+    assert w.status["phase"] == "Suspended"
+    assert reasons(d) == [Reason.SUSPENDED_BY_USER]
+    # Pod terminating: nothing more to do, nothing counted.
+    w.replace_pod(pod(1, "Running", deleting=True))
+    assert w.step(at(11)).delete == []
+    w.replace_pod(pod(1, "Failed", exit_code=ExitCode.INTERRUPTED, finished=at(12)))
+    d = w.step(at(13))
+    assert "podName" not in w.status
+    assert w.status.get("failedAttempts", 0) == 0
+    assert w.status.get("disruptions", 0) == 0
+    assert d.create is None
+    # Resume: a new attempt.
+    w.job["spec"]["suspend"] = False
+    w.job["metadata"]["generation"] = 3
+    d = w.step(at(20))
+    assert d.create is not None
+    assert d.create.attempt == 2
+    assert Reason.RESUMED in reasons(d)
+    assert w.status["startTime"] == stamp(at(20))  # deadline clock restarts
+    assert w.cond(ConditionType.SUSPENDED)["status"] == "False"
+
+
+def test_suspended_before_start_creates_nothing() -> None:
+    w = World(job(spec={**SPEC, "suspend": True}))
+    d = w.step()
+    assert d.create is None
+    assert w.status["phase"] == "Suspended"
+
+
+def test_spec_change_while_suspended_is_used_by_next_attempt() -> None:
+    w = World()
+    w.started()
+    w.job["spec"]["suspend"] = True
+    w.step(at(5))
+    w.pods = []
+    w.step(at(6))
+    w.job["spec"]["training"] = {"maxSteps": 40}
+    w.job["spec"]["suspend"] = False
+    w.job["metadata"]["generation"] = 3
+    d = w.step(at(10))
+    assert d.create is not None
+    new_hash = api.spec_hash(api.parse_spec(w.job["spec"]))
+    assert w.status["specHash"] == new_hash
+    assert '"maxSteps":40' in str(d.create.body["spec"]["containers"][0]["env"])
+
+
+# --------------------------------------------------------------------------- spec changes
+
+
+def test_spec_change_while_running_is_rejected_visibly() -> None:
+    w = World()
+    w.started()
+    old_hash = w.status["specHash"]
+    w.job["spec"]["training"] = {"maxSteps": 99}
+    w.job["metadata"]["generation"] = 2
+    d = w.step(at(10))
+    accepted = w.cond(ConditionType.ACCEPTED)
+    assert accepted["status"] == "False"
+    assert accepted["reason"] == Reason.SPEC_CHANGE_REJECTED
+    assert "suspend" in accepted["message"]
+    assert d.delete == []
+    assert d.create is None
+    assert w.status["specHash"] == old_hash
+    assert w.status["phase"] == "Running"
+    assert [(e.type, e.reason) for e in d.events] == [("Warning", Reason.SPEC_CHANGE_REJECTED)]
+    assert w.step(at(20)).events == []
+
+
+def test_control_field_change_while_running_is_accepted() -> None:
+    w = World()
+    w.started()
+    w.job["spec"]["backoffLimit"] = 5
+    w.job["metadata"]["generation"] = 2
+    w.step(at(10))
+    assert w.cond(ConditionType.ACCEPTED)["status"] == "True"
+
+
+def test_finished_job_rejects_spec_change() -> None:
+    w = World()
+    w.started()
+    w.replace_pod(pod(1, "Succeeded", exit_code=0, message=termination(), finished=at(100)))
+    w.step(at(101))
+    w.job["spec"]["training"] = {"maxSteps": 99}
+    w.job["metadata"]["generation"] = 2
+    d = w.step(at(110))
+    assert w.cond(ConditionType.ACCEPTED)["reason"] == Reason.SPEC_CHANGE_REJECTED
+    assert w.status["phase"] == "Succeeded"
+    assert d.create is None
+
+
+# --------------------------------------------------------------------------- restarts
+
+
+def test_pod_created_before_a_crash_is_adopted_not_duplicated() -> None:
+    # The operator created attempt 1's pod, then died before writing status.
+    w = World()
+    w.pods.append(pod(1, "Pending", spec_hash="h1"))
+    d = w.step(at(5))
+    assert d.create is None
+    assert w.status["attempts"] == 1
+    assert w.status["podName"] == f"{NAME}-1"
+    assert w.status["specHash"] == "h1"
+
+
+def test_outcome_reached_while_operator_was_down_is_counted_once() -> None:
+    w = World()
+    w.started()
+    msg = termination("Failed", reason="StorageError", retryable=True)
+    w.replace_pod(pod(1, "Failed", exit_code=ExitCode.TRANSIENT, message=msg, finished=at(10)))
+    w.step(at(500))  # operator back much later: backoff already over
+    assert w.status["failedAttempts"] == 1
+    assert w.status["attempts"] == 2
+    # Replaying with the old failed pod still there counts nothing again.
+    w.pods.append(pod(2))
+    w.step(at(501))
+    w.step(at(502))
+    assert w.status["failedAttempts"] == 1
+
+
+def test_deleted_job_is_left_to_the_finalizer() -> None:
+    w = World(job(deletionTimestamp=stamp(T0)))
+    d = w.step()
+    assert d == reconcile.Decision()
+
+
+# --------------------------------------------------------------------------- waiting
+
+
+def test_quota_exceeded_queues_with_backoff_then_starts() -> None:
+    w = World()
+    message = 'pods "tune-1" is forbidden: exceeded quota: gpu, requested: nvidia.com/gpu=1'
+    d = w.step(quota=message)
+    assert w.status["phase"] == "Queued"
+    queued = w.cond(ConditionType.QUEUED)
+    assert queued["reason"] == Reason.QUOTA_EXCEEDED
+    assert "exceeded quota" in queued["message"]
+    assert w.status.get("attempts", 0) == 0
+    assert d.requeue_after == 15
+    d = w.step(at(60), quota=message)
+    assert d.requeue_after == 60  # grows with the time already waited
+    d = w.step(at(4000), quota=message)
+    assert d.requeue_after == 300
+    d = w.step(at(4300))
+    assert d.create is not None
+    assert d.create.attempt == 1
+    assert w.cond(ConditionType.QUEUED)["status"] == "False"
+
+
+def test_concurrency_limit_queues() -> None:
+    settings = load_settings(policy=Policy(max_concurrent_jobs_default=2))
+    w = World(settings=settings)
+    d = w.step(active_in_namespace=2)
+    assert d.create is None
+    assert w.cond(ConditionType.QUEUED)["reason"] == Reason.CONCURRENCY_LIMIT
+    assert w.status["phase"] == "Queued"
+    assert d.requeue_after is not None
+    d = w.step(at(30), active_in_namespace=1)
+    assert d.create is not None
+
+
+def test_missing_secret_waits_queued() -> None:
+    spec = {**SPEC, "storage": {"credentialsSecret": "s3-creds"}}
+    w = World(job(spec=spec))
+    d = w.step(missing_secrets=[("spec.storage.credentialsSecret", "s3-creds")])
+    assert d.create is None
+    queued = w.cond(ConditionType.QUEUED)
+    assert queued["reason"] == Reason.SECRET_NOT_FOUND
+    assert "s3-creds" in queued["message"]
+    assert "spec.storage.credentialsSecret" in queued["message"]
+    assert d.requeue_after == 15
+    assert w.step(at(20)).create is not None
+
+
+def test_secret_refs() -> None:
+    spec = {"storage": {"credentialsSecret": "a", "hfTokenSecret": "b"}}
+    assert reconcile.secret_refs(spec) == [
+        ("spec.storage.credentialsSecret", "a"),
+        ("spec.storage.hfTokenSecret", "b"),
+    ]
+    assert reconcile.secret_refs({}) == []
+
+
+def test_kueue_gated_pod_shows_queued() -> None:
+    w = World()
+    w.step()
+    gated = pod(1, "Pending", gates=["kueue.x-k8s.io/admission"])
+    gated["status"]["conditions"] = [
+        {"type": "PodScheduled", "status": "False", "reason": "SchedulingGated"}
+    ]
+    w.pods.append(gated)
+    w.step(at(2))
+    assert w.status["phase"] == "Queued"
+    assert w.cond(ConditionType.QUEUED)["reason"] == Reason.SCHEDULING_GATED
+
+
+# --------------------------------------------------------------------------- ttl
+
+
+def test_ttl_after_finished_deletes_the_job() -> None:
+    w = World(job(spec={**SPEC, "ttlSecondsAfterFinished": 30}))
+    w.started()
+    w.replace_pod(pod(1, "Succeeded", exit_code=0, message=termination(), finished=at(100)))
+    d = w.step(at(101))
+    assert d.requeue_after == pytest.approx(29)
+    assert not d.delete_job
+    assert w.step(at(131)).delete_job
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def test_retry_delay_doubles_and_caps() -> None:
+    assert [reconcile.retry_delay(n, 10, 60) for n in range(5)] == [0, 10, 20, 40, 60]
+
+
+def test_needs_new_attempt() -> None:
+    assert reconcile.needs_new_attempt(job(), [])
+    assert not reconcile.needs_new_attempt(job(), [pod(1)])
+    assert not reconcile.needs_new_attempt(job(spec={**SPEC, "suspend": True}), [])
+    assert not reconcile.needs_new_attempt(job(status={"phase": "Succeeded"}), [])
+
+
+def test_job_key_of_pod_uses_owner_reference() -> None:
+    assert reconcile.job_key_of_pod(pod(1)) == ("team-a", NAME)
+    orphan = pod(1)
+    orphan["metadata"]["ownerReferences"] = []
+    assert reconcile.job_key_of_pod(orphan) is None
