@@ -133,6 +133,12 @@ class OperatorSettings(BaseSettings):
     )
     webhook_cert_file: str | None = None
     webhook_key_file: str | None = None
+    webhook_managed: bool = Field(
+        default=True,
+        description="kopf creates and patches the ValidatingWebhookConfiguration (URL "
+        "https://<webhook_host>:<webhook_port>); false when the Helm chart renders it with "
+        "a Service reference instead.",
+    )
 
     policy: Policy = Field(default_factory=Policy)
 

@@ -110,4 +110,5 @@ def configure(kopf_settings: kopf.OperatorSettings, settings: OperatorSettings) 
         certfile=settings.webhook_cert_file,
         pkeyfile=settings.webhook_key_file,
     )
-    kopf_settings.admission.managed = MANAGED_CONFIGURATION
+    if settings.webhook_managed:
+        kopf_settings.admission.managed = MANAGED_CONFIGURATION
