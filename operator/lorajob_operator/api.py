@@ -379,11 +379,45 @@ def _echo(value: Any) -> str:
     return text if len(text) <= _MAX_ECHO else text[: _MAX_ECHO - 3] + "..."
 
 
+def _is_union_tag(part: Any) -> bool:
+    # pydantic names the branch of a union it tried: "str", "list[str]", ...
+    text = str(part)
+    return text in ("str", "int", "float", "bool") or "[" in text
+
+
+def _field_description(loc: tuple[Any, ...]) -> str:
+    model: type[BaseModel] | None = LoRAJobSpec
+    for part in loc[:-1]:
+        if not isinstance(part, int) and model is not None:
+            model = _submodel(_model_fields_by_alias(model).get(str(part)))
+    if model is None:
+        return ""
+    for name, field in model.model_fields.items():
+        if str(loc[-1]) in (name, field.alias):
+            return field.description or ""
+    return ""
+
+
 def _problems(err: ValidationError) -> list[str]:
     """One line per error, like lora_trainer.config.format_validation_error, plus hints."""
-    lines = []
+    lines: list[str] = []
+    union_fields: set[tuple[Any, ...]] = set()
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not str(p).startswith("function-"))
+        raw_loc = tuple(p for p in e["loc"] if not str(p).startswith("function-"))
+        tag_at = next((i for i, p in enumerate(raw_loc) if _is_union_tag(p)), None)
+        if tag_at is not None:
+            # A value that fits no branch of a union (lora.targetModules): one line that
+            # says what the field accepts instead of one line per branch.
+            field_loc = raw_loc[:tag_at]
+            if field_loc not in union_fields:
+                union_fields.add(field_loc)
+                what = _field_description(field_loc) or "see kubectl explain lorajob.spec"
+                lines.append(
+                    f"spec.{'.'.join(str(p) for p in field_loc)}: wrong type or value; "
+                    f"expected: {what}"
+                )
+            continue
+        loc = raw_loc
         path = "spec." + ".".join(str(p) for p in loc) if loc else "spec"
         msg = e["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
         kind = e["type"]
@@ -397,6 +431,10 @@ def _problems(err: ValidationError) -> list[str]:
         elif kind in ("model_type", "model_attributes_type", "dict_type"):
             msg = "must be an object (a mapping of fields); write it as key: value pairs"
         got = e.get("input")
+        if kind == "string_type" and isinstance(got, int | float) and not isinstance(got, bool):
+            msg += f'; quote it, e.g. "{got}"'
+        elif kind == "list_type":
+            msg += "; write it as a YAML list (- item)"
         tail = ""
         if (
             kind not in ("missing", "extra_forbidden")

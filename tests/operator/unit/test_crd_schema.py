@@ -22,7 +22,10 @@ from lorajob_operator.crd import (
 
 REPO = Path(__file__).resolve().parents[3]
 CRD_FILE = REPO / "crds" / "finetune.loraops.dev_lorajobs.yaml"
-EXAMPLES = sorted((REPO / "examples").glob("lorajob-*.yaml"))
+# Every manifest under examples/ that holds a LoRAJob (other kinds are skipped).
+EXAMPLES = sorted(
+    p for p in (REPO / "examples").rglob("*.yaml") if "kind: LoRAJob" in p.read_text()
+)
 
 
 def to_json_schema(node: Any) -> Any:
@@ -142,7 +145,7 @@ def test_structural_converts_pydantic_constructs() -> None:
     }
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+@pytest.mark.parametrize("path", EXAMPLES, ids=[str(p.relative_to(REPO)) for p in EXAMPLES])
 def test_examples_validate_against_crd_and_parse(path: Path) -> None:
     text = path.read_text().replace("${S3_ENDPOINT}", "http://127.0.0.1:9000")
     for doc in yaml.safe_load_all(text):

@@ -319,11 +319,36 @@ MALFORMED: list[tuple[str, dict[str, Any], str, str]] = [
         "evalSplit",
     ),
     ("unknown section", with_("hyperparameters", {}), "spec.hyperparameters", "remove it"),
+    (
+        "targetModules number",
+        with_("lora.targetModules", 5),
+        "spec.lora.targetModules",
+        "all-linear",
+    ),
+    (
+        "targetModules mixed",
+        with_("lora.targetModules", ["q_proj", 3]),
+        "spec.lora.targetModules",
+        "q_proj, v_proj",
+    ),
+    (
+        "memory unquoted",
+        with_("resources.memory", 16),
+        "spec.resources.memory",
+        'quote it, e.g. "16"',
+    ),
+    (
+        "tolerations map",
+        with_("scheduling.tolerations", {"key": "a"}),
+        "spec.scheduling.tolerations",
+        "YAML list",
+    ),
 ]
 
 
 def test_table_is_large_enough() -> None:
     assert len(MALFORMED) >= 40
+    assert len({m[0] for m in MALFORMED}) == len(MALFORMED)
 
 
 @pytest.mark.parametrize(
@@ -339,6 +364,8 @@ def test_malformed_spec_is_rejected_with_field_and_fix(
     assert fix in message, message
     # Every line names a field under spec.
     assert all(p.startswith("spec") for p in info.value.problems), info.value.problems
+    # One line per problem: a union field (targetModules) is not reported once per branch.
+    assert len(info.value.problems) == len(set(info.value.problems))
 
 
 def test_every_problem_is_reported_at_once() -> None:
