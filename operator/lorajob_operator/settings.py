@@ -7,7 +7,10 @@ takes a comma-separated list. Nested models accept camelCase and snake_case keys
 
 from __future__ import annotations
 
+import difflib
 import json
+import os
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
@@ -18,7 +21,7 @@ from lorajob_operator import names
 from lorajob_operator.api import DEFAULT_GPU_RESOURCE, Toleration
 from lorajob_operator.policy import Policy
 
-__all__ = ["ENV_PREFIX", "OperatorSettings", "SettingsError", "load_settings"]
+__all__ = ["ENV_PREFIX", "OperatorSettings", "SettingsError", "load_settings", "unknown_env_vars"]
 
 ENV_PREFIX = "LORAJOB_"
 
@@ -228,8 +231,29 @@ class SettingsError(Exception):
     """Bad operator configuration; the message names each LORAJOB_* variable to fix."""
 
 
+def unknown_env_vars(environ: Mapping[str, str]) -> list[str]:
+    """LORAJOB_* variables that name no setting (each with a suggestion when one is close)."""
+    known = [ENV_PREFIX + name.upper() for name in OperatorSettings.model_fields]
+    out = []
+    for key in sorted(environ):
+        if key.upper().startswith(ENV_PREFIX) and key.upper() not in known:
+            close = difflib.get_close_matches(key.upper(), known, n=1, cutoff=0.8)
+            out.append(f"{key} (did you mean {close[0]}?)" if close else key)
+    return out
+
+
 def load_settings(**overrides: Any) -> OperatorSettings:
-    """Settings from the environment (plus keyword overrides, for tests and tools)."""
+    """Settings from the environment (plus keyword overrides, for tests and tools).
+
+    An unknown LORAJOB_* variable is an error: a misspelt setting would otherwise be
+    ignored silently and the operator would run with the default.
+    """
+    if unknown := unknown_env_vars(os.environ):
+        raise SettingsError(
+            "invalid operator settings: unknown variable(s) "
+            + ", ".join(unknown)
+            + "; fix the name or remove it"
+        )
     try:
         return OperatorSettings(**overrides)
     except _SourceError as err:

@@ -101,3 +101,10 @@ def test_retry_settings_and_trainer_command(monkeypatch: pytest.MonkeyPatch) -> 
     assert s.max_disruptions == 2
     assert s.retry_backoff_seconds <= s.retry_backoff_max_seconds
     assert s.wait_backoff_seconds <= s.wait_backoff_max_seconds
+
+
+def test_unknown_variable_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORAJOB_TRAINER_IMAGES", "x/y:1")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert "LORAJOB_TRAINER_IMAGES (did you mean LORAJOB_TRAINER_IMAGE?)" in str(info.value)
