@@ -173,8 +173,8 @@ _SECRET_PATTERNS = [
     (re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{8,}"), r"\1<redacted>"),
     (
         re.compile(
-            r"(?i)((?:aws_)?(?:secret_access_key|session_token|secret|token|password|passwd|"
-            r"api[_-]?key|signature|credential)s?[\"']?\s*[:=]\s*[\"']?)[^\s\"',;&]+"
+            r"(?i)(\b(?:aws_)?(?:secret_access_key|session_token|secret|token|password|passwd|"
+            r"api[_-]?key|signature)s?[\"']?\s*[:=]\s*[\"']?)[^\s\"',;&]+"
         ),
         r"\1<redacted>",
     ),

@@ -151,3 +151,16 @@ def test_reason_from_trainer() -> None:
     assert reason_from_trainer("Interrupted") is Reason.DISRUPTED
     assert reason_from_trainer("SomethingNew") is Reason.TRAINER_ERROR
     assert reason_from_trainer(None, Reason.STORAGE_ERROR) is Reason.STORAGE_ERROR
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Unable to locate credentials",
+        "tokens_per_second: 1234.5",
+        "max_steps=100 reached",
+        "credentials: none configured for s3://bucket",
+    ],
+)
+def test_scrub_does_not_eat_plain_words(text: str) -> None:
+    assert scrub(text) == text
