@@ -82,6 +82,7 @@ SCENARIOS = [
             "webhook.caBundle": "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCg==",
         },
     ),
+    Scenario("webhook-kopf-managed", {"webhook.enabled": "true", "webhook.configuration": "kopf"}),
     Scenario("service-monitor", {"metrics.serviceMonitor.enabled": "true"}),
     Scenario(
         "everything",

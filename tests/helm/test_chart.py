@@ -11,9 +11,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+import kopf
 import kubernetes_validate
 import pytest
 import yaml
+from lorajob_operator import webhook
 from lorajob_operator.policy import Policy
 from lorajob_operator.settings import ENV_PREFIX, OperatorSettings, load_settings
 
@@ -160,19 +162,29 @@ def test_inconsistent_values_fail_with_the_fix(values: dict[str, str], error: st
 
 # --- RBAC -------------------------------------------------------------------------------
 
-Rule = tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]
+# (apiGroups, resources, verbs, resourceNames)
+Rule = tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...]]
 NAMESPACED_RULES: list[Rule] = [
-    (("finetune.loraops.dev",), ("lorajobs",), ("get", "list", "watch", "patch", "update")),
-    (("finetune.loraops.dev",), ("lorajobs/status",), ("get", "patch", "update")),
-    (("finetune.loraops.dev",), ("lorajobs/finalizers",), ("update",)),
-    (("",), ("pods",), ("get", "list", "watch", "create", "delete")),
-    (("",), ("pods/status",), ("get",)),
-    (("",), ("secrets",), ("get",)),
-    (("",), ("events",), ("create", "patch")),
-    (("events.k8s.io",), ("events",), ("create", "patch")),
+    (("finetune.loraops.dev",), ("lorajobs",), ("get", "list", "watch", "patch", "update"), ()),
+    (("finetune.loraops.dev",), ("lorajobs/status",), ("get", "patch", "update"), ()),
+    (("finetune.loraops.dev",), ("lorajobs/finalizers",), ("update",), ()),
+    (("",), ("pods",), ("get", "list", "watch", "create", "delete"), ()),
+    (("",), ("pods/status",), ("get",), ()),
+    (("",), ("secrets",), ("get",), ()),
+    (("",), ("events",), ("create", "patch"), ()),
+    (("events.k8s.io",), ("events",), ("create", "patch"), ()),
 ]
 CLUSTER_RULES: list[Rule] = [
-    (("apiextensions.k8s.io",), ("customresourcedefinitions",), ("get", "list", "watch")),
+    (("apiextensions.k8s.io",), ("customresourcedefinitions",), ("get", "list", "watch"), ()),
+]
+KOPF_WEBHOOK_RULES: list[Rule] = [
+    (("admissionregistration.k8s.io",), ("validatingwebhookconfigurations",), ("create",), ()),
+    (
+        ("admissionregistration.k8s.io",),
+        ("validatingwebhookconfigurations",),
+        ("patch",),
+        (webhook.MANAGED_CONFIGURATION,),
+    ),
 ]
 
 
@@ -182,7 +194,14 @@ def _rules(role: Manifest) -> list[Rule]:
         assert set(rule) <= {"apiGroups", "resources", "verbs", "resourceNames"}
         assert "*" not in rule["verbs"], rule
         assert "*" not in rule["resources"], rule
-        out.append((tuple(rule["apiGroups"]), tuple(rule["resources"]), tuple(rule["verbs"])))
+        out.append(
+            (
+                tuple(rule["apiGroups"]),
+                tuple(rule["resources"]),
+                tuple(rule["verbs"]),
+                tuple(rule.get("resourceNames", ())),
+            )
+        )
     return out
 
 
@@ -217,6 +236,19 @@ def test_rbac_namespace_scoped_install_grants_nothing_outside_watched_namespaces
         }
         assert binding["subjects"][0]["namespace"] == NAMESPACE
     assert _env(manifests)["LORAJOB_NAMESPACES"] == '["team-a","team-b"]'
+
+
+def test_rbac_for_a_kopf_managed_webhook_is_limited_to_its_configuration() -> None:
+    manifests = render({"webhook.enabled": "true", "webhook.configuration": "kopf"})
+    (cluster_role,) = by_kind(manifests, "ClusterRole")
+    assert _rules(cluster_role) == CLUSTER_RULES + KOPF_WEBHOOK_RULES + NAMESPACED_RULES
+    # kopf writes the configuration itself, so the chart must not render one too.
+    assert not by_kind(manifests, "ValidatingWebhookConfiguration")
+    (service,) = [s for s in by_kind(manifests, "Service") if "webhook" in s["metadata"]["name"]]
+    # kopf's URL carries the server's own port, so the Service must expose that port.
+    env = _env(manifests)
+    assert service["spec"]["ports"][0]["port"] == int(env["LORAJOB_WEBHOOK_PORT"])
+    assert env["LORAJOB_WEBHOOK_MANAGED"] == "true"
 
 
 def test_rbac_can_be_left_to_the_admin() -> None:
@@ -330,6 +362,27 @@ def test_every_env_var_is_an_operator_setting_and_parses(
         assert settings.queue_for("team-a") == "gpus"
 
 
+# Settings the chart deliberately does not expose, and why.
+NOT_IN_CHART = {
+    "trainer_command": "test-only override of the trainer command",
+    "webhook_host": "derived from the release: the webhook Service's DNS name",
+    "webhook_cert_file": "the mounted TLS Secret",
+    "webhook_key_file": "the mounted TLS Secret",
+    "webhook_managed": "derived from webhook.configuration",
+}
+
+
+def test_every_operator_setting_is_configurable_from_values() -> None:
+    rendered = set(_env(render({"webhook.enabled": "true"})))
+    template = (CHART / "templates" / "_settings.tpl").read_text()
+    in_chart = {m.removeprefix(ENV_PREFIX).lower() for m in re.findall(r"LORAJOB_\w+", template)}
+    missing = set(OperatorSettings.model_fields) - in_chart - set(NOT_IN_CHART)
+    assert not missing, (
+        f"settings without a chart value: {sorted(missing)}; map them in _settings.tpl"
+    )
+    assert {f"{ENV_PREFIX}{k.upper()}" for k in in_chart} >= rendered
+
+
 def test_chart_defaults_are_the_operator_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     """An install with default values behaves like the operator's documented defaults."""
     _clear_settings_env(monkeypatch)
@@ -420,6 +473,17 @@ def test_webhook_configuration_targets_the_operator_service() -> None:
     volumes = _deployment(manifests)["spec"]["template"]["spec"]["volumes"]
     secrets = [v["secret"]["secretName"] for v in volumes if "secret" in v]
     assert secrets == [certificate["spec"]["secretName"]]
+
+
+def test_webhook_path_is_the_operators_handler() -> None:
+    """kopf's server routes /<handler id>: the chart's path must name the real handler."""
+    registry = kopf.OperatorRegistry()
+    webhook.register(OperatorSettings(webhook_enabled=True), registry=registry)
+    handler_ids = {str(h.id) for h in registry._webhooks.get_all_handlers()}
+    manifests = render({"webhook.enabled": "true"})
+    (config,) = one(manifests, "ValidatingWebhookConfiguration")["webhooks"]
+    assert config["clientConfig"]["service"]["path"].lstrip("/") in handler_ids
+    assert _env(manifests)["LORAJOB_WEBHOOK_MANAGED"] == "false"
 
 
 def test_webhook_is_off_by_default() -> None:

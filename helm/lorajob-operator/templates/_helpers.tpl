@@ -69,7 +69,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s.%s" (include "lorajob.fullname" .) "finetune.loraops.dev" | trunc 253 }}
 {{- end }}
 
-{{/* URL path of the validating handler on the operator's webhook server (kopf routes by handler id). */}}
+{{/* URL path of the validating handler: kopf's webhook server routes /<handler id>, and
+the handler's id is "lorajob" (lorajob_operator/webhook.py; tests/helm checks it). */}}
 {{- define "lorajob.webhookPath" -}}
-/validate-lorajob
+/lorajob
 {{- end }}

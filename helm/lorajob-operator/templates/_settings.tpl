@@ -54,6 +54,16 @@ here is a settings field and that the rendered values parse.
   value: {{ .Values.progress.intervalSeconds | quote }}
 - name: LORAJOB_STATUS_MIN_INTERVAL_SECONDS
   value: {{ .Values.progress.statusMinIntervalSeconds | quote }}
+- name: LORAJOB_RETRY_BACKOFF_SECONDS
+  value: {{ .Values.retries.backoffSeconds | quote }}
+- name: LORAJOB_RETRY_BACKOFF_MAX_SECONDS
+  value: {{ .Values.retries.backoffMaxSeconds | quote }}
+- name: LORAJOB_WAIT_BACKOFF_SECONDS
+  value: {{ .Values.retries.waitSeconds | quote }}
+- name: LORAJOB_WAIT_BACKOFF_MAX_SECONDS
+  value: {{ .Values.retries.waitMaxSeconds | quote }}
+- name: LORAJOB_MAX_DISRUPTIONS
+  value: {{ .Values.retries.maxDisruptions | quote }}
 {{- with .Values.kueue.defaultQueue }}
 - name: LORAJOB_KUEUE_DEFAULT_QUEUE
   value: {{ . | quote }}
@@ -79,6 +89,8 @@ here is a settings field and that the rendered values parse.
   value: /etc/lorajob/webhook/tls.crt
 - name: LORAJOB_WEBHOOK_KEY_FILE
   value: /etc/lorajob/webhook/tls.key
+- name: LORAJOB_WEBHOOK_MANAGED
+  value: {{ eq .Values.webhook.configuration "kopf" | quote }}
 {{- end }}
 - name: LORAJOB_POLICY
   value: {{ .Values.policy | toJson | quote }}
