@@ -73,6 +73,11 @@ def structural(node: Schema, defs: dict[str, Schema], *, keep_defaults: bool = T
         if len(non_null) == 1:
             merged = {k: v for k, v in node.items() if k != "anyOf"}
             inner = structural({**non_null[0], **merged}, defs, keep_defaults=keep_defaults)
+            if "enum" in inner:
+                # OpenAPI 3.0: nullable does not extend an enum, so null would be rejected
+                # as "Unsupported value". Without nullable the API server prunes a null
+                # instead, which leaves the field unset: what None means here anyway.
+                return inner
             return {**inner, **out}
         # A union of different types (e.g. lora.targetModules: string | [string]) has no
         # structural form; accept any value here and let the admission webhook (the same

@@ -191,3 +191,15 @@ def test_schema_rejects_what_parse_spec_rejects() -> None:
     assert "spec.training.optimizer" in errors
     with pytest.raises(InvalidSpecError):
         parse_spec(doc["spec"])
+
+
+def test_optional_enums_are_not_nullable() -> None:
+    def walk(node: dict[str, Any], path: str) -> list[str]:
+        bad = [path] if "enum" in node and node.get("nullable") else []
+        for name, sub in (node.get("properties") or {}).items():
+            bad += walk(sub, f"{path}.{name}")
+        if isinstance(node.get("items"), dict):
+            bad += walk(node["items"], f"{path}[]")
+        return bad
+
+    assert walk(openapi_schema(), "") == []
