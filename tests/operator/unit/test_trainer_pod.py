@@ -312,3 +312,27 @@ def test_trainer_command_override() -> None:
     settings = OperatorSettings(trainer_command=["python", "fake_trainer.py"])
     pod = build_trainer_pod(JOB, parse_spec(MINIMAL), settings, 1)
     assert pod["spec"]["containers"][0]["command"] == ["python", "fake_trainer.py"]
+
+
+def test_trainer_reads_the_config_the_pod_carries() -> None:
+    # The trainer's own loader (cli.load_config) must accept exactly what the pod sets.
+    import argparse  # noqa: PLC0415
+
+    from lora_trainer import cli  # noqa: PLC0415
+
+    spec, _, _ = CASES["full"]
+    env = {
+        e["name"]: e["value"] for e in build("full")["spec"]["containers"][0]["env"] if "value" in e
+    }
+    args = argparse.Namespace(job=None, config=None)
+    loaded = cli.load_config(args, env)
+    assert loaded.config.to_wire() == json.loads(env[protocol.ENV_CONFIG])
+    assert loaded.config.training.max_steps == spec.training.max_steps
+
+
+def test_trainer_strips_the_same_kubernetes_fields() -> None:
+    from lora_trainer import cli  # noqa: PLC0415
+
+    spec_fields = {f.alias or n for n, f in LoRAJobSpec.model_fields.items()}
+    trainer_fields = {f.alias or n for n, f in TrainerConfig.model_fields.items()}
+    assert spec_fields - trainer_fields == set(cli.KUBERNETES_ONLY_FIELDS)
