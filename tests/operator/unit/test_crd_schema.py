@@ -10,7 +10,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from jsonschema import Draft4Validator
+from jsonschema import Draft4Validator  # type: ignore[import-untyped]
 from lorajob_operator.api import API_VERSION, KIND, InvalidSpecError, parse_spec
 from lorajob_operator.crd import (
     build_crd,
@@ -173,7 +173,7 @@ def test_full_example_sets_every_field() -> None:
 
 
 def test_schema_rejects_what_parse_spec_rejects() -> None:
-    doc = {
+    doc: dict[str, Any] = {
         "apiVersion": API_VERSION,
         "kind": KIND,
         "metadata": {"name": "x"},
