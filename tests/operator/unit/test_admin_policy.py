@@ -178,3 +178,17 @@ def test_policy_accepts_camel_case_and_rejects_typos() -> None:
     assert Policy.model_validate({"maxGpusPerJob": 3}).max_gpus_per_job == 3
     with pytest.raises(ValueError, match="maxGpus"):
         Policy.model_validate({"maxGpus": 3})
+
+
+def test_chart_default_policy_parses() -> None:
+    # The chart renders values.policy into LORAJOB_POLICY; a key Policy does not know
+    # would stop the operator at start-up.
+    from pathlib import Path  # noqa: PLC0415
+
+    import yaml  # noqa: PLC0415
+
+    values = Path(__file__).resolve().parents[3] / "helm" / "lorajob-operator" / "values.yaml"
+    if not values.exists():
+        pytest.skip("no chart in this checkout")
+    policy = Policy.model_validate(yaml.safe_load(values.read_text())["policy"])
+    assert policy == Policy()  # the chart's defaults are the operator's defaults
