@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from lora_trainer.cli import load_job_manifest
 from lora_trainer.errors import ConfigError
 from lora_trainer.protocol import ExitCode
@@ -28,9 +27,7 @@ def _run(
 ) -> tuple[subprocess.CompletedProcess[str], dict[str, Any] | None]:
     term = tmp_path / "termination-log"
     term.unlink(missing_ok=True)
-    full_env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("LORA_TRAINER_", "AWS_"))
-    }
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("LORA_TRAINER_", "AWS_"))}
     full_env |= {"LORA_TRAINER_TERMINATION_LOG": str(term), **(env or {})}
     # Report whether the training stack was imported: a config error must not pay for it.
     code = (
@@ -51,7 +48,8 @@ def _run(
 def test_missing_config(tmp_path: Path) -> None:
     proc, term = _run(tmp_path)
     assert proc.returncode == ExitCode.INVALID_CONFIG
-    assert term is not None and term["reason"] == "InvalidSpec"
+    assert term is not None
+    assert term["reason"] == "InvalidSpec"
     assert "LORA_TRAINER_CONFIG" in term["message"]
     assert term["retryable"] is False
 
@@ -83,7 +81,8 @@ def test_config_errors_from_file(tmp_path: Path, config: dict[str, Any], expecte
     path.write_text(yaml.safe_dump(config))
     proc, term = _run(tmp_path, "--config", str(path))
     assert proc.returncode == ExitCode.INVALID_CONFIG, proc.stderr
-    assert term is not None and expected in term["message"]
+    assert term is not None
+    assert expected in term["message"]
 
 
 def test_config_file_env_and_validate_only(tmp_path: Path) -> None:
@@ -92,18 +91,21 @@ def test_config_file_env_and_validate_only(tmp_path: Path) -> None:
     proc, term = _run(tmp_path, "--validate-only", env={"LORA_TRAINER_CONFIG_FILE": str(path)})
     assert proc.returncode == ExitCode.OK, proc.stderr
     assert json.loads(proc.stdout.split("TORCH_")[0])["training"]["learningRate"] == 2e-4
-    assert term is not None and term["outcome"] == "Succeeded"
+    assert term is not None
+    assert term["outcome"] == "Succeeded"
 
 
 def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
     proc, term = _run(tmp_path, "--config", str(tmp_path / "missing.yaml"))
     assert proc.returncode == ExitCode.INVALID_CONFIG
-    assert term is not None and "cannot read config file" in term["message"]
+    assert term is not None
+    assert "cannot read config file" in term["message"]
     bad = tmp_path / "bad.json"
     bad.write_text('{"model": ')
     proc, term = _run(tmp_path, "--config", str(bad))
     assert proc.returncode == ExitCode.INVALID_CONFIG
-    assert term is not None and "invalid JSON at line 1" in term["message"]
+    assert term is not None
+    assert "invalid JSON at line 1" in term["message"]
 
 
 def _manifest(spec_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -145,7 +147,8 @@ def test_job_manifest_errors_use_spec_paths(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"kind": "Pod", "spec": {}}))
     proc, term = _run(tmp_path, "--job", str(path))
     assert proc.returncode == ExitCode.INVALID_CONFIG
-    assert term is not None and "not a LoRAJob manifest" in term["message"]
+    assert term is not None
+    assert "not a LoRAJob manifest" in term["message"]
 
 
 def test_example_manifest_is_valid() -> None:
@@ -164,5 +167,7 @@ def test_help_lists_exit_codes() -> None:
         timeout=60,
         check=True,
     )
-    assert "--config FILE" in proc.stdout and "--job MANIFEST" in proc.stdout
-    assert "10=INVALID_CONFIG" in proc.stdout and "21=INTERRUPTED" in proc.stdout
+    assert "--config FILE" in proc.stdout
+    assert "--job MANIFEST" in proc.stdout
+    assert "10=INVALID_CONFIG" in proc.stdout
+    assert "21=INTERRUPTED" in proc.stdout

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from lora_trainer.data import (
     Record,
     TokenizedData,
@@ -18,6 +17,7 @@ from lora_trainer.data import (
     tokenize,
 )
 from lora_trainer.errors import DatasetError
+
 from tests.harness.tiny_model import build_tokenizer, make_records, write_dataset
 
 FORMATS = ["text", "alpaca", "messages", "prompt_completion"]
@@ -63,6 +63,7 @@ def test_loss_mask_covers_only_completions(tokenizer: Any, fmt: Any) -> None:
         assert sum(mask) == len(ids)  # plain text: every token counts
     else:
         assert 0 < sum(mask) < len(ids)
+        assert isinstance(answer, str)
         assert trained.startswith(answer)
         assert "<|im_end|>" in trained  # the model learns to stop
         assert "What color" not in trained  # the prompt is not trained on
@@ -94,7 +95,9 @@ def test_multi_turn_chat_masks_every_assistant_turn(tokenizer: Any) -> None:
 
 
 def test_sharegpt_conversations_are_accepted() -> None:
-    rows = [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}]
+    rows = [
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+    ]
     fmt, examples = convert(_records(rows), "auto")
     assert fmt == "messages"
     assert examples[0].messages == (("user", "hi"), ("assistant", "hello"))
@@ -102,7 +105,8 @@ def test_sharegpt_conversations_are_accepted() -> None:
 
 def test_alpaca_without_input_uses_the_short_prompt() -> None:
     _, ex = convert(_records([{"instruction": "Say hi.", "output": "hi"}]), "auto")
-    assert ex[0].prompt is not None and "### Input" not in ex[0].prompt
+    assert ex[0].prompt is not None
+    assert "### Input" not in ex[0].prompt
 
 
 @pytest.mark.parametrize(
@@ -153,7 +157,7 @@ def test_json_variants(tmp_path: Path) -> None:
     (tmp_path / "b.json").write_text('{"text": "x"}\n{"text": "y"}\n')  # JSONL named .json
     assert len(load_records(tmp_path / "b.json")) == 2
     (tmp_path / "c.json").write_text('{"text": 1')
-    with pytest.raises(DatasetError, match="c.json: invalid JSON at line 1"):
+    with pytest.raises(DatasetError, match=r"c\.json: invalid JSON at line 1"):
         load_records(tmp_path / "c.json")
     (tmp_path / "d.json").write_text('"just a string"')
     with pytest.raises(DatasetError, match="must be a list of records"):
@@ -169,10 +173,10 @@ def test_directory_of_files_and_limits(tmp_path: Path) -> None:
     assert records[3].where == "part-1.parquet record 1"
     assert len(load_records(tmp_path / "d", limit=5)) == 5
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DatasetError, match="no .jsonl, .json or .parquet files"):
+    with pytest.raises(DatasetError, match=r"no \.jsonl, \.json or \.parquet files"):
         load_records(tmp_path / "empty")
     (tmp_path / "x.csv").write_text("a,b")
-    with pytest.raises(DatasetError, match="unsupported file type '.csv'"):
+    with pytest.raises(DatasetError, match=r"unsupported file type '\.csv'"):
         load_records(tmp_path / "x.csv")
     (tmp_path / "blank.jsonl").write_text("\n\n")
     with pytest.raises(DatasetError, match="no records"):
@@ -190,7 +194,8 @@ def test_detect_format() -> None:
 def test_split_is_deterministic_and_disjoint() -> None:
     records = _records([{"text": str(i)} for i in range(40)])
     train, evals = split_records(records, 0.1, seed=7)
-    assert len(evals) == 4 and len(train) == 36
+    assert len(evals) == 4
+    assert len(train) == 36
     assert {r.number for r in train}.isdisjoint({r.number for r in evals})
     assert split_records(records, 0.1, seed=7) == (train, evals)
     assert split_records(records, 0.0, seed=7) == (records, [])
@@ -207,7 +212,7 @@ def test_drop_unlearnable_rows() -> None:
     assert data.input_ids == [[1, 2], [5, 6, 7]]
 
 
-def test_messages_need_a_chat_template(tokenizer: Any) -> None:
+def test_messages_need_a_chat_template() -> None:
     _, examples = convert(_records(make_records("messages", 1)), "messages")
     bare = build_tokenizer()
     bare.chat_template = None

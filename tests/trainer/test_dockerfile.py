@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "trainer_image" / "Dockerfile"
 
 
-def test_trainer_image_copies_the_package_and_requirements(tmp_path: Path) -> None:
+def test_trainer_image_copies_the_package_and_requirements() -> None:
     image = parse_dockerfile(DOCKERFILE)
     sources = [src for copy in image.copies for src in copy.sources]
     assert "trainer_image/lora_trainer" in sources
@@ -21,7 +21,8 @@ def test_trainer_image_copies_the_package_and_requirements(tmp_path: Path) -> No
     for src in sources:
         assert (REPO / src).exists(), src
     assert image.entrypoint == ["python", "-m", "lora_trainer"]
-    assert image.user is not None and image.user.split(":")[0] == "1000"
+    assert image.user is not None
+    assert image.user.split(":")[0] == "1000"
     assert any("cuda" in b and "cudnn" in b for b in image.base_images)
 
 

@@ -8,7 +8,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from lora_trainer.checkpoints import find_latest, list_complete, publish, restore
 from lora_trainer.errors import (
     ConfigError,
@@ -46,7 +45,8 @@ def test_progress_server_serves_json_and_health() -> None:
             10,
             1.5,
         )
-        assert "totalSteps" in body and body["updatedAt"].endswith("Z")
+        assert "totalSteps" in body
+        assert body["updatedAt"].endswith("Z")
         with urllib.request.urlopen(server.url + "/healthz", timeout=5) as resp:
             assert resp.status == 200
         with pytest.raises(urllib.error.HTTPError) as err:
@@ -87,9 +87,12 @@ def test_termination_message_is_capped_and_scrubbed(
 def test_failure_message_carries_reason_hint_and_retryability() -> None:
     msg = failure_message(OutOfMemory("CUDA out of memory"), steps=4)
     assert msg.reason == FailureReason.CUDA_OUT_OF_MEMORY.value
-    assert msg.hint and "batchSize" in msg.hint and "gradientCheckpointing" in msg.hint
+    assert msg.hint
+    assert "batchSize" in msg.hint
+    assert "gradientCheckpointing" in msg.hint
     assert "maxSeqLength" in msg.hint
-    assert msg.retryable is False and msg.steps == 4
+    assert msg.retryable is False
+    assert msg.steps == 4
     assert failure_message(StorageError("boom")).retryable is True
 
 
@@ -101,9 +104,12 @@ def test_classify() -> None:
     assert isinstance(classify(RuntimeError("CUDA out of memory. Tried to allocate")), OutOfMemory)
     assert isinstance(classify(ConnectionResetError()), StorageError)
     err = classify(KeyError("x"))
-    assert type(err) is TrainerError and err.exit_code == ExitCode.INTERNAL and err.retryable
+    assert type(err) is TrainerError
+    assert err.exit_code == ExitCode.INTERNAL
+    assert err.retryable
     cfg = ConfigError("bad")
-    assert classify(cfg) is cfg and cfg.exit_code == ExitCode.INVALID_CONFIG
+    assert classify(cfg) is cfg
+    assert cfg.exit_code == ExitCode.INVALID_CONFIG
     assert CredentialsError("x").exit_code in PERMANENT_EXIT_CODES
 
 
@@ -112,7 +118,8 @@ def test_scrub(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAABCDEFGHIJKLMNOP")
     text = "token hf_abcdefghijklmnopqrstuvwxyz012345 and AKIAABCDEFGHIJKLMNOP and hf_zzzzzzzzzzzzzzzzzzzzzzzz"
     out = scrub(text)
-    assert "hf_" not in out and "AKIA" not in out
+    assert "hf_" not in out
+    assert "AKIA" not in out
     assert scrub("plain text", ["ab"]) == "plain text"  # very short values are left alone
 
 
@@ -132,7 +139,8 @@ def test_checkpoint_publish_find_restore_prune(tmp_path: Path) -> None:
     partial.mkdir()
     (partial / "adapter_model.safetensors").write_bytes(b"partial")
     latest = find_latest(storage, out)
-    assert latest is not None and latest.step == 6
+    assert latest is not None
+    assert latest.step == 6
     restored = restore(storage, latest, tmp_path / "restore")
     assert restored.name == "checkpoint-6"
     assert (restored / "adapter_model.safetensors").read_bytes() == b"w" * 6

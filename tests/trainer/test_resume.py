@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from lora_trainer.protocol import ExitCode
+
 from tests.harness.s3 import S3Server
 from tests.harness.tiny_model import write_dataset
 from tests.trainer.trainer_proc import reaped, start_trainer
@@ -77,11 +77,14 @@ def test_kill_then_sigterm_then_finish(s3: S3Server, tiny_model_dir: Path, tmp_p
         second.proc.send_signal(signal.SIGTERM)
         rc, log, term = second.finish(timeout=60)
     start = resumed["resumedFromStep"]
-    assert start % INTERVAL == 0 and start >= INTERVAL
+    assert start % INTERVAL == 0
+    assert start >= INTERVAL
     assert killed_at - start <= INTERVAL
     # SIGTERM: exit INTERRUPTED with a checkpoint of the step it stopped at.
     assert rc == ExitCode.INTERRUPTED, log[-3000:]
-    assert term is not None and term["reason"] == "Interrupted" and term["retryable"] is True
+    assert term is not None
+    assert term["reason"] == "Interrupted"
+    assert term["retryable"] is True
     stopped_at = max(_complete_steps(s3))
     assert stopped_at > start
     assert term["lastCheckpoint"].endswith(f"checkpoint-{stopped_at}")
@@ -92,9 +95,12 @@ def test_kill_then_sigterm_then_finish(s3: S3Server, tiny_model_dir: Path, tmp_p
     with reaped(third):
         rc, log, term = third.finish(timeout=300)
     assert rc == ExitCode.OK, log[-3000:]
-    assert term is not None and term["steps"] == MAX_STEPS
-    metrics = json.loads(s3.client().get_object(Bucket="out", Key=f"{PREFIX}/metrics.json")["Body"].read())
+    assert term is not None
+    assert term["steps"] == MAX_STEPS
+    metrics = json.loads(
+        s3.client().get_object(Bucket="out", Key=f"{PREFIX}/metrics.json")["Body"].read()
+    )
     assert metrics["resumed_from_step"] == stopped_at
     assert metrics["steps"] == MAX_STEPS
     # The third run logged only the steps it had left.
-    assert [s for s, _ in metrics["loss_history"]][0] == stopped_at + 1
+    assert metrics["loss_history"][0][0] == stopped_at + 1

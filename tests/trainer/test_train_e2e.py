@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from lora_trainer.protocol import ExitCode
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lora_trainer.protocol import ExitCode
 from tests.harness.s3 import S3Server
 from tests.harness.tiny_model import write_dataset
 from tests.trainer.trainer_proc import reaped, start_trainer
@@ -97,24 +97,35 @@ def test_qlora_on_s3_end_to_end(s3: S3Server, tiny_model_dir: Path, tmp_path: Pa
 
     # Live progress had the fields the operator shows.
     p = seen[-1]
-    assert p["totalSteps"] == MAX_STEPS and "loss" in p and "learningRate" in p
+    assert p["totalSteps"] == MAX_STEPS
+    assert "loss" in p
+    assert "learningRate" in p
 
     # Termination message: success summary with the adapter's identity.
-    assert term is not None and term["outcome"] == "Succeeded"
+    assert term is not None
+    assert term["outcome"] == "Succeeded"
     assert term["steps"] == MAX_STEPS
     assert term["adapter"]["uri"] == "s3://out/e2e/adapter"
-    assert term["tokensPerSecond"] > 0 and term["evalLoss"] > 0
+    assert term["tokensPerSecond"] > 0
+    assert term["evalLoss"] > 0
 
     # No secret in the log or the termination message.
-    assert s3.secret_key not in log and s3.secret_key not in json.dumps(term)
+    assert s3.secret_key not in log
+    assert s3.secret_key not in json.dumps(term)
 
     # Everything listed in the manifest is there, with matching sizes and hashes.
     out = tmp_path / "adapter"
     files = _download(s3, "e2e/adapter", out)
     manifest = json.loads(files["manifest.json"])
     listed = {f["path"]: f for f in manifest["files"]}
-    for required in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
-                     "README.md", "metrics.json", "merged/config.json"):
+    for required in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "README.md",
+        "metrics.json",
+        "merged/config.json",
+    ):
         assert required in listed, required
     for path, entry in listed.items():
         assert len(files[path]) == entry["size"]
@@ -125,7 +136,10 @@ def test_qlora_on_s3_end_to_end(s3: S3Server, tiny_model_dir: Path, tmp_path: Pa
 
     # Checkpoints were saved along the way (complete, and pruned to the newest two).
     client = s3.client()
-    keys = [o["Key"] for o in client.list_objects_v2(Bucket="out", Prefix="e2e/adapter/checkpoints/")["Contents"]]
+    keys = [
+        o["Key"]
+        for o in client.list_objects_v2(Bucket="out", Prefix="e2e/adapter/checkpoints/")["Contents"]
+    ]
     markers = sorted(k for k in keys if k.endswith("/COMPLETE"))
     assert markers == [
         "e2e/adapter/checkpoints/checkpoint-10/COMPLETE",
@@ -145,13 +159,13 @@ def test_qlora_on_s3_end_to_end(s3: S3Server, tiny_model_dir: Path, tmp_path: Pa
     model = PeftModel.from_pretrained(base, out).eval()
     prompt = tokenizer("What color is the sky?", return_tensors="pt")
     with torch.no_grad():
-        generated = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+        generated = model.generate(**prompt, max_new_tokens=8, do_sample=False)  # type: ignore[no-untyped-call]
         adapted_logits = model(**prompt).logits
         with model.disable_adapter():
             base_logits = model(**prompt).logits
     assert generated.shape[1] > prompt["input_ids"].shape[1]
     assert not torch.allclose(adapted_logits, base_logits, atol=1e-4)  # training changed something
-    merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).eval()
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).eval()  # type: ignore[no-untyped-call]
     with torch.no_grad():
         merged_logits = merged(**prompt).logits
     torch.testing.assert_close(merged_logits, adapted_logits, atol=1e-3, rtol=1e-3)

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from lora_trainer.config import LoraSpec, QuantizationSpec, TrainerConfig
 from lora_trainer.errors import TargetModulesNotFound
 from lora_trainer.protocol import ExitCode
@@ -54,7 +53,9 @@ def test_compute_dtype(setting: Any, device: Device, expected: str) -> None:
 
 def test_nf4_default_is_qlora() -> None:
     bnb = to_bnb_config(QuantizationSpec(), AMPERE)
-    assert bnb.load_in_4bit and not bnb.load_in_8bit
+    assert bnb is not None
+    assert bnb.load_in_4bit
+    assert not bnb.load_in_8bit
     assert bnb.bnb_4bit_quant_type == "nf4"
     assert bnb.bnb_4bit_use_double_quant is True
     assert bnb.bnb_4bit_compute_dtype == torch.bfloat16
@@ -63,9 +64,13 @@ def test_nf4_default_is_qlora() -> None:
 def test_other_quantization_modes() -> None:
     assert to_bnb_config(QuantizationSpec(mode="none"), CPU) is None
     int8 = to_bnb_config(QuantizationSpec(mode="int8"), CPU)
-    assert int8.load_in_8bit and not int8.load_in_4bit
+    assert int8 is not None
+    assert int8.load_in_8bit
+    assert not int8.load_in_4bit
     fp4 = to_bnb_config(QuantizationSpec(mode="fp4", double_quant=False), CPU)
-    assert fp4.bnb_4bit_quant_type == "fp4" and fp4.bnb_4bit_use_double_quant is False
+    assert fp4 is not None
+    assert fp4.bnb_4bit_quant_type == "fp4"
+    assert fp4.bnb_4bit_use_double_quant is False
     assert fp4.bnb_4bit_compute_dtype == torch.float32
 
 
@@ -77,15 +82,19 @@ def test_model_load_kwargs() -> None:
     assert "quantization_config" in gpu
     cpu = model_load_kwargs(_cfg(quantization={"mode": "none"}), CPU)
     assert cpu["dtype"] == torch.float32
-    assert "device_map" not in cpu and "quantization_config" not in cpu
+    assert "device_map" not in cpu
+    assert "quantization_config" not in cpu
 
 
 def test_lora_config() -> None:
-    spec = LoraSpec(r=8, alpha=16, dropout=0.1, use_rslora=True, use_dora=True, modules_to_save=["lm_head"])
+    spec = LoraSpec(
+        r=8, alpha=16, dropout=0.1, use_rslora=True, use_dora=True, modules_to_save=["lm_head"]
+    )
     lc = to_lora_config(spec, "all-linear")
     assert (lc.r, lc.lora_alpha, lc.lora_dropout) == (8, 16, 0.1)
     assert lc.target_modules == "all-linear"
-    assert lc.use_rslora and lc.use_dora
+    assert lc.use_rslora
+    assert lc.use_dora
     assert lc.modules_to_save == ["lm_head"]
     assert lc.task_type == "CAUSAL_LM"
     assert to_lora_config(LoraSpec(), ["q_proj"]).target_modules == {"q_proj"}
@@ -122,12 +131,16 @@ def test_sft_config_defaults_follow_the_recipe(tmp_path: Path) -> None:
     # SFTConfig refuses bf16 on a machine without such a GPU, so check the arguments.
     sft = SimpleNamespace(**sft_config_kwargs(_cfg(), AMPERE, tmp_path, has_eval=True))
     assert sft.learning_rate == 2e-4
-    assert sft.max_steps == -1 and sft.num_train_epochs == 1.0
-    assert sft.packing is True and sft.packing_strategy == "bfd"
+    assert sft.max_steps == -1
+    assert sft.num_train_epochs == 1.0
+    assert sft.packing is True
+    assert sft.packing_strategy == "bfd"
     assert sft.max_length == 1024
     assert sft.completion_only_loss is True
-    assert sft.bf16 is True and sft.fp16 is False
-    assert sft.save_strategy == "steps" and sft.save_steps == 50
+    assert sft.bf16 is True
+    assert sft.fp16 is False
+    assert sft.save_strategy == "steps"
+    assert sft.save_steps == 50
     assert sft.eval_strategy == "no"  # evaluated once at the end
     assert sft.activation_checkpointing is True
     assert sft.activation_checkpointing_kwargs == {"use_reentrant": False}
@@ -156,15 +169,21 @@ def test_sft_config_overrides(tmp_path: Path) -> None:
     )
     sft = to_sft_config(cfg, CPU, tmp_path, has_eval=True)
     assert sft.max_steps == 7
-    assert sft.per_device_train_batch_size == 2 and sft.gradient_accumulation_steps == 8
-    assert sft.max_length == 256 and sft.packing is False
+    assert sft.per_device_train_batch_size == 2
+    assert sft.gradient_accumulation_steps == 8
+    assert sft.max_length == 256
+    assert sft.packing is False
     assert sft.optim == "paged_adamw_8bit"
     assert sft.lr_scheduler_type == "cosine_with_min_lr"
     assert sft.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
     assert sft.warmup_steps == 0.1
-    assert sft.seed == 3 and sft.data_seed == 3
+    assert sft.seed == 3
+    assert sft.data_seed == 3
     assert sft.save_steps == 5
-    assert sft.eval_strategy == "steps" and sft.eval_steps == 2
-    assert sft.bf16 is False and sft.fp16 is False and sft.use_cpu is True
+    assert sft.eval_strategy == "steps"
+    assert sft.eval_steps == 2
+    assert sft.bf16 is False
+    assert sft.fp16 is False
+    assert sft.use_cpu is True
     assert sft.gradient_checkpointing is False
     assert to_sft_config(cfg, CPU, tmp_path, has_eval=False).eval_strategy == "no"

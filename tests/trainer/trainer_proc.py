@@ -68,9 +68,7 @@ def start_trainer(
     term = work / f"{name}-termination-log"
     term.unlink(missing_ok=True)
     port = free_port()
-    full_env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("LORA_TRAINER_", "AWS_"))
-    }
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("LORA_TRAINER_", "AWS_"))}
     full_env |= {
         "LORA_TRAINER_TERMINATION_LOG": str(term),
         "LORA_TRAINER_PROGRESS_HOST": "127.0.0.1",

@@ -1,5 +1,8 @@
 """Trainer callbacks: progress reporting, checkpoint publishing, stopping on SIGTERM."""
 
+# Each hook must keep TrainerCallback's full signature, used parts or not.
+# ruff: noqa: ARG002
+
 from __future__ import annotations
 
 import logging
@@ -25,7 +28,7 @@ def _finite(value: Any) -> float | None:
     return None
 
 
-class ProgressCallback(TrainerCallback):  # type: ignore[misc]
+class ProgressCallback(TrainerCallback):
     """Feeds the progress board and keeps the loss history for metrics.json."""
 
     def __init__(self, board: ProgressBoard) -> None:
@@ -36,7 +39,7 @@ class ProgressCallback(TrainerCallback):  # type: ignore[misc]
         self.tokens_per_second: float | None = None
 
     def on_train_begin(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self.throughput.start(state.global_step, state.num_input_tokens_seen)
         self.board.update(stage="training", step=state.global_step, total_steps=state.max_steps)
@@ -47,7 +50,7 @@ class ProgressCallback(TrainerCallback):  # type: ignore[misc]
         state: TrainerState,
         control: TrainerControl,
         logs: dict[str, Any] | None = None,
-        **kw: Any,
+        **kwargs: Any,
     ) -> None:
         logs = logs or {}
         step = state.global_step
@@ -87,7 +90,7 @@ def _short(v: float | None) -> str:
     return "-" if v is None else f"{v:.4g}"
 
 
-class CheckpointCallback(TrainerCallback):  # type: ignore[misc]
+class CheckpointCallback(TrainerCallback):
     """Publishes every local checkpoint to <output>/checkpoints/ as soon as it is saved."""
 
     def __init__(self, storage: Storage, output_uri: str, board: ProgressBoard) -> None:
@@ -97,22 +100,22 @@ class CheckpointCallback(TrainerCallback):  # type: ignore[misc]
         self.last_uri: str | None = None
 
     def on_save(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        local = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
         remote = publish(self.storage, local, self.output_uri)
         self.last_uri = remote.uri
         self.board.update(last_checkpoint=remote.uri)
 
 
-class StopCallback(TrainerCallback):  # type: ignore[misc]
+class StopCallback(TrainerCallback):
     """On SIGTERM: save a checkpoint at the end of the current step and stop."""
 
     def __init__(self, stop: StopRequest) -> None:
         self.stop = stop
 
     def on_step_end(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         if self.stop.requested:
             control.should_save = True

@@ -75,9 +75,7 @@ def publish(storage: Storage, local_ckpt: Path, output_uri: str) -> RemoteCheckp
     for path in files:
         storage.put_file(path, join_uri(remote.uri, path.relative_to(local_ckpt).as_posix()))
     marker = {"step": step, "files": [p.relative_to(local_ckpt).as_posix() for p in files]}
-    storage.put_bytes(
-        json.dumps(marker).encode(), join_uri(remote.uri, CHECKPOINT_COMPLETE_MARKER)
-    )
+    storage.put_bytes(json.dumps(marker).encode(), join_uri(remote.uri, CHECKPOINT_COMPLETE_MARKER))
     log.info("checkpoint %d saved to %s", step, remote.uri)
     for old in list_complete(storage, output_uri)[:-REMOTE_KEPT]:
         storage.delete_prefix(old.uri)

@@ -11,6 +11,9 @@ valid; torch and the training stack load afterwards, so a bad config fails in
 well under a second.
 """
 
+# Everything beyond the config model is imported after the config is valid (fast failure).
+# ruff: noqa: PLC0415
+
 from __future__ import annotations
 
 import argparse
@@ -95,16 +98,24 @@ def _read(path: str, what: str) -> str:
 
 def _validate(data: Any, source: str, prefix: str = "") -> TrainerConfig:
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping of config fields, got {type(data).__name__}")
+        raise ConfigError(
+            f"{source}: expected a mapping of config fields, got {type(data).__name__}"
+        )
     try:
         return TrainerConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"invalid config ({source}): {format_validation_error(e, prefix=prefix)}") from e
+        raise ConfigError(
+            f"invalid config ({source}): {format_validation_error(e, prefix=prefix)}"
+        ) from e
 
 
 def load_job_manifest(path: str) -> LoadedConfig:
     doc = _parse_text(_read(path, "LoRAJob manifest"), path)
-    if not isinstance(doc, dict) or doc.get("kind") != "LoRAJob" or not isinstance(doc.get("spec"), dict):
+    if (
+        not isinstance(doc, dict)
+        or doc.get("kind") != "LoRAJob"
+        or not isinstance(doc.get("spec"), dict)
+    ):
         raise ConfigError(f"{path}: not a LoRAJob manifest (expected kind: LoRAJob with a spec)")
     spec = doc["spec"]
     storage = spec.get("storage") if isinstance(spec.get("storage"), dict) else {}
@@ -124,9 +135,14 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> LoadedConfig:
     if args.job:
         return load_job_manifest(args.job)
     if args.config:
-        return LoadedConfig(_validate(_parse_text(_read(args.config, "config file"), args.config), args.config), args.config)
+        return LoadedConfig(
+            _validate(_parse_text(_read(args.config, "config file"), args.config), args.config),
+            args.config,
+        )
     if env.get(ENV_CONFIG):
-        return LoadedConfig(_validate(_parse_text(env[ENV_CONFIG], ENV_CONFIG), ENV_CONFIG), ENV_CONFIG)
+        return LoadedConfig(
+            _validate(_parse_text(env[ENV_CONFIG], ENV_CONFIG), ENV_CONFIG), ENV_CONFIG
+        )
     if env.get(ENV_CONFIG_FILE):
         path = env[ENV_CONFIG_FILE]
         return LoadedConfig(_validate(_parse_text(_read(path, "config file"), path), path), path)
@@ -140,8 +156,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m lora_trainer",
         description="Fine-tune a LoRA/QLoRA adapter (the program every LoRAJob pod runs).",
         epilog=f"Without --config/--job the config comes from ${ENV_CONFIG} (JSON) or "
-        f"${ENV_CONFIG_FILE}. Exit codes: "
-        + ", ".join(f"{c.value}={c.name}" for c in ExitCode),
+        f"${ENV_CONFIG_FILE}. Exit codes: " + ", ".join(f"{c.value}={c.name}" for c in ExitCode),
     )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--config", metavar="FILE", help="TrainerConfig as JSON or YAML")
@@ -200,7 +215,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         loaded = load_config(args, env)
         if args.validate_only:
-            write_termination_message(TerminationMessage(outcome="Succeeded", message="config is valid"))
+            write_termination_message(
+                TerminationMessage(outcome="Succeeded", message="config is valid")
+            )
             print(json.dumps(loaded.config.to_wire(), indent=2))
             return ExitCode.OK
         local = args.job is not None or args.config is not None
@@ -208,12 +225,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         work_dir = _work_dir(env, local)
         from lora_trainer.storage import Storage
 
-        cache_dir = Path(env.get(ENV_CACHE_DIR) or (Path.home() / ".cache" / "lora_trainer" if local else work_dir / "cache"))
-        storage = Storage(cache_dir, env, default_endpoint=loaded.s3_endpoint, default_region=loaded.s3_region)
-        from lora_trainer.train import Runtime, run  # torch & co. load here
+        cache_dir = Path(
+            env.get(ENV_CACHE_DIR)
+            or (Path.home() / ".cache" / "lora_trainer" if local else work_dir / "cache")
+        )
+        storage = Storage(
+            cache_dir, env, default_endpoint=loaded.s3_endpoint, default_region=loaded.s3_region
+        )
+        from lora_trainer.inputs import prepare_inputs
 
-        rt = Runtime(work_dir=work_dir, storage=storage, board=board, stop=stop, job_name=env.get(ENV_JOB_NAME) or loaded.job_name)
-        message = run(loaded.config, rt)
+        inputs = prepare_inputs(loaded.config, storage, board)
+        from lora_trainer.train import Runtime, run  # torch & co. load only now
+
+        rt = Runtime(
+            work_dir=work_dir,
+            storage=storage,
+            board=board,
+            stop=stop,
+            job_name=env.get(ENV_JOB_NAME) or loaded.job_name,
+        )
+        message = run(loaded.config, inputs, rt)
         write_termination_message(message)
         return ExitCode.OK
     except BaseException as exc:  # every exit path writes a termination message
@@ -236,7 +267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _start_progress_server(board: Any, env: dict[str, str], local: bool) -> Any:
     from lora_trainer.progress import ProgressServer
 
-    host = env.get(ENV_PROGRESS_HOST) or ("127.0.0.1" if local else "0.0.0.0")  # noqa: S104
+    host = env.get(ENV_PROGRESS_HOST) or (
+        "127.0.0.1" if local else "0.0.0.0"
+    )  # a pod must be reachable on its IP
     port = int(env.get(ENV_PROGRESS_PORT) or (0 if local else DEFAULT_PROGRESS_PORT))
     try:
         server = ProgressServer(board, host, port).start()

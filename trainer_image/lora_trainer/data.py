@@ -174,7 +174,7 @@ def _read_file(f: Path, root: Path) -> list[Record]:
                 data = data["data"]
             if not isinstance(data, list):
                 raise DatasetError(
-                    f"{name}: a .json dataset must be a list of records (or {{\"data\": [...]}})"
+                    f'{name}: a .json dataset must be a list of records (or {{"data": [...]}})'
                 )
             return [Record(r, name, i) for i, r in enumerate(data, 1)]
     out = []
@@ -213,9 +213,7 @@ def convert(records: Sequence[Record], fmt: str) -> tuple[Format, list[Example]]
     resolved: Format | None = detect_format(records[0].data) if fmt == "auto" else fmt  # type: ignore[assignment]
     if resolved is None:
         first = records[0]
-        raise DatasetError(
-            f"{first.where}: cannot detect the format from keys {_keys(first.data)}"
-        )
+        raise DatasetError(f"{first.where}: cannot detect the format from keys {_keys(first.data)}")
     converter = _CONVERTERS[resolved]
     return resolved, [converter(r) for r in records]
 
@@ -228,7 +226,9 @@ def _keys(data: Any) -> str:
 
 def _need_str(r: Record, key: str, fmt: str, *, allow_empty: bool = False) -> str:
     if not isinstance(r.data, dict):
-        raise DatasetError(f"{r.where}: expected a JSON object in {fmt} format, got {_keys(r.data)}")
+        raise DatasetError(
+            f"{r.where}: expected a JSON object in {fmt} format, got {_keys(r.data)}"
+        )
     value = r.data.get(key)
     if not isinstance(value, str) or (not allow_empty and not value.strip()):
         got = "missing" if key not in r.data else f"{type(value).__name__} {value!r}"[:80]
@@ -261,7 +261,9 @@ def _prompt_completion(r: Record) -> Example:
 def _messages(r: Record) -> Example:
     data = r.data
     if not isinstance(data, dict):
-        raise DatasetError(f"{r.where}: expected a JSON object in messages format, got {_keys(data)}")
+        raise DatasetError(
+            f"{r.where}: expected a JSON object in messages format, got {_keys(data)}"
+        )
     sharegpt = "messages" not in data and "conversations" in data
     turns = data.get("conversations" if sharegpt else "messages")
     if not isinstance(turns, list) or not turns:
@@ -312,7 +314,9 @@ def split_records(
 # --- tokenization ------------------------------------------------------------------
 
 
-def tokenize(examples: Iterable[Example], tokenizer: Any, *, completion_only: bool) -> TokenizedData:
+def tokenize(
+    examples: Iterable[Example], tokenizer: Any, *, completion_only: bool
+) -> TokenizedData:
     """input_ids (EOS-terminated) and completion_mask (1 = token counts in the loss)."""
     out = TokenizedData()
     warned = False
@@ -335,7 +339,8 @@ def tokenize(examples: Iterable[Example], tokenizer: Any, *, completion_only: bo
             ids = [*_encode(tokenizer, ex.text, special=True), eos]
             mask = [1] * len(ids)
         else:
-            assert ex.prompt is not None and ex.completion is not None
+            assert ex.prompt is not None
+            assert ex.completion is not None
             prompt_ids = _encode(tokenizer, ex.prompt, special=True)
             completion_ids = [*_encode(tokenizer, ex.completion, special=False), eos]
             ids = prompt_ids + completion_ids

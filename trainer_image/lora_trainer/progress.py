@@ -53,7 +53,9 @@ class Throughput:
     def start(self, step: int, tokens: int) -> None:
         self._t0, self._step0, self._tokens0 = time.monotonic(), step, tokens
 
-    def measure(self, step: int, tokens: int, total_steps: int | None) -> tuple[float | None, float | None]:
+    def measure(
+        self, step: int, tokens: int, total_steps: int | None
+    ) -> tuple[float | None, float | None]:
         """(tokens per second, seconds to go) or Nones before there is data."""
         if self._t0 is None:
             return None, None
@@ -86,7 +88,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: ARG002 - stdlib signature
         # Probes hit this every few seconds; keep them out of the training log.
         return
 

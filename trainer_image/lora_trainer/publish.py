@@ -64,15 +64,29 @@ def build_manifest(entries: list[FileEntry], cfg: TrainerConfig, steps: int) -> 
 def model_card(cfg: TrainerConfig, metrics: dict[str, Any], job_name: str | None) -> str:
     """README.md for the adapter: what it is, how it was trained, how to load it."""
     lora, t, q = cfg.lora, cfg.training, cfg.quantization
-    targets = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(lora.target_modules)
+    targets = (
+        lora.target_modules
+        if isinstance(lora.target_modules, str)
+        else ", ".join(lora.target_modules)
+    )
     rows = [
         ("Base model", cfg.model.uri),
         ("Dataset", cfg.dataset.uri),
-        ("Quantization", q.mode + (" (double quant)" if q.mode in ("nf4", "fp4") and q.double_quant else "")),
-        ("LoRA", f"r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, targets={targets}"
-         + (", rsLoRA" if lora.use_rslora else "") + (", DoRA" if lora.use_dora else "")),
-        ("Training", f"lr={t.learning_rate}, batch={t.batch_size}x{t.gradient_accumulation_steps}, "
-         f"maxSeqLength={t.max_seq_length}, packing={t.packing}, scheduler={t.scheduler}"),
+        (
+            "Quantization",
+            q.mode + (" (double quant)" if q.mode in ("nf4", "fp4") and q.double_quant else ""),
+        ),
+        (
+            "LoRA",
+            f"r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, targets={targets}"
+            + (", rsLoRA" if lora.use_rslora else "")
+            + (", DoRA" if lora.use_dora else ""),
+        ),
+        (
+            "Training",
+            f"lr={t.learning_rate}, batch={t.batch_size}x{t.gradient_accumulation_steps}, "
+            f"maxSeqLength={t.max_seq_length}, packing={t.packing}, scheduler={t.scheduler}",
+        ),
         ("Steps", str(metrics.get("steps"))),
         ("Train loss", _fmt(metrics.get("train_loss"))),
         ("Eval loss", _fmt(metrics.get("eval_loss"))),

@@ -11,7 +11,6 @@ from lora_trainer.protocol import (
     DEFAULT_TERMINATION_LOG,
     ENV_TERMINATION_LOG,
     TERMINATION_MESSAGE_LIMIT,
-    ExitCode,
     TerminationMessage,
 )
 
@@ -62,7 +61,3 @@ def write_termination_message(msg: TerminationMessage, path: Path | None = None)
             log.warning("could not write termination message to %s: %s", target, e)
     level = logging.INFO if msg.outcome == "Succeeded" else logging.ERROR
     log.log(level, "outcome: %s", text)
-
-
-def exit_code_for(msg: TerminationMessage, err: TrainerError | None) -> ExitCode:
-    return ExitCode.OK if err is None else err.exit_code

@@ -271,7 +271,7 @@ class Storage:
         single = self._head_s3(bucket, key)
         objects = [single] if single else self._list_s3(bucket, key)
         if not objects:
-            raise SourceNotFound(f"nothing found at {uri}")
+            raise SourceNotFound(f"{uri} not found (no object and no objects under that prefix)")
         entry = self.cache_dir / "s3" / _cache_name(self._endpoint or "aws", uri)
         stamp = {"uri": uri, "objects": sorted([o.name, o.size, o.etag] for o in objects)}
         with _locked(entry):

@@ -1,6 +1,6 @@
-"""One training run, top to bottom.
+"""One training run, top to bottom (inputs are fetched and checked by inputs.py first).
 
-    fetch model + data -> tokenize and check data -> load (quantized) model
+    tokenize -> load (quantized) model
     -> check target modules -> resume from the latest complete checkpoint
     -> SFTTrainer.train -> evaluate -> save adapter, card, metrics (+ merged)
     -> upload with the manifest last -> TerminationMessage
@@ -19,15 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
+import transformers
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
-from trl import SFTTrainer
+from trl.trainer.sft_trainer import SFTTrainer
 
 from lora_trainer import checkpoints, data
 from lora_trainer.callbacks import CheckpointCallback, ProgressCallback, StopCallback
 from lora_trainer.config import TrainerConfig
-from lora_trainer.errors import DatasetError, Interrupted, SourceNotFound
+from lora_trainer.errors import DatasetError, Interrupted
+from lora_trainer.inputs import Inputs
 from lora_trainer.progress import ProgressBoard
 from lora_trainer.protocol import TerminationMessage
 from lora_trainer.publish import model_card, upload_output
@@ -58,34 +61,25 @@ class Runtime:
     job_name: str | None = None
 
 
-def run(cfg: TrainerConfig, rt: Runtime) -> TerminationMessage:
+def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
     _quiet_progress_bars()
     device = Device.detect()
     log.info("device: %s", device.name)
+    model_dir = inputs.model_dir
 
-    # 1. Sources.
-    rt.board.update(stage="downloading")
-    model_dir = rt.storage.fetch(cfg.model.uri, repo_type="model")
-    if not (model_dir / "config.json").is_file():
-        raise SourceNotFound(
-            f"model.uri {cfg.model.uri} holds no Hugging Face model (config.json missing)",
-            hint="Point model.uri at a directory saved with save_pretrained (config.json, "
-            "*.safetensors, tokenizer files).",
-        )
-    data_path = rt.storage.fetch(cfg.dataset.uri, repo_type="dataset")
-    eval_path = rt.storage.fetch(cfg.dataset.eval_uri, repo_type="dataset") if cfg.dataset.eval_uri else None
-
-    # 2. Data, checked before the (slow) model load so bad records fail fast.
+    # 1. Tokenize the (already checked) records with the model's tokenizer.
     rt.board.update(stage="loading")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
-    train_ds, eval_ds = _prepare_data(cfg, tokenizer, data_path, eval_path)
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_dir, trust_remote_code=cfg.model.trust_remote_code
+    )
+    train_ds, eval_ds = _tokenize(cfg, tokenizer, inputs)
 
-    # 3. Model, target modules, adapter config.
+    # 2. Model, target modules, adapter config.
     model = AutoModelForCausalLM.from_pretrained(model_dir, **model_load_kwargs(cfg, device))
     targets = resolve_target_modules(cfg.lora, linear_layer_names(model))
     peft_config = to_lora_config(cfg.lora, targets)
 
-    # 4. Resume from the newest complete checkpoint, if an earlier attempt left one.
+    # 3. Resume from the newest complete checkpoint, if an earlier attempt left one.
     ckpt_dir = rt.work_dir / "checkpoints"
     resume = checkpoints.find_latest(rt.storage, cfg.output.uri)
     resume_path = checkpoints.restore(rt.storage, resume, ckpt_dir) if resume else None
@@ -93,7 +87,7 @@ def run(cfg: TrainerConfig, rt: Runtime) -> TerminationMessage:
         log.info("resuming from %s (step %d)", resume.uri, resume.step)
         rt.board.update(resumed_from_step=resume.step, step=resume.step, last_checkpoint=resume.uri)
 
-    # 5. Train.
+    # 4. Train.
     progress = ProgressCallback(rt.board)
     saver = CheckpointCallback(rt.storage, cfg.output.uri, rt.board)
     trainer = SFTTrainer(
@@ -118,7 +112,7 @@ def run(cfg: TrainerConfig, rt: Runtime) -> TerminationMessage:
             f"checkpoint {saver.last_uri or 'none'}"
         )
 
-    # 6. Evaluate and assemble the output directory.
+    # 5. Evaluate and assemble the output directory.
     metrics: dict[str, Any] = {
         "steps": steps,
         "max_steps": trainer.state.max_steps,
@@ -151,7 +145,7 @@ def run(cfg: TrainerConfig, rt: Runtime) -> TerminationMessage:
         rt.board.update(stage="merging")
         _merge(cfg, model_dir, out_dir, out_dir / "merged", device)
 
-    # 7. Upload, manifest last.
+    # 6. Upload, manifest last.
     rt.board.update(stage="uploading")
     adapter = upload_output(rt.storage, out_dir, cfg.output.uri, cfg, steps)
     rt.board.update(stage="done")
@@ -167,23 +161,15 @@ def run(cfg: TrainerConfig, rt: Runtime) -> TerminationMessage:
     )
 
 
-def _prepare_data(
-    cfg: TrainerConfig, tokenizer: Any, data_path: Path, eval_path: Path | None
-) -> tuple[Any, Any | None]:
-    """Tokenized train and eval datasets (eval is None when disabled)."""
-    ds = cfg.dataset
-    records = data.load_records(data_path, limit=ds.max_records)
-    fmt, _ = data.convert(records[:1], ds.format)  # resolve "auto" once, from record 1
-    if eval_path is not None:
-        train_records, eval_records = records, data.load_records(eval_path)
-    else:
-        train_records, eval_records = data.split_records(records, ds.eval_split, cfg.training.seed)
+def _tokenize(cfg: TrainerConfig, tokenizer: Any, inputs: Inputs) -> tuple[Any, Any | None]:
+    """Tokenized train and eval datasets (eval is None when there is none)."""
     completion_only = cfg.training.completion_only_loss
     max_len = cfg.training.max_seq_length
-    _, train_examples = data.convert(train_records, fmt)
-    train = data.tokenize(train_examples, tokenizer, completion_only=completion_only)
+    train = data.tokenize(inputs.train, tokenizer, completion_only=completion_only)
     if long := train.count_longer_than(max_len):
-        log.warning("%d training records are longer than maxSeqLength=%d and get truncated", long, max_len)
+        log.warning(
+            "%d training records are longer than maxSeqLength=%d and get truncated", long, max_len
+        )
     if dropped := train.drop_unlearnable(max_len):
         log.warning(
             "%d training records have no completion/assistant token within maxSeqLength=%d; skipped",
@@ -196,25 +182,25 @@ def _prepare_data(
             f"training.maxSeqLength={max_len} tokens",
             hint="Raise spec.training.maxSeqLength or shorten the prompts.",
         )
-    log.info(
-        "dataset: %d training records (%s format, %d tokens), %d eval records",
-        len(train_records),
-        fmt,
-        train.num_tokens,
-        len(eval_records),
-    )
+    log.info("tokenized: %d training rows, %d tokens", len(train.input_ids), train.num_tokens)
     eval_ds = None
-    if eval_records:
-        _, eval_examples = data.convert(eval_records, fmt)
-        evals = data.tokenize(eval_examples, tokenizer, completion_only=completion_only)
+    if inputs.eval:
+        evals = data.tokenize(inputs.eval, tokenizer, completion_only=completion_only)
         evals.drop_unlearnable(max_len)
         eval_ds = evals.to_dataset() if evals.input_ids else None
     return train.to_dataset(), eval_ds
 
 
-def _merge(cfg: TrainerConfig, model_dir: Path, adapter_dir: Path, dest: Path, device: Device) -> None:
+def _merge(
+    cfg: TrainerConfig, model_dir: Path, adapter_dir: Path, dest: Path, device: Device
+) -> None:
     """Base model (unquantized, compute dtype) + adapter, merged and saved as safetensors."""
-    kwargs = model_load_kwargs(cfg.model_copy(update={"quantization": cfg.quantization.model_copy(update={"mode": "none"})}), device)
+    kwargs = model_load_kwargs(
+        cfg.model_copy(
+            update={"quantization": cfg.quantization.model_copy(update={"mode": "none"})}
+        ),
+        device,
+    )
     base = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(dest)
@@ -231,8 +217,5 @@ def _free_memory() -> None:
 
 def _quiet_progress_bars() -> None:
     """tqdm bars garble pod logs; ProgressCallback reports progress instead."""
-    import datasets
-    import transformers
-
     datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]

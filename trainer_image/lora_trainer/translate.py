@@ -34,9 +34,9 @@ __all__ = [
     "linear_layer_names",
     "model_load_kwargs",
     "resolve_target_modules",
+    "sft_config_kwargs",
     "to_bnb_config",
     "to_lora_config",
-    "sft_config_kwargs",
     "to_sft_config",
 ]
 
@@ -82,8 +82,8 @@ def to_bnb_config(q: QuantizationSpec, device: Device) -> Any | None:
     from transformers import BitsAndBytesConfig
 
     if q.mode == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
+        return BitsAndBytesConfig(load_in_8bit=True)  # type: ignore[no-untyped-call]
+    return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
         load_in_4bit=True,
         bnb_4bit_quant_type=q.mode,
         bnb_4bit_use_double_quant=q.double_quant,
@@ -120,7 +120,7 @@ def linear_layer_names(model: Any) -> list[str]:
     try:
         import bitsandbytes as bnb
 
-        linear_types += (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+        linear_types += (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)  # type: ignore[attr-defined]
     except ImportError:  # pragma: no cover - bitsandbytes is in the image
         pass
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -171,7 +171,7 @@ def to_sft_config(
     has_eval: bool,
 ) -> Any:
     """SFTConfig for this job; `output_dir` is the local checkpoint directory."""
-    from trl import SFTConfig
+    from trl.trainer.sft_config import SFTConfig
 
     return SFTConfig(**sft_config_kwargs(cfg, device, output_dir, has_eval=has_eval))
 
@@ -203,7 +203,9 @@ def sft_config_kwargs(
         padding_free=False,
         completion_only_loss=t.completion_only_loss,
         activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        activation_checkpointing_kwargs={"use_reentrant": False}
+        if t.gradient_checkpointing
+        else None,
         optim=t.optimizer,
         lr_scheduler_type=t.scheduler,
         lr_scheduler_kwargs=scheduler_kwargs,
