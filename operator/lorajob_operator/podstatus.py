@@ -304,7 +304,8 @@ def classify_pod(pod: Mapping[str, Any]) -> PodOutcome:
     status = pod.get("status") or {}
     phase = status.get("phase") or "Pending"
     container = _trainer_status(pod)
-    state = container.get("state") or {}
+    # Only the state keys that are set (a status patch can leave `"waiting": null`).
+    state = {k: v for k, v in (container.get("state") or {}).items() if v}
 
     if "terminated" in state and phase in ("Succeeded", "Failed", "Running"):
         return _terminated(pod, state["terminated"] or {})
