@@ -790,9 +790,9 @@ class Kubelet:
                     continue
             else:
                 value = _expand(str(item.get("value", "")), env)
-            if value == termination_path:
-                value = str(termination)
-            env[name] = self._rewrite(value, mounts)
+            # The termination file is a host path already: never rewrite it onto a mount
+            # (it lives under /tmp, which the trainer pod also mounts as an emptyDir).
+            env[name] = str(termination) if value == termination_path else self._rewrite(value, mounts)
         return env
 
     async def _run_pod(self, run: PodRun) -> None:
