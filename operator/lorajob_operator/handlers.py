@@ -43,8 +43,19 @@ ERROR_BACKOFF_MAX = 300.0
 # Poll interval of the finalizer while trainer pods are still stopping.
 POD_GONE_RECHECK = 2.0
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("lorajob_operator")
 JobKey = tuple[str, str]
+JobLogger = logging.LoggerAdapter[logging.Logger]
+
+
+class _JobLogger(logging.LoggerAdapter[logging.Logger]):
+    def process(self, msg: str, kwargs: Any) -> tuple[str, Any]:
+        return f"[{self.extra['job'] if self.extra else '?'}] {msg}", kwargs
+
+
+def job_logger(namespace: str, name: str) -> JobLogger:
+    """Messages about one job, prefixed like kopf's: `[namespace/name] ...`."""
+    return _JobLogger(log, {"job": f"{namespace}/{name}"})
 
 
 @dataclass
@@ -117,6 +128,9 @@ async def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: A
     settings.peering.standalone = True
     settings.peering.mandatory = False
     webhook.configure(settings, SETTINGS)
+    # kopf logs every successful handler call at INFO; with a watch handler on
+    # every trainer pod that drowns what matters. Our own messages keep INFO.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
 
     load_config()
     metrics = METRICS
@@ -129,7 +143,7 @@ async def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: A
         reader=ProgressReader(SETTINGS.progress_port),
     )
     logger.info(
-        "lorajob operator ready: metrics on :%d, progress every %.0fs",
+        "lorajob operator ready: metrics on :%d, progress every %gs",
         SETTINGS.metrics_port,
         SETTINGS.progress_interval_seconds,
     )
@@ -192,12 +206,11 @@ def pod_event(type: str, body: kopf.Body, **_: Any) -> None:
 
 
 @kopf.daemon(api.GROUP, api.VERSION, api.PLURAL, cancellation_timeout=10.0)
-async def job_loop(
-    name: str, namespace: str | None, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_: Any
-) -> None:
+async def job_loop(name: str, namespace: str | None, stopped: kopf.DaemonStopped, **_: Any) -> None:
     rt = runtime()
     namespace = namespace or ""
     key = (namespace, name)
+    jlog = job_logger(namespace, name)
     wakeup = rt.wakeup(key)
     errors = 0
     next_poll = 0.0
@@ -206,12 +219,12 @@ async def job_loop(
         poll = time.monotonic() >= next_poll
         try:
             with rt.metrics.reconcile_seconds.time():
-                outcome = await reconcile_job(rt, namespace, name, logger, poll_progress=poll)
+                outcome = await reconcile_job(rt, namespace, name, jlog, poll_progress=poll)
         except Exception as exc:
             errors += 1
             rt.metrics.reconcile_errors.inc()
             delay = min(ERROR_BACKOFF_MAX, ERROR_BACKOFF_MIN * 2 ** min(errors - 1, 10))
-            logger.warning("reconciliation failed (%s); retrying in %.0fs", exc, delay)
+            jlog.warning("reconciliation failed (%s); retrying in %gs", exc, delay)
             await _sleep(wakeup, stopped, delay)
             continue
         errors = 0
@@ -237,7 +250,7 @@ async def _sleep(wakeup: asyncio.Event, stopped: kopf.DaemonStopped, timeout: fl
 
 
 async def reconcile_job(
-    rt: Runtime, namespace: str, name: str, logger: kopf.Logger, *, poll_progress: bool
+    rt: Runtime, namespace: str, name: str, logger: JobLogger, *, poll_progress: bool
 ) -> tuple[float | None, bool] | None:
     """One reconciliation. Returns (requeue seconds, pod running) or None if the job is gone."""
     job = await rt.kube.get_job(namespace, name)
@@ -294,7 +307,7 @@ async def _active_jobs(rt: Runtime, namespace: str, *, exclude: str) -> int:
 
 
 async def execute(
-    rt: Runtime, job: Mapping[str, Any], observed: reconcile.Observed, logger: kopf.Logger
+    rt: Runtime, job: Mapping[str, Any], observed: reconcile.Observed, logger: JobLogger
 ) -> reconcile.Decision:
     """Carry out one decision: pods first, then status, then Events and metrics.
 
@@ -353,7 +366,7 @@ def _now() -> datetime:
 
 
 @kopf.on.delete(api.GROUP, api.VERSION, api.PLURAL)
-async def job_deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+async def job_deleted(body: kopf.Body, **_: Any) -> None:
     """Finalizer: stop the trainer pods (they checkpoint on SIGTERM) and wait until
     they are gone. The adapter and checkpoints in object storage are kept."""
     rt = runtime()
@@ -370,4 +383,6 @@ async def job_deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
             f"waiting for {len(pods)} trainer pod(s) to stop", delay=POD_GONE_RECHECK
         )
     rt.metrics.forget(ref.namespace, ref.name)
-    logger.info("trainer pods removed; the adapter in object storage is kept")
+    job_logger(ref.namespace, ref.name).info(
+        "trainer pods removed; the adapter in object storage is kept"
+    )

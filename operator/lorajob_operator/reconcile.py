@@ -730,7 +730,7 @@ def _failed(
     failed = _int(b.get("failedAttempts")) + 1
     b.set("failedAttempts", failed)
     b.tally("attempt_failure", reason)
-    if is_live(pod):
+    if is_live(pod) and _finished_at(pod) is None:
         b.delete_pod(_pod_name(pod), reason)  # e.g. stuck in ImagePullBackOff
     code = f" (exit code {outcome.exit_code})" if outcome.exit_code is not None else ""
     text = f"attempt {attempt} failed{code}: {outcome.message}"
@@ -757,7 +757,7 @@ def _failed(
         ConditionType.RUNNING,
         False,
         reason,
-        f"{text}; retry {failed} of {limit} in {delay:.0f}s, resuming from the last checkpoint",
+        f"{text}; retry {failed} of {limit} in {delay:g}s, resuming from the last checkpoint",
         event="Warning",
     )
 
@@ -956,6 +956,8 @@ def _retry_wait_left(b: _Builder, attempt: int) -> float:
         return 0.0
     previous = next((p for p in b.obs.pods if pod_attempt(p) == attempt), None)
     finished = _finished_at(previous) if previous is not None else None
+    # Pod gone (or no finish time): count from when the failure was recorded.
+    finished = finished or parse_time(running.get("lastTransitionTime"))
     if finished is None:
         return 0.0
     delay = retry_delay(
