@@ -111,3 +111,37 @@ def test_default_endpoint_used_when_env_has_none(s3: S3Server, tmp_path: Path) -
     storage = Storage(tmp_path, env, default_endpoint=s3.endpoint)
     storage.put_bytes(b"x", "s3://out/default-endpoint/x")
     assert storage.read_bytes("s3://out/default-endpoint/x") == b"x"
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        ("RepositoryNotFoundError", SourceNotFound),
+        ("RevisionNotFoundError", SourceNotFound),
+        ("GatedRepoError", CredentialsError),
+    ],
+)
+def test_hub_errors_are_classified(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: str, expected: type[Exception]
+) -> None:
+    """The Hub is unreachable from the tests; check the error mapping and the token passing."""
+    import httpx2  # noqa: PLC0415 - huggingface_hub's HTTP client
+    import huggingface_hub  # noqa: PLC0415
+    from huggingface_hub import errors as hf_errors  # noqa: PLC0415
+
+    seen: dict[str, object] = {}
+
+    def fake_snapshot_download(repo_id: str, **kwargs: object) -> str:
+        seen.update(kwargs, repo_id=repo_id)
+        response = httpx2.Response(404, request=httpx2.Request("GET", "https://hub.invalid"))
+        raise getattr(hf_errors, error)("nope", response=response)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    storage = Storage(tmp_path, {"HF_TOKEN": "hf_secrettokenvalue0123456789"})
+    with pytest.raises(expected) as err:
+        storage.fetch("hf://org/model@v1")
+    assert "hf://org/model@v1" in str(err.value)
+    assert seen["repo_id"] == "org/model"
+    assert seen["revision"] == "v1"
+    assert seen["token"] == "hf_secrettokenvalue0123456789"
+    assert "hf_secret" not in str(err.value)

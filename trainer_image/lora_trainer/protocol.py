@@ -116,7 +116,7 @@ class Progress(_Wire):
 
     stage: str = Field(
         default="starting",
-        description="starting | downloading | loading | training | evaluating | uploading | done | failed",
+        description="starting | downloading | loading | training | evaluating | merging | uploading | done | failed",
     )
     step: int = 0
     total_steps: int | None = None
