@@ -60,6 +60,7 @@ Obj = dict[str, Any]
 SIMULATE_ANNOTATION = "harness.loraops.dev/simulate"
 SIMULATE_AFTER_ANNOTATION = "harness.loraops.dev/simulate-after-seconds"
 TERMINATION_MESSAGE_LIMIT = 4096
+RETRY_INTERVAL = 0.5  # seconds between retries of image pulls / missing Secrets
 _MERGE = {"Content-Type": "application/merge-patch+json"}
 _STRATEGIC = {"Content-Type": "application/strategic-merge-patch+json"}
 _LIVE_GROUPS: set[int] = set()  # process groups still running, for the atexit net
@@ -823,8 +824,10 @@ class Kubelet:
             "startTime": started,
         }
         # 1. Image pulls and container config (env sources); both wait and retry.
+        attempts = 0
         while not run.terminating.is_set():
-            waiting = self._image_problem(containers)
+            attempts += 1
+            waiting = self._image_problem(containers, backoff=attempts > 1)
             reason, message = waiting if waiting else ("", "")
             env_by_container: dict[str, tuple[dict[str, str], dict[str, Path], Path]] = {}
             if not waiting:
@@ -852,10 +855,8 @@ class Kubelet:
                 },
             )
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(run.terminating.wait(), timeout=1.0)
+                await asyncio.wait_for(run.terminating.wait(), timeout=RETRY_INTERVAL)
             pod = self.pods.get(run.uid, pod)
-            if reason == "ErrImagePull":
-                reason = "ImagePullBackOff"
         if run.terminating.is_set():
             return
         # 2. Start every container.
@@ -907,12 +908,14 @@ class Kubelet:
             },
         )
 
-    def _image_problem(self, containers: list[Obj]) -> tuple[str, str] | None:
+    def _image_problem(self, containers: list[Obj], *, backoff: bool) -> tuple[str, str] | None:
         if self.image_pull_error is None:
             return None
         for container in containers:
             image = str(container.get("image", ""))
             if self.image_pull_error.search(image):
+                if backoff:
+                    return "ImagePullBackOff", f'Back-off pulling image "{image}"'
                 return (
                     "ErrImagePull",
                     f'failed to pull and unpack image "{image}": failed to resolve reference "{image}": '

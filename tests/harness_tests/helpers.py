@@ -111,7 +111,8 @@ class Http:
         return payload
 
     def watch(self, path: str, *, until: int, timeout: float = 10) -> list[dict[str, Any]]:
-        """Read `until` watch events from a watch URL (query string included)."""
+        """Read up to `until` watch events from a watch URL (query string included);
+        returns early with what arrived when the stream stays silent for `timeout`."""
         hdrs = {"Authorization": f"Bearer {self.token}"}
         response = self.pool.request("GET", self.base + path, headers=hdrs, preload_content=False, timeout=urllib3.Timeout(connect=5, read=timeout))
         events: list[dict[str, Any]] = []
@@ -123,6 +124,8 @@ class Http:
                 events.extend(json.loads(line) for line in lines if line.strip())
                 if len(events) >= until:
                     break
+        except (urllib3.exceptions.ReadTimeoutError, urllib3.exceptions.ProtocolError):
+            pass
         finally:
             response.release_conn()
         return events
