@@ -38,9 +38,7 @@ from lora_trainer.config import TrainerConfig
 from lora_trainer.protocol import AdapterInfo, ExitCode, Progress, TerminationMessage
 
 # Which FailureReason a scripted exit code reports.
-_REASONS = {
-    int(code): reason for reason, code in protocol.REASON_EXIT_CODES.items()
-}
+_REASONS = {int(code): reason for reason, code in protocol.REASON_EXIT_CODES.items()}
 
 
 class Fake:

@@ -1,0 +1,278 @@
+"""The real operator (`kopf run -m lorajob_operator.handlers`) against the API
+server emulator and the test kubelet, with the fake protocol trainer."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from lora_trainer.protocol import ExitCode
+
+from tests.operator.integration.conftest import GROUP, LIMITED_NAMESPACE, Cluster
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def reasons(cluster: Cluster, name: str, namespace: str = "default") -> list[str]:
+    return [e["reason"] for e in cluster.events(name, namespace)]
+
+
+def condition(status: dict[str, Any], ctype: str) -> dict[str, Any]:
+    return next(c for c in status.get("conditions", []) if c["type"] == ctype)
+
+
+def test_job_runs_to_success_with_progress_events_and_adapter(cluster: Cluster) -> None:
+    cluster.create_job("happy", script={"hold_at_step": 8})
+    running = cluster.wait_status(
+        "happy",
+        lambda s: s.get("phase") == "Running" and (s.get("progress") or {}).get("step", 0) >= 8,
+        "progress copied while running",
+    )
+    assert running["progress"]["totalSteps"] == 20
+    assert running["progress"]["percent"] == 40.0
+    assert running["lastCheckpoint"].endswith("checkpoint-5")
+    assert running["podName"] == "happy-1"
+    assert running["nodeName"] == "gpu-node-1"
+    cluster.release("happy")
+    done = cluster.wait_phase("happy", "Succeeded")
+    assert done["adapter"]["uri"] == "s3://adapters/default/happy"
+    assert done["adapter"]["manifestUri"].endswith("manifest.json")
+    assert done["progress"]["percent"] == 100.0
+    assert done["attempts"] == 1
+    assert done["observedGeneration"] == 1
+    assert done["completionTime"]
+    assert condition(done, "Succeeded")["status"] == "True"
+    events = reasons(cluster, "happy")
+    for reason in ("SpecValid", "PodCreated", "TrainerRunning", "Completed"):
+        assert reason in events
+    assert len(cluster.pods("happy")) == 1
+    # kopf's own bookkeeping lives in annotations, never in status.
+    job = cluster.job("happy") or {}
+    assert GROUP + "/finalizer" in job["metadata"].get("finalizers", [])
+    assert not any(k.startswith("kopf") for k in done)
+
+
+def test_permanent_failure_is_not_retried(cluster: Cluster) -> None:
+    cluster.create_job("baddata", script={"fail": {"1": int(ExitCode.INVALID_DATASET)}})
+    status = cluster.wait_phase("baddata", "Failed")
+    assert status["failureReason"] == "InvalidDataset"
+    assert "scripted failure" in status["failureMessage"]
+    assert status["hint"]
+    assert status["attempts"] == 1
+    assert status["failedAttempts"] == 1
+    assert len(cluster.pods("baddata")) == 1
+    assert "InvalidDataset" in reasons(cluster, "baddata")
+
+
+def test_retryable_failure_retries_and_resumes_from_checkpoint(cluster: Cluster) -> None:
+    cluster.create_job("flaky", script={"fail": {"1": int(ExitCode.TRANSIENT)}, "fail_at_step": 10})
+    status = cluster.wait_phase("flaky", "Succeeded")
+    assert status["attempts"] == 2
+    assert status["failedAttempts"] == 1
+    assert status.get("disruptions", 0) == 0
+    assert cluster.attempts_log("flaky") == [
+        "attempt=1 resumed_from=0",
+        "attempt=2 resumed_from=10",
+    ]
+    assert "StorageError" in reasons(cluster, "flaky")
+
+
+def test_backoff_limit_exceeded(cluster: Cluster) -> None:
+    script = {"fail": {"1": int(ExitCode.INTERNAL), "2": int(ExitCode.INTERNAL)}}
+    cluster.create_job("doomed", script=script, backoffLimit=1)
+    status = cluster.wait_phase("doomed", "Failed")
+    assert status["failureReason"] == "BackoffLimitExceeded"
+    assert status["failedAttempts"] == 2
+    assert len(cluster.pods("doomed")) == 2
+
+
+def test_eviction_resumes_without_counting_a_failure(cluster: Cluster) -> None:
+    cluster.create_job("evicted", script={"hold_at_step": 7})
+    cluster.wait_status(
+        "evicted", lambda s: (s.get("progress") or {}).get("step", 0) >= 7, "step 7"
+    )
+    assert cluster.cp.kubelet is not None
+    cluster.cp.kubelet.evict("default", "evicted-1")
+    status = cluster.wait_status(
+        "evicted", lambda s: s.get("attempts") == 2 and s.get("phase") == "Running", "attempt 2"
+    )
+    assert status["disruptions"] == 1
+    assert status.get("failedAttempts", 0) == 0
+    cluster.release("evicted")
+    status = cluster.wait_phase("evicted", "Succeeded")
+    assert status.get("failedAttempts", 0) == 0
+    # The SIGTERMed trainer checkpointed at step 7; attempt 2 went on from there.
+    assert cluster.attempts_log("evicted")[-1] == "attempt=2 resumed_from=7"
+    assert "Evicted" in reasons(cluster, "evicted")
+
+
+def test_delete_removes_pods_and_finalizer(cluster: Cluster) -> None:
+    cluster.create_job("doomed-by-user", script={"hold_at_step": 3})
+    cluster.wait_phase("doomed-by-user", "Running")
+    cluster.cp.kubectl("delete", f"lorajobs.{GROUP}", "doomed-by-user", "--wait=false")
+    cluster.cp.wait_for(
+        lambda: cluster.job("doomed-by-user") is None and not cluster.pods("doomed-by-user"),
+        timeout=30,
+        message="job and pods gone",
+    )
+
+
+def test_suspend_and_resume(cluster: Cluster) -> None:
+    cluster.create_job("pausable", script={"hold_at_step": 6})
+    cluster.wait_status(
+        "pausable", lambda s: (s.get("progress") or {}).get("step", 0) >= 6, "step 6"
+    )
+    cluster.patch_job("pausable", {"spec": {"suspend": True}})
+    status = cluster.wait_phase("pausable", "Suspended")
+    cluster.cp.wait_for(lambda: not cluster.pods("pausable"), message="pod deleted on suspend")
+    assert condition(status, "Suspended")["reason"] == "SuspendedByUser"
+    # While suspended the spec may change; the next attempt runs it.
+    cluster.patch_job(
+        "pausable", {"spec": {"training": {"maxSteps": 12, "checkpointEverySteps": 5}}}
+    )
+    cluster.release("pausable")
+    cluster.patch_job("pausable", {"spec": {"suspend": False}})
+    status = cluster.wait_phase("pausable", "Succeeded")
+    assert status["attempts"] == 2
+    assert status.get("failedAttempts", 0) == 0
+    assert status.get("disruptions", 0) == 0
+    assert status["progress"]["step"] == 12
+    assert cluster.attempts_log("pausable")[-1] == "attempt=2 resumed_from=6"
+    assert {"SuspendedByUser", "Resumed"} <= set(reasons(cluster, "pausable"))
+
+
+def test_spec_change_while_running_is_rejected(cluster: Cluster) -> None:
+    cluster.create_job("steady", script={"hold_at_step": 2})
+    cluster.wait_phase("steady", "Running")
+    cluster.patch_job("steady", {"spec": {"training": {"maxSteps": 99}}})
+    status = cluster.wait_status(
+        "steady",
+        lambda s: (
+            s.get("observedGeneration") == 2
+            and condition(s, "Accepted")["reason"] == "SpecChangeRejected"
+        ),
+        "change rejected",
+    )
+    assert condition(status, "Accepted")["status"] == "False"
+    assert "suspend" in condition(status, "Accepted")["message"]
+    cluster.release("steady")
+    status = cluster.wait_phase("steady", "Succeeded")
+    assert status["progress"]["step"] == 20  # the old spec kept running
+    assert "SpecChangeRejected" in reasons(cluster, "steady")
+
+
+def test_operator_restart_mid_job(cluster: Cluster) -> None:
+    cluster.create_job("survivor", script={"hold_at_step": 4})
+    cluster.wait_status(
+        "survivor", lambda s: (s.get("progress") or {}).get("step", 0) >= 4, "step 4"
+    )
+    cluster.cp.stop_operator()
+    try:
+        cluster.release("survivor")
+        # The trainer finishes while no operator is watching.
+        cluster.cp.wait_for(
+            lambda: any(p["status"].get("phase") == "Succeeded" for p in cluster.pods("survivor")),
+            message="pod finished",
+        )
+    finally:
+        cluster.cp.start_operator()
+    status = cluster.wait_phase("survivor", "Succeeded")
+    assert status["attempts"] == 1
+    assert len(cluster.pods("survivor")) == 1
+    assert reasons(cluster, "survivor").count("PodCreated") == 1
+    assert reasons(cluster, "survivor").count("Completed") == 1
+
+
+def test_operator_restart_while_pod_vanishes(cluster: Cluster) -> None:
+    cluster.create_job("orphaned", script={"hold_at_step": 4})
+    cluster.wait_status(
+        "orphaned", lambda s: (s.get("progress") or {}).get("step", 0) >= 4, "step 4"
+    )
+    cluster.cp.stop_operator()
+    try:
+        cluster.cp.kubectl("delete", "pod", "orphaned-1", "--wait=true")
+    finally:
+        cluster.cp.start_operator()
+    status = cluster.wait_status("orphaned", lambda s: s.get("attempts") == 2, "attempt 2")
+    assert status["disruptions"] == 1
+    cluster.release("orphaned")
+    status = cluster.wait_phase("orphaned", "Succeeded")
+    assert status.get("failedAttempts", 0) == 0
+    assert [p["metadata"]["name"] for p in cluster.pods("orphaned")] == ["orphaned-2"]
+
+
+def test_invalid_spec_fails_without_pod(cluster: Cluster) -> None:
+    # Passes the CRD schema, fails the operator's cross-field rule.
+    cluster.create_job("invalid", storage={"endpoint": "https://s3.example.com"})
+    status = cluster.wait_phase("invalid", "Failed")
+    assert status["failureReason"] == "InvalidSpec"
+    assert "spec.storage.credentialsSecret" in status["failureMessage"]
+    assert cluster.pods("invalid") == []
+    events = cluster.events("invalid")
+    assert [(e["type"], e["reason"]) for e in events] == [("Warning", "InvalidSpec")]
+
+
+def test_missing_secret_waits_then_starts(cluster: Cluster) -> None:
+    cluster.create_job("needs-secret", storage={"credentialsSecret": "s3-creds"})
+    status = cluster.wait_phase("needs-secret", "Queued")
+    queued = condition(status, "Queued")
+    assert queued["reason"] == "SecretNotFound"
+    assert "s3-creds" in queued["message"]
+    assert cluster.pods("needs-secret") == []
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "s3-creds", "namespace": "default"},
+        "stringData": {"AWS_ACCESS_KEY_ID": "AKIAFAKE", "AWS_SECRET_ACCESS_KEY": "hunter2-secret"},
+    }
+    cluster.apply(secret)
+    status = cluster.wait_phase("needs-secret", "Succeeded")
+    dump = json.dumps(status) + json.dumps(cluster.events("needs-secret"))
+    assert "hunter2-secret" not in dump
+
+
+def test_quota_exceeded_queues_then_starts(cluster: Cluster) -> None:
+    ns = "quota-team"
+    cluster.cp.kubectl("create", "namespace", ns)
+    quota: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "gpus", "namespace": ns},
+        "spec": {"hard": {"requests.nvidia.com/gpu": "0"}},
+    }
+    cluster.apply(quota)
+    cluster.create_job("squeezed", namespace=ns)
+    status = cluster.wait_phase("squeezed", "Queued", namespace=ns)
+    queued = condition(status, "Queued")
+    assert queued["reason"] == "QuotaExceeded"
+    assert "exceeded quota" in queued["message"]
+    assert status.get("attempts", 0) == 0
+    quota["spec"]["hard"]["requests.nvidia.com/gpu"] = "1"
+    cluster.apply(quota)
+    status = cluster.wait_phase("squeezed", "Succeeded", namespace=ns)
+    assert status["attempts"] == 1
+
+
+def test_concurrency_limit_queues_second_job(cluster: Cluster) -> None:
+    ns = LIMITED_NAMESPACE
+    cluster.cp.kubectl("create", "namespace", ns)
+    cluster.create_job("first", namespace=ns, script={"hold_at_step": 2})
+    cluster.wait_phase("first", "Running", namespace=ns)
+    cluster.create_job("second", namespace=ns)
+    status = cluster.wait_phase("second", "Queued", namespace=ns)
+    assert condition(status, "Queued")["reason"] == "ConcurrencyLimit"
+    assert cluster.pods("second", ns) == []
+    cluster.release("first", ns)
+    cluster.wait_phase("first", "Succeeded", namespace=ns)
+    cluster.wait_phase("second", "Succeeded", namespace=ns)
+
+
+def test_metrics_are_served(cluster: Cluster) -> None:
+    cluster.create_job("measured")
+    cluster.wait_phase("measured", "Succeeded")
+    text = cluster.metrics()
+    assert 'lorajob_jobs{phase="Succeeded"}' in text
+    assert "lorajob_attempts_total" in text
+    assert "lorajob_reconcile_duration_seconds_bucket" in text
+    assert "lorajob_job_duration_seconds_count" in text
