@@ -1,0 +1,236 @@
+"""Progress rate limiting and reading, metrics, Events and the admission review."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from lora_trainer.protocol import Progress
+from lorajob_operator import api
+from lorajob_operator.events import build_event
+from lorajob_operator.metrics import Metrics
+from lorajob_operator.policy import Policy
+from lorajob_operator.progress import ProgressError, ProgressReader, status_progress
+from lorajob_operator.reconcile import Tally
+from lorajob_operator.settings import load_settings
+from lorajob_operator.webhook import review
+from prometheus_client import generate_latest
+
+from tests.operator.runtime.kubefakes import SPEC, at, job, stamp
+
+# --------------------------------------------------------------------------- progress
+
+
+def test_status_progress_first_write_and_fields() -> None:
+    p = Progress(stage="training", step=5, total_steps=20, loss=1.23456, eval_loss=float("nan"))
+    out = status_progress(p, None, at(0), 5)
+    assert out == {
+        "stage": "training",
+        "step": 5,
+        "totalSteps": 20,
+        "percent": 25.0,
+        "loss": 1.2346,
+        "lastUpdated": stamp(at(0)),
+    }
+
+
+def test_status_progress_only_when_changed() -> None:
+    p = Progress(stage="training", step=5, total_steps=20, tokens_per_second=100.0)
+    first = status_progress(p, None, at(0), 5)
+    assert first is not None
+    jitter = p.model_copy(update={"tokens_per_second": 120.0, "eta_seconds": 3.0})
+    assert status_progress(jitter, first, at(60), 5) is None
+
+
+def test_status_progress_is_rate_limited() -> None:
+    first = status_progress(Progress(step=1, total_steps=10), None, at(0), 5)
+    nxt = Progress(step=2, total_steps=10)
+    assert status_progress(nxt, first, at(4), 5) is None
+    later = status_progress(nxt, first, at(5), 5)
+    assert later is not None
+    assert later["step"] == 2
+
+
+def test_status_progress_without_total_has_no_percent() -> None:
+    out = status_progress(Progress(step=3), None, at(0), 0)
+    assert out is not None
+    assert "percent" not in out
+
+
+@pytest.fixture
+def trainer_http() -> Iterator[tuple[int, dict[str, Any]]]:
+    state: dict[str, Any] = {"status": 200, "body": Progress(step=7, total_steps=9).to_json()}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = str(state["body"]).encode()
+            self.send_response(int(state["status"]))
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1], state
+    server.shutdown()
+    server.server_close()
+
+
+def test_progress_reader(trainer_http: tuple[int, dict[str, Any]]) -> None:
+    port, state = trainer_http
+
+    async def scenario() -> None:
+        reader = ProgressReader(port, timeout=2)
+        try:
+            progress = await reader.read("127.0.0.1")
+            assert progress.step == 7
+            state["status"] = 503
+            with pytest.raises(ProgressError, match="503"):
+                await reader.read("127.0.0.1")
+            state["status"], state["body"] = 200, "{not json"
+            with pytest.raises(ProgressError, match="malformed"):
+                await reader.read("127.0.0.1")
+        finally:
+            await reader.close()
+
+    asyncio.run(scenario())
+
+
+def test_progress_reader_unreachable() -> None:
+    async def scenario() -> None:
+        reader = ProgressReader(1, timeout=1)
+        try:
+            with pytest.raises(ProgressError):
+                await reader.read("127.0.0.1")
+        finally:
+            await reader.close()
+
+    asyncio.run(scenario())
+
+
+def test_progress_url_ipv6() -> None:
+    assert ProgressReader(8080).url("fd00::5") == "http://[fd00::5]:8080/progress"
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_metrics_record_tallies_and_phases() -> None:
+    m = Metrics()
+    m.set_phase("ns", "a", "Running")
+    m.set_phase("ns", "b", "Running")
+    m.set_phase("ns", "c", "Failed")
+    m.forget("ns", "b")
+    m.record(
+        [
+            Tally("attempt", "PodCreated"),
+            Tally("disruption", "Evicted"),
+            Tally("attempt_failure", "StorageError"),
+            Tally("failure", "BackoffLimitExceeded"),
+            Tally("finished", "Failed", 3600.0),
+        ]
+    )
+    m.progress_poll_errors.inc()
+    text = generate_latest(m.registry).decode()
+    assert 'lorajob_jobs{phase="Running"} 1.0' in text
+    assert 'lorajob_jobs{phase="Failed"} 1.0' in text
+    assert 'lorajob_jobs{phase="Succeeded"} 0.0' in text
+    assert 'lorajob_attempts_total{kind="PodCreated"} 1.0' in text
+    assert 'lorajob_disruptions_total{reason="Evicted"} 1.0' in text
+    assert 'lorajob_attempt_failures_total{reason="StorageError"} 1.0' in text
+    assert 'lorajob_failures_total{reason="BackoffLimitExceeded"} 1.0' in text
+    assert 'lorajob_job_duration_seconds_count{phase="Failed"} 1.0' in text
+    assert "lorajob_progress_poll_errors_total 1.0" in text
+
+
+# --------------------------------------------------------------------------- events
+
+
+def test_event_names_the_job_and_scrubs_secrets() -> None:
+    body = build_event(
+        job(), "Warning", "CredentialsError", "denied for AKIAABCDEFGHIJKLMNOP secret=xyz", at(1)
+    )
+    assert body["involvedObject"]["kind"] == api.KIND
+    assert body["involvedObject"]["uid"] == job()["metadata"]["uid"]
+    assert body["type"] == "Warning"
+    assert body["reason"] == "CredentialsError"
+    assert "AKIAABCDEFGHIJKLMNOP" not in body["message"]
+    assert "xyz" not in body["message"]
+    assert body["metadata"]["generateName"] == "tune."
+    assert len(build_event(job(), "Normal", "X", "m" * 5000, at(1))["message"]) <= 1024
+
+
+# --------------------------------------------------------------------------- webhook
+
+SETTINGS = load_settings()
+
+
+def test_review_accepts_valid_create() -> None:
+    assert review("CREATE", job(), None, "team-a", SETTINGS) is None
+
+
+def test_review_rejects_invalid_spec_naming_the_field() -> None:
+    bad = job(spec={**SPEC, "training": {"learningRate": -1}})
+    problem = review("CREATE", bad, None, "team-a", SETTINGS)
+    assert problem is not None
+    assert "spec.training.learningRate" in problem
+
+
+def test_review_rejects_policy_violation() -> None:
+    settings = load_settings(policy=Policy(max_gpus_per_job=0))
+    problem = review("CREATE", job(), None, "team-a", settings)
+    assert problem is not None
+    assert "policy" in problem
+
+
+def _running(spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    spec = spec or SPEC
+    return job(
+        spec=spec,
+        status={"phase": "Running", "specHash": api.spec_hash(api.parse_spec(spec))},
+    )
+
+
+def test_review_rejects_spec_change_of_running_job() -> None:
+    new = job(spec={**SPEC, "training": {"maxSteps": 99}})
+    problem = review("UPDATE", new, _running(), "team-a", SETTINGS)
+    assert problem is not None
+    assert "suspend" in problem
+
+
+def test_review_allows_suspend_and_control_fields_while_running() -> None:
+    assert review("UPDATE", job(spec={**SPEC, "suspend": True}), _running(), "a", SETTINGS) is None
+    assert (
+        review("UPDATE", job(spec={**SPEC, "backoffLimit": 9}), _running(), "a", SETTINGS) is None
+    )
+
+
+def test_review_allows_spec_change_while_suspended() -> None:
+    old = _running({**SPEC, "suspend": True})
+    old["status"]["phase"] = "Suspended"
+    new = job(spec={**SPEC, "suspend": True, "training": {"maxSteps": 99}})
+    assert review("UPDATE", new, old, "a", SETTINGS) is None
+
+
+def test_review_rejects_change_of_finished_job() -> None:
+    old = _running()
+    old["status"]["phase"] = "Succeeded"
+    new = job(spec={**SPEC, "training": {"maxSteps": 99}})
+    problem = review("UPDATE", new, old, "a", SETTINGS)
+    assert problem is not None
+    assert "finished" in problem
+
+
+def test_review_ignores_metadata_only_updates_and_deletes() -> None:
+    old = _running()
+    assert review("UPDATE", json.loads(json.dumps(old)), old, "a", SETTINGS) is None
+    assert review("DELETE", old, old, "a", SETTINGS) is None
