@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -12,6 +14,7 @@ from lora_trainer.checkpoints import find_latest, list_complete, publish, restor
 from lora_trainer.errors import (
     ConfigError,
     CredentialsError,
+    Interrupted,
     OutOfMemory,
     StorageError,
     TrainerError,
@@ -28,6 +31,7 @@ from lora_trainer.protocol import (
     TerminationMessage,
 )
 from lora_trainer.reporting import encode, failure_message, write_termination_message
+from lora_trainer.signals import StopRequest
 from lora_trainer.storage import Storage
 
 
@@ -146,3 +150,24 @@ def test_checkpoint_publish_find_restore_prune(tmp_path: Path) -> None:
     assert (restored / "adapter_model.safetensors").read_bytes() == b"w" * 6
     assert not (restored / "COMPLETE").exists()
     assert find_latest(storage, str(tmp_path / "nothing")) is None
+
+
+def test_sigterm_before_training_interrupts_at_once() -> None:
+    old = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        stop = StopRequest().install()
+        with pytest.raises(Interrupted) as err:
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.sigtimedwait([], 0.1)  # let the handler run
+        assert err.value.exit_code == ExitCode.INTERRUPTED
+        assert stop.requested
+
+        # During training the signal only asks the loop to checkpoint and stop.
+        stop = StopRequest().install()
+        stop.training = True
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested
+        assert stop.signal_name == "SIGTERM"
+    finally:
+        signal.signal(signal.SIGTERM, old[0])
+        signal.signal(signal.SIGINT, old[1])
