@@ -191,12 +191,15 @@ class ApiHandlers:
         self.token = token
         self.webhooks = WebhookAdmission(store)
         self._client: aiohttp.ClientSession | None = None
+        self._streams: set[asyncio.Task[Any]] = set()  # watch / log handlers, cancelled on stop
         store.sync_admission.append(quota_admission)
         store.async_admission.append(self.webhooks)
         store.after_commit.append(_crd_lifecycle)
         store.after_commit.append(refresh_quota_status)
 
     async def close(self) -> None:
+        for task in list(self._streams):
+            task.cancel()
         await self.webhooks.close()
         if self._client is not None:
             await self._client.close()
@@ -341,6 +344,9 @@ class ApiHandlers:
             return response
         if send_initial:
             watcher.queue.put_nowait(("BOOKMARK", self._bookmark(resource, initial_end=True)))
+        task = asyncio.current_task()
+        if task is not None:
+            self._streams.add(task)
         await response.prepare(request)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -385,6 +391,8 @@ class ApiHandlers:
             pass
         finally:
             self.store.unwatch(resource, watcher)
+            if task is not None:
+                self._streams.discard(task)
         return response
 
     def _bookmark(self, resource: ResourceType, *, initial_end: bool = False) -> Entry:
@@ -719,10 +727,14 @@ class ApiServer:
     async def _start_async(self) -> int:
         self.store = Store()
         app, self._handlers = build_app(self.store, self.token)
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
         site = web.TCPSite(
-            self._runner, "127.0.0.1", self._requested_port, backlog=1024, ssl_context=self.tls.server_context()
+            self._runner,
+            "127.0.0.1",
+            self._requested_port,
+            backlog=1024,
+            ssl_context=self.tls.server_context(),
         )
         await site.start()
         server = site._server  # noqa: SLF001 - the only way to read the bound port

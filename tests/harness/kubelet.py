@@ -879,19 +879,23 @@ class Kubelet:
         waits = [asyncio.ensure_future(self._wait_exit(c)) for c in run.containers.values()]
         terminating = asyncio.ensure_future(run.terminating.wait())
         oom = asyncio.ensure_future(asyncio.sleep(after)) if simulate == "OOMKilled" else None
-        pending: set[asyncio.Future[Any]] = {*waits, terminating, *([oom] if oom else [])}
-        while any(not w.done() for w in waits):
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            if oom is not None and oom in done:
-                for container in run.containers.values():
-                    container.oom_killed = True
-                    self._signal(container, signal.SIGKILL)
-            if terminating in done:
-                await self._terminate(run, pod)
-                break
-        await asyncio.gather(*waits, return_exceptions=True)
-        for future in pending:
-            future.cancel()
+        helpers: list[asyncio.Future[Any]] = [*waits, terminating, *([oom] if oom else [])]
+        pending: set[asyncio.Future[Any]] = set(helpers)
+        try:
+            while any(not w.done() for w in waits):
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if oom is not None and oom in done:
+                    for container in run.containers.values():
+                        container.oom_killed = True
+                        self._signal(container, signal.SIGKILL)
+                if terminating in done:
+                    await self._terminate(run, pod)
+                    break
+            await asyncio.gather(*waits, return_exceptions=True)
+        finally:
+            for future in helpers:
+                future.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
         if run.killed_for_node_loss:
             return
         # 4. Final status.
