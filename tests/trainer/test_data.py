@@ -218,3 +218,25 @@ def test_messages_need_a_chat_template() -> None:
     bare.chat_template = None
     with pytest.raises(DatasetError, match="needs a chat template"):
         tokenize(examples, bare, completion_only=True)
+
+
+def test_directory_with_splits_uses_the_train_split(tmp_path: Path) -> None:
+    write_dataset(tmp_path / "repo" / "data" / "train-00000.parquet", "text", n=3)
+    write_dataset(tmp_path / "repo" / "data" / "test-00000.parquet", "text", n=5)
+    write_dataset(tmp_path / "repo" / "validation.jsonl", "text", n=7)
+    assert len(load_records(tmp_path / "repo")) == 3
+
+
+def test_chat_template_errors_name_the_record() -> None:
+    strict = build_tokenizer()
+    strict.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('system messages are not supported') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}"
+    )
+    rows = make_records("messages", 3)
+    _, examples = convert(_records(rows, "chat.jsonl"), "messages")
+    with pytest.raises(
+        DatasetError, match=r"chat\.jsonl record 1: the model's chat template rejected"
+    ):
+        tokenize(examples, strict, completion_only=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,7 @@ class Example:
     prompt: str | None = None
     completion: str | None = None
     messages: tuple[tuple[str, str], ...] | None = None
+    where: str = ""  # "train.jsonl record 12", for errors found while tokenizing
 
 
 @dataclass
@@ -142,12 +144,26 @@ def _data_files(path: Path) -> list[Path]:
             )
         return [path]
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUPPORTED_SUFFIXES)
+    # A dataset repository often ships its splits side by side (data/train-*.parquet,
+    # data/test-*.parquet): train on the train split only.
+    train = [p for p in files if _split_of(p.relative_to(path)) == "train"]
+    if train:
+        files = train
     if not files:
         raise DatasetError(
             f"no .jsonl, .json or .parquet files under {path.name}/",
             hint="Point spec.dataset.uri at a data file or a prefix that contains some.",
         )
     return files
+
+
+_SPLIT_RE = re.compile(r"(?:^|[/_.\-])(train|test|validation|valid|eval|dev)(?=[/_.\-]|$)")
+
+
+def _split_of(rel: Path) -> str | None:
+    """The split a file's path names ("train", "test", ...), if any."""
+    found = _SPLIT_RE.findall(rel.as_posix().lower())
+    return found[-1] if found else None
 
 
 def _read_file(f: Path, root: Path) -> list[Record]:
@@ -240,7 +256,7 @@ def _need_str(r: Record, key: str, fmt: str, *, allow_empty: bool = False) -> st
 
 
 def _text(r: Record) -> Example:
-    return Example(text=_need_str(r, "text", "text"))
+    return Example(text=_need_str(r, "text", "text"), where=r.where)
 
 
 def _alpaca(r: Record) -> Example:
@@ -250,12 +266,15 @@ def _alpaca(r: Record) -> Example:
     if not isinstance(inp, str):
         raise DatasetError(f"{r.where}: alpaca 'input' must be a string, got {type(inp).__name__}")
     template = ALPACA_PROMPT if inp.strip() else ALPACA_PROMPT_NO_INPUT
-    return Example(prompt=template.format(instruction=instruction, input=inp), completion=output)
+    return Example(
+        prompt=template.format(instruction=instruction, input=inp), completion=output, where=r.where
+    )
 
 
 def _prompt_completion(r: Record) -> Example:
     prompt = _need_str(r, "prompt", "prompt_completion")
-    return Example(prompt=prompt, completion=_need_str(r, "completion", "prompt_completion"))
+    completion = _need_str(r, "completion", "prompt_completion")
+    return Example(prompt=prompt, completion=completion, where=r.where)
 
 
 def _messages(r: Record) -> Example:
@@ -285,7 +304,7 @@ def _messages(r: Record) -> Example:
         out.append((role, content))
     if not any(role == "assistant" for role, _ in out):
         raise DatasetError(f"{r.where}: the conversation has no assistant message to learn from")
-    return Example(messages=tuple(out))
+    return Example(messages=tuple(out), where=r.where)
 
 
 _CONVERTERS = {
@@ -328,7 +347,7 @@ def tokenize(
         )
     for ex in examples:
         if ex.messages is not None:
-            ids, mask, exact = _tokenize_chat(ex.messages, tokenizer)
+            ids, mask, exact = _tokenize_chat(ex.messages, tokenizer, ex.where)
             if not exact and not warned:
                 log.warning(
                     "the chat template does not render conversations prefix-stably; "
@@ -356,17 +375,26 @@ def _encode(tokenizer: Any, text: str, *, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def _render(tokenizer: Any, messages: Sequence[tuple[str, str]], *, gen_prompt: bool) -> str:
-    rendered = tokenizer.apply_chat_template(
-        [{"role": r, "content": c} for r, c in messages],
-        tokenize=False,
-        add_generation_prompt=gen_prompt,
-    )
+def _render(
+    tokenizer: Any, messages: Sequence[tuple[str, str]], *, gen_prompt: bool, where: str
+) -> str:
+    try:
+        rendered = tokenizer.apply_chat_template(
+            [{"role": r, "content": c} for r, c in messages],
+            tokenize=False,
+            add_generation_prompt=gen_prompt,
+        )
+    except Exception as e:  # jinja2 raises whatever the template's raise_exception says
+        raise DatasetError(
+            f"{where}: the model's chat template rejected this conversation: {e}",
+            hint="Many templates require alternating user/assistant turns, optionally after "
+            "one leading system message.",
+        ) from e
     return str(rendered)
 
 
 def _tokenize_chat(
-    messages: Sequence[tuple[str, str]], tokenizer: Any
+    messages: Sequence[tuple[str, str]], tokenizer: Any, where: str
 ) -> tuple[list[int], list[int], bool]:
     """Tokenize a conversation; mask = assistant turns. `exact` False = fell back to all."""
     if not getattr(tokenizer, "chat_template", None):
@@ -375,14 +403,14 @@ def _tokenize_chat(
             hint="Use an instruct/chat model whose tokenizer_config.json has a chat_template, "
             "or convert the records to prompt/completion.",
         )
-    full = _render(tokenizer, messages, gen_prompt=False)
+    full = _render(tokenizer, messages, gen_prompt=False, where=where)
     spans: list[tuple[int, int]] = []
     exact = True
     for i, (role, _) in enumerate(messages):
         if role != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], gen_prompt=True) if i else ""
-        upto = _render(tokenizer, messages[: i + 1], gen_prompt=False)
+        before = _render(tokenizer, messages[:i], gen_prompt=True, where=where) if i else ""
+        upto = _render(tokenizer, messages[: i + 1], gen_prompt=False, where=where)
         if not (full.startswith(upto) and upto.startswith(before)):
             exact = False
             break
