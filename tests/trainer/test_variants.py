@@ -66,7 +66,7 @@ def test_packed_rows_do_not_attend_across_records(tiny_model_dir: Path) -> None:
     """The padding-free collator + sdpa give each packed record exactly its solo logits."""
     model = AutoModelForCausalLM.from_pretrained(
         tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa"
-    ).eval()
+    ).eval()  # type: ignore[no-untyped-call]
     first, second = [5, 17, 42, 9, 33], [8, 61, 12, 90]
     collator = DataCollatorForLanguageModeling(pad_token_id=1, padding_free=True)
     packed = collator([{"input_ids": first + second, "seq_lengths": [len(first), len(second)]}])
