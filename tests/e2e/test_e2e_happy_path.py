@@ -64,10 +64,11 @@ def test_job_succeeds_and_the_adapter_loads_with_peft(cluster: Cluster, tmp_path
     assert len(weights) == adapter["size"]
 
     # It is a PEFT adapter for the base model: load it, check it was trained, run it.
-    import torch
-    from peft import PeftModel
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    # (Imported here: collecting the suite must not pay for the training stack.)
+    import torch  # noqa: PLC0415
+    from peft import PeftModel  # noqa: PLC0415
+    from safetensors.torch import load_file  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
     config = json.loads((local / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"
@@ -82,8 +83,9 @@ def test_job_succeeds_and_the_adapter_loads_with_peft(cluster: Cluster, tmp_path
     tokenizer = AutoTokenizer.from_pretrained(str(local))
     batch = tokenizer("What colour is the sky?", return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=4, do_sample=False)
-    assert out.shape[1] > batch["input_ids"].shape[1]
+        logits = model(**batch).logits
+    assert logits.shape[:2] == batch["input_ids"].shape
+    assert bool(torch.isfinite(logits).all())
 
     # What users see with kubectl.
     table = cluster.kubectl("get", "lj", "happy").stdout
