@@ -23,6 +23,8 @@ REPO = HERE.parents[2]
 GROUP = "finetune.loraops.dev"
 # A namespace whose concurrency limit is 1 (see LORAJOB_POLICY below).
 LIMITED_NAMESPACE = "limited"
+# Images matching this fail to pull in the test kubelet.
+PULL_ERROR_IMAGE = "registry.example.com/missing"
 
 BASE_SPEC: dict[str, Any] = {
     "model": {"uri": "s3://models/tiny-llama"},
@@ -157,6 +159,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         operator=True,
         operator_env=operator_env,
         kubelet_env=kubelet_env,
+        image_pull_error_pattern=PULL_ERROR_IMAGE,
     ) as cp:
         yield Cluster(cp, fake_dir, metrics_port)
         if "-v" in sys.argv:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from lora_trainer.protocol import ExitCode
 
-from tests.operator.integration.conftest import GROUP, LIMITED_NAMESPACE, Cluster
+from tests.operator.integration.conftest import GROUP, LIMITED_NAMESPACE, PULL_ERROR_IMAGE, Cluster
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -266,6 +266,33 @@ def test_concurrency_limit_queues_second_job(cluster: Cluster) -> None:
     cluster.release("first", ns)
     cluster.wait_phase("first", "Succeeded", namespace=ns)
     cluster.wait_phase("second", "Succeeded", namespace=ns)
+
+
+def test_active_deadline_stops_the_job(cluster: Cluster) -> None:
+    cluster.create_job("slowpoke", script={"hold_at_step": 3}, activeDeadlineSeconds=2)
+    status = cluster.wait_phase("slowpoke", "Failed")
+    assert status["failureReason"] == "DeadlineExceeded"
+    cluster.cp.wait_for(
+        lambda: all(p["status"].get("phase") in ("Failed", None) for p in cluster.pods("slowpoke")),
+        message="pod stopped",
+    )
+    assert status["attempts"] == 1
+
+
+def test_ttl_after_finished_deletes_the_job(cluster: Cluster) -> None:
+    cluster.create_job("ephemeral", ttlSecondsAfterFinished=1)
+    cluster.cp.wait_for(
+        lambda: cluster.job("ephemeral") is None and not cluster.pods("ephemeral"),
+        message="job deleted after its TTL",
+    )
+
+
+def test_image_pull_error_fails_without_retry(cluster: Cluster) -> None:
+    cluster.create_job("unpullable", image=f"{PULL_ERROR_IMAGE}:1.0")
+    status = cluster.wait_phase("unpullable", "Failed")
+    assert status["failureReason"] == "ImagePullError"
+    assert status["attempts"] == 1
+    cluster.cp.wait_for(lambda: not cluster.pods("unpullable"), message="stuck pod deleted")
 
 
 def test_metrics_are_served(cluster: Cluster) -> None:
