@@ -39,7 +39,7 @@ from tests.harness.kube_protobuf import PROTOBUF, ProtobufError
 from tests.harness.kube_protobuf import decode as decode_protobuf
 from tests.harness.kube_resources import ResourceType
 from tests.harness.kube_selectors import SelectorError, parse_field_selector, parse_label_selector
-from tests.harness.kube_store import DeleteOptions, Entry, Obj, Store, Watcher, encode, now_rfc3339
+from tests.harness.kube_store import DeleteOptions, Entry, Obj, Store, encode, now_rfc3339
 from tests.harness.kube_table import table
 from tests.harness.kube_tls import make_tls
 from tests.harness.kubeconfig import write_kubeconfig
@@ -64,7 +64,13 @@ def _error_response(error: errors.ApiError) -> web.Response:
 
 
 def _success_status(code: int = 200, details: dict[str, Any] | None = None) -> dict[str, Any]:
-    body: dict[str, Any] = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": code}
+    body: dict[str, Any] = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Success",
+        "code": code,
+    }
     if details:
         body["details"] = details
     return body
@@ -94,7 +100,7 @@ def _flag(request: web.Request, name: str) -> bool:
 
 
 # ------------------------------------------------------------------- discovery
-def _api_versions(store: Store) -> Obj:
+def _api_versions() -> Obj:
     return {
         "kind": "APIVersions",
         "versions": ["v1"],
@@ -104,7 +110,13 @@ def _api_versions(store: Store) -> Obj:
 
 def _group(name: str, versions: list[str]) -> Obj:
     entries = [{"groupVersion": f"{name}/{v}", "version": v} for v in versions]
-    return {"kind": "APIGroup", "apiVersion": "v1", "name": name, "versions": entries, "preferredVersion": entries[0]}
+    return {
+        "kind": "APIGroup",
+        "apiVersion": "v1",
+        "name": name,
+        "versions": entries,
+        "preferredVersion": entries[0],
+    }
 
 
 def _group_list(store: Store) -> Obj:
@@ -125,7 +137,9 @@ def _resource_list(store: Store, group: str, version: str) -> Obj:
 class _Target:
     """A parsed resource URL."""
 
-    def __init__(self, resource: ResourceType, namespace: str | None, name: str | None, sub: str | None) -> None:
+    def __init__(
+        self, resource: ResourceType, namespace: str | None, name: str | None, sub: str | None
+    ) -> None:
         self.resource = resource
         self.namespace = namespace
         self.name = name
@@ -138,7 +152,7 @@ def _parse_path(store: Store, parts: list[str]) -> _Target | Obj:
     if parts[0] == "api":
         group, rest = "", parts[1:]
         if not rest:
-            return _api_versions(store)
+            return _api_versions()
     else:
         if len(parts) == 1:
             return _group_list(store)
@@ -146,13 +160,19 @@ def _parse_path(store: Store, parts: list[str]) -> _Target | Obj:
         if not rest:
             versions = store.group_versions().get(group)
             if not versions:
-                raise errors.ApiError(404, "NotFound", "the server could not find the requested resource")
+                raise errors.ApiError(
+                    404, "NotFound", "the server could not find the requested resource"
+                )
             return _group(group, versions)
     version, rest = rest[0], rest[1:]
     if not rest:
         return _resource_list(store, group, version)
     namespace: str | None = None
-    if rest[0] == "namespaces" and len(rest) >= 3 and not (len(rest) == 3 and rest[2] in ("status", "finalize")):
+    if (
+        rest[0] == "namespaces"
+        and len(rest) >= 3
+        and not (len(rest) == 3 and rest[2] in ("status", "finalize"))
+    ):
         namespace, rest = rest[1], rest[2:]
     resource = store.resource(group, version, rest[0])
     if namespace is not None and not resource.namespaced:
@@ -208,9 +228,9 @@ class ApiHandlers:
     async def middleware(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if request.path not in _UNAUTHENTICATED_PATHS:
-            if request.headers.get("Authorization", "") != f"Bearer {self.token}":
-                return _error_response(errors.ApiError(401, "Unauthorized", "Unauthorized"))
+        authorized = request.headers.get("Authorization", "") == f"Bearer {self.token}"
+        if request.path not in _UNAUTHENTICATED_PATHS and not authorized:
+            return _error_response(errors.ApiError(401, "Unauthorized", "Unauthorized"))
         try:
             return await handler(request)
         except errors.ApiError as exc:
@@ -221,7 +241,9 @@ class ApiHandlers:
     # ---------------------------------------------------------------- simple
     async def version(self, request: web.Request) -> web.Response:
         del request
-        return _json_response({**KUBERNETES_VERSION, "platform": "linux/amd64", "goVersion": "go1.25"})
+        return _json_response(
+            {**KUBERNETES_VERSION, "platform": "linux/amd64", "goVersion": "go1.25"}
+        )
 
     async def healthz(self, request: web.Request) -> web.Response:
         del request
@@ -241,12 +263,16 @@ class ApiHandlers:
 
     async def openapi_v3_group_version(self, request: web.Request) -> web.Response:
         parts = [p for p in request.match_info["tail"].split("/") if p]
-        group, version = ("", parts[1]) if parts[:1] == ["api"] and len(parts) == 2 else (
-            (parts[1], parts[2]) if parts[:1] == ["apis"] and len(parts) == 3 else ("", "")
+        group, version = (
+            ("", parts[1])
+            if parts[:1] == ["api"] and len(parts) == 2
+            else ((parts[1], parts[2]) if parts[:1] == ["apis"] and len(parts) == 3 else ("", ""))
         )
         resources = self.store.resources_in(group, version) if version else []
         if not resources:
-            raise errors.ApiError(404, "NotFound", "the server could not find the requested resource")
+            raise errors.ApiError(
+                404, "NotFound", "the server could not find the requested resource"
+            )
         return _json_response(openapi_v3_document(group, version, resources))
 
     async def openapi_v2(self, request: web.Request) -> web.Response:
@@ -257,16 +283,22 @@ class ApiHandlers:
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
         parts = [p for p in request.path.split("/") if p]
         if not parts or parts[0] not in ("api", "apis"):
-            raise errors.ApiError(404, "NotFound", "the server could not find the requested resource")
+            raise errors.ApiError(
+                404, "NotFound", "the server could not find the requested resource"
+            )
         parsed = _parse_path(self.store, parts)
         if not isinstance(parsed, _Target):
             if request.method != "GET":
-                raise errors.method_not_allowed(f"the server does not allow this method on the requested resource")
+                raise errors.method_not_allowed(
+                    "the server does not allow this method on the requested resource"
+                )
             return _json_response(parsed)
         method = request.method
         target = parsed
         if target.resource.namespaced and target.namespace is None and target.name is not None:
-            raise errors.ApiError(404, "NotFound", "the server could not find the requested resource")
+            raise errors.ApiError(
+                404, "NotFound", "the server could not find the requested resource"
+            )
         if target.name is None:
             if method == "GET":
                 return await self._list_or_watch(request, target)
@@ -284,7 +316,11 @@ class ApiHandlers:
             entry = self.store.get_entry(target.resource, target.namespace or "", target.name)
             if _wants_table(request):
                 return _json_response(
-                    table(target.resource, [_served_obj(target.resource, entry.obj)], include_object=request.query.get("includeObject", "Metadata"))
+                    table(
+                        target.resource,
+                        [_served_obj(target.resource, entry.obj)],
+                        include_object=request.query.get("includeObject", "Metadata"),
+                    )
                 )
             return _json_response(_served(target.resource, entry))
         elif method == "PUT":
@@ -293,7 +329,9 @@ class ApiHandlers:
             return await self._patch(request, target)
         elif method == "DELETE" and target.sub is None:
             return await self._delete(request, target)
-        raise errors.method_not_allowed(f"the server does not allow this method on the requested resource")
+        raise errors.method_not_allowed(
+            "the server does not allow this method on the requested resource"
+        )
 
     def _selectors(self, request: web.Request) -> tuple[Any, Any]:
         return (
@@ -311,15 +349,26 @@ class ApiHandlers:
         if _wants_table(request):
             objs = [_served_obj(resource, e.obj) for e in entries]
             return _json_response(
-                table(resource, objs, resource_version=rv, include_object=request.query.get("includeObject", "Metadata"))
+                table(
+                    resource,
+                    objs,
+                    resource_version=rv,
+                    include_object=request.query.get("includeObject", "Metadata"),
+                )
             )
         head = encode(
-            {"kind": f"{resource.kind}List", "apiVersion": resource.api_version, "metadata": {"resourceVersion": rv}}
+            {
+                "kind": f"{resource.kind}List",
+                "apiVersion": resource.api_version,
+                "metadata": {"resourceVersion": rv},
+            }
         )
         body = head[:-1] + b',"items":[' + b",".join(_served(resource, e) for e in entries) + b"]}"
         return _json_response(body)
 
-    async def _watch(self, request: web.Request, target: _Target, labels: Any, fields: Any) -> web.StreamResponse:
+    async def _watch(
+        self, request: web.Request, target: _Target, labels: Any, fields: Any
+    ) -> web.StreamResponse:
         resource = target.resource
         timeout = float(request.query.get("timeoutSeconds") or DEFAULT_WATCH_TIMEOUT)
         bookmarks = _flag(request, "allowWatchBookmarks")
@@ -357,7 +406,9 @@ class ApiHandlers:
                 if remaining <= 0:
                     break
                 try:
-                    item = await asyncio.wait_for(watcher.queue.get(), timeout=min(remaining, BOOKMARK_INTERVAL))
+                    item = await asyncio.wait_for(
+                        watcher.queue.get(), timeout=min(remaining, BOOKMARK_INTERVAL)
+                    )
                 except TimeoutError:
                     if bookmarks and watcher.queue.empty():
                         await response.write(self._bookmark_line(resource))
@@ -383,7 +434,11 @@ class ApiHandlers:
                 else:
                     await response.write(
                         b"".join(
-                            b'{"type":"' + kind.encode() + b'","object":' + _served(resource, entry) + b"}\n"
+                            b'{"type":"'
+                            + kind.encode()
+                            + b'","object":'
+                            + _served(resource, entry)
+                            + b"}\n"
                             for kind, entry in batch
                         )
                     )
@@ -408,7 +463,9 @@ class ApiHandlers:
     async def _create(self, request: web.Request, target: _Target) -> web.Response:
         resource = target.resource
         if resource.namespaced and target.namespace is None:
-            raise errors.ApiError(404, "NotFound", "the server could not find the requested resource")
+            raise errors.ApiError(
+                404, "NotFound", "the server could not find the requested resource"
+            )
         body = await _read_body(request)
         if not isinstance(body, dict):
             raise errors.bad_request("the body of the request must be a JSON object")
@@ -457,7 +514,9 @@ class ApiHandlers:
             # Server-side apply creates what does not exist yet.
             if exc.code != 404 or "apply-patch" not in content_type or target.sub:
                 raise
-            created = await self.store.create(target.resource, target.namespace or "", body, dry_run=dry_run)
+            created = await self.store.create(
+                target.resource, target.namespace or "", body, dry_run=dry_run
+            )
             return _json_response(_served_obj(target.resource, created), status=201)
         return _json_response(_served_obj(target.resource, patched))
 
@@ -466,7 +525,11 @@ class ApiHandlers:
         body = await _read_body(request)
         options = DeleteOptions.parse(body if isinstance(body, dict) else None, dict(request.query))
         result = await self.store.delete(
-            target.resource, target.namespace or "", target.name, options, dry_run=request.query.get("dryRun") == "All"
+            target.resource,
+            target.namespace or "",
+            target.name,
+            options,
+            dry_run=request.query.get("dryRun") == "All",
         )
         return _json_response(_served_obj(target.resource, result))
 
@@ -474,7 +537,9 @@ class ApiHandlers:
         labels, fields = self._selectors(request)
         body = await _read_body(request)
         options = DeleteOptions.parse(body if isinstance(body, dict) else None, dict(request.query))
-        deleted = await self.store.delete_collection(target.resource, target.namespace, labels, fields, options)
+        deleted = await self.store.delete_collection(
+            target.resource, target.namespace, labels, fields, options
+        )
         resource = target.resource
         return _json_response(
             {
@@ -493,7 +558,9 @@ class ApiHandlers:
         body = await _read_body(request) or {}
         entry = self.store.get_entry(target.resource, namespace, target.name)
         phase = (entry.obj.get("status") or {}).get("phase")
-        if phase not in ("Succeeded", "Failed") and not entry.obj["metadata"].get("deletionTimestamp"):
+        if phase not in ("Succeeded", "Failed") and not entry.obj["metadata"].get(
+            "deletionTimestamp"
+        ):
             pod = entry.fresh()
             _set_condition(
                 pod,
@@ -505,7 +572,9 @@ class ApiHandlers:
                 },
             )
             self.store.internal_update(target.resource, namespace, target.name, pod)
-        options = DeleteOptions.parse(body.get("deleteOptions") if isinstance(body, dict) else None, {})
+        options = DeleteOptions.parse(
+            body.get("deleteOptions") if isinstance(body, dict) else None, {}
+        )
         await self.store.delete(target.resource, namespace, target.name, options)
         return _json_response(_success_status(201), status=201)
 
@@ -516,15 +585,30 @@ class ApiHandlers:
         body = await _read_body(request) or {}
         node = ((body.get("target") or {}) if isinstance(body, dict) else {}).get("name")
         if not node:
-            raise errors.invalid("", "Binding", target.name, [{"reason": "FieldValueRequired", "field": "target.name", "message": "Required value"}])
+            raise errors.invalid(
+                "",
+                "Binding",
+                target.name,
+                [
+                    {
+                        "reason": "FieldValueRequired",
+                        "field": "target.name",
+                        "message": "Required value",
+                    }
+                ],
+            )
         entry = self.store.get_entry(target.resource, namespace, target.name)
         pod = entry.fresh()
         if pod["spec"].get("nodeName"):
             raise errors.ApiError(
-                409, "Conflict", f'Operation cannot be fulfilled on pods/binding "{target.name}": pod {target.name} is already assigned to node "{pod["spec"]["nodeName"]}"'
+                409,
+                "Conflict",
+                f'Operation cannot be fulfilled on pods/binding "{target.name}": pod {target.name} is already assigned to node "{pod["spec"]["nodeName"]}"',
             )
         if pod["spec"].get("schedulingGates"):
-            raise errors.ApiError(409, "Conflict", f'pod {target.name} has non-empty .spec.schedulingGates')
+            raise errors.ApiError(
+                409, "Conflict", f"pod {target.name} has non-empty .spec.schedulingGates"
+            )
         pod["spec"]["nodeName"] = node
         _set_condition(pod, {"type": "PodScheduled", "status": "True", "reason": "", "message": ""})
         self.store.internal_update(target.resource, namespace, target.name, pod)
@@ -536,7 +620,9 @@ class ApiHandlers:
         namespace = target.namespace or ""
         pod = self.store.get_entry(target.resource, namespace, target.name).obj
         containers = [c["name"] for c in pod["spec"].get("containers") or []]
-        container = request.query.get("container") or (containers[0] if len(containers) == 1 else "")
+        container = request.query.get("container") or (
+            containers[0] if len(containers) == 1 else ""
+        )
         if not container:
             raise errors.bad_request(
                 f"a container name must be specified for pod {target.name}, choose one of: {containers}"
@@ -544,15 +630,31 @@ class ApiHandlers:
         if container not in containers:
             raise errors.bad_request(f"container {container} is not valid for pod {target.name}")
         node_name = pod["spec"].get("nodeName")
-        node = self.store.find(self.store.resource("", "v1", "nodes"), "", node_name) if node_name else None
-        port = (((node or {}).get("status") or {}).get("daemonEndpoints") or {}).get("kubeletEndpoint", {}).get("Port")
+        node = (
+            self.store.find(self.store.resource("", "v1", "nodes"), "", node_name)
+            if node_name
+            else None
+        )
+        port = (
+            (((node or {}).get("status") or {}).get("daemonEndpoints") or {})
+            .get("kubeletEndpoint", {})
+            .get("Port")
+        )
         if not node or not port:
-            raise errors.bad_request(f'container "{container}" in pod "{target.name}" is waiting to start: ContainerCreating')
+            raise errors.bad_request(
+                f'container "{container}" in pod "{target.name}" is waiting to start: ContainerCreating'
+            )
         url = f"http://127.0.0.1:{port}/containerLogs/{namespace}/{target.name}/{container}"
         if self._client is None:
             self._client = aiohttp.ClientSession()
-        params = {k: v for k, v in request.query.items() if k in ("follow", "tailLines", "previous", "timestamps")}
-        async with self._client.get(url, params=params, timeout=aiohttp.ClientTimeout(total=None)) as upstream:
+        params = {
+            k: v
+            for k, v in request.query.items()
+            if k in ("follow", "tailLines", "previous", "timestamps")
+        }
+        async with self._client.get(
+            url, params=params, timeout=aiohttp.ClientTimeout(total=None)
+        ) as upstream:
             if upstream.status != 200:
                 text = await upstream.text()
                 raise errors.bad_request(text.strip() or f"kubelet returned {upstream.status}")
@@ -575,18 +677,29 @@ def openapi_v3_document(group: str, version: str, resources: list[ResourceType])
     prefix = f"/apis/{group}/{version}" if group else f"/api/{version}"
     paths: dict[str, Any] = {}
     schemas: dict[str, Any] = {}
-    param = {"name": "fieldValidation", "in": "query", "schema": {"type": "string", "uniqueItems": True}}
+    param = {
+        "name": "fieldValidation",
+        "in": "query",
+        "schema": {"type": "string", "uniqueItems": True},
+    }
     for resource in resources:
         gvk = {"group": resource.group, "version": resource.version, "kind": resource.kind}
         scope = f"{prefix}/namespaces/{{namespace}}" if resource.namespaced else prefix
-        operation = {"x-kubernetes-group-version-kind": gvk, "parameters": [param], "responses": {"200": {"description": "OK"}}}
+        operation = {
+            "x-kubernetes-group-version-kind": gvk,
+            "parameters": [param],
+            "responses": {"200": {"description": "OK"}},
+        }
         paths[f"{scope}/{resource.plural}/{{name}}"] = {
-            "put": operation, "patch": {**operation, "x-kubernetes-action": "patch"}
+            "put": operation,
+            "patch": {**operation, "x-kubernetes-action": "patch"},
         }
         paths[f"{scope}/{resource.plural}"] = {"post": operation}
         schema: Obj = dict(resource.schema.schema) if resource.schema else {"type": "object"}
         schema["x-kubernetes-group-version-kind"] = [gvk]
-        dotted = ".".join(reversed(resource.group.split("."))) if resource.group else "io.k8s.api.core"
+        dotted = (
+            ".".join(reversed(resource.group.split("."))) if resource.group else "io.k8s.api.core"
+        )
         schemas[f"{dotted}.{resource.version}.{resource.kind}"] = schema
     return {
         "openapi": "3.0.0",
@@ -620,7 +733,8 @@ def _crd_lifecycle(store: Store, resource: ResourceType, operation: str, obj: Ob
     status = obj.get("status") or {}
     accepted = spec.get("names") or {}
     if status.get("acceptedNames") == accepted and any(
-        c.get("type") == "Established" and c.get("status") == "True" for c in status.get("conditions") or []
+        c.get("type") == "Established" and c.get("status") == "True"
+        for c in status.get("conditions") or []
     ):
         return
     updated = json.loads(encode(obj))
@@ -629,14 +743,28 @@ def _crd_lifecycle(store: Store, resource: ResourceType, operation: str, obj: Ob
         "acceptedNames": accepted,
         "storedVersions": sorted(set((status.get("storedVersions") or []) + storage)),
         "conditions": [
-            {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts", "message": "no conflicts found", "lastTransitionTime": now},
-            {"type": "Established", "status": "True", "reason": "InitialNamesAccepted", "message": "the initial names have been accepted", "lastTransitionTime": now},
+            {
+                "type": "NamesAccepted",
+                "status": "True",
+                "reason": "NoConflicts",
+                "message": "no conflicts found",
+                "lastTransitionTime": now,
+            },
+            {
+                "type": "Established",
+                "status": "True",
+                "reason": "InitialNamesAccepted",
+                "message": "the initial names have been accepted",
+                "lastTransitionTime": now,
+            },
         ],
     }
     store.internal_update(resource, "", obj["metadata"]["name"], updated)
 
 
-def _validate_crd(store: Store, operation: str, resource: ResourceType, obj: Obj, old: Obj | None) -> None:
+def _validate_crd(
+    store: Store, operation: str, resource: ResourceType, obj: Obj, old: Obj | None
+) -> None:
     del store, old
     if resource.plural != "customresourcedefinitions" or operation == "DELETE":
         return
@@ -645,14 +773,38 @@ def _validate_crd(store: Store, operation: str, resource: ResourceType, obj: Obj
     name = obj["metadata"]["name"]
     causes = []
     if not names.get("plural") or not names.get("kind"):
-        causes.append({"reason": "FieldValueRequired", "field": "spec.names", "message": "Required value: plural and kind are required"})
+        causes.append(
+            {
+                "reason": "FieldValueRequired",
+                "field": "spec.names",
+                "message": "Required value: plural and kind are required",
+            }
+        )
     elif name != f"{names['plural']}.{spec.get('group')}":
-        causes.append({"reason": "FieldValueInvalid", "field": "metadata.name", "message": f'Invalid value: "{name}": must be spec.names.plural+"."+spec.group'})
+        causes.append(
+            {
+                "reason": "FieldValueInvalid",
+                "field": "metadata.name",
+                "message": f'Invalid value: "{name}": must be spec.names.plural+"."+spec.group',
+            }
+        )
     versions = spec.get("versions") or []
     if not versions:
-        causes.append({"reason": "FieldValueRequired", "field": "spec.versions", "message": "Required value: must have exactly one version marked as storage version"})
+        causes.append(
+            {
+                "reason": "FieldValueRequired",
+                "field": "spec.versions",
+                "message": "Required value: must have exactly one version marked as storage version",
+            }
+        )
     elif sum(1 for v in versions if v.get("storage")) != 1:
-        causes.append({"reason": "FieldValueInvalid", "field": "spec.versions", "message": "Invalid value: must have exactly one version marked as storage version"})
+        causes.append(
+            {
+                "reason": "FieldValueInvalid",
+                "field": "spec.versions",
+                "message": "Invalid value: must have exactly one version marked as storage version",
+            }
+        )
     if causes:
         raise errors.invalid("apiextensions.k8s.io", "CustomResourceDefinition", name, causes)
 
@@ -681,7 +833,9 @@ class ApiServer:
     executes a coroutine on the server's loop, e.g. to inspect `store` safely.
     """
 
-    def __init__(self, workdir: Path | None = None, *, token: str | None = None, port: int = 0) -> None:
+    def __init__(
+        self, workdir: Path | None = None, *, token: str | None = None, port: int = 0
+    ) -> None:
         self._tempdir: tempfile.TemporaryDirectory[str] | None = None
         if workdir is None:
             self._tempdir = tempfile.TemporaryDirectory(prefix="kube-harness-")
@@ -711,7 +865,7 @@ class ApiServer:
             asyncio.set_event_loop(self._loop)
             try:
                 ready.set_result(self._loop.run_until_complete(self._start_async()))
-            except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
+            except BaseException as exc:
                 ready.set_exception(exc)
                 return
             self._loop.run_forever()
@@ -727,7 +881,9 @@ class ApiServer:
     async def _start_async(self) -> int:
         self.store = Store()
         app, self._handlers = build_app(self.store, self.token)
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
+        self._runner = web.AppRunner(
+            app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0
+        )
         await self._runner.setup()
         site = web.TCPSite(
             self._runner,
@@ -737,7 +893,7 @@ class ApiServer:
             ssl_context=self.tls.server_context(),
         )
         await site.start()
-        server = site._server  # noqa: SLF001 - the only way to read the bound port
+        server = site._server
         assert server is not None
         return int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
 
@@ -773,14 +929,17 @@ class ApiServer:
         return self.start()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.stop()
 
 
 # ------------------------------------------------------------ write ceiling
 async def _write_throughput(
-    url: str, token: str, ca_file: Path, count: int, concurrency: int, namespace: str
+    url: str, token: str, ca_file: Path, *, count: int, concurrency: int, namespace: str
 ) -> float:
     headers = {"Authorization": f"Bearer {token}"}
     ssl_context = ssl.create_default_context(cafile=str(ca_file))
@@ -795,7 +954,9 @@ async def _write_throughput(
             while not queue.empty():
                 i = queue.get_nowait()
                 body = {"metadata": {"name": f"{prefix}-{i}"}, "data": {"i": str(i)}}
-                async with session.post(f"/api/v1/namespaces/{namespace}/configmaps", json=body) as r:
+                async with session.post(
+                    f"/api/v1/namespaces/{namespace}/configmaps", json=body
+                ) as r:
                     if r.status != 201:
                         raise RuntimeError(f"create failed: {r.status} {await r.text()}")
                 async with session.patch(
@@ -820,7 +981,14 @@ def measure_write_throughput(
     any operator benchmark against this server can reach. Run from a thread that
     has no running event loop."""
     return asyncio.run(
-        _write_throughput(server.url, server.token, server.tls.ca_cert, count, concurrency, namespace)
+        _write_throughput(
+            server.url,
+            server.token,
+            server.tls.ca_cert,
+            count=count,
+            concurrency=concurrency,
+            namespace=namespace,
+        )
     )
 
 

@@ -63,7 +63,7 @@ class WaitTimeoutError(AssertionError):
 
 
 def wait_for(
-    predicate: Callable[[], T | None | bool],
+    predicate: Callable[[], T | bool | None],
     timeout: float = 30.0,
     interval: float = 0.05,
     message: str | Callable[[], str] = "condition",
@@ -77,11 +77,13 @@ def wait_for(
             result = predicate()
             if result:
                 return result  # type: ignore[return-value]
-        except Exception as exc:  # noqa: BLE001 - "not yet"; reported on timeout
+        except Exception as exc:
             last_error = exc
         if time.monotonic() >= deadline:
             text = message() if callable(message) else message
-            suffix = f" (last error: {type(last_error).__name__}: {last_error})" if last_error else ""
+            suffix = (
+                f" (last error: {type(last_error).__name__}: {last_error})" if last_error else ""
+            )
             raise WaitTimeoutError(f"timed out after {timeout:.0f}s waiting for {text}{suffix}")
         time.sleep(interval)
 
@@ -89,7 +91,9 @@ def wait_for(
 def _yaml_documents(paths: Iterable[Path]) -> list[dict[str, Any]]:
     docs: list[dict[str, Any]] = []
     for path in paths:
-        files = sorted(path.glob("*.yaml")) + sorted(path.glob("*.yml")) if path.is_dir() else [path]
+        files = (
+            sorted(path.glob("*.yaml")) + sorted(path.glob("*.yml")) if path.is_dir() else [path]
+        )
         for file in files:
             docs.extend(d for d in yaml.safe_load_all(file.read_text()) if isinstance(d, dict))
     return docs
@@ -188,7 +192,10 @@ class ControlPlane:
         return self.start()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.stop()
 
@@ -209,7 +216,9 @@ class ControlPlane:
                 if existing is None:
                     await store.create(crd_type, "", doc)
                 else:
-                    doc.setdefault("metadata", {})["resourceVersion"] = existing["metadata"]["resourceVersion"]
+                    doc.setdefault("metadata", {})["resourceVersion"] = existing["metadata"][
+                        "resourceVersion"
+                    ]
                     await store.update(crd_type, "", name, doc)
 
             self.api.run(apply())
@@ -257,9 +266,13 @@ class ControlPlane:
 
         def alive() -> bool:
             if process.poll() is not None:
-                raise RuntimeError(f"the operator exited with {process.returncode}:\n{self.operator_log_tail()}")
+                raise RuntimeError(
+                    f"the operator exited with {process.returncode}:\n{self.operator_log_tail()}"
+                )
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=1) as r:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=1
+                ) as r:
                     return bool(r.status == 200)
             except (urllib.error.URLError, OSError):
                 return False
@@ -268,7 +281,9 @@ class ControlPlane:
             deadline = time.monotonic() + timeout
             while not alive():
                 if time.monotonic() > deadline:
-                    raise WaitTimeoutError(f"operator not live after {timeout}s:\n{self.operator_log_tail()}")
+                    raise WaitTimeoutError(
+                        f"operator not live after {timeout}s:\n{self.operator_log_tail()}"
+                    )
                 time.sleep(0.1)
         except BaseException:
             self.stop_operator()
@@ -304,7 +319,9 @@ class ControlPlane:
         return "\n".join(self.operator_log.read_text(errors="replace").splitlines()[-lines:])
 
     # --------------------------------------------------------------- helpers
-    def kubectl(self, *args: str, check: bool = True, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def kubectl(
+        self, *args: str, check: bool = True, input: str | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         """Run kubectl against this cluster; raises with stderr when `check` and it fails."""
         result = subprocess.run(
             [str(kubectl()), "--kubeconfig", str(self.kubeconfig), *args],
@@ -316,14 +333,18 @@ class ControlPlane:
             check=False,
         )
         if check and result.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+            raise AssertionError(
+                f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}"
+            )
         return result
 
     def env(self) -> dict[str, str]:
         """Environment for a subprocess that should use this cluster."""
         return {"KUBECONFIG": str(self.kubeconfig)}
 
-    def get(self, plural: str, name: str, namespace: str = "default", group: str = "", version: str = "") -> dict[str, Any] | None:
+    def get(
+        self, plural: str, name: str, namespace: str = "default", group: str = "", version: str = ""
+    ) -> dict[str, Any] | None:
         """Read an object straight from the store (None when absent). `plural` may be
         qualified (`lorajobs.finetune.loraops.dev`) or a plain plural looked up by name."""
         assert self.api.store is not None
@@ -332,7 +353,11 @@ class ControlPlane:
         def read() -> dict[str, Any] | None:
             resource = None
             for r in store.types.values():
-                if (r.plural == plural or r.storage_key == plural) and (not group or r.group == group) and (not version or r.version == version):
+                if (
+                    (plural in (r.plural, r.storage_key))
+                    and (not group or r.group == group)
+                    and (not version or r.version == version)
+                ):
                     resource = r
                     break
             if resource is None:
@@ -342,9 +367,18 @@ class ControlPlane:
 
         return self.api.call(read)
 
-    def wait_for(self, predicate: Callable[[], T | None | bool], timeout: float = 30.0, message: str = "condition") -> T:
+    def wait_for(
+        self,
+        predicate: Callable[[], T | bool | None],
+        timeout: float = 30.0,
+        message: str = "condition",
+    ) -> T:
         def describe() -> str:
-            return f"{message}\n--- operator log tail ---\n{self.operator_log_tail()}" if self.with_operator else message
+            return (
+                f"{message}\n--- operator log tail ---\n{self.operator_log_tail()}"
+                if self.with_operator
+                else message
+            )
 
         return wait_for(predicate, timeout=timeout, message=describe)
 
@@ -353,10 +387,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Run the harness control plane until Ctrl-C.")
     parser.add_argument("--operator", action="store_true", help="start the kopf operator")
     parser.add_argument("--s3", action="store_true", help="start the S3 server")
-    parser.add_argument("--bucket", action="append", default=[], help="S3 bucket to create (repeatable)")
+    parser.add_argument(
+        "--bucket", action="append", default=[], help="S3 bucket to create (repeatable)"
+    )
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
-    plane = ControlPlane(args.workdir, operator=args.operator, s3_buckets=(args.bucket or ["lorajob"]) if args.s3 else None)
+    plane = ControlPlane(
+        args.workdir,
+        operator=args.operator,
+        s3_buckets=(args.bucket or ["lorajob"]) if args.s3 else None,
+    )
     with plane:
         print(f"export KUBECONFIG={plane.kubeconfig}")
         print(f"kubectl: {kubectl()}")

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import ssl
 import uuid
@@ -58,7 +57,9 @@ def _counts(pod: Obj) -> bool:
     return (pod.get("status") or {}).get("phase") not in TERMINAL_POD_PHASES
 
 
-def namespace_usage(store: Store, namespace: str, keys: list[str], exclude: str = "") -> dict[str, Fraction]:
+def namespace_usage(
+    store: Store, namespace: str, keys: list[str], exclude: str = ""
+) -> dict[str, Fraction]:
     pods = store.resource("", "v1", "pods")
     used = dict.fromkeys(keys, Fraction(0))
     for entry in store.iter_entries(pods, namespace):
@@ -69,7 +70,9 @@ def namespace_usage(store: Store, namespace: str, keys: list[str], exclude: str 
     return used
 
 
-def quota_admission(store: Store, operation: str, resource: ResourceType, obj: Obj, old: Obj | None) -> None:
+def quota_admission(
+    store: Store, operation: str, resource: ResourceType, obj: Obj, old: Obj | None
+) -> None:
     """Reject a pod creation that would exceed a ResourceQuota of its namespace."""
     del old
     if operation != "CREATE" or resource.group or resource.plural != "pods":
@@ -86,6 +89,7 @@ def quota_admission(store: Store, operation: str, resource: ResourceType, obj: O
         used = namespace_usage(store, namespace, list(requested))
         exceeded = sorted(k for k, v in requested.items() if used[k] + v > hard[k])
         if exceeded:
+
             def render(values: dict[str, Fraction], keys: list[str]) -> str:
                 return ",".join(f"{k}={format_quantity(values[k])}" for k in keys)
 
@@ -111,7 +115,10 @@ def refresh_quota_status(store: Store, resource: ResourceType, operation: str, o
             used = namespace_usage(store, namespace, list(hard))
         except QuantityError:
             continue
-        status = {"hard": dict(hard), "used": {k: format_quantity(v) if v else "0" for k, v in used.items()}}
+        status = {
+            "hard": dict(hard),
+            "used": {k: format_quantity(v) if v else "0" for k, v in used.items()},
+        }
         if entry.obj.get("status") != status:
             updated = entry.fresh()
             updated["status"] = status
@@ -138,7 +145,9 @@ def _selector_matches(selector: dict[str, Any] | None, labels: dict[str, str]) -
     return True
 
 
-def _rule_matches(rule: dict[str, Any], operation: str, resource: ResourceType, subresource: str | None) -> bool:
+def _rule_matches(
+    rule: dict[str, Any], operation: str, resource: ResourceType, subresource: str | None
+) -> bool:
     def any_of(values: list[str] | None, value: str) -> bool:
         return bool(values) and ("*" in values or value in values)  # type: ignore[operator]
 
@@ -179,29 +188,51 @@ class WebhookAdmission:
         return self._session
 
     async def __call__(
-        self, operation: str, resource: ResourceType, obj: Obj, old: Obj | None, subresource: str | None
+        self,
+        operation: str,
+        resource: ResourceType,
+        obj: Obj,
+        old: Obj | None,
+        subresource: str | None,
     ) -> None:
-        configs = self.store.resource("admissionregistration.k8s.io", "v1", "validatingwebhookconfigurations")
+        configs = self.store.resource(
+            "admissionregistration.k8s.io", "v1", "validatingwebhookconfigurations"
+        )
         entries = list(self.store.iter_entries(configs, ""))
         if not entries:
             return
         for entry in entries:
             for webhook in entry.obj.get("webhooks") or []:
-                if not any(_rule_matches(r, operation, resource, subresource) for r in webhook.get("rules") or []):
+                if not any(
+                    _rule_matches(r, operation, resource, subresource)
+                    for r in webhook.get("rules") or []
+                ):
                     continue
                 labels = (obj.get("metadata") or {}).get("labels") or {}
                 if not _selector_matches(webhook.get("objectSelector"), labels):
                     continue
                 if resource.namespaced:
-                    ns = self.store.find(self.store.resource("", "v1", "namespaces"), "", obj["metadata"].get("namespace", ""))
+                    ns = self.store.find(
+                        self.store.resource("", "v1", "namespaces"),
+                        "",
+                        obj["metadata"].get("namespace", ""),
+                    )
                     ns_labels = ((ns or {}).get("metadata") or {}).get("labels") or {}
                     if not _selector_matches(webhook.get("namespaceSelector"), ns_labels):
                         continue
-                await self._call(webhook, operation, resource, obj, old, subresource)
+                await self._call(
+                    webhook,
+                    operation=operation,
+                    resource=resource,
+                    obj=obj,
+                    old=old,
+                    subresource=subresource,
+                )
 
     async def _call(
         self,
         webhook: dict[str, Any],
+        *,
         operation: str,
         resource: ResourceType,
         obj: Obj,
@@ -226,7 +257,10 @@ class WebhookAdmission:
                 "name": meta.get("name", ""),
                 "namespace": meta.get("namespace", ""),
                 "operation": operation,
-                "userInfo": {"username": "harness-admin", "groups": ["system:masters", "system:authenticated"]},
+                "userInfo": {
+                    "username": "harness-admin",
+                    "groups": ["system:masters", "system:authenticated"],
+                },
                 "object": None if operation == "DELETE" else obj,
                 "oldObject": old if operation != "CREATE" else None,
                 "dryRun": False,
@@ -241,17 +275,19 @@ class WebhookAdmission:
                 raise RuntimeError("only clientConfig.url is reachable from the harness API server")
             ssl_context = ssl.create_default_context()
             if client.get("caBundle"):
-                ssl_context = ssl.create_default_context(cadata=base64.b64decode(client["caBundle"]).decode())
+                ssl_context = ssl.create_default_context(
+                    cadata=base64.b64decode(client["caBundle"]).decode()
+                )
             async with self._session_for().post(
                 url,
                 json=review,
-                ssl=ssl_context if url.startswith("https") else None,
+                ssl=ssl_context if url.startswith("https") else False,
                 timeout=aiohttp.ClientTimeout(total=float(webhook.get("timeoutSeconds", 10))),
             ) as response:
                 if response.status != 200:
                     raise RuntimeError(f"received status {response.status}")
                 answer = await response.json(content_type=None)
-        except (aiohttp.ClientError, RuntimeError, ssl.SSLError, TimeoutError, asyncio.TimeoutError, ValueError) as exc:
+        except (aiohttp.ClientError, RuntimeError, ssl.SSLError, TimeoutError, ValueError) as exc:
             if ignore:
                 return
             raise errors.ApiError(

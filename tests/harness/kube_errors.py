@@ -46,7 +46,10 @@ def _qualified(group: str, plural: str) -> str:
 
 def not_found(group: str, plural: str, name: str) -> ApiError:
     return ApiError(
-        404, "NotFound", f'{_qualified(group, plural)} "{name}" not found', _details(group, plural, name)
+        404,
+        "NotFound",
+        f'{_qualified(group, plural)} "{name}" not found',
+        _details(group, plural, name),
     )
 
 

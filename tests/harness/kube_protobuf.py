@@ -112,7 +112,9 @@ def _quantity(raw: bytes) -> str:
 
 
 def _secret(f: Fields) -> dict[str, Any]:
-    return _prune({"data": _map(f, 2, _b64), "type": _str(f, 3), "stringData": _map(f, 4, bytes.decode)})
+    return _prune(
+        {"data": _map(f, 2, _b64), "type": _str(f, 3), "stringData": _map(f, 4, bytes.decode)}
+    )
 
 
 def _configmap(f: Fields) -> dict[str, Any]:
@@ -154,7 +156,9 @@ def decode(body: bytes) -> dict[str, Any]:
     type_meta = _fields((unknown.get(1) or [b""])[-1])
     api_version, kind = _str(type_meta, 1) or "v1", _str(type_meta, 2) or ""
     if kind not in _KINDS:
-        raise ProtobufError(f"protobuf bodies of kind {kind!r} are not supported by the harness; send JSON")
+        raise ProtobufError(
+            f"protobuf bodies of kind {kind!r} are not supported by the harness; send JSON"
+        )
     message = _fields((unknown.get(2) or [b""])[-1])
     obj: dict[str, Any] = {"apiVersion": api_version, "kind": kind}
     obj["metadata"] = _metadata(message[1][-1]) if message.get(1) else {}

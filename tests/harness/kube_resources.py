@@ -110,43 +110,116 @@ def builtin_resources() -> list[ResourceType]:
     """Built-in kinds: the ones with behaviour (pods, namespaces, quotas, events, CRDs,
     webhooks) plus plain storage for what charts and operators commonly create."""
     return [
-        _builtin("", "v1", "namespaces", "Namespace", namespaced=False, short=("ns",), subresources=("status",)),
         _builtin(
-            "", "v1", "pods", "Pod", short=("po",), subresources=("status", "eviction", "binding", "log"),
+            "",
+            "v1",
+            "namespaces",
+            "Namespace",
+            namespaced=False,
+            short=("ns",),
+            subresources=("status",),
+        ),
+        _builtin(
+            "",
+            "v1",
+            "pods",
+            "Pod",
+            short=("po",),
+            subresources=("status", "eviction", "binding", "log"),
             categories=("all",),
         ),
-        _builtin("", "v1", "nodes", "Node", namespaced=False, short=("no",), subresources=("status",)),
+        _builtin(
+            "", "v1", "nodes", "Node", namespaced=False, short=("no",), subresources=("status",)
+        ),
         _builtin("", "v1", "secrets", "Secret"),
         _builtin("", "v1", "configmaps", "ConfigMap", short=("cm",)),
         _builtin("", "v1", "events", "Event", short=("ev",)),
-        _builtin("", "v1", "resourcequotas", "ResourceQuota", short=("quota",), subresources=("status",)),
+        _builtin(
+            "", "v1", "resourcequotas", "ResourceQuota", short=("quota",), subresources=("status",)
+        ),
         _builtin("", "v1", "serviceaccounts", "ServiceAccount", short=("sa",)),
-        _builtin("", "v1", "services", "Service", short=("svc",), subresources=("status",), categories=("all",)),
+        _builtin(
+            "",
+            "v1",
+            "services",
+            "Service",
+            short=("svc",),
+            subresources=("status",),
+            categories=("all",),
+        ),
         _builtin("", "v1", "endpoints", "Endpoints", short=("ep",)),
-        _builtin("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim", short=("pvc",), subresources=("status",)),
+        _builtin(
+            "",
+            "v1",
+            "persistentvolumeclaims",
+            "PersistentVolumeClaim",
+            short=("pvc",),
+            subresources=("status",),
+        ),
         _builtin("", "v1", "limitranges", "LimitRange", short=("limits",)),
         _builtin("events.k8s.io", "v1", "events", "Event", short=("ev",)),
         _builtin(
-            "apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition",
-            namespaced=False, short=("crd", "crds"), subresources=("status",),
+            "apiextensions.k8s.io",
+            "v1",
+            "customresourcedefinitions",
+            "CustomResourceDefinition",
+            namespaced=False,
+            short=("crd", "crds"),
+            subresources=("status",),
         ),
         _builtin(
-            "admissionregistration.k8s.io", "v1", "validatingwebhookconfigurations",
-            "ValidatingWebhookConfiguration", namespaced=False,
+            "admissionregistration.k8s.io",
+            "v1",
+            "validatingwebhookconfigurations",
+            "ValidatingWebhookConfiguration",
+            namespaced=False,
         ),
         _builtin(
-            "admissionregistration.k8s.io", "v1", "mutatingwebhookconfigurations",
-            "MutatingWebhookConfiguration", namespaced=False,
+            "admissionregistration.k8s.io",
+            "v1",
+            "mutatingwebhookconfigurations",
+            "MutatingWebhookConfiguration",
+            namespaced=False,
         ),
         _builtin("coordination.k8s.io", "v1", "leases", "Lease"),
-        _builtin("apps", "v1", "deployments", "Deployment", short=("deploy",), subresources=("status",), categories=("all",)),
+        _builtin(
+            "apps",
+            "v1",
+            "deployments",
+            "Deployment",
+            short=("deploy",),
+            subresources=("status",),
+            categories=("all",),
+        ),
         _builtin("batch", "v1", "jobs", "Job", subresources=("status",), categories=("all",)),
-        _builtin("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", short=("pdb",), subresources=("status",)),
-        _builtin("scheduling.k8s.io", "v1", "priorityclasses", "PriorityClass", namespaced=False, short=("pc",)),
+        _builtin(
+            "policy",
+            "v1",
+            "poddisruptionbudgets",
+            "PodDisruptionBudget",
+            short=("pdb",),
+            subresources=("status",),
+        ),
+        _builtin(
+            "scheduling.k8s.io",
+            "v1",
+            "priorityclasses",
+            "PriorityClass",
+            namespaced=False,
+            short=("pc",),
+        ),
         _builtin("rbac.authorization.k8s.io", "v1", "roles", "Role"),
         _builtin("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding"),
-        _builtin("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", namespaced=False),
-        _builtin("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", namespaced=False),
+        _builtin(
+            "rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", namespaced=False
+        ),
+        _builtin(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "clusterrolebindings",
+            "ClusterRoleBinding",
+            namespaced=False,
+        ),
         _builtin("monitoring.coreos.com", "v1", "servicemonitors", "ServiceMonitor"),
     ]
 
@@ -156,7 +229,9 @@ def crd_resource_types(crd: dict[str, Any]) -> list[ResourceType]:
     spec = crd.get("spec") or {}
     names = spec.get("names") or {}
     versions = spec.get("versions") or []
-    storage = next((v["name"] for v in versions if v.get("storage")), versions[0]["name"] if versions else "")
+    storage = next(
+        (v["name"] for v in versions if v.get("storage")), versions[0]["name"] if versions else ""
+    )
     types = []
     for version in versions:
         if not version.get("served", True):

@@ -13,8 +13,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from jsonschema import Draft4Validator
-from jsonschema.exceptions import ValidationError
+from jsonschema import Draft4Validator  # type: ignore[import-untyped]
+from jsonschema.exceptions import ValidationError  # type: ignore[import-untyped]
 
 Schema = dict[str, Any]
 
@@ -33,7 +33,14 @@ def _is_preserving(schema: Schema) -> bool:
     return bool(schema.get("x-kubernetes-preserve-unknown-fields"))
 
 
-def prune(schema: Schema, value: Any, *, root: bool = False, path: str = "", dropped: list[str] | None = None) -> Any:
+def prune(
+    schema: Schema,
+    value: Any,
+    *,
+    root: bool = False,
+    path: str = "",
+    dropped: list[str] | None = None,
+) -> Any:
     """Drop fields the schema does not declare (in place; returns value); the
     dotted paths of dropped fields are appended to `dropped`."""
     dropped = dropped if dropped is not None else []

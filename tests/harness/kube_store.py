@@ -19,12 +19,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import contextlib
 import datetime as dt
 import json
 import random
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -258,7 +259,12 @@ class Store:
         meta["uid"] = str(uuid.uuid4())
         meta["creationTimestamp"] = now_rfc3339()
         meta["generation"] = 1
-        for transient in ("resourceVersion", "deletionTimestamp", "deletionGracePeriodSeconds", "selfLink"):
+        for transient in (
+            "resourceVersion",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "selfLink",
+        ):
             meta.pop(transient, None)
 
     def _commit(
@@ -272,7 +278,12 @@ class Store:
         entry = Entry(obj, encode(obj))
         self._bucket(resource).setdefault(namespace, {})[name] = entry
         self._index_owners(resource, namespace, name, obj, old.obj if old else None)
-        self._emit(resource, WatchEvent(rv, "MODIFIED" if old else "ADDED", namespace, entry, old.obj if old else None))
+        self._emit(
+            resource,
+            WatchEvent(
+                rv, "MODIFIED" if old else "ADDED", namespace, entry, old.obj if old else None
+            ),
+        )
         for hook in self.after_commit:
             hook(self, resource, "update" if old else "create", obj)
         return entry
@@ -313,21 +324,22 @@ class Store:
         uid = meta["uid"]
         self.by_uid[uid] = (resource.storage_key, namespace, name)
         new_owners = {r.get("uid") for r in meta.get("ownerReferences") or []}
-        old_owners = {r.get("uid") for r in (_meta(old).get("ownerReferences") or [])} if old else set()
+        old_owners = (
+            {r.get("uid") for r in (_meta(old).get("ownerReferences") or [])} if old else set()
+        )
         for owner in old_owners - new_owners:
             self.dependents.get(owner or "", set()).discard(uid)
         for owner in new_owners - old_owners:
             if owner:
                 self.dependents[owner].add(uid)
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            if asyncio.iscoroutine(coro):
-                coro.close()
+            coro.close()
             return
-        task = loop.create_task(coro)  # type: ignore[arg-type]
+        task = loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -356,7 +368,9 @@ class Store:
         pattern = _DNS_LABEL if resource.plural == "namespaces" else _DNS_SUBDOMAIN
         limit = 63 if resource.plural == "namespaces" else 253
         if len(name) > limit or not pattern.match(name):
-            kind_text = "RFC 1123 label" if resource.plural == "namespaces" else "RFC 1123 subdomain"
+            kind_text = (
+                "RFC 1123 label" if resource.plural == "namespaces" else "RFC 1123 subdomain"
+            )
             raise errors.invalid(
                 resource.group,
                 resource.kind,
@@ -372,14 +386,16 @@ class Store:
                 ],
             )
 
-    def _validate_schema(self, resource: ResourceType, obj: Obj, name: str, field_validation: str) -> None:
+    def _validate_schema(
+        self, resource: ResourceType, obj: Obj, name: str, field_validation: str
+    ) -> None:
         if resource.schema is None:
             return
         causes, unknown = resource.schema.admit(obj)
         if unknown and field_validation == "Strict":
             fields = ", ".join(f'unknown field "{path}"' for path in unknown)
             raise errors.bad_request(
-                f"{resource.kind} in version \"{resource.version}\" cannot be handled as a {resource.kind}: "
+                f'{resource.kind} in version "{resource.version}" cannot be handled as a {resource.kind}: '
                 f"strict decoding error: {fields}"
             )
         if causes:
@@ -464,7 +480,7 @@ class Store:
         meta = _meta(obj)
         if meta.get("name", name) != name:
             raise errors.bad_request(
-                f'the name of the object ({meta.get("name")}) does not match the name on the URL ({name})'
+                f"the name of the object ({meta.get('name')}) does not match the name on the URL ({name})"
             )
         given_rv = meta.get("resourceVersion")
         if given_rv:
@@ -499,7 +515,13 @@ class Store:
             else:
                 obj.pop("status", None)
         # System-owned metadata cannot be changed by clients.
-        for key in ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "namespace"):
+        for key in (
+            "uid",
+            "creationTimestamp",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "namespace",
+        ):
             if key in old_meta:
                 meta[key] = old_meta[key]
             else:
@@ -539,7 +561,12 @@ class Store:
         current = self.get_entry(resource, namespace, name)
         _defaults_on_update(resource, obj)
         new = self._prepare_update(
-            resource, current, obj, subresource, require_rv=require_rv, field_validation=field_validation
+            resource,
+            current,
+            obj,
+            subresource,
+            require_rv=require_rv,
+            field_validation=field_validation,
         )
         for plugin in self.sync_admission:
             plugin(self, "UPDATE", resource, new, current.obj)
@@ -648,7 +675,9 @@ class Store:
             return max(0, options.grace_period_seconds)
         return int(spec.get("terminationGracePeriodSeconds", 30))
 
-    def _maybe_finalize(self, resource: ResourceType, namespace: str, name: str, entry: Entry) -> Obj:
+    def _maybe_finalize(
+        self, resource: ResourceType, namespace: str, name: str, entry: Entry
+    ) -> Obj:
         meta = entry.obj["metadata"]
         if (
             meta.get("deletionTimestamp")
@@ -683,10 +712,8 @@ class Store:
                 for name, entry in list(objects.items()):
                     remaining += 1
                     if not entry.obj["metadata"].get("deletionTimestamp"):
-                        try:
+                        with contextlib.suppress(errors.ApiError):
                             await self.delete(resource, namespace, name)
-                        except errors.ApiError:
-                            pass
             if remaining == 0:
                 break
             await asyncio.sleep(0.05)
@@ -704,7 +731,9 @@ class Store:
             if entry is None:
                 continue
             obj = entry.fresh()
-            refs = [r for r in obj["metadata"].get("ownerReferences") or [] if r.get("uid") != owner_uid]
+            refs = [
+                r for r in obj["metadata"].get("ownerReferences") or [] if r.get("uid") != owner_uid
+            ]
             if refs:
                 obj["metadata"]["ownerReferences"] = refs
             else:
@@ -725,10 +754,8 @@ class Store:
             owners = {r.get("uid") for r in entry.obj["metadata"].get("ownerReferences") or []}
             if any(owner in self.by_uid for owner in owners):
                 continue
-            try:
+            with contextlib.suppress(errors.ApiError):
                 await self.delete(resource, location[1], location[2])
-            except errors.ApiError:
-                pass
 
     async def delete_collection(
         self,
@@ -773,7 +800,9 @@ class Store:
             except ValueError as exc:
                 raise errors.bad_request(f"invalid resource version: {resource_version}") from exc
             if since < self.history_floor[key]:
-                raise errors.gone(f"too old resource version: {since} ({self.history_floor[key] + 1})")
+                raise errors.gone(
+                    f"too old resource version: {since} ({self.history_floor[key] + 1})"
+                )
             for event in _events_after(self.history[key], since):
                 watcher.offer(event)
         self.watchers[key].add(watcher)
@@ -803,7 +832,9 @@ class Store:
                 meta = entry.obj["metadata"]
                 self._remove(resource, meta.get("namespace", ""), meta["name"], entry)
 
-    def internal_update(self, resource: ResourceType, namespace: str, name: str, obj: Obj) -> Obj | None:
+    def internal_update(
+        self, resource: ResourceType, namespace: str, name: str, obj: Obj
+    ) -> Obj | None:
         """A write by a server-side controller (no admission, no preconditions)."""
         current = self._bucket(resource).get(namespace, {}).get(name)
         if current is None:
@@ -835,7 +866,12 @@ def _spec_changed(old: Obj, new: Obj) -> bool:
     return old_rest != new_rest
 
 
-_POD_MUTABLE_SPEC = ("activeDeadlineSeconds", "tolerations", "schedulingGates", "terminationGracePeriodSeconds")
+_POD_MUTABLE_SPEC = (
+    "activeDeadlineSeconds",
+    "tolerations",
+    "schedulingGates",
+    "terminationGracePeriodSeconds",
+)
 
 
 def _validate_update(resource: ResourceType, old: Obj, new: Obj) -> None:
@@ -932,7 +968,9 @@ def _default_pod(pod: Obj) -> None:
         container.setdefault("imagePullPolicy", "Always" if tag == "latest" else "IfNotPresent")
         resources = container.setdefault("resources", {})
         limits = resources.get("limits") or {}
-        requests = resources.setdefault("requests", {}) if limits else resources.get("requests") or {}
+        requests = (
+            resources.setdefault("requests", {}) if limits else resources.get("requests") or {}
+        )
         for key, value in limits.items():
             requests.setdefault(key, value)  # requests default to limits
         qos_requests = qos_requests or bool(requests)

@@ -51,12 +51,23 @@ def age(timestamp: str | None) -> str:
     return human_duration((dt.datetime.now(dt.UTC) - moment).total_seconds())
 
 
-def _column(name: str, type_: str = "string", *, fmt: str = "", priority: int = 0, description: str = "") -> Column:
-    return {"name": name, "type": type_, "format": fmt, "description": description, "priority": priority}
+def _column(
+    name: str, type_: str = "string", *, fmt: str = "", priority: int = 0, description: str = ""
+) -> Column:
+    return {
+        "name": name,
+        "type": type_,
+        "format": fmt,
+        "description": description,
+        "priority": priority,
+    }
 
 
 _NAME = _column("Name", fmt="name", description="Name must be unique within a namespace.")
-_AGE = _column("Age", description="CreationTimestamp is a timestamp representing the server time when this object was created.")
+_AGE = _column(
+    "Age",
+    description="CreationTimestamp is a timestamp representing the server time when this object was created.",
+)
 
 
 @functools.lru_cache(maxsize=256)
@@ -92,7 +103,9 @@ def _pod_status(pod: Obj) -> str:
         elif "terminated" in state:
             terminated = state["terminated"]
             reason = terminated.get("reason") or (
-                f"Signal:{terminated['signal']}" if terminated.get("signal") else f"ExitCode:{terminated.get('exitCode')}"
+                f"Signal:{terminated['signal']}"
+                if terminated.get("signal")
+                else f"ExitCode:{terminated.get('exitCode')}"
             )
     if pod["metadata"].get("deletionTimestamp") and status.get("reason") != "NodeLost":
         reason = "Terminating"
@@ -125,12 +138,22 @@ def _node_row(node: Obj) -> list[Any]:
     labels = node["metadata"].get("labels") or {}
     roles = [k.split("/", 1)[1] for k in labels if k.startswith("node-role.kubernetes.io/")]
     version = ((node.get("status") or {}).get("nodeInfo") or {}).get("kubeletVersion", "")
-    return [node["metadata"]["name"], state, ",".join(roles) or "<none>", age(node["metadata"].get("creationTimestamp")), version]
+    return [
+        node["metadata"]["name"],
+        state,
+        ",".join(roles) or "<none>",
+        age(node["metadata"].get("creationTimestamp")),
+        version,
+    ]
 
 
 def _event_row(event: Obj) -> list[Any]:
     involved = event.get("involvedObject") or event.get("regarding") or {}
-    last = event.get("lastTimestamp") or event.get("eventTime") or event["metadata"].get("creationTimestamp")
+    last = (
+        event.get("lastTimestamp")
+        or event.get("eventTime")
+        or event["metadata"].get("creationTimestamp")
+    )
     return [
         age(last),
         event.get("type", ""),
@@ -159,10 +182,20 @@ _BUILTIN: dict[str, tuple[list[Column], Callable[[Obj], list[Any]]]] = {
     ),
     "namespaces": (
         [_NAME, _column("Status"), _AGE],
-        lambda ns: [ns["metadata"]["name"], (ns.get("status") or {}).get("phase", ""), age(ns["metadata"].get("creationTimestamp"))],
+        lambda ns: [
+            ns["metadata"]["name"],
+            (ns.get("status") or {}).get("phase", ""),
+            age(ns["metadata"].get("creationTimestamp")),
+        ],
     ),
     "events": (
-        [_column("Last Seen"), _column("Type"), _column("Reason"), _column("Object"), _column("Message")],
+        [
+            _column("Last Seen"),
+            _column("Type"),
+            _column("Reason"),
+            _column("Object"),
+            _column("Message"),
+        ],
         _event_row,
     ),
 }
@@ -190,7 +223,10 @@ def columns_and_renderer(resource: ResourceType) -> tuple[list[Column], Callable
         return columns, render
     if resource.plural in _BUILTIN and resource.group in ("", "events.k8s.io"):
         return _BUILTIN[resource.plural]
-    return [_NAME, _AGE], lambda obj: [obj["metadata"]["name"], age(obj["metadata"].get("creationTimestamp"))]
+    return [_NAME, _AGE], lambda obj: [
+        obj["metadata"]["name"],
+        age(obj["metadata"].get("creationTimestamp")),
+    ]
 
 
 def _row_object(obj: Obj, include: str) -> Obj | None:
@@ -198,7 +234,11 @@ def _row_object(obj: Obj, include: str) -> Obj | None:
         return None
     if include == "Object":
         return obj
-    return {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": obj.get("metadata", {})}
+    return {
+        "kind": "PartialObjectMetadata",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": obj.get("metadata", {}),
+    }
 
 
 def table(

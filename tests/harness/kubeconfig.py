@@ -21,7 +21,10 @@ def kubeconfig_dict(
     server_url: str, token: str, ca_pem: bytes, namespace: str = "default"
 ) -> dict[str, Any]:
     """The kubeconfig document for one API server (pure)."""
-    cluster = {"server": server_url, "certificate-authority-data": base64.b64encode(ca_pem).decode()}
+    cluster = {
+        "server": server_url,
+        "certificate-authority-data": base64.b64encode(ca_pem).decode(),
+    }
     return {
         "apiVersion": "v1",
         "kind": "Config",

@@ -92,7 +92,12 @@ class NodeConfig:
         }
     )
     capacity: dict[str, str] = field(
-        default_factory=lambda: {"cpu": "64", "memory": "512Gi", "nvidia.com/gpu": "8", "pods": "110"}
+        default_factory=lambda: {
+            "cpu": "64",
+            "memory": "512Gi",
+            "nvidia.com/gpu": "8",
+            "pods": "110",
+        }
     )
     taints: tuple[dict[str, str], ...] = (
         {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"},
@@ -115,7 +120,9 @@ class NodeConfig:
 
 def cpu_node(name: str = "cpu-node-1") -> NodeConfig:
     """A node without GPUs or taints."""
-    return NodeConfig(name=name, labels={}, capacity={"cpu": "16", "memory": "64Gi", "pods": "110"}, taints=())
+    return NodeConfig(
+        name=name, labels={}, capacity={"cpu": "16", "memory": "64Gi", "pods": "110"}, taints=()
+    )
 
 
 # ----------------------------------------------------------------- scheduling
@@ -137,7 +144,9 @@ def _tolerates(tolerations: list[Obj], taint: Obj) -> bool:
         if toleration.get("operator") == "Exists":
             if not toleration.get("key") or toleration["key"] == taint.get("key"):
                 return True
-        elif toleration.get("key") == taint.get("key") and toleration.get("value", "") == taint.get("value", ""):
+        elif toleration.get("key") == taint.get("key") and toleration.get("value", "") == taint.get(
+            "value", ""
+        ):
             return True
     return False
 
@@ -163,17 +172,15 @@ def _expression_matches(expr: Obj, labels: dict[str, str]) -> bool:
 
 
 def _affinity_matches(pod: Obj, labels: dict[str, str]) -> bool:
-    required = (
-        (((pod.get("spec") or {}).get("affinity") or {}).get("nodeAffinity") or {}).get(
-            "requiredDuringSchedulingIgnoredDuringExecution"
-        )
-        or {}
-    )
+    required = (((pod.get("spec") or {}).get("affinity") or {}).get("nodeAffinity") or {}).get(
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ) or {}
     terms = required.get("nodeSelectorTerms") or []
     if not terms:
         return True
     return any(
-        all(_expression_matches(e, labels) for e in term.get("matchExpressions") or []) for term in terms
+        all(_expression_matches(e, labels) for e in term.get("matchExpressions") or [])
+        for term in terms
     )
 
 
@@ -186,7 +193,9 @@ def unschedulable_reasons(pod: Obj, node: Obj, used: dict[str, Fraction]) -> lis
     if any(labels.get(k) != v for k, v in selector.items()) or not _affinity_matches(pod, labels):
         reasons.append("node(s) didn't match Pod's node affinity/selector")
     for taint in (node.get("spec") or {}).get("taints") or []:
-        if taint.get("effect") in ("NoSchedule", "NoExecute") and not _tolerates(spec.get("tolerations") or [], taint):
+        if taint.get("effect") in ("NoSchedule", "NoExecute") and not _tolerates(
+            spec.get("tolerations") or [], taint
+        ):
             value = f": {taint['value']}" if taint.get("value") else ""
             reasons.append(f"node(s) had untolerated taint {{{taint.get('key')}{value}}}")
     if (node.get("spec") or {}).get("unschedulable"):
@@ -268,7 +277,9 @@ class Kubelet:
             workdir = Path(self._tempdir.name)
         self.workdir = workdir
         self.nodes = {n.name: n for n in nodes}
-        self.image_pull_error = re.compile(image_pull_error_pattern) if image_pull_error_pattern else None
+        self.image_pull_error = (
+            re.compile(image_pull_error_pattern) if image_pull_error_pattern else None
+        )
         self.base_env = dict(base_env or {})
         self.python = python
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -294,7 +305,7 @@ class Kubelet:
             asyncio.set_event_loop(self._loop)
             try:
                 self._loop.run_until_complete(self._start_async())
-            except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
+            except BaseException as exc:
                 ready.set_exception(exc)
                 return
             ready.set_result(None)
@@ -320,7 +331,10 @@ class Kubelet:
         return self.start()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.stop()
 
@@ -355,7 +369,7 @@ class Kubelet:
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
-        server = site._server  # noqa: SLF001 - the only way to read the bound port
+        server = site._server
         assert server is not None
         self._log_port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
         for node in self.nodes.values():
@@ -383,7 +397,9 @@ class Kubelet:
             await self._session.close()
 
     # ----------------------------------------------------------------- API
-    async def _request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    async def _request(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
         assert self._session is not None
         data = json.dumps(body) if body is not None else None
         hdrs = {"Content-Type": "application/json", **(headers or {})}
@@ -398,10 +414,16 @@ class Kubelet:
         meta = pod["metadata"]
         path = f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status"
         code, body = await self._request("PATCH", path, {"status": status}, _STRATEGIC)
-        if code == 200 and isinstance(body, dict) and body["metadata"].get("uid") == meta.get("uid"):
+        if (
+            code == 200
+            and isinstance(body, dict)
+            and body["metadata"].get("uid") == meta.get("uid")
+        ):
             self.pods[meta["uid"]] = body
 
-    async def _event(self, pod: Obj, type_: str, reason: str, message: str, component: str = "kubelet") -> None:
+    async def _event(
+        self, pod: Obj, type_: str, reason: str, message: str, component: str = "kubelet"
+    ) -> None:
         """A core/v1 Event about `pod`, as the scheduler and kubelet post them."""
         meta = pod["metadata"]
         now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -457,13 +479,17 @@ class Kubelet:
                     "type": "Ready",
                     "status": "True" if ready else "Unknown",
                     "reason": "KubeletReady" if ready else "NodeStatusUnknown",
-                    "message": "kubelet is posting ready status" if ready else "Kubelet stopped posting node status.",
+                    "message": "kubelet is posting ready status"
+                    if ready
+                    else "Kubelet stopped posting node status.",
                     "lastHeartbeatTime": now,
                     "lastTransitionTime": now,
                 }
             ],
         }
-        code, body = await self._request("PATCH", f"/api/v1/nodes/{node.name}/status", {"status": status}, _MERGE)
+        code, body = await self._request(
+            "PATCH", f"/api/v1/nodes/{node.name}/status", {"status": status}, _MERGE
+        )
         if code != 200:
             raise RuntimeError(f"node status for {node.name} failed: {code} {body}")
 
@@ -488,9 +514,16 @@ class Kubelet:
         assert self._session is not None
         while not self._stopping:
             try:
-                params = {"watch": "true", "resourceVersion": rv, "allowWatchBookmarks": "true", "timeoutSeconds": "300"}
+                params = {
+                    "watch": "true",
+                    "resourceVersion": rv,
+                    "allowWatchBookmarks": "true",
+                    "timeoutSeconds": "300",
+                }
                 async with self._session.get(
-                    "/api/v1/pods", params=params, timeout=aiohttp.ClientTimeout(total=None, sock_read=None)
+                    "/api/v1/pods",
+                    params=params,
+                    timeout=aiohttp.ClientTimeout(total=None, sock_read=None),
                 ) as response:
                     buffer = b""
                     async for chunk in response.content.iter_any():
@@ -507,7 +540,7 @@ class Kubelet:
                             rv = (obj.get("metadata") or {}).get("resourceVersion", rv)
                             if event.get("type") != "BOOKMARK":
                                 self._on_pod(event["type"], obj)
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            except (TimeoutError, aiohttp.ClientError, ValueError):
                 if self._stopping:
                     return
                 await asyncio.sleep(0.2)
@@ -564,7 +597,8 @@ class Kubelet:
                 for p in list(self.pods.values())
                 if not (p.get("spec") or {}).get("nodeName")
                 and not p["metadata"].get("deletionTimestamp")
-                and (p.get("spec") or {}).get("schedulerName", "default-scheduler") == "default-scheduler"
+                and (p.get("spec") or {}).get("schedulerName", "default-scheduler")
+                == "default-scheduler"
             ]
             if not pending:
                 continue
@@ -572,7 +606,7 @@ class Kubelet:
             for pod in sorted(pending, key=lambda p: p["metadata"].get("creationTimestamp", "")):
                 try:
                     await self._schedule(pod, nodes, reported)
-                except (aiohttp.ClientError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError):
                     continue
 
     def _used_on(self, node: str) -> dict[str, Fraction]:
@@ -584,7 +618,9 @@ class Kubelet:
                 continue
             for key, value in _requests(pod).items():
                 used[key] = used.get(key, Fraction(0)) + value
-        used["pods"] = Fraction(sum(1 for p in self.pods.values() if (p.get("spec") or {}).get("nodeName") == node))
+        used["pods"] = Fraction(
+            sum(1 for p in self.pods.values() if (p.get("spec") or {}).get("nodeName") == node)
+        )
         return used
 
     async def _schedule(self, pod: Obj, nodes: dict[str, Obj], reported: dict[str, str]) -> None:
@@ -600,7 +636,9 @@ class Kubelet:
             per_node: dict[str, list[str]] = {}
             for name, node in nodes.items():
                 if name in self._lost_nodes:
-                    per_node[name] = ["node(s) had untolerated taint {node.kubernetes.io/unreachable: }"]
+                    per_node[name] = [
+                        "node(s) had untolerated taint {node.kubernetes.io/unreachable: }"
+                    ]
                     continue
                 reasons = unschedulable_reasons(pod, node, self._used_on(name))
                 if not reasons:
@@ -608,13 +646,22 @@ class Kubelet:
                     code, _ = await self._request(
                         "POST",
                         f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/binding",
-                        {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": meta["name"]}, "target": {"apiVersion": "v1", "kind": "Node", "name": name}},
+                        {
+                            "apiVersion": "v1",
+                            "kind": "Binding",
+                            "metadata": {"name": meta["name"]},
+                            "target": {"apiVersion": "v1", "kind": "Node", "name": name},
+                        },
                     )
                     if code == 201:
-                        pod.setdefault("spec", {})["nodeName"] = name  # count it until the watch catches up
+                        pod.setdefault("spec", {})["nodeName"] = (
+                            name  # count it until the watch catches up
+                        )
                         reported.pop(uid, None)
                         await self._event(
-                            pod, "Normal", "Scheduled",
+                            pod,
+                            "Normal",
+                            "Scheduled",
                             f"Successfully assigned {meta['namespace']}/{meta['name']} to {name}",
                             "default-scheduler",
                         )
@@ -624,15 +671,26 @@ class Kubelet:
                 "type": "PodScheduled",
                 "status": "False",
                 "reason": "Unschedulable",
-                "message": unschedulable_message(per_node) if per_node else "no nodes available to schedule pods",
+                "message": unschedulable_message(per_node)
+                if per_node
+                else "no nodes available to schedule pods",
             }
         key = f"{condition['reason']}|{condition['message']}"
         if reported.get(uid) == key:
             return
         reported[uid] = key
         if condition["reason"] == "Unschedulable":
-            await self._event(pod, "Warning", "FailedScheduling", condition["message"], "default-scheduler")
-        await self._patch_status(pod, {"conditions": [{**condition, "lastTransitionTime": now_rfc3339(), "lastProbeTime": None}]})
+            await self._event(
+                pod, "Warning", "FailedScheduling", condition["message"], "default-scheduler"
+            )
+        await self._patch_status(
+            pod,
+            {
+                "conditions": [
+                    {**condition, "lastTransitionTime": now_rfc3339(), "lastProbeTime": None}
+                ]
+            },
+        )
 
     # ----------------------------------------------------------------- pods
     def _allocate_ip(self) -> str:
@@ -694,7 +752,7 @@ class Kubelet:
             "spec.nodeName": run.node,
             "spec.serviceAccountName": (pod.get("spec") or {}).get("serviceAccountName", "default"),
         }
-        return values.get(path, "")
+        return str(values.get(path, ""))
 
     @staticmethod
     def _resource_field(container: Obj, ref: Obj) -> str:
@@ -717,7 +775,12 @@ class Kubelet:
             if mount.get("subPath"):
                 host = host / mount["subPath"]
                 host.mkdir(parents=True, exist_ok=True)
-            if "emptyDir" in volume or "secret" in volume or "configMap" in volume or "hostPath" in volume:
+            if (
+                "emptyDir" in volume
+                or "secret" in volume
+                or "configMap" in volume
+                or "hostPath" in volume
+            ):
                 mounts[mount["mountPath"].rstrip("/") or "/"] = host
         return mounts
 
@@ -730,7 +793,9 @@ class Kubelet:
                 if not source:
                     continue
                 name = source.get("secretName") if kind == "Secret" else source.get("name")
-                obj = await self._get_obj("secrets" if kind == "Secret" else "configmaps", run.namespace, name or "")
+                obj = await self._get_obj(
+                    "secrets" if kind == "Secret" else "configmaps", run.namespace, name or ""
+                )
                 if obj is None:
                     if source.get("optional"):
                         continue
@@ -748,7 +813,9 @@ class Kubelet:
                 return str(mounts[mount_path]) + value[len(mount_path.rstrip("/")) :]
         return value
 
-    async def _container_env(self, pod: Obj, run: PodRun, container: Obj, mounts: dict[str, Path], termination: Path) -> dict[str, str]:
+    async def _container_env(
+        self, pod: Obj, run: PodRun, container: Obj, mounts: dict[str, Path], termination: Path
+    ) -> dict[str, str]:
         env: dict[str, str] = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOSTNAME": run.name,
@@ -764,7 +831,11 @@ class Kubelet:
                 ref = source.get(key)
                 if not ref:
                     continue
-                obj = await self._get_obj("secrets" if kind == "Secret" else "configmaps", run.namespace, ref.get("name", ""))
+                obj = await self._get_obj(
+                    "secrets" if kind == "Secret" else "configmaps",
+                    run.namespace,
+                    ref.get("name", ""),
+                )
                 if obj is None:
                     if ref.get("optional"):
                         continue
@@ -780,7 +851,9 @@ class Kubelet:
                 if "secretKeyRef" in source:
                     value = await self._key_ref("Secret", source["secretKeyRef"], run.namespace)
                 elif "configMapKeyRef" in source:
-                    value = await self._key_ref("ConfigMap", source["configMapKeyRef"], run.namespace)
+                    value = await self._key_ref(
+                        "ConfigMap", source["configMapKeyRef"], run.namespace
+                    )
                 elif "fieldRef" in source:
                     value = self._field_ref(pod, run, source["fieldRef"].get("fieldPath", ""))
                 elif "resourceFieldRef" in source:
@@ -793,7 +866,9 @@ class Kubelet:
                 value = _expand(str(item.get("value", "")), env)
             # The termination file is a host path already: never rewrite it onto a mount
             # (it lives under /tmp, which the trainer pod also mounts as an emptyDir).
-            env[name] = str(termination) if value == termination_path else self._rewrite(value, mounts)
+            env[name] = (
+                str(termination) if value == termination_path else self._rewrite(value, mounts)
+            )
         return env
 
     async def _run_pod(self, run: PodRun) -> None:
@@ -801,11 +876,18 @@ class Kubelet:
             await self._run_pod_inner(run)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - a kubelet bug must surface on the pod, not vanish
+        except Exception as exc:
             pod = self.pods.get(run.uid)
             if pod is not None:
                 with contextlib.suppress(Exception):
-                    await self._patch_status(pod, {"phase": "Failed", "reason": "HarnessKubeletError", "message": f"{type(exc).__name__}: {exc}"})
+                    await self._patch_status(
+                        pod,
+                        {
+                            "phase": "Failed",
+                            "reason": "HarnessKubeletError",
+                            "message": f"{type(exc).__name__}: {exc}",
+                        },
+                    )
         finally:
             run.finished.set()
             if run.uid not in self.pods or self.pods[run.uid]["metadata"].get("deletionTimestamp"):
@@ -842,16 +924,21 @@ class Kubelet:
                     reason, message = "CreateContainerConfigError", str(exc)
             if not reason:
                 break
-            await self._event(pod, "Warning", "Failed", f"Error: {message}" if reason == "CreateContainerConfigError" else message)
+            await self._event(
+                pod,
+                "Warning",
+                "Failed",
+                f"Error: {message}" if reason == "CreateContainerConfigError" else message,
+            )
             await self._patch_status(
                 pod,
                 {
                     **base_status,
                     "phase": "Pending",
-                    "conditions": _conditions(ready=False, initialized=True, reason="ContainersNotReady"),
-                    "containerStatuses": [
-                        _waiting_status(c, reason, message) for c in containers
-                    ],
+                    "conditions": _conditions(
+                        ready=False, initialized=True, reason="ContainersNotReady"
+                    ),
+                    "containerStatuses": [_waiting_status(c, reason, message) for c in containers],
                 },
             )
             with contextlib.suppress(TimeoutError):
@@ -875,7 +962,9 @@ class Kubelet:
         )
         # 3. Wait for exits, deletion or a simulated OOM kill.
         simulate = (pod["metadata"].get("annotations") or {}).get(SIMULATE_ANNOTATION)
-        after = float((pod["metadata"].get("annotations") or {}).get(SIMULATE_AFTER_ANNOTATION, "1"))
+        after = float(
+            (pod["metadata"].get("annotations") or {}).get(SIMULATE_AFTER_ANNOTATION, "1")
+        )
         waits = [asyncio.ensure_future(self._wait_exit(c)) for c in run.containers.values()]
         terminating = asyncio.ensure_future(run.terminating.wait())
         oom = asyncio.ensure_future(asyncio.sleep(after)) if simulate == "OOMKilled" else None
@@ -927,14 +1016,25 @@ class Kubelet:
                 )
         return None
 
-    async def _start_container(self, run: PodRun, container: Obj, env: dict[str, str], mounts: dict[str, Path], termination: Path) -> None:
+    async def _start_container(
+        self,
+        run: PodRun,
+        container: Obj,
+        env: dict[str, str],
+        mounts: dict[str, Path],
+        termination: Path,
+    ) -> None:
         name = container["name"]
         log_path = run.directory / f"{name}.log"
         argv = [*(container.get("command") or []), *(container.get("args") or [])]
         if not argv:
-            raise RuntimeError(f"container {name}: the harness cannot run an image's default entrypoint; set command")
+            raise RuntimeError(
+                f"container {name}: the harness cannot run an image's default entrypoint; set command"
+            )
         argv = [_expand(a, env) for a in argv]
-        if argv[0] in ("python", "python3") or re.fullmatch(r"(/usr(/local)?/bin/)?python3?(\.\d+)?", argv[0]):
+        if argv[0] in ("python", "python3") or re.fullmatch(
+            r"(/usr(/local)?/bin/)?python3?(\.\d+)?", argv[0]
+        ):
             argv[0] = self.python
         argv = [self._rewrite(a, mounts) for a in argv]
         cwd = self._rewrite(container.get("workingDir") or "", mounts) or str(run.directory)
@@ -962,7 +1062,9 @@ class Kubelet:
         # Reap the rest of the group so nothing outlives the container.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(container.process.pid, signal.SIGKILL)
-        container.exit_code = 128 - code if code < 0 else code  # signals as the runtime reports them
+        container.exit_code = (
+            128 - code if code < 0 else code
+        )  # signals as the runtime reports them
         container.finished_at = now_rfc3339()
 
     @staticmethod
@@ -1007,14 +1109,27 @@ class Kubelet:
         # Explicit nulls: the status is a strategic merge patch, and a container
         # state has exactly one of running/waiting/terminated.
         if record is None:
-            return {**status, "state": {"waiting": {"reason": "ContainerCreating"}, "running": None, "terminated": None}}
-        status["containerID"] = f"harness://{run.uid[:8]}-{record.name}-{record.process.pid if record.process else 0}"
+            return {
+                **status,
+                "state": {
+                    "waiting": {"reason": "ContainerCreating"},
+                    "running": None,
+                    "terminated": None,
+                },
+            }
+        status["containerID"] = (
+            f"harness://{run.uid[:8]}-{record.name}-{record.process.pid if record.process else 0}"
+        )
         if record.exit_code is None:
             return {
                 **status,
                 "ready": True,
                 "started": True,
-                "state": {"running": {"startedAt": record.started_at}, "waiting": None, "terminated": None},
+                "state": {
+                    "running": {"startedAt": record.started_at},
+                    "waiting": None,
+                    "terminated": None,
+                },
             }
         code = record.exit_code
         reason = "OOMKilled" if record.oom_killed else ("Completed" if code == 0 else "Error")
@@ -1035,7 +1150,11 @@ class Kubelet:
         message = b""
         if record.termination_path is not None and record.termination_path.is_file():
             message = record.termination_path.read_bytes()[:TERMINATION_MESSAGE_LIMIT]
-        if not message and code != 0 and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+        if (
+            not message
+            and code != 0
+            and container.get("terminationMessagePolicy") == "FallbackToLogsOnError"
+        ):
             with contextlib.suppress(OSError):
                 lines = record.log_path.read_bytes().splitlines()[-80:]
                 message = b"\n".join(lines)[-2048:]
@@ -1069,7 +1188,11 @@ class Kubelet:
             code, body = await self._request(
                 "POST",
                 f"/api/v1/namespaces/{namespace}/pods/{name}/eviction",
-                {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": name, "namespace": namespace}},
+                {
+                    "apiVersion": "policy/v1",
+                    "kind": "Eviction",
+                    "metadata": {"name": name, "namespace": namespace},
+                },
             )
             if code != 201:
                 raise RuntimeError(f"eviction of {namespace}/{name} failed: {code} {body}")
@@ -1086,7 +1209,18 @@ class Kubelet:
             await self._request(
                 "PATCH",
                 f"/api/v1/nodes/{node}",
-                {"spec": {"taints": [*[dict(t) for t in self.nodes[node].taints], {"key": "node.kubernetes.io/unreachable", "effect": "NoExecute", "timeAdded": now_rfc3339()}]}},
+                {
+                    "spec": {
+                        "taints": [
+                            *[dict(t) for t in self.nodes[node].taints],
+                            {
+                                "key": "node.kubernetes.io/unreachable",
+                                "effect": "NoExecute",
+                                "timeAdded": now_rfc3339(),
+                            },
+                        ]
+                    }
+                },
                 _MERGE,
             )
             for run in [r for r in self.runs.values() if r.node == node]:
@@ -1104,8 +1238,22 @@ class Kubelet:
                         "reason": "NodeLost",
                         "message": f"Node {node} which was running pod {run.name} is unresponsive",
                         "conditions": [
-                            {"type": "DisruptionTarget", "status": "True", "reason": "DeletionByTaintManager", "message": "Taint manager: deleting due to NoExecute taint", "lastTransitionTime": now, "lastProbeTime": None},
-                            {"type": "Ready", "status": "False", "reason": "NodeLost", "message": "", "lastTransitionTime": now, "lastProbeTime": None},
+                            {
+                                "type": "DisruptionTarget",
+                                "status": "True",
+                                "reason": "DeletionByTaintManager",
+                                "message": "Taint manager: deleting due to NoExecute taint",
+                                "lastTransitionTime": now,
+                                "lastProbeTime": None,
+                            },
+                            {
+                                "type": "Ready",
+                                "status": "False",
+                                "reason": "NodeLost",
+                                "message": "",
+                                "lastTransitionTime": now,
+                                "lastProbeTime": None,
+                            },
                         ],
                         "containerStatuses": [
                             {
@@ -1115,7 +1263,15 @@ class Kubelet:
                                 "ready": False,
                                 "started": False,
                                 "restartCount": 0,
-                                "state": {"terminated": {"exitCode": 137, "reason": "ContainerStatusUnknown", "message": "The container could not be located when the pod was terminated", "finishedAt": now, "startedAt": now}},
+                                "state": {
+                                    "terminated": {
+                                        "exitCode": 137,
+                                        "reason": "ContainerStatusUnknown",
+                                        "message": "The container could not be located when the pod was terminated",
+                                        "finishedAt": now,
+                                        "startedAt": now,
+                                    }
+                                },
                             }
                             for c in (pod.get("spec") or {}).get("containers") or []
                         ],
@@ -1129,7 +1285,12 @@ class Kubelet:
 
         async def restore() -> None:
             self._lost_nodes.discard(node)
-            await self._request("PATCH", f"/api/v1/nodes/{node}", {"spec": {"taints": [dict(t) for t in self.nodes[node].taints]}}, _MERGE)
+            await self._request(
+                "PATCH",
+                f"/api/v1/nodes/{node}",
+                {"spec": {"taints": [dict(t) for t in self.nodes[node].taints]}},
+                _MERGE,
+            )
             await self._set_node_status(self.nodes[node], ready=True)
             self._wake_scheduler()
 
@@ -1137,7 +1298,9 @@ class Kubelet:
 
     def pod_log(self, namespace: str, name: str, container: str | None = None) -> str:
         """Captured stdout+stderr of a pod's container (any pod this kubelet ran)."""
-        matches = sorted((self.workdir / "pods").glob(f"{namespace}_{name}_*"), key=lambda p: p.stat().st_mtime)
+        matches = sorted(
+            (self.workdir / "pods").glob(f"{namespace}_{name}_*"), key=lambda p: p.stat().st_mtime
+        )
         if not matches:
             raise FileNotFoundError(f"no logs for pod {namespace}/{name}")
         logs = sorted(matches[-1].glob(f"{container or '*'}.log"))
@@ -1154,11 +1317,18 @@ class Kubelet:
 
     # ----------------------------------------------------------------- logs
     async def _serve_logs(self, request: web.Request) -> web.StreamResponse:
-        namespace, pod, container = (request.match_info[k] for k in ("namespace", "pod", "container"))
-        matches = sorted((self.workdir / "pods").glob(f"{namespace}_{pod}_*"), key=lambda p: p.stat().st_mtime)
+        namespace, pod, container = (
+            request.match_info[k] for k in ("namespace", "pod", "container")
+        )
+        matches = sorted(
+            (self.workdir / "pods").glob(f"{namespace}_{pod}_*"), key=lambda p: p.stat().st_mtime
+        )
         path = matches[-1] / f"{container}.log" if matches else None
         if path is None or not path.exists():
-            return web.Response(status=404, text=f'container "{container}" in pod "{pod}" is waiting to start: ContainerCreating')
+            return web.Response(
+                status=404,
+                text=f'container "{container}" in pod "{pod}" is waiting to start: ContainerCreating',
+            )
         follow = request.query.get("follow") in ("true", "1")
         tail = request.query.get("tailLines")
         response = web.StreamResponse(headers={"Content-Type": "text/plain"})
@@ -1171,7 +1341,9 @@ class Kubelet:
             offset = path.stat().st_size
             uid = matches[-1].name.rsplit("_", 1)[-1]
             while True:
-                running = any(r.uid.startswith(uid) and not r.finished.is_set() for r in self.runs.values())
+                running = any(
+                    r.uid.startswith(uid) and not r.finished.is_set() for r in self.runs.values()
+                )
                 size = path.stat().st_size
                 if size > offset:
                     with path.open("rb") as handle:
@@ -1200,11 +1372,38 @@ def _conditions(*, ready: bool, initialized: bool, reason: str = "") -> list[Obj
     state = "True" if ready else "False"
     extra = {"reason": reason} if reason and not ready else {}
     return [
-        {"type": "PodReadyToStartContainers", "status": "True", "lastTransitionTime": now, "lastProbeTime": None},
-        {"type": "Initialized", "status": "True" if initialized else "False", "lastTransitionTime": now, "lastProbeTime": None},
-        {"type": "Ready", "status": state, "lastTransitionTime": now, "lastProbeTime": None, **extra},
-        {"type": "ContainersReady", "status": state, "lastTransitionTime": now, "lastProbeTime": None, **extra},
-        {"type": "PodScheduled", "status": "True", "lastTransitionTime": now, "lastProbeTime": None},
+        {
+            "type": "PodReadyToStartContainers",
+            "status": "True",
+            "lastTransitionTime": now,
+            "lastProbeTime": None,
+        },
+        {
+            "type": "Initialized",
+            "status": "True" if initialized else "False",
+            "lastTransitionTime": now,
+            "lastProbeTime": None,
+        },
+        {
+            "type": "Ready",
+            "status": state,
+            "lastTransitionTime": now,
+            "lastProbeTime": None,
+            **extra,
+        },
+        {
+            "type": "ContainersReady",
+            "status": state,
+            "lastTransitionTime": now,
+            "lastProbeTime": None,
+            **extra,
+        },
+        {
+            "type": "PodScheduled",
+            "status": "True",
+            "lastTransitionTime": now,
+            "lastProbeTime": None,
+        },
     ]
 
 
@@ -1216,7 +1415,11 @@ def _waiting_status(container: Obj, reason: str, message: str) -> Obj:
         "ready": False,
         "started": False,
         "restartCount": 0,
-        "state": {"waiting": {"reason": reason, "message": message}, "running": None, "terminated": None},
+        "state": {
+            "waiting": {"reason": reason, "message": message},
+            "running": None,
+            "terminated": None,
+        },
     }
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import ssl
-from pathlib import Path
 from typing import Any
 
 import urllib3
@@ -33,7 +32,11 @@ TEST_CRD: dict[str, Any] = {
                 "subresources": {"status": {}},
                 "additionalPrinterColumns": [
                     {"name": "Size", "type": "integer", "jsonPath": ".spec.size"},
-                    {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
+                    {
+                        "name": "Ready",
+                        "type": "string",
+                        "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+                    },
                     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                 ],
                 "schema": {
@@ -48,10 +51,20 @@ TEST_CRD: dict[str, Any] = {
                                 "required": ["size"],
                                 "properties": {
                                     "size": {"type": "integer", "minimum": 1},
-                                    "color": {"type": "string", "enum": ["red", "blue"], "default": "red"},
-                                    "port": {"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}]},
+                                    "color": {
+                                        "type": "string",
+                                        "enum": ["red", "blue"],
+                                        "default": "red",
+                                    },
+                                    "port": {
+                                        "x-kubernetes-int-or-string": True,
+                                        "anyOf": [{"type": "integer"}, {"type": "string"}],
+                                    },
                                     "note": {"type": "string", "nullable": True},
-                                    "extra": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+                                    "extra": {
+                                        "type": "object",
+                                        "x-kubernetes-preserve-unknown-fields": True,
+                                    },
                                 },
                             },
                             "status": {
@@ -77,13 +90,22 @@ class Http:
         self.pool = urllib3.PoolManager(ssl_context=context)
 
     def request(
-        self, method: str, path: str, body: Any = None, content_type: str = "application/json", headers: dict[str, str] | None = None, timeout: float = 10
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        content_type: str = "application/json",
+        headers: dict[str, str] | None = None,
+        timeout: float = 10,
     ) -> tuple[int, Any]:
         hdrs = {"Content-Type": content_type, **(headers or {})}
         if self.token:
             hdrs["Authorization"] = f"Bearer {self.token}"
         data = json.dumps(body).encode() if body is not None else None
-        response = self.pool.request(method, self.base + path, body=data, headers=hdrs, timeout=timeout, preload_content=True)
+        response = self.pool.request(
+            method, self.base + path, body=data, headers=hdrs, timeout=timeout, preload_content=True
+        )
         text = response.data.decode()
         try:
             return response.status, json.loads(text) if text else None
@@ -99,7 +121,9 @@ class Http:
     def put(self, path: str, body: Any, **kw: Any) -> tuple[int, Any]:
         return self.request("PUT", path, body, **kw)
 
-    def patch(self, path: str, body: Any, content_type: str = "application/merge-patch+json", **kw: Any) -> tuple[int, Any]:
+    def patch(
+        self, path: str, body: Any, content_type: str = "application/merge-patch+json", **kw: Any
+    ) -> tuple[int, Any]:
         return self.request("PATCH", path, body, content_type=content_type, **kw)
 
     def delete(self, path: str, body: Any = None, **kw: Any) -> tuple[int, Any]:
@@ -114,7 +138,13 @@ class Http:
         """Read up to `until` watch events from a watch URL (query string included);
         returns early with what arrived when the stream stays silent for `timeout`."""
         hdrs = {"Authorization": f"Bearer {self.token}"}
-        response = self.pool.request("GET", self.base + path, headers=hdrs, preload_content=False, timeout=urllib3.Timeout(connect=5, read=timeout))
+        response = self.pool.request(
+            "GET",
+            self.base + path,
+            headers=hdrs,
+            preload_content=False,
+            timeout=urllib3.Timeout(connect=5, read=timeout),
+        )
         events: list[dict[str, Any]] = []
         buffer = b""
         try:
@@ -135,4 +165,9 @@ WIDGETS = "/apis/example.com/v1/namespaces/default/widgets"
 
 
 def widget(name: str, size: int = 1, **spec: Any) -> dict[str, Any]:
-    return {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": name}, "spec": {"size": size, **spec}}
+    return {
+        "apiVersion": "example.com/v1",
+        "kind": "Widget",
+        "metadata": {"name": name},
+        "spec": {"size": size, **spec},
+    }

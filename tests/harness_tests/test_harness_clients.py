@@ -31,11 +31,21 @@ def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
 
 
 def _widget(name: str, size: int = 1) -> str:
-    return json.dumps({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": name}, "spec": {"size": size}})
+    return json.dumps(
+        {
+            "apiVersion": "example.com/v1",
+            "kind": "Widget",
+            "metadata": {"name": name},
+            "spec": {"size": size},
+        }
+    )
 
 
 def test_kubectl_apply_get_describe_delete(plane: ControlPlane) -> None:
-    assert "widget.example.com/k1 created" in plane.kubectl("apply", "-f", "-", input=_widget("k1", 3)).stdout
+    assert (
+        "widget.example.com/k1 created"
+        in plane.kubectl("apply", "-f", "-", input=_widget("k1", 3)).stdout
+    )
     assert "unchanged" in plane.kubectl("apply", "-f", "-", input=_widget("k1", 3)).stdout
     assert "configured" in plane.kubectl("apply", "-f", "-", input=_widget("k1", 4)).stdout
     table = plane.kubectl("get", "wd").stdout.splitlines()
@@ -45,7 +55,8 @@ def test_kubectl_apply_get_describe_delete(plane: ControlPlane) -> None:
     got = json.loads(plane.kubectl("get", "widget", "k1", "-o", "json").stdout)
     assert got["spec"] == {"size": 4, "color": "red"}
     described = plane.kubectl("describe", "widget", "k1").stdout
-    assert "Name:         k1" in described and "Size:   4" in described
+    assert "Name:         k1" in described
+    assert "Size:   4" in described
     assert 'widget.example.com "k1" deleted' in plane.kubectl("delete", "widget", "k1").stdout
     assert plane.kubectl("get", "widget", "k1", check=False).returncode == 1
 
@@ -54,36 +65,83 @@ def test_kubectl_reports_validation_errors(plane: ControlPlane) -> None:
     result = plane.kubectl("apply", "-f", "-", input=_widget("bad", 0), check=False)
     assert result.returncode == 1
     assert "spec.size in body should be greater than or equal to 1" in result.stderr
-    typo = json.dumps({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "typo"}, "spec": {"size": 1, "colour": "red"}})
+    typo = json.dumps(
+        {
+            "apiVersion": "example.com/v1",
+            "kind": "Widget",
+            "metadata": {"name": "typo"},
+            "spec": {"size": 1, "colour": "red"},
+        }
+    )
     result = plane.kubectl("apply", "-f", "-", input=typo, check=False)
-    assert result.returncode == 1 and 'unknown field "spec.colour"' in result.stderr
+    assert result.returncode == 1
+    assert 'unknown field "spec.colour"' in result.stderr
 
 
 def test_kubectl_lorajob_printer_columns(plane: ControlPlane) -> None:
     example = (REPO / "examples" / "lorajob-tiny.yaml").read_text()
     plane.kubectl("apply", "-f", "-", input=example)
-    status = {"status": {"phase": "Succeeded", "attempts": 1, "progress": {"percent": 100, "loss": 1.25}, "conditions": [{"type": "Succeeded", "status": "True", "reason": "Completed", "message": "done", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}}
-    plane.kubectl("patch", "lj", "tiny-demo", "--subresource=status", "--type=merge", "-p", json.dumps(status))
+    status = {
+        "status": {
+            "phase": "Succeeded",
+            "attempts": 1,
+            "progress": {"percent": 100, "loss": 1.25},
+            "conditions": [
+                {
+                    "type": "Succeeded",
+                    "status": "True",
+                    "reason": "Completed",
+                    "message": "done",
+                    "lastTransitionTime": "2026-01-01T00:00:00Z",
+                }
+            ],
+        }
+    }
+    plane.kubectl(
+        "patch", "lj", "tiny-demo", "--subresource=status", "--type=merge", "-p", json.dumps(status)
+    )
     lines = plane.kubectl("get", "lj").stdout.splitlines()
     assert lines[0].split() == ["NAME", "PHASE", "PROGRESS", "LOSS", "SUCCEEDED", "AGE"]
     assert lines[1].split()[:5] == ["tiny-demo", "Succeeded", "100", "1.25", "True"]
     wide = plane.kubectl("get", "lj", "-o", "wide").stdout.splitlines()
     assert "ATTEMPTS" in wide[0].split()
-    assert "condition met" in plane.kubectl("wait", "--for=condition=Succeeded", "lj/tiny-demo", "--timeout=10s").stdout
-    assert "condition met" in plane.kubectl("wait", "--for=jsonpath={.status.phase}=Succeeded", "lj/tiny-demo", "--timeout=10s").stdout
+    assert (
+        "condition met"
+        in plane.kubectl(
+            "wait", "--for=condition=Succeeded", "lj/tiny-demo", "--timeout=10s"
+        ).stdout
+    )
+    assert (
+        "condition met"
+        in plane.kubectl(
+            "wait", "--for=jsonpath={.status.phase}=Succeeded", "lj/tiny-demo", "--timeout=10s"
+        ).stdout
+    )
     plane.kubectl("delete", "lj", "tiny-demo")
 
 
 def test_kubectl_wait_blocks_until_the_condition(plane: ControlPlane) -> None:
     plane.kubectl("apply", "-f", "-", input=_widget("w", 1))
     waiter = subprocess.Popen(
-        [str(kubectl()), "--kubeconfig", str(plane.kubeconfig), "wait", "--for=condition=Ready", "widget/w", "--timeout=20s"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            str(kubectl()),
+            "--kubeconfig",
+            str(plane.kubeconfig),
+            "wait",
+            "--for=condition=Ready",
+            "widget/w",
+            "--timeout=20s",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     time.sleep(0.5)
     assert waiter.poll() is None
     status = {"status": {"conditions": [{"type": "Ready", "status": "True"}]}}
-    plane.kubectl("patch", "widget", "w", "--subresource=status", "--type=merge", "-p", json.dumps(status))
+    plane.kubectl(
+        "patch", "widget", "w", "--subresource=status", "--type=merge", "-p", json.dumps(status)
+    )
     out, err = waiter.communicate(timeout=20)
     assert waiter.returncode == 0, err
     assert "condition met" in out
@@ -93,8 +151,18 @@ def test_kubectl_wait_blocks_until_the_condition(plane: ControlPlane) -> None:
 def test_kubectl_get_watch_streams_changes(plane: ControlPlane) -> None:
     plane.kubectl("apply", "-f", "-", input=_widget("watched", 1))
     watcher = subprocess.Popen(
-        [str(kubectl()), "--kubeconfig", str(plane.kubeconfig), "get", "widgets", "-w", "--request-timeout=0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            str(kubectl()),
+            "--kubeconfig",
+            str(plane.kubeconfig),
+            "get",
+            "widgets",
+            "-w",
+            "--request-timeout=0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         time.sleep(0.7)
@@ -112,39 +180,82 @@ def test_kubectl_get_watch_streams_changes(plane: ControlPlane) -> None:
 
 def test_kubectl_typed_commands_and_pods(plane: ControlPlane) -> None:
     plane.kubectl("create", "namespace", "team-k")
-    plane.kubectl("create", "secret", "generic", "creds", "-n", "team-k", "--from-literal=KEY=value")
-    secret = json.loads(plane.kubectl("get", "secret", "creds", "-n", "team-k", "-o", "json").stdout)
-    assert secret["data"] == {"KEY": "dmFsdWU="} and "generateName" not in secret["metadata"]
+    plane.kubectl(
+        "create", "secret", "generic", "creds", "-n", "team-k", "--from-literal=KEY=value"
+    )
+    secret = json.loads(
+        plane.kubectl("get", "secret", "creds", "-n", "team-k", "-o", "json").stdout
+    )
+    assert secret["data"] == {"KEY": "dmFsdWU="}
+    assert "generateName" not in secret["metadata"]
     plane.kubectl("create", "quota", "gpus", "-n", "team-k", "--hard=requests.nvidia.com/gpu=4")
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "hello", "namespace": "team-k"},
-           "spec": {"restartPolicy": "Never", "containers": [{"name": "main", "image": "python:3.11", "command": ["python", "-c", "print('hello from the pod')"]}]}}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "hello", "namespace": "team-k"},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "python:3.11",
+                    "command": ["python", "-c", "print('hello from the pod')"],
+                }
+            ],
+        },
+    }
     plane.kubectl("apply", "-f", "-", input=json.dumps(pod))
-    plane.kubectl("wait", "--for=jsonpath={.status.phase}=Succeeded", "pod/hello", "-n", "team-k", "--timeout=20s")
+    plane.kubectl(
+        "wait",
+        "--for=jsonpath={.status.phase}=Succeeded",
+        "pod/hello",
+        "-n",
+        "team-k",
+        "--timeout=20s",
+    )
     assert plane.kubectl("logs", "hello", "-n", "team-k").stdout == "hello from the pod\n"
     table = plane.kubectl("get", "pods", "-n", "team-k").stdout.splitlines()
     assert table[1].split()[:3] == ["hello", "0/1", "Completed"]
-    assert "Started container main" in plane.kubectl("describe", "pod", "hello", "-n", "team-k").stdout
+    assert (
+        "Started container main" in plane.kubectl("describe", "pod", "hello", "-n", "team-k").stdout
+    )
     plane.kubectl("delete", "namespace", "team-k", "--timeout=30s")
 
 
 def test_python_client(plane: ControlPlane) -> None:
-    client = kubernetes.config.new_client_from_config(config_file=str(plane.kubeconfig))
+    client = kubernetes.config.new_client_from_config(config_file=str(plane.kubeconfig))  # type: ignore[no-untyped-call]
     core = kubernetes.client.CoreV1Api(client)
     custom = kubernetes.client.CustomObjectsApi(client)
-    assert "default" in [ns.metadata.name for ns in core.list_namespace().items]
-    cm = core.create_namespaced_config_map("default", {"metadata": {"name": "py"}, "data": {"a": "1"}})
+    assert "default" in [ns.metadata.name for ns in core.list_namespace().items if ns.metadata]
+    config_map = kubernetes.client.V1ConfigMap(
+        metadata=kubernetes.client.V1ObjectMeta(name="py"), data={"a": "1"}
+    )
+    cm = core.create_namespaced_config_map("default", config_map)
+    assert cm.metadata is not None
     assert cm.metadata.uid
     with pytest.raises(kubernetes.client.ApiException) as error:
-        core.create_namespaced_config_map("default", {"metadata": {"name": "py"}})
+        core.create_namespaced_config_map("default", config_map)
     assert error.value.status == 409
     body = json.loads(_widget("pyw", 2))
-    created = custom.create_namespaced_custom_object("example.com", "v1", "default", "widgets", body)
-    custom.patch_namespaced_custom_object_status("example.com", "v1", "default", "widgets", "pyw", {"status": {"phase": "Running"}})
-    got = custom.get_namespaced_custom_object("example.com", "v1", "default", "widgets", "pyw")
-    assert got["status"] == {"phase": "Running"} and got["metadata"]["uid"] == created["metadata"]["uid"]
+    created: Any = custom.create_namespaced_custom_object(
+        "example.com", "v1", "default", "widgets", body
+    )
+    custom.patch_namespaced_custom_object_status(
+        "example.com", "v1", "default", "widgets", "pyw", {"status": {"phase": "Running"}}
+    )
+    got: Any = custom.get_namespaced_custom_object("example.com", "v1", "default", "widgets", "pyw")
+    assert got["status"] == {"phase": "Running"}
+    assert got["metadata"]["uid"] == created["metadata"]["uid"]
     # watch.Watch: the initial state then live changes
     events: list[tuple[str, Any]] = []
-    stream = kubernetes.watch.Watch().stream(custom.list_namespaced_custom_object, "example.com", "v1", "default", "widgets", timeout_seconds=5)
+    stream = kubernetes.watch.Watch().stream(  # type: ignore[no-untyped-call]
+        custom.list_namespaced_custom_object,
+        "example.com",
+        "v1",
+        "default",
+        "widgets",
+        timeout_seconds=5,
+    )
     for event in stream:
         events.append((event["type"], event["object"]["metadata"]["name"]))
         if len(events) == 1:
@@ -152,7 +263,13 @@ def test_python_client(plane: ControlPlane) -> None:
         if event["type"] == "DELETED":
             break
     assert events == [("ADDED", "pyw"), ("DELETED", "pyw")]
-    pods = core.list_namespaced_pod("default", label_selector="app=none", field_selector="status.phase=Running")
+    pods = core.list_namespaced_pod(
+        "default", label_selector="app=none", field_selector="status.phase=Running"
+    )
     assert pods.items == []
     core.delete_namespaced_config_map("py", "default")
-    wait_for(lambda: not core.list_namespaced_config_map("default", field_selector="metadata.name=py").items)
+    wait_for(
+        lambda: (
+            not core.list_namespaced_config_map("default", field_selector="metadata.name=py").items
+        )
+    )

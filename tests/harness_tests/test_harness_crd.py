@@ -21,12 +21,15 @@ def test_crd_gets_established(http: Http, widget_crd: dict[str, Any]) -> None:
 def test_crd_name_must_match_names(http: Http) -> None:
     bad = {**TEST_CRD, "metadata": {"name": "wrong.example.com"}}
     status, body = http.post(CRDS, bad)
-    assert status == 422 and "spec.names.plural" in body["message"]
+    assert status == 422
+    assert "spec.names.plural" in body["message"]
 
 
 def test_schema_defaults_and_pruning(http: Http, widget_crd: dict[str, Any]) -> None:
     del widget_crd
-    created = http.ok("POST", WIDGETS, widget("d", unknown="dropped", extra={"free": {"form": 1}}, port="http"))
+    created = http.ok(
+        "POST", WIDGETS, widget("d", unknown="dropped", extra={"free": {"form": 1}}, port="http")
+    )
     assert created["spec"]["color"] == "red"  # default applied
     assert "unknown" not in created["spec"]  # pruned
     assert created["spec"]["extra"] == {"free": {"form": 1}}  # preserve-unknown-fields
@@ -34,26 +37,49 @@ def test_schema_defaults_and_pruning(http: Http, widget_crd: dict[str, Any]) -> 
     assert http.ok("POST", WIDGETS, widget("d2", port=8080, note=None))["spec"]["port"] == 8080
 
 
-def test_strict_field_validation_rejects_unknown_fields(http: Http, widget_crd: dict[str, Any]) -> None:
+def test_strict_field_validation_rejects_unknown_fields(
+    http: Http, widget_crd: dict[str, Any]
+) -> None:
     del widget_crd
     status, body = http.post(f"{WIDGETS}?fieldValidation=Strict", widget("s", typo=1))
     assert status == 400
-    assert body["message"] == 'Widget in version "v1" cannot be handled as a Widget: strict decoding error: unknown field "spec.typo"'
+    assert (
+        body["message"]
+        == 'Widget in version "v1" cannot be handled as a Widget: strict decoding error: unknown field "spec.typo"'
+    )
 
 
 def test_invalid_objects_get_422_with_field_causes(http: Http, widget_crd: dict[str, Any]) -> None:
     del widget_crd
-    status, body = http.post(WIDGETS, {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "bad"}, "spec": {"size": 0, "color": "green"}})
-    assert status == 422 and body["reason"] == "Invalid"
+    status, body = http.post(
+        WIDGETS,
+        {
+            "apiVersion": "example.com/v1",
+            "kind": "Widget",
+            "metadata": {"name": "bad"},
+            "spec": {"size": 0, "color": "green"},
+        },
+    )
+    assert status == 422
+    assert body["reason"] == "Invalid"
     causes = {c["field"]: c for c in body["details"]["causes"]}
     assert causes["spec.size"]["reason"] == "FieldValueInvalid"
     assert "should be greater than or equal to 1" in causes["spec.size"]["message"]
     assert causes["spec.color"]["reason"] == "FieldValueNotSupported"
-    assert body["message"].startswith('Widget.example.com "bad" is invalid: [spec.color: Unsupported value: "green"')
-    status, body = http.post(WIDGETS, {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "bad"}, "spec": {}})
-    assert status == 422 and body["details"]["causes"] == [{"reason": "FieldValueRequired", "message": "Required value", "field": "spec.size"}]
+    assert body["message"].startswith(
+        'Widget.example.com "bad" is invalid: [spec.color: Unsupported value: "green"'
+    )
+    status, body = http.post(
+        WIDGETS,
+        {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "bad"}, "spec": {}},
+    )
+    assert status == 422
+    assert body["details"]["causes"] == [
+        {"reason": "FieldValueRequired", "message": "Required value", "field": "spec.size"}
+    ]
     status, body = http.post(WIDGETS, widget("bad", size="big"))  # type: ignore[arg-type]
-    assert status == 422 and "must be of type integer" in body["message"]
+    assert status == 422
+    assert "must be of type integer" in body["message"]
 
 
 def test_patches_are_validated(http: Http, widget_crd: dict[str, Any]) -> None:

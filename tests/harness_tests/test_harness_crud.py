@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tests.harness.controlplane import wait_for
 from tests.harness_tests.helpers import WIDGETS, Http, widget
 
 CMS = "/api/v1/namespaces/default/configmaps"
@@ -13,34 +14,44 @@ def test_create_sets_server_metadata(http: Http) -> None:
     first = http.ok("POST", CMS, {"metadata": {"name": "a"}, "data": {"k": "v"}})
     second = http.ok("POST", CMS, {"metadata": {"name": "b"}})
     meta = first["metadata"]
-    assert len(meta["uid"]) == 36 and meta["uid"] != second["metadata"]["uid"]
+    assert len(meta["uid"]) == 36
+    assert meta["uid"] != second["metadata"]["uid"]
     assert meta["creationTimestamp"].endswith("Z")
     assert meta["generation"] == 1
     assert meta["namespace"] == "default"
     assert int(second["metadata"]["resourceVersion"]) > int(meta["resourceVersion"])
-    assert first["kind"] == "ConfigMap" and first["apiVersion"] == "v1"
+    assert first["kind"] == "ConfigMap"
+    assert first["apiVersion"] == "v1"
 
 
 def test_generate_name(http: Http) -> None:
     created = http.ok("POST", CMS, {"metadata": {"generateName": "job-"}})
     name = created["metadata"]["name"]
-    assert name.startswith("job-") and len(name) == len("job-") + 5
+    assert name.startswith("job-")
+    assert len(name) == len("job-") + 5
 
 
 def test_name_is_required_and_validated(http: Http) -> None:
     status, body = http.post(CMS, {"metadata": {}})
-    assert status == 422 and body["reason"] == "Invalid"
+    assert status == 422
+    assert body["reason"] == "Invalid"
     assert body["details"]["causes"][0]["field"] == "metadata.name"
     status, body = http.post(CMS, {"metadata": {"name": "Not_Valid"}})
-    assert status == 422 and "RFC 1123" in body["message"]
+    assert status == 422
+    assert "RFC 1123" in body["message"]
 
 
 def test_namespaces_must_exist(http: Http) -> None:
     status, body = http.post("/api/v1/namespaces/nowhere/configmaps", {"metadata": {"name": "x"}})
     assert status == 404
     assert body == {
-        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-        "message": 'namespaces "nowhere" not found', "reason": "NotFound", "code": 404,
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": 'namespaces "nowhere" not found',
+        "reason": "NotFound",
+        "code": 404,
         "details": {"name": "nowhere", "kind": "namespaces"},
     }
     http.ok("POST", "/api/v1/namespaces", {"metadata": {"name": "team-a"}})
@@ -48,8 +59,6 @@ def test_namespaces_must_exist(http: Http) -> None:
     # A namespace being deleted takes its content with it and refuses new content.
     deleted = http.ok("DELETE", "/api/v1/namespaces/team-a")
     assert deleted["status"]["phase"] == "Terminating"
-    from tests.harness.controlplane import wait_for
-
     wait_for(lambda: http.get("/api/v1/namespaces/team-a")[0] == 404, message="namespace gone")
     assert http.get("/api/v1/namespaces/team-a/configmaps/x")[0] == 404
 
@@ -67,7 +76,9 @@ def test_not_found_is_a_status(http: Http, widget_crd: dict[str, Any]) -> None:
     del widget_crd
     status, body = http.get(f"{WIDGETS}/missing")
     assert status == 404
-    assert body["kind"] == "Status" and body["reason"] == "NotFound" and body["code"] == 404
+    assert body["kind"] == "Status"
+    assert body["reason"] == "NotFound"
+    assert body["code"] == 404
     assert body["message"] == 'widgets.example.com "missing" not found'
     assert body["details"] == {"name": "missing", "kind": "widgets", "group": "example.com"}
 
@@ -76,13 +87,22 @@ def test_stale_resource_version_conflicts(http: Http, widget_crd: dict[str, Any]
     del widget_crd
     created = http.ok("POST", WIDGETS, widget("w"))
     stale = created["metadata"]["resourceVersion"]
-    http.ok("PATCH", f"{WIDGETS}/w", {"metadata": {"labels": {"a": "b"}}}, content_type="application/merge-patch+json")
+    http.ok(
+        "PATCH",
+        f"{WIDGETS}/w",
+        {"metadata": {"labels": {"a": "b"}}},
+        content_type="application/merge-patch+json",
+    )
     created["spec"]["size"] = 3
     status, body = http.put(f"{WIDGETS}/w", created)
-    assert status == 409 and body["reason"] == "Conflict"
+    assert status == 409
+    assert body["reason"] == "Conflict"
     assert "the object has been modified" in body["message"]
-    status, body = http.patch(f"{WIDGETS}/w", {"metadata": {"resourceVersion": stale}, "spec": {"size": 4}})
-    assert status == 409 and body["reason"] == "Conflict"
+    status, body = http.patch(
+        f"{WIDGETS}/w", {"metadata": {"resourceVersion": stale}, "spec": {"size": 4}}
+    )
+    assert status == 409
+    assert body["reason"] == "Conflict"
     # Custom resources need a resourceVersion for PUT (no unconditional update).
     del created["metadata"]["resourceVersion"]
     status, body = http.put(f"{WIDGETS}/w", created)
@@ -92,13 +112,26 @@ def test_stale_resource_version_conflicts(http: Http, widget_crd: dict[str, Any]
 def test_generation_tracks_spec_changes_only(http: Http, widget_crd: dict[str, Any]) -> None:
     del widget_crd
     http.ok("POST", WIDGETS, widget("g"))
+
     def generation() -> int:
         return int(http.ok("GET", f"{WIDGETS}/g")["metadata"]["generation"])
 
-    http.ok("PATCH", f"{WIDGETS}/g", {"metadata": {"annotations": {"x": "y"}}}, content_type="application/merge-patch+json")
-    http.ok("PATCH", f"{WIDGETS}/g/status", {"status": {"phase": "Running"}}, content_type="application/merge-patch+json")
+    http.ok(
+        "PATCH",
+        f"{WIDGETS}/g",
+        {"metadata": {"annotations": {"x": "y"}}},
+        content_type="application/merge-patch+json",
+    )
+    http.ok(
+        "PATCH",
+        f"{WIDGETS}/g/status",
+        {"status": {"phase": "Running"}},
+        content_type="application/merge-patch+json",
+    )
     assert generation() == 1
-    http.ok("PATCH", f"{WIDGETS}/g", {"spec": {"size": 9}}, content_type="application/merge-patch+json")
+    http.ok(
+        "PATCH", f"{WIDGETS}/g", {"spec": {"size": 9}}, content_type="application/merge-patch+json"
+    )
     assert generation() == 2
 
 
@@ -106,13 +139,26 @@ def test_resource_versions_are_global_and_monotonic(http: Http, widget_crd: dict
     del widget_crd
     versions = []
     for i in range(5):
-        versions.append(int(http.ok("POST", CMS, {"metadata": {"name": f"m{i}"}})["metadata"]["resourceVersion"]))
-        versions.append(int(http.ok("POST", WIDGETS, widget(f"m{i}"))["metadata"]["resourceVersion"]))
-    assert versions == sorted(versions) and len(set(versions)) == len(versions)
+        versions.append(
+            int(
+                http.ok("POST", CMS, {"metadata": {"name": f"m{i}"}})["metadata"]["resourceVersion"]
+            )
+        )
+        versions.append(
+            int(http.ok("POST", WIDGETS, widget(f"m{i}"))["metadata"]["resourceVersion"])
+        )
+    assert versions == sorted(versions)
+    assert len(set(versions)) == len(versions)
     listed = http.ok("GET", CMS)
     assert int(listed["metadata"]["resourceVersion"]) >= versions[-1]
 
 
 def test_secret_string_data_is_folded_into_data(http: Http) -> None:
-    secret = http.ok("POST", "/api/v1/namespaces/default/secrets", {"metadata": {"name": "s"}, "stringData": {"k": "v"}})
-    assert secret["data"] == {"k": "dg=="} and "stringData" not in secret and secret["type"] == "Opaque"
+    secret = http.ok(
+        "POST",
+        "/api/v1/namespaces/default/secrets",
+        {"metadata": {"name": "s"}, "stringData": {"k": "v"}},
+    )
+    assert secret["data"] == {"k": "dg=="}
+    assert "stringData" not in secret
+    assert secret["type"] == "Opaque"

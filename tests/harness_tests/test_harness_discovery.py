@@ -16,14 +16,31 @@ def test_core_and_group_discovery(http: Http) -> None:
     assert http.ok("GET", "/api")["versions"] == ["v1"]
     core = _names(http.ok("GET", "/api/v1"))
     assert {
-        "namespaces", "pods", "pods/status", "pods/eviction", "pods/log", "pods/binding", "secrets",
-        "events", "nodes", "resourcequotas", "serviceaccounts", "configmaps",
+        "namespaces",
+        "pods",
+        "pods/status",
+        "pods/eviction",
+        "pods/log",
+        "pods/binding",
+        "secrets",
+        "events",
+        "nodes",
+        "resourcequotas",
+        "serviceaccounts",
+        "configmaps",
     } <= core
     groups = {g["name"]: g for g in http.ok("GET", "/apis")["groups"]}
-    for group in ("events.k8s.io", "apiextensions.k8s.io", "admissionregistration.k8s.io", "coordination.k8s.io"):
+    for group in (
+        "events.k8s.io",
+        "apiextensions.k8s.io",
+        "admissionregistration.k8s.io",
+        "coordination.k8s.io",
+    ):
         assert groups[group]["preferredVersion"]["version"] == "v1"
     assert "customresourcedefinitions" in _names(http.ok("GET", "/apis/apiextensions.k8s.io/v1"))
-    assert "validatingwebhookconfigurations" in _names(http.ok("GET", "/apis/admissionregistration.k8s.io/v1"))
+    assert "validatingwebhookconfigurations" in _names(
+        http.ok("GET", "/apis/admissionregistration.k8s.io/v1")
+    )
     assert "events" in _names(http.ok("GET", "/apis/events.k8s.io/v1"))
     assert "leases" in _names(http.ok("GET", "/apis/coordination.k8s.io/v1"))
 
@@ -38,13 +55,17 @@ def test_crd_resources_are_discoverable(http: Http, widget_crd: dict[str, Any]) 
     assert resources["widgets"]["namespaced"] is True
     assert resources["widgets"]["kind"] == "Widget"
     assert "widgets/status" in resources
-    assert {"get", "list", "watch", "create", "update", "patch", "delete"} <= set(resources["widgets"]["verbs"])
+    assert {"get", "list", "watch", "create", "update", "patch", "delete"} <= set(
+        resources["widgets"]["verbs"]
+    )
 
 
 def test_version_and_health_need_no_token(api: ApiServer) -> None:
     anonymous = Http(api, token="")
     status, version = anonymous.get("/version")
-    assert status == 200 and version["major"] == "1" and version["minor"] == "35"
+    assert status == 200
+    assert version["major"] == "1"
+    assert version["minor"] == "35"
     for path in ("/healthz", "/readyz", "/livez"):
         assert anonymous.get(path) == (200, "ok")
 
@@ -53,9 +74,11 @@ def test_requests_without_the_token_are_rejected(api: ApiServer) -> None:
     for token in ("", "wrong-token"):
         status, body = Http(api, token=token).get("/api/v1/namespaces")
         assert status == 401
-        assert body["kind"] == "Status" and body["reason"] == "Unauthorized"
+        assert body["kind"] == "Status"
+        assert body["reason"] == "Unauthorized"
 
 
 def test_unknown_resource_is_404(http: Http) -> None:
     status, body = http.get("/apis/nope.example.com/v1/things")
-    assert status == 404 and body["reason"] == "NotFound"
+    assert status == 404
+    assert body["reason"] == "NotFound"

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.harness.controlplane import ControlPlane
 from tests.harness.kubelet import NodeConfig, cpu_node
 from tests.harness_tests.helpers import TEST_CRD
 
 OPERATOR = textwrap.dedent(
-    '''
+    """
     import kopf
 
     @kopf.on.startup()
@@ -56,7 +57,7 @@ OPERATOR = textwrap.dedent(
     @kopf.timer("example.com", "v1", "widgets", interval=0.3)
     def tick(patch, status, **_):
         patch.status["ticks"] = int(status.get("ticks", 0)) + 1
-    '''
+    """
 )
 
 
@@ -66,8 +67,6 @@ def plane(tmp_path: Path) -> Any:
     module_dir.mkdir()
     (module_dir / "harness_kopf_probe.py").write_text(OPERATOR)
     crd_file = tmp_path / "widget-crd.yaml"
-    import yaml
-
     crd_file.write_text(yaml.safe_dump(TEST_CRD))
     with ControlPlane(
         tmp_path / "cp",
@@ -82,7 +81,12 @@ def plane(tmp_path: Path) -> Any:
 
 @pytest.mark.timeout(120)
 def test_kopf_operator_end_to_end(plane: ControlPlane) -> None:
-    plane.kubectl("apply", "-f", "-", input='{"apiVersion":"example.com/v1","kind":"Widget","metadata":{"name":"w1"},"spec":{"size":2}}')
+    plane.kubectl(
+        "apply",
+        "-f",
+        "-",
+        input='{"apiVersion":"example.com/v1","kind":"Widget","metadata":{"name":"w1"},"spec":{"size":2}}',
+    )
     # create handler ran: result stored in status, finalizer added, progress annotations cleaned
     widget = plane.wait_for(
         lambda: (w := plane.get("widgets", "w1")) and (w.get("status") or {}).get("created") and w,
@@ -90,24 +94,44 @@ def test_kopf_operator_end_to_end(plane: ControlPlane) -> None:
     )
     assert widget["status"]["created"] == {"child": "w1-pod"}
     assert "kopf.zalando.org/KopfFinalizerMarker" in widget["metadata"]["finalizers"]
-    assert any(k.startswith("kopf.zalando.org/last-handled-configuration") for k in widget["metadata"]["annotations"])
+    assert any(
+        k.startswith("kopf.zalando.org/last-handled-configuration")
+        for k in widget["metadata"]["annotations"]
+    )
     # adopted child pod: owner reference with the widget's uid; the kubelet ran it
     pod = plane.wait_for(lambda: plane.get("pods", "w1-pod"), message="child pod")
     assert pod["metadata"]["ownerReferences"][0]["uid"] == widget["metadata"]["uid"]
-    plane.wait_for(lambda: (plane.get("pods", "w1-pod") or {}).get("status", {}).get("phase") == "Succeeded", message="child pod succeeded")
+    plane.wait_for(
+        lambda: (plane.get("pods", "w1-pod") or {}).get("status", {}).get("phase") == "Succeeded",
+        message="child pod succeeded",
+    )
     # event posted by kopf.info, visible in kubectl describe
-    plane.wait_for(lambda: "child pod for size 2" in plane.kubectl("describe", "widget", "w1").stdout, message="event in describe")
+    plane.wait_for(
+        lambda: "child pod for size 2" in plane.kubectl("describe", "widget", "w1").stdout,
+        message="event in describe",
+    )
     # timer ticks
-    plane.wait_for(lambda: (plane.get("widgets", "w1") or {}).get("status", {}).get("ticks", 0) >= 2, message="timer ticks")
+    plane.wait_for(
+        lambda: (plane.get("widgets", "w1") or {}).get("status", {}).get("ticks", 0) >= 2,
+        message="timer ticks",
+    )
     # update handler on a spec field
     plane.kubectl("patch", "widget", "w1", "--type=merge", "-p", '{"spec":{"size":5}}')
-    plane.wait_for(lambda: (plane.get("widgets", "w1") or {}).get("status", {}).get("resized") == "2->5", message="update handler")
+    plane.wait_for(
+        lambda: (plane.get("widgets", "w1") or {}).get("status", {}).get("resized") == "2->5",
+        message="update handler",
+    )
     # restart the operator mid-flight: it resumes from its annotations, no re-create
     plane.stop_operator()
     plane.start_operator()
     plane.kubectl("patch", "widget", "w1", "--type=merge", "-p", '{"spec":{"size":7}}')
-    plane.wait_for(lambda: (plane.get("widgets", "w1") or {}).get("status", {}).get("resized") == "5->7", message="update after restart")
+    plane.wait_for(
+        lambda: (plane.get("widgets", "w1") or {}).get("status", {}).get("resized") == "5->7",
+        message="update after restart",
+    )
     # delete: the finalizer is released by kopf, then GC removes the child pod
     plane.kubectl("delete", "widget", "w1", "--timeout=30s")
     assert plane.get("widgets", "w1") is None
-    plane.wait_for(lambda: plane.get("pods", "w1-pod") is None, message="child pod garbage-collected")
+    plane.wait_for(
+        lambda: plane.get("pods", "w1-pod") is None, message="child pod garbage-collected"
+    )

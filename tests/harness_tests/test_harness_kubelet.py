@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -13,7 +14,13 @@ import pytest
 
 from tests.harness.apiserver import ApiServer
 from tests.harness.controlplane import wait_for
-from tests.harness.kubelet import SIMULATE_AFTER_ANNOTATION, SIMULATE_ANNOTATION, Kubelet, NodeConfig, cpu_node
+from tests.harness.kubelet import (
+    SIMULATE_AFTER_ANNOTATION,
+    SIMULATE_ANNOTATION,
+    Kubelet,
+    NodeConfig,
+    cpu_node,
+)
 from tests.harness_tests.helpers import Http
 
 PODS = "/api/v1/namespaces/default/pods"
@@ -22,16 +29,28 @@ GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSc
 
 @pytest.fixture
 def kubelet(api: ApiServer, tmp_path: Path) -> Iterator[Kubelet]:
-    with Kubelet(api.kubeconfig, tmp_path / "kubelet", nodes=[NodeConfig(), cpu_node()], image_pull_error_pattern=r"^missing\.registry/") as k:
+    with Kubelet(
+        api.kubeconfig,
+        tmp_path / "kubelet",
+        nodes=[NodeConfig(), cpu_node()],
+        image_pull_error_pattern=r"^missing\.registry/",
+    ) as k:
         yield k
 
 
 def pod(name: str, script: str, *, gpus: int = 0, **spec: Any) -> dict[str, Any]:
-    container: dict[str, Any] = {"name": "main", "image": "python:3.11", "command": ["python", "-c", script]}
+    container: dict[str, Any] = {
+        "name": "main",
+        "image": "python:3.11",
+        "command": ["python", "-c", script],
+    }
     if gpus:
         container["resources"] = {"limits": {"nvidia.com/gpu": str(gpus)}}
     container.update(spec.pop("container", {}))
-    body: dict[str, Any] = {"metadata": {"name": name}, "spec": {"restartPolicy": "Never", "containers": [container], **spec}}
+    body: dict[str, Any] = {
+        "metadata": {"name": name},
+        "spec": {"restartPolicy": "Never", "containers": [container], **spec},
+    }
     if gpus:
         body["spec"]["tolerations"] = [GPU_TOLERATION]
     return body
@@ -50,12 +69,20 @@ def test_nodes_are_registered(http: Http, kubelet: Kubelet) -> None:
     node = http.ok("GET", "/api/v1/nodes/gpu-node-1")
     assert node["metadata"]["labels"]["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
     assert node["status"]["allocatable"]["nvidia.com/gpu"] == "8"
-    assert node["spec"]["taints"] == [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]
+    assert node["spec"]["taints"] == [
+        {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+    ]
     assert {c["type"]: c["status"] for c in node["status"]["conditions"]} == {"Ready": "True"}
 
 
-def test_pod_runs_to_success_with_env_mounts_and_termination_message(http: Http, kubelet: Kubelet) -> None:
-    http.ok("POST", "/api/v1/namespaces/default/secrets", {"metadata": {"name": "creds"}, "data": {"KEY": base64.b64encode(b"s3cr3t").decode()}})
+def test_pod_runs_to_success_with_env_mounts_and_termination_message(
+    http: Http, kubelet: Kubelet
+) -> None:
+    http.ok(
+        "POST",
+        "/api/v1/namespaces/default/secrets",
+        {"metadata": {"name": "creds"}, "data": {"KEY": base64.b64encode(b"s3cr3t").decode()}},
+    )
     script = (
         "import os, json, sys;"
         "open(os.environ['SCRATCH'] + '/out.txt', 'w').write('hi');"
@@ -78,7 +105,10 @@ def test_pod_runs_to_success_with_env_mounts_and_termination_message(http: Http,
                 {"name": "NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
                 {"name": "UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
                 {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
-                {"name": "CPU", "valueFrom": {"resourceFieldRef": {"resource": "limits.nvidia.com/gpu"}}},
+                {
+                    "name": "CPU",
+                    "valueFrom": {"resourceFieldRef": {"resource": "limits.nvidia.com/gpu"}},
+                },
                 {"name": "SCRATCH", "value": "/scratch"},
                 {"name": "TERM_LOG", "value": "/dev/termination-log"},
             ],
@@ -87,40 +117,61 @@ def test_pod_runs_to_success_with_env_mounts_and_termination_message(http: Http,
     http.ok("POST", PODS, body)
     done = phase_of(http, "ok", "Succeeded")
     status = done["status"]
-    assert status["podIP"].startswith("127.0.0.") and status["podIPs"] == [{"ip": status["podIP"]}]
+    assert status["podIP"].startswith("127.0.0.")
+    assert status["podIPs"] == [{"ip": status["podIP"]}]
     assert done["spec"]["nodeName"] == "gpu-node-1"
     terminated = status["containerStatuses"][0]["state"]["terminated"]
-    assert terminated["exitCode"] == 0 and terminated["reason"] == "Completed"
+    assert terminated["exitCode"] == 0
+    assert terminated["reason"] == "Completed"
     assert terminated["message"] == '{"ok": true}'
     assert set(status["containerStatuses"][0]["state"]) == {"terminated"}
     log = kubelet.pod_log("default", "ok")
-    import json
-
     env = json.loads(log.splitlines()[0])
     assert env["SECRET"] == "s3cr3t"
-    assert env["IP"] == status["podIP"] and env["NAME"] == "ok" and env["NS"] == "default"
-    assert env["UID"] == done["metadata"]["uid"] and env["NODE"] == "gpu-node-1" and env["CPU"] == "1"
+    assert env["IP"] == status["podIP"]
+    assert env["NAME"] == "ok"
+    assert env["NS"] == "default"
+    assert env["UID"] == done["metadata"]["uid"]
+    assert env["NODE"] == "gpu-node-1"
+    assert env["CPU"] == "1"
     scratch = Path(env["SCRATCH"])
-    assert scratch.is_dir() and (scratch / "out.txt").read_text() == "hi"
+    assert scratch.is_dir()
+    assert (scratch / "out.txt").read_text() == "hi"
     assert log.splitlines()[1] == str(scratch / "work")
     assert log.splitlines()[2] == sys.executable
     conditions = {c["type"]: c["status"] for c in status["conditions"]}
-    assert conditions["PodScheduled"] == "True" and conditions["Ready"] == "False"
+    assert conditions["PodScheduled"] == "True"
+    assert conditions["Ready"] == "False"
     assert not kubelet.process_ids()
 
 
 def test_failure_reports_exit_code_and_log_fallback(http: Http, kubelet: Kubelet) -> None:
     del kubelet
-    body = pod("fail", "import sys; print('boom happened'); sys.exit(13)", container={"terminationMessagePolicy": "FallbackToLogsOnError"})
+    body = pod(
+        "fail",
+        "import sys; print('boom happened'); sys.exit(13)",
+        container={"terminationMessagePolicy": "FallbackToLogsOnError"},
+    )
     http.ok("POST", PODS, body)
-    terminated = phase_of(http, "fail", "Failed")["status"]["containerStatuses"][0]["state"]["terminated"]
-    assert terminated["exitCode"] == 13 and terminated["reason"] == "Error"
+    terminated = phase_of(http, "fail", "Failed")["status"]["containerStatuses"][0]["state"][
+        "terminated"
+    ]
+    assert terminated["exitCode"] == 13
+    assert terminated["reason"] == "Error"
     assert "boom happened" in terminated["message"]
 
 
-def test_missing_secret_is_create_container_config_error_until_it_exists(http: Http, kubelet: Kubelet) -> None:
+def test_missing_secret_is_create_container_config_error_until_it_exists(
+    http: Http, kubelet: Kubelet
+) -> None:
     del kubelet
-    body = pod("cfg", "print('started')", container={"env": [{"name": "K", "valueFrom": {"secretKeyRef": {"name": "later", "key": "KEY"}}}]})
+    body = pod(
+        "cfg",
+        "print('started')",
+        container={
+            "env": [{"name": "K", "valueFrom": {"secretKeyRef": {"name": "later", "key": "KEY"}}}]
+        },
+    )
     http.ok("POST", PODS, body)
 
     def waiting() -> dict[str, Any] | None:
@@ -129,9 +180,21 @@ def test_missing_secret_is_create_container_config_error_until_it_exists(http: H
 
     state = wait_for(waiting, message="CreateContainerConfigError")
     assert state == {"reason": "CreateContainerConfigError", "message": 'secret "later" not found'}
-    http.ok("POST", "/api/v1/namespaces/default/secrets", {"metadata": {"name": "later"}, "data": {"OTHER": "eA=="}})
-    wait_for(lambda: (waiting() or {}).get("message") == "couldn't find key KEY in Secret default/later", message="missing key message")
-    http.ok("PATCH", "/api/v1/namespaces/default/secrets/later", {"data": {"KEY": "eA=="}}, content_type="application/merge-patch+json")
+    http.ok(
+        "POST",
+        "/api/v1/namespaces/default/secrets",
+        {"metadata": {"name": "later"}, "data": {"OTHER": "eA=="}},
+    )
+    wait_for(
+        lambda: (waiting() or {}).get("message") == "couldn't find key KEY in Secret default/later",
+        message="missing key message",
+    )
+    http.ok(
+        "PATCH",
+        "/api/v1/namespaces/default/secrets/later",
+        {"data": {"KEY": "eA=="}},
+        content_type="application/merge-patch+json",
+    )
     phase_of(http, "cfg", "Succeeded")
 
 
@@ -144,12 +207,16 @@ def test_unschedulable_pod_gets_the_scheduler_message(http: Http, kubelet: Kubel
         return next((c for c in conditions if c["type"] == "PodScheduled"), None)
 
     scheduled = wait_for(condition, message="PodScheduled condition")
-    assert scheduled["status"] == "False" and scheduled["reason"] == "Unschedulable"
+    assert scheduled["status"] == "False"
+    assert scheduled["reason"] == "Unschedulable"
     assert scheduled["message"] == (
         "0/2 nodes are available: 2 Insufficient nvidia.com/gpu. "
         "preemption: 0/2 nodes are available: 2 Preemption is not helpful for scheduling."
     )
-    events = http.ok("GET", "/api/v1/namespaces/default/events?fieldSelector=involvedObject.name%3Dbig,reason%3DFailedScheduling")
+    events = http.ok(
+        "GET",
+        "/api/v1/namespaces/default/events?fieldSelector=involvedObject.name%3Dbig,reason%3DFailedScheduling",
+    )
     assert events["items"]
 
 
@@ -159,7 +226,16 @@ def test_taints_and_node_selectors(http: Http, kubelet: Kubelet) -> None:
     untolerated["spec"].pop("tolerations")
     untolerated["spec"]["nodeSelector"] = {"nvidia.com/gpu.present": "true"}
     http.ok("POST", PODS, untolerated)
-    scheduled = wait_for(lambda: next((c for c in http.ok("GET", f"{PODS}/untol")["status"].get("conditions") or [] if c["type"] == "PodScheduled"), None))
+    scheduled = wait_for(
+        lambda: next(
+            (
+                c
+                for c in http.ok("GET", f"{PODS}/untol")["status"].get("conditions") or []
+                if c["type"] == "PodScheduled"
+            ),
+            None,
+        )
+    )
     assert "1 node(s) had untolerated taint {nvidia.com/gpu: present}" in scheduled["message"]
     assert "1 node(s) didn't match Pod's node affinity/selector" in scheduled["message"]
     cpu_only = pod("cpu", "pass", nodeSelector={"kubernetes.io/hostname": "cpu-node-1"})
@@ -169,11 +245,32 @@ def test_taints_and_node_selectors(http: Http, kubelet: Kubelet) -> None:
 
 def test_scheduling_gates_hold_the_pod(http: Http, kubelet: Kubelet) -> None:
     del kubelet
-    http.ok("POST", PODS, pod("gated", "pass", schedulingGates=[{"name": "kueue.x-k8s.io/admission"}]))
-    scheduled = wait_for(lambda: next((c for c in http.ok("GET", f"{PODS}/gated")["status"].get("conditions") or [] if c["type"] == "PodScheduled"), None))
+    http.ok(
+        "POST", PODS, pod("gated", "pass", schedulingGates=[{"name": "kueue.x-k8s.io/admission"}])
+    )
+    scheduled = wait_for(
+        lambda: next(
+            (
+                c
+                for c in http.ok("GET", f"{PODS}/gated")["status"].get("conditions") or []
+                if c["type"] == "PodScheduled"
+            ),
+            None,
+        )
+    )
     assert scheduled["reason"] == "SchedulingGated"
     assert not http.ok("GET", f"{PODS}/gated")["spec"].get("nodeName")
-    http.ok("PATCH", f"{PODS}/gated", {"spec": {"schedulingGates": None, "nodeSelector": {"kubernetes.io/hostname": "cpu-node-1"}}}, content_type="application/merge-patch+json")
+    http.ok(
+        "PATCH",
+        f"{PODS}/gated",
+        {
+            "spec": {
+                "schedulingGates": None,
+                "nodeSelector": {"kubernetes.io/hostname": "cpu-node-1"},
+            }
+        },
+        content_type="application/merge-patch+json",
+    )
     assert phase_of(http, "gated", "Succeeded")["spec"]["nodeName"] == "cpu-node-1"
 
 
@@ -182,12 +279,19 @@ def test_gpu_capacity_is_accounted(http: Http, kubelet: Kubelet) -> None:
     http.ok("POST", PODS, pod("hog", "import time; time.sleep(60)", gpus=8))
     phase_of(http, "hog", "Running")
     http.ok("POST", PODS, pod("waiter", "pass", gpus=1))
-    wait_for(lambda: any(c.get("reason") == "Unschedulable" for c in http.ok("GET", f"{PODS}/waiter")["status"].get("conditions") or []))
+    wait_for(
+        lambda: any(
+            c.get("reason") == "Unschedulable"
+            for c in http.ok("GET", f"{PODS}/waiter")["status"].get("conditions") or []
+        )
+    )
     http.ok("DELETE", f"{PODS}/hog", {"gracePeriodSeconds": 1})
     phase_of(http, "waiter", "Succeeded")
 
 
-def test_graceful_deletion_sigterm_then_sigkill(http: Http, kubelet: Kubelet, tmp_path: Path) -> None:
+def test_graceful_deletion_sigterm_then_sigkill(
+    http: Http, kubelet: Kubelet, tmp_path: Path
+) -> None:
     marker = tmp_path / "got-sigterm"
     polite = (
         "import signal, sys, time, pathlib;"
@@ -201,7 +305,10 @@ def test_graceful_deletion_sigterm_then_sigkill(http: Http, kubelet: Kubelet, tm
     http.ok("DELETE", f"{PODS}/polite")
     wait_for(lambda: http.get(f"{PODS}/polite")[0] == 404, message="pod removed")
     assert marker.exists()
-    events = http.watch(f"{PODS}?watch=true&resourceVersion={rv}&fieldSelector=metadata.name%3Dpolite&timeoutSeconds=1", until=10)
+    events = http.watch(
+        f"{PODS}?watch=true&resourceVersion={rv}&fieldSelector=metadata.name%3Dpolite&timeoutSeconds=1",
+        until=10,
+    )
     final = [e for e in events if e["type"] == "MODIFIED"][-1]["object"]
     assert final["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 21
     # A process that ignores SIGTERM is killed after the grace period.
@@ -210,7 +317,9 @@ def test_graceful_deletion_sigterm_then_sigkill(http: Http, kubelet: Kubelet, tm
     phase_of(http, "stubborn", "Running")
     wait_for(lambda: "ready" in kubelet.pod_log("default", "stubborn"))
     http.ok("DELETE", f"{PODS}/stubborn")
-    wait_for(lambda: http.get(f"{PODS}/stubborn")[0] == 404, timeout=10, message="stubborn pod killed")
+    wait_for(
+        lambda: http.get(f"{PODS}/stubborn")[0] == 404, timeout=10, message="stubborn pod killed"
+    )
     assert not kubelet.process_ids()
 
 
@@ -220,7 +329,10 @@ def test_eviction_marks_disruption_and_terminates(http: Http, kubelet: Kubelet) 
     rv = http.ok("GET", PODS)["metadata"]["resourceVersion"]
     kubelet.evict("default", "victim")
     wait_for(lambda: http.get(f"{PODS}/victim")[0] == 404, message="evicted pod removed")
-    events = http.watch(f"{PODS}?watch=true&resourceVersion={rv}&fieldSelector=metadata.name%3Dvictim&timeoutSeconds=1", until=10)
+    events = http.watch(
+        f"{PODS}?watch=true&resourceVersion={rv}&fieldSelector=metadata.name%3Dvictim&timeoutSeconds=1",
+        until=10,
+    )
     last = events[-1]
     assert last["type"] == "DELETED"
     conditions = {c["type"]: c for c in last["object"]["status"]["conditions"]}
@@ -231,10 +343,16 @@ def test_eviction_marks_disruption_and_terminates(http: Http, kubelet: Kubelet) 
 def test_oom_simulation(http: Http, kubelet: Kubelet) -> None:
     del kubelet
     body = pod("oom", "import time; time.sleep(60)")
-    body["metadata"]["annotations"] = {SIMULATE_ANNOTATION: "OOMKilled", SIMULATE_AFTER_ANNOTATION: "0.5"}
+    body["metadata"]["annotations"] = {
+        SIMULATE_ANNOTATION: "OOMKilled",
+        SIMULATE_AFTER_ANNOTATION: "0.5",
+    }
     http.ok("POST", PODS, body)
-    terminated = phase_of(http, "oom", "Failed")["status"]["containerStatuses"][0]["state"]["terminated"]
-    assert terminated["reason"] == "OOMKilled" and terminated["exitCode"] == 137
+    terminated = phase_of(http, "oom", "Failed")["status"]["containerStatuses"][0]["state"][
+        "terminated"
+    ]
+    assert terminated["reason"] == "OOMKilled"
+    assert terminated["exitCode"] == 137
 
 
 def test_image_pull_error_simulation(http: Http, kubelet: Kubelet) -> None:
@@ -256,7 +374,9 @@ def test_node_loss_fails_its_pods(http: Http, kubelet: Kubelet) -> None:
     kubelet.lose_node("gpu-node-1")
     failed = phase_of(http, "lost", "Failed")
     assert failed["status"]["reason"] == "NodeLost"
-    assert {c["type"]: c.get("reason") for c in failed["status"]["conditions"]}["DisruptionTarget"] == "DeletionByTaintManager"
+    assert {c["type"]: c.get("reason") for c in failed["status"]["conditions"]}[
+        "DisruptionTarget"
+    ] == "DeletionByTaintManager"
     node = http.ok("GET", "/api/v1/nodes/gpu-node-1")
     assert {c["type"]: c["status"] for c in node["status"]["conditions"]}["Ready"] == "Unknown"
     wait_for(lambda: not kubelet.process_ids(), message="processes gone")

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from tests.harness.controlplane import free_port
 from tests.harness.kube_tls import make_tls
 from tests.harness_tests.helpers import WIDGETS, Http, widget
 
@@ -22,16 +23,32 @@ MERGE = "application/merge-patch+json"
 def _gpu_pod(name: str, gpus: int) -> dict[str, Any]:
     return {
         "metadata": {"name": name},
-        "spec": {"containers": [{"name": "c", "image": "x:1", "resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}]},
+        "spec": {
+            "containers": [
+                {
+                    "name": "c",
+                    "image": "x:1",
+                    "resources": {"limits": {"nvidia.com/gpu": str(gpus)}},
+                }
+            ]
+        },
     }
 
 
 def test_quota_rejects_pods_over_the_limit(http: Http) -> None:
-    http.ok("POST", "/api/v1/namespaces/default/resourcequotas", {"metadata": {"name": "gpu-quota"}, "spec": {"hard": {"requests.nvidia.com/gpu": "2", "pods": "10"}}})
+    http.ok(
+        "POST",
+        "/api/v1/namespaces/default/resourcequotas",
+        {
+            "metadata": {"name": "gpu-quota"},
+            "spec": {"hard": {"requests.nvidia.com/gpu": "2", "pods": "10"}},
+        },
+    )
     http.ok("POST", PODS, _gpu_pod("a", 1))
     http.ok("POST", PODS, _gpu_pod("b", 1))
     status, body = http.post(PODS, _gpu_pod("c", 1))
-    assert status == 403 and body["reason"] == "Forbidden"
+    assert status == 403
+    assert body["reason"] == "Forbidden"
     assert body["message"] == (
         'pods "c" is forbidden: exceeded quota: gpu-quota, requested: requests.nvidia.com/gpu=1, '
         "used: requests.nvidia.com/gpu=2, limited: requests.nvidia.com/gpu=2"
@@ -42,16 +59,38 @@ def test_quota_rejects_pods_over_the_limit(http: Http) -> None:
     http.ok("PATCH", f"{PODS}/a/status", {"status": {"phase": "Succeeded"}}, content_type=MERGE)
     http.ok("POST", PODS, _gpu_pod("c", 1))
     # CPU-only pods are not affected by a GPU-only quota
-    http.ok("POST", PODS, {"metadata": {"name": "cpu"}, "spec": {"containers": [{"name": "c", "image": "x:1"}]}})
+    http.ok(
+        "POST",
+        PODS,
+        {"metadata": {"name": "cpu"}, "spec": {"containers": [{"name": "c", "image": "x:1"}]}},
+    )
 
 
 def test_limits_and_compute_quota_keys(http: Http) -> None:
-    http.ok("POST", "/api/v1/namespaces/default/resourcequotas", {"metadata": {"name": "q"}, "spec": {"hard": {"limits.nvidia.com/gpu": "1", "cpu": "1500m"}}})
+    http.ok(
+        "POST",
+        "/api/v1/namespaces/default/resourcequotas",
+        {
+            "metadata": {"name": "q"},
+            "spec": {"hard": {"limits.nvidia.com/gpu": "1", "cpu": "1500m"}},
+        },
+    )
     pod = _gpu_pod("a", 1)
     pod["spec"]["containers"][0]["resources"]["requests"] = {"cpu": "1"}
     http.ok("POST", PODS, pod)
-    status, body = http.post(PODS, {"metadata": {"name": "b"}, "spec": {"containers": [{"name": "c", "image": "x:1", "resources": {"requests": {"cpu": "600m"}}}]}})
-    assert status == 403 and "requested: cpu=600m, used: cpu=1, limited: cpu=1500m" in body["message"]
+    status, body = http.post(
+        PODS,
+        {
+            "metadata": {"name": "b"},
+            "spec": {
+                "containers": [
+                    {"name": "c", "image": "x:1", "resources": {"requests": {"cpu": "600m"}}}
+                ]
+            },
+        },
+    )
+    assert status == 403
+    assert "requested: cpu=600m, used: cpu=1, limited: cpu=1500m" in body["message"]
 
 
 # ------------------------------------------------------------------- webhooks
@@ -73,8 +112,14 @@ class WebhookServer:
         denied = (obj["metadata"].get("labels") or {}).get("deny") == "yes"
         response: dict[str, Any] = {"uid": req["uid"], "allowed": not denied}
         if denied:
-            response["status"] = {"code": 422, "reason": "Invalid", "message": "spec.size: nope, labelled deny"}
-        return web.json_response({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response})
+            response["status"] = {
+                "code": 422,
+                "reason": "Invalid",
+                "message": "spec.size: nope, labelled deny",
+            }
+        return web.json_response(
+            {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}
+        )
 
     async def _start(self) -> None:
         app = web.Application()
@@ -98,7 +143,9 @@ class WebhookServer:
         self._thread.join(10)
         self._loop.close()
 
-    def configuration(self, failure_policy: str = "Fail", port: int | None = None) -> dict[str, Any]:
+    def configuration(
+        self, failure_policy: str = "Fail", port: int | None = None
+    ) -> dict[str, Any]:
         return {
             "apiVersion": "admissionregistration.k8s.io/v1",
             "kind": "ValidatingWebhookConfiguration",
@@ -110,7 +157,15 @@ class WebhookServer:
                         "url": f"https://127.0.0.1:{port or self.port}/validate",
                         "caBundle": base64.b64encode(self.tls.ca_cert.read_bytes()).decode(),
                     },
-                    "rules": [{"apiGroups": ["example.com"], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"], "resources": ["widgets"], "scope": "Namespaced"}],
+                    "rules": [
+                        {
+                            "apiGroups": ["example.com"],
+                            "apiVersions": ["v1"],
+                            "operations": ["CREATE", "UPDATE"],
+                            "resources": ["widgets"],
+                            "scope": "Namespaced",
+                        }
+                    ],
                     "failurePolicy": failure_policy,
                     "sideEffects": "None",
                     "admissionReviewVersions": ["v1"],
@@ -129,7 +184,9 @@ def webhook(tmp_path: Path) -> Iterator[WebhookServer]:
 VWC = "/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations"
 
 
-def test_validating_webhook_denies_and_allows(http: Http, widget_crd: dict[str, Any], webhook: WebhookServer) -> None:
+def test_validating_webhook_denies_and_allows(
+    http: Http, widget_crd: dict[str, Any], webhook: WebhookServer
+) -> None:
     del widget_crd
     http.ok("POST", VWC, webhook.configuration())
     allowed = widget("ok")
@@ -137,16 +194,25 @@ def test_validating_webhook_denies_and_allows(http: Http, widget_crd: dict[str, 
     review = webhook.reviews[-1]
     assert review["apiVersion"] == "admission.k8s.io/v1"
     assert review["request"]["operation"] == "CREATE"
-    assert review["request"]["resource"] == {"group": "example.com", "version": "v1", "resource": "widgets"}
+    assert review["request"]["resource"] == {
+        "group": "example.com",
+        "version": "v1",
+        "resource": "widgets",
+    }
     assert review["request"]["object"]["spec"]["size"] == 1
     denied = widget("no")
     denied["metadata"]["labels"] = {"deny": "yes"}
     status, body = http.post(WIDGETS, denied)
     assert status == 422
-    assert body["message"] == 'admission webhook "validate.widgets.example.com" denied the request: spec.size: nope, labelled deny'
+    assert (
+        body["message"]
+        == 'admission webhook "validate.widgets.example.com" denied the request: spec.size: nope, labelled deny'
+    )
     assert http.get(f"{WIDGETS}/no")[0] == 404
     # updates are reviewed too, with the old object
-    status, _ = http.patch(f"{WIDGETS}/ok", {"metadata": {"labels": {"deny": "yes"}}}, content_type=MERGE)
+    status, _ = http.patch(
+        f"{WIDGETS}/ok", {"metadata": {"labels": {"deny": "yes"}}}, content_type=MERGE
+    )
     assert status == 422
     assert webhook.reviews[-1]["request"]["oldObject"]["metadata"]["name"] == "ok"
     # other resources are not sent to it
@@ -155,24 +221,28 @@ def test_validating_webhook_denies_and_allows(http: Http, widget_crd: dict[str, 
     assert len(webhook.reviews) == count
 
 
-def test_unreachable_webhook_failure_policy(http: Http, widget_crd: dict[str, Any], webhook: WebhookServer) -> None:
+def test_unreachable_webhook_failure_policy(
+    http: Http, widget_crd: dict[str, Any], webhook: WebhookServer
+) -> None:
     del widget_crd
-    from tests.harness.controlplane import free_port
-
     dead = free_port()
     http.ok("POST", VWC, webhook.configuration(failure_policy="Fail", port=dead))
     status, body = http.post(WIDGETS, widget("x"))
-    assert status == 500 and 'failed calling webhook "validate.widgets.example.com"' in body["message"]
+    assert status == 500
+    assert 'failed calling webhook "validate.widgets.example.com"' in body["message"]
     http.ok("DELETE", f"{VWC}/widgets")
     http.ok("POST", VWC, webhook.configuration(failure_policy="Ignore", port=dead))
     http.ok("POST", WIDGETS, widget("x"))
 
 
-def test_webhook_tls_is_verified(http: Http, widget_crd: dict[str, Any], webhook: WebhookServer, tmp_path: Path) -> None:
+def test_webhook_tls_is_verified(
+    http: Http, widget_crd: dict[str, Any], webhook: WebhookServer, tmp_path: Path
+) -> None:
     del widget_crd
     config = webhook.configuration()
     other_ca = make_tls(tmp_path / "other").ca_cert.read_bytes()
     config["webhooks"][0]["clientConfig"]["caBundle"] = base64.b64encode(other_ca).decode()
     http.ok("POST", VWC, config)
     status, body = http.post(WIDGETS, widget("x"))
-    assert status == 500 and "certificate verify failed" in body["message"]
+    assert status == 500
+    assert "certificate verify failed" in body["message"]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -24,52 +26,68 @@ def test_watch_replays_from_resource_version_then_streams(http: Http) -> None:
     rv = listed["metadata"]["resourceVersion"]
     assert [i["metadata"]["name"] for i in listed["items"]] == ["before"]
     http.ok("POST", CMS, _cm("after"))
-    http.ok("PATCH", f"{CMS}/after", {"data": {"x": "1"}}, content_type="application/merge-patch+json")
+    http.ok(
+        "PATCH", f"{CMS}/after", {"data": {"x": "1"}}, content_type="application/merge-patch+json"
+    )
     http.ok("DELETE", f"{CMS}/after")
     events = http.watch(f"{CMS}?watch=true&resourceVersion={rv}", until=3)
     assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [
-        ("ADDED", "after"), ("MODIFIED", "after"), ("DELETED", "after"),
+        ("ADDED", "after"),
+        ("MODIFIED", "after"),
+        ("DELETED", "after"),
     ]
     rvs = [int(e["object"]["metadata"]["resourceVersion"]) for e in events]
-    assert rvs == sorted(rvs) and rvs[0] > int(rv)
+    assert rvs == sorted(rvs)
+    assert rvs[0] > int(rv)
 
 
 def test_watch_without_resource_version_starts_with_current_state(http: Http) -> None:
     http.ok("POST", CMS, _cm("one"))
     http.ok("POST", CMS, _cm("two"))
     events = http.watch(f"{CMS}?watch=1", until=2)
-    assert sorted((e["type"], e["object"]["metadata"]["name"]) for e in events) == [("ADDED", "one"), ("ADDED", "two")]
+    assert sorted((e["type"], e["object"]["metadata"]["name"]) for e in events) == [
+        ("ADDED", "one"),
+        ("ADDED", "two"),
+    ]
 
 
 def test_watch_list_initial_events_end_bookmark(http: Http) -> None:
     http.ok("POST", CMS, _cm("one"))
-    events = http.watch(f"{CMS}?watch=1&sendInitialEvents=true&resourceVersionMatch=NotOlderThan&allowWatchBookmarks=true", until=2)
+    events = http.watch(
+        f"{CMS}?watch=1&sendInitialEvents=true&resourceVersionMatch=NotOlderThan&allowWatchBookmarks=true",
+        until=2,
+    )
     assert events[0]["type"] == "ADDED"
     assert events[1]["type"] == "BOOKMARK"
     assert events[1]["object"]["metadata"]["annotations"] == {"k8s.io/initial-events-end": "true"}
 
 
 def test_live_events_reach_a_running_watch(http: Http) -> None:
-    import threading
-
     rv = http.ok("GET", CMS)["metadata"]["resourceVersion"]
     result: list[dict[str, Any]] = []
-    reader = threading.Thread(target=lambda: result.extend(http.watch(f"{CMS}?watch=true&resourceVersion={rv}", until=1)))
+    reader = threading.Thread(
+        target=lambda: result.extend(http.watch(f"{CMS}?watch=true&resourceVersion={rv}", until=1))
+    )
     reader.start()
     time.sleep(0.2)
     http.ok("POST", CMS, _cm("live"))
     reader.join(10)
-    assert result[0]["type"] == "ADDED" and result[0]["object"]["metadata"]["name"] == "live"
+    assert result[0]["type"] == "ADDED"
+    assert result[0]["object"]["metadata"]["name"] == "live"
 
 
 def test_bookmarks_and_timeout(http: Http, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(apiserver, "BOOKMARK_INTERVAL", 0.2)
     rv = http.ok("GET", CMS)["metadata"]["resourceVersion"]
     started = time.monotonic()
-    events = http.watch(f"{CMS}?watch=true&resourceVersion={rv}&allowWatchBookmarks=true&timeoutSeconds=1", until=100)
+    events = http.watch(
+        f"{CMS}?watch=true&resourceVersion={rv}&allowWatchBookmarks=true&timeoutSeconds=1",
+        until=100,
+    )
     elapsed = time.monotonic() - started
     assert 0.9 <= elapsed < 5, "the server closes the watch at timeoutSeconds"
-    assert events and all(e["type"] == "BOOKMARK" for e in events)
+    assert events
+    assert all(e["type"] == "BOOKMARK" for e in events)
     assert events[0]["object"]["kind"] == "ConfigMap"
     assert int(events[-1]["object"]["metadata"]["resourceVersion"]) >= int(rv)
 
@@ -79,9 +97,12 @@ def test_too_old_resource_version_is_gone(http: Http, monkeypatch: pytest.Monkey
     rv = http.ok("GET", "/api/v1/namespaces/default/secrets")["metadata"]["resourceVersion"]
     for i in range(6):
         http.ok("POST", "/api/v1/namespaces/default/secrets", {"metadata": {"name": f"s{i}"}})
-    events = http.watch(f"/api/v1/namespaces/default/secrets?watch=true&resourceVersion={rv}", until=1)
+    events = http.watch(
+        f"/api/v1/namespaces/default/secrets?watch=true&resourceVersion={rv}", until=1
+    )
     assert events[0]["type"] == "ERROR"
-    assert events[0]["object"]["code"] == 410 and events[0]["object"]["reason"] == "Expired"
+    assert events[0]["object"]["code"] == 410
+    assert events[0]["object"]["reason"] == "Expired"
 
 
 def test_namespaced_and_cluster_wide_watches(http: Http) -> None:
@@ -101,9 +122,10 @@ def test_label_selectors_on_list(http: Http) -> None:
     http.ok("POST", CMS, _cm("c"))
 
     def names(selector: str) -> list[str]:
-        from urllib.parse import quote
-
-        return sorted(i["metadata"]["name"] for i in http.ok("GET", f"{CMS}?labelSelector={quote(selector)}")["items"])
+        return sorted(
+            i["metadata"]["name"]
+            for i in http.ok("GET", f"{CMS}?labelSelector={quote(selector)}")["items"]
+        )
 
     assert names("app=x") == ["a"]
     assert names("app==x") == ["a"]
@@ -119,17 +141,46 @@ def test_label_selectors_on_list(http: Http) -> None:
 def test_field_selectors_on_list_and_watch(http: Http) -> None:
     pods = "/api/v1/namespaces/default/pods"
     for name in ("p1", "p2"):
-        http.ok("POST", pods, {"metadata": {"name": name}, "spec": {"containers": [{"name": "c", "image": "x:1"}]}})
-    http.ok("PATCH", f"{pods}/p1/status", {"status": {"phase": "Running"}}, content_type="application/merge-patch+json")
-    assert [i["metadata"]["name"] for i in http.ok("GET", f"{pods}?fieldSelector=metadata.name%3Dp2")["items"]] == ["p2"]
-    assert [i["metadata"]["name"] for i in http.ok("GET", f"{pods}?fieldSelector=status.phase%3DRunning")["items"]] == ["p1"]
-    assert [i["metadata"]["name"] for i in http.ok("GET", f"/api/v1/pods?fieldSelector=metadata.namespace%3Ddefault,status.phase!%3DRunning")["items"]] == ["p2"]
+        http.ok(
+            "POST",
+            pods,
+            {"metadata": {"name": name}, "spec": {"containers": [{"name": "c", "image": "x:1"}]}},
+        )
+    http.ok(
+        "PATCH",
+        f"{pods}/p1/status",
+        {"status": {"phase": "Running"}},
+        content_type="application/merge-patch+json",
+    )
+    assert [
+        i["metadata"]["name"]
+        for i in http.ok("GET", f"{pods}?fieldSelector=metadata.name%3Dp2")["items"]
+    ] == ["p2"]
+    assert [
+        i["metadata"]["name"]
+        for i in http.ok("GET", f"{pods}?fieldSelector=status.phase%3DRunning")["items"]
+    ] == ["p1"]
+    assert [
+        i["metadata"]["name"]
+        for i in http.ok(
+            "GET",
+            "/api/v1/pods?fieldSelector=metadata.namespace%3Ddefault,status.phase!%3DRunning",
+        )["items"]
+    ] == ["p2"]
     assert len(http.ok("GET", f"{pods}?fieldSelector=spec.nodeName%3D")["items"]) == 2
     # A filtered watch sees an object leave its filter as DELETED.
     rv = http.ok("GET", pods)["metadata"]["resourceVersion"]
-    http.ok("PATCH", f"{pods}/p1/status", {"status": {"phase": "Succeeded"}}, content_type="application/merge-patch+json")
-    events = http.watch(f"{pods}?watch=true&resourceVersion={rv}&fieldSelector=status.phase%3DRunning", until=1)
-    assert events[0]["type"] == "DELETED" and events[0]["object"]["metadata"]["name"] == "p1"
+    http.ok(
+        "PATCH",
+        f"{pods}/p1/status",
+        {"status": {"phase": "Succeeded"}},
+        content_type="application/merge-patch+json",
+    )
+    events = http.watch(
+        f"{pods}?watch=true&resourceVersion={rv}&fieldSelector=status.phase%3DRunning", until=1
+    )
+    assert events[0]["type"] == "DELETED"
+    assert events[0]["object"]["metadata"]["name"] == "p1"
 
 
 def test_label_selector_parser_edge_cases() -> None:
