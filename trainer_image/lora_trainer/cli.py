@@ -11,7 +11,7 @@ valid; torch and the training stack load afterwards, so a bad config fails in
 well under a second.
 """
 
-# Everything beyond the config model is imported after the config is valid (fast failure).
+# The training stack (and yaml) load only once the config is valid: a bad config fails fast.
 # ruff: noqa: PLC0415
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import traceback
@@ -32,9 +33,12 @@ from pydantic import ValidationError
 
 from lora_trainer.config import TrainerConfig, format_validation_error
 from lora_trainer.errors import ConfigError, TrainerError, classify, scrub
+from lora_trainer.inputs import prepare_inputs
+from lora_trainer.progress import ProgressBoard, ProgressServer
 from lora_trainer.protocol import (
     DEFAULT_PROGRESS_PORT,
     DEFAULT_WORK_DIR,
+    ENV_ATTEMPT,
     ENV_CACHE_DIR,
     ENV_CONFIG,
     ENV_CONFIG_FILE,
@@ -43,7 +47,11 @@ from lora_trainer.protocol import (
     ENV_PROGRESS_PORT,
     ENV_WORK_DIR,
     ExitCode,
+    TerminationMessage,
 )
+from lora_trainer.reporting import failure_message, write_termination_message
+from lora_trainer.signals import StopRequest
+from lora_trainer.storage import Storage
 
 __all__ = ["LoadedConfig", "load_config", "main"]
 
@@ -188,30 +196,33 @@ class _ScrubFilter(logging.Filter):
         return True
 
 
-def _work_dir(env: dict[str, str], local: bool) -> Path:
+def _work_dir(env: dict[str, str], local: bool) -> tuple[Path, bool]:
+    """The scratch directory, and whether it is a temporary one to remove at exit."""
     configured = env.get(ENV_WORK_DIR)
     if configured:
         path = Path(configured)
     elif not local and os.access(DEFAULT_WORK_DIR, os.W_OK):
         path = Path(DEFAULT_WORK_DIR)
-    else:
-        path = Path(tempfile.mkdtemp(prefix="lora-trainer-"))
+    else:  # local runs keep nothing here: checkpoints and results go to output.uri
+        return Path(tempfile.mkdtemp(prefix="lora-trainer-")), True
     path.mkdir(parents=True, exist_ok=True)
-    return path
+    return path, False
+
+
+def _cache_dir(env: dict[str, str], work_dir: Path, local: bool) -> Path:
+    if env.get(ENV_CACHE_DIR):
+        return Path(env[ENV_CACHE_DIR])
+    return Path.home() / ".cache" / "lora_trainer" if local else work_dir / "cache"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging()
     env = dict(os.environ)
-    from lora_trainer.progress import ProgressBoard, ProgressServer
-    from lora_trainer.protocol import TerminationMessage
-    from lora_trainer.reporting import failure_message, write_termination_message
-    from lora_trainer.signals import StopRequest
-
     board = ProgressBoard()
     stop = StopRequest().install()
     server: ProgressServer | None = None
+    temp_work: Path | None = None
     try:
         loaded = load_config(args, env)
         if args.validate_only:
@@ -221,20 +232,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(loaded.config.to_wire(), indent=2))
             return ExitCode.OK
         local = args.job is not None or args.config is not None
+        log.info("config from %s (attempt %s)", loaded.source, env.get(ENV_ATTEMPT, "1"))
         server = _start_progress_server(board, env, local)
-        work_dir = _work_dir(env, local)
-        from lora_trainer.storage import Storage
-
-        cache_dir = Path(
-            env.get(ENV_CACHE_DIR)
-            or (Path.home() / ".cache" / "lora_trainer" if local else work_dir / "cache")
-        )
+        work_dir, is_temp = _work_dir(env, local)
+        temp_work = work_dir if is_temp else None
         storage = Storage(
-            cache_dir, env, default_endpoint=loaded.s3_endpoint, default_region=loaded.s3_region
+            _cache_dir(env, work_dir, local),
+            env,
+            default_endpoint=loaded.s3_endpoint,
+            default_region=loaded.s3_region,
         )
-        from lora_trainer.inputs import prepare_inputs
-
         inputs = prepare_inputs(loaded.config, storage, board)
+
         from lora_trainer.train import Runtime, run  # torch & co. load only now
 
         rt = Runtime(
@@ -244,17 +253,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             stop=stop,
             job_name=env.get(ENV_JOB_NAME) or loaded.job_name,
         )
-        message = run(loaded.config, inputs, rt)
-        write_termination_message(message)
+        write_termination_message(run(loaded.config, inputs, rt))
         return ExitCode.OK
     except BaseException as exc:  # every exit path writes a termination message
         if isinstance(exc, SystemExit):
             raise
-        err: TrainerError = classify(exc)
+        err = classify(exc)
         if not isinstance(exc, TrainerError):
             log.error("unexpected error:\n%s", scrub("".join(traceback.format_exception(exc))))
-        board.update(stage="failed")
-        snap = board.snapshot()
+        snap = board.update(stage="failed")
         write_termination_message(
             failure_message(err, steps=snap.step or None, last_checkpoint=snap.last_checkpoint)
         )
@@ -262,14 +269,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if server is not None:
             server.stop()
+        if temp_work is not None:
+            shutil.rmtree(temp_work, ignore_errors=True)
 
 
-def _start_progress_server(board: Any, env: dict[str, str], local: bool) -> Any:
-    from lora_trainer.progress import ProgressServer
-
-    host = env.get(ENV_PROGRESS_HOST) or (
-        "127.0.0.1" if local else "0.0.0.0"
-    )  # a pod must be reachable on its IP
+def _start_progress_server(
+    board: ProgressBoard, env: dict[str, str], local: bool
+) -> ProgressServer | None:
+    # In a pod the operator passes the pod IP; locally nothing outside needs to reach it.
+    host = env.get(ENV_PROGRESS_HOST) or ("127.0.0.1" if local else "0.0.0.0")
     port = int(env.get(ENV_PROGRESS_PORT) or (0 if local else DEFAULT_PROGRESS_PORT))
     try:
         server = ProgressServer(board, host, port).start()

@@ -5,7 +5,7 @@
     -> SFTTrainer.train -> evaluate -> save adapter, card, metrics (+ merged)
     -> upload with the manifest last -> TerminationMessage
 
-Every failure is raised as a TrainerError subclass; __main__ turns it into the
+Every failure is raised as a TrainerError subclass; cli.main turns it into the
 termination message and exit code.
 """
 
