@@ -162,10 +162,12 @@ def probe_jobs(**_: Any) -> int:
 
 
 # --------------------------------------------------------------------------- triggers
+# Both are `async def` on purpose: kopf runs plain `def` handlers in a thread
+# pool, and asyncio.Event.set() must be called on the event loop's thread.
 
 
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
-def job_event(type: str, body: kopf.Body, name: str, namespace: str | None, **_: Any) -> None:
+async def job_event(type: str, body: kopf.Body, name: str, namespace: str | None, **_: Any) -> None:
     """Wake the job's loop on spec or metadata changes (not on our own status writes)."""
     if RUNTIME is None or namespace is None:
         return
@@ -189,7 +191,7 @@ def job_event(type: str, body: kopf.Body, name: str, namespace: str | None, **_:
         "app.kubernetes.io/managed-by": objects.MANAGED_BY,
     },
 )
-def pod_event(type: str, body: kopf.Body, **_: Any) -> None:
+async def pod_event(type: str, body: kopf.Body, **_: Any) -> None:
     """A trainer pod changed: wake its job; a pod that ended may free a queue slot."""
     if RUNTIME is None:
         return

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.harness.controlplane import ControlPlane, free_port
+from tests.harness.kubelet import NodeConfig
 
 HERE = Path(__file__).parent
 REPO = HERE.parents[2]
@@ -160,6 +161,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         operator_env=operator_env,
         kubelet_env=kubelet_env,
         image_pull_error_pattern=PULL_ERROR_IMAGE,
+        # Two GPU nodes, so a job can move when the node-loss test kills one.
+        nodes=(NodeConfig(), NodeConfig(name="gpu-node-2")),
     ) as cp:
         yield Cluster(cp, fake_dir, metrics_port)
         if "-v" in sys.argv:
