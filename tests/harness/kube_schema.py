@@ -9,12 +9,11 @@ field cause of a 422 Invalid, worded like the real server.
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
-
-from jsonschema import Draft4Validator  # type: ignore[import-untyped]
-from jsonschema.exceptions import ValidationError  # type: ignore[import-untyped]
 
 Schema = dict[str, Any]
 
@@ -86,91 +85,186 @@ def apply_defaults(schema: Schema, value: Any) -> Any:
     return value
 
 
-def to_json_schema(schema: Any) -> Any:
-    """Translate Kubernetes OpenAPI extensions into plain draft-4 JSON Schema."""
-    if isinstance(schema, list):
-        return [to_json_schema(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out: dict[str, Any] = {}
-    for key, sub in schema.items():
-        if key in ("properties", "patternProperties", "definitions"):
-            out[key] = {k: to_json_schema(v) for k, v in sub.items()}
-        elif key in ("items", "additionalProperties", "not", "anyOf", "allOf", "oneOf"):
-            out[key] = to_json_schema(sub)
-        elif key in ("format", "default", "description", "example") or key.startswith(
-            "x-kubernetes"
-        ):
-            continue  # annotations only; formats are advisory on the server too
-        else:
-            out[key] = sub
-    if schema.get("x-kubernetes-int-or-string"):
-        out.pop("anyOf", None)
-        out["type"] = ["integer", "string"]
-    if schema.get("nullable") and "type" in out:
-        kinds = out["type"] if isinstance(out["type"], list) else [out["type"]]
-        out["type"] = [*kinds, "null"]
-    out.pop("nullable", None)
-    if schema.get("x-kubernetes-embedded-resource"):
-        out.setdefault("type", "object")
-    return out
-
-
-def _field_path(path: Any) -> str:
-    text = ""
-    for step in path:
-        if isinstance(step, int):
-            text += f"[{step}]"
-        else:
-            text += f".{step}" if text else str(step)
-    return text
-
-
 def _literal(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))[:200]
 
 
-def _cause(error: ValidationError) -> FieldCause:
-    field = _field_path(error.absolute_path)
-    shown = field or "<root>"
-    if error.validator == "required":
-        missing = error.message.split("'")[1] if "'" in error.message else ""
-        full = f"{field}.{missing}" if field else missing
-        return FieldCause("FieldValueRequired", full, "Required value")
-    if error.validator == "type":
-        expected = error.validator_value
-        kinds = " or ".join(expected) if isinstance(expected, list) else str(expected)
-        return FieldCause(
-            "FieldValueTypeInvalid",
-            field,
-            f"Invalid value: {_literal(error.instance)}: {shown} in body must be of type {kinds}: "
-            f"{_literal(type(error.instance).__name__)}",
-        )
-    if error.validator == "enum":
-        allowed = ", ".join(_literal(v) for v in error.validator_value)
-        return FieldCause(
-            "FieldValueNotSupported",
-            field,
-            f"Unsupported value: {_literal(error.instance)}: supported values: {allowed}",
-        )
-    wording = {
-        "minimum": f"should be greater than or equal to {error.validator_value}",
-        "maximum": f"should be less than or equal to {error.validator_value}",
-        "exclusiveMinimum": f"should be greater than {error.schema.get('minimum')}",
-        "exclusiveMaximum": f"should be less than {error.schema.get('maximum')}",
-        "pattern": f"should match '{error.validator_value}'",
-        "minLength": f"should be at least {error.validator_value} chars long",
-        "maxLength": f"may not be longer than {error.validator_value}",
-        "minItems": f"should have at least {error.validator_value} items",
-        "maxItems": f"must have at most {error.validator_value} items",
-        "minProperties": f"should have at least {error.validator_value} properties",
-        "maxProperties": f"should have at most {error.validator_value} properties",
-    }.get(str(error.validator), error.message)
+_TYPE_NAMES = {
+    dict: "object",
+    list: "array",
+    str: "string",
+    bool: "boolean",
+    int: "integer",
+    float: "number",
+}
+
+
+def _type_ok(kind: str, value: Any) -> bool:
+    if kind == "object":
+        return isinstance(value, dict)
+    if kind == "array":
+        return isinstance(value, list)
+    if kind == "string":
+        return isinstance(value, str)
+    if kind == "boolean":
+        return isinstance(value, bool)
+    if kind == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return True
+
+
+@functools.lru_cache(maxsize=512)
+def _pattern(expression: str) -> re.Pattern[str]:
+    return re.compile(expression)
+
+
+def _invalid(field: str, value: Any, wording: str) -> FieldCause:
     return FieldCause(
         "FieldValueInvalid",
         field,
-        f"Invalid value: {_literal(error.instance)}: {shown} in body {wording}",
+        f"Invalid value: {_literal(value)}: {field or '<root>'} in body {wording}",
     )
+
+
+def _child(field: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{field}[{key}]"
+    return f"{field}.{key}" if field else key
+
+
+def validate(schema: Schema, value: Any, field: str, causes: list[FieldCause]) -> None:
+    """Structural-schema validation (the OpenAPI v3 subset CRDs allow), appending
+    one FieldCause per violation, worded like the API server's."""
+    if value is None and (schema.get("nullable") or not schema.get("type")):
+        return
+    if schema.get("x-kubernetes-int-or-string"):
+        if not (_type_ok("integer", value) or isinstance(value, str)):
+            causes.append(
+                FieldCause(
+                    "FieldValueTypeInvalid",
+                    field,
+                    f"Invalid value: {_literal(value)}: {field} in body must be of type integer,string: "
+                    f'"{_TYPE_NAMES.get(type(value), "null")}"',
+                )
+            )
+        return
+    kind = schema.get("type")
+    if kind and not _type_ok(kind, value):
+        causes.append(
+            FieldCause(
+                "FieldValueTypeInvalid",
+                field,
+                f"Invalid value: {_literal(value)}: {field} in body must be of type {kind}: "
+                f'"{_TYPE_NAMES.get(type(value), "null")}"',
+            )
+        )
+        return
+    if "enum" in schema and value not in schema["enum"]:
+        allowed = ", ".join(_literal(v) for v in schema["enum"])
+        causes.append(
+            FieldCause(
+                "FieldValueNotSupported",
+                field,
+                f"Unsupported value: {_literal(value)}: supported values: {allowed}",
+            )
+        )
+    if _type_ok("number", value):
+        _validate_number(schema, value, field, causes)
+    elif isinstance(value, str):
+        if "minLength" in schema and len(value) < schema["minLength"]:
+            causes.append(
+                _invalid(field, value, f"should be at least {schema['minLength']} chars long")
+            )
+        if "maxLength" in schema and len(value) > schema["maxLength"]:
+            causes.append(_invalid(field, value, f"may not be longer than {schema['maxLength']}"))
+        if "pattern" in schema and not _pattern(schema["pattern"]).search(value):
+            causes.append(_invalid(field, value, f"should match '{schema['pattern']}'"))
+    elif isinstance(value, list):
+        if "minItems" in schema and len(value) < schema["minItems"]:
+            causes.append(
+                _invalid(field, value, f"should have at least {schema['minItems']} items")
+            )
+        if "maxItems" in schema and len(value) > schema["maxItems"]:
+            causes.append(
+                FieldCause(
+                    "FieldValueTooMany",
+                    field,
+                    f"Too many: {len(value)}: must have at most {schema['maxItems']} items",
+                )
+            )
+        items = schema.get("items")
+        if isinstance(items, dict):
+            for index, item in enumerate(value):
+                validate(items, item, _child(field, index), causes)
+    elif isinstance(value, dict):
+        _validate_object(schema, value, field, causes)
+    for sub in schema.get("allOf") or []:
+        validate(sub, value, field, causes)
+    for keyword in ("anyOf", "oneOf"):
+        options = schema.get(keyword)
+        if options:
+            passing = sum(1 for sub in options if not _errors(sub, value, field))
+            if passing == 0 or (keyword == "oneOf" and passing > 1):
+                causes.append(
+                    _invalid(
+                        field,
+                        value,
+                        f"must validate {'one and only one' if keyword == 'oneOf' else 'at least one'} schema ({keyword})",
+                    )
+                )
+    if isinstance(schema.get("not"), dict) and not _errors(schema["not"], value, field):
+        causes.append(_invalid(field, value, "must not validate the schema (not)"))
+
+
+def _errors(schema: Schema, value: Any, field: str) -> list[FieldCause]:
+    found: list[FieldCause] = []
+    validate(schema, value, field, found)
+    return found
+
+
+def _validate_number(schema: Schema, value: float, field: str, causes: list[FieldCause]) -> None:
+    if "minimum" in schema:
+        if schema.get("exclusiveMinimum") is True and value <= schema["minimum"]:
+            causes.append(_invalid(field, value, f"should be greater than {schema['minimum']}"))
+        elif value < schema["minimum"]:
+            causes.append(
+                _invalid(field, value, f"should be greater than or equal to {schema['minimum']}")
+            )
+    if "maximum" in schema:
+        if schema.get("exclusiveMaximum") is True and value >= schema["maximum"]:
+            causes.append(_invalid(field, value, f"should be less than {schema['maximum']}"))
+        elif value > schema["maximum"]:
+            causes.append(
+                _invalid(field, value, f"should be less than or equal to {schema['maximum']}")
+            )
+    multiple = schema.get("multipleOf")
+    if multiple and (value / multiple) != int(value / multiple):
+        causes.append(_invalid(field, value, f"should be a multiple of {multiple}"))
+
+
+def _validate_object(
+    schema: Schema, value: dict[str, Any], field: str, causes: list[FieldCause]
+) -> None:
+    for name in schema.get("required") or []:
+        if name not in value:
+            causes.append(FieldCause("FieldValueRequired", _child(field, name), "Required value"))
+    props: dict[str, Schema] = schema.get("properties") or {}
+    additional = schema.get("additionalProperties")
+    for key, item in value.items():
+        if key in props:
+            validate(props[key], item, _child(field, key), causes)
+        elif isinstance(additional, dict):
+            validate(additional, item, _child(field, key), causes)
+    if "minProperties" in schema and len(value) < schema["minProperties"]:
+        causes.append(
+            _invalid(field, value, f"should have at least {schema['minProperties']} properties")
+        )
+    if "maxProperties" in schema and len(value) > schema["maxProperties"]:
+        causes.append(
+            _invalid(field, value, f"should have at most {schema['maxProperties']} properties")
+        )
 
 
 class CompiledSchema:
@@ -178,16 +272,30 @@ class CompiledSchema:
 
     def __init__(self, schema: Schema) -> None:
         self.schema = schema
-        validated = copy.deepcopy(schema)
-        (validated.get("properties") or {}).pop("metadata", None)
-        self._validator = Draft4Validator(to_json_schema(validated))
+        self._properties: dict[str, Schema] = dict(schema.get("properties") or {})
 
-    def admit(self, obj: dict[str, Any]) -> tuple[list[FieldCause], list[str]]:
+    def admit(
+        self, obj: dict[str, Any], old: dict[str, Any] | None = None
+    ) -> tuple[list[FieldCause], list[str]]:
         """Prune + default `obj` in place; return its validation errors and the
-        paths of the unknown fields that were pruned."""
+        paths of the unknown fields that were pruned.
+
+        With `old` (an update), top-level fields equal to the stored ones are not
+        re-validated: they were valid when stored (the real server ratchets too),
+        and a status write then costs a status-sized validation, not a whole-object one.
+        """
         dropped: list[str] = []
         prune(self.schema, obj, root=True, dropped=dropped)
         apply_defaults(self.schema, obj)
-        body = {k: v for k, v in obj.items() if k != "metadata"}
-        causes = [_cause(e) for e in self._validator.iter_errors(body)]
+        causes: list[FieldCause] = []
+        for name in self.schema.get("required") or []:
+            if name not in obj:
+                causes.append(FieldCause("FieldValueRequired", name, "Required value"))
+        for key, value in obj.items():
+            sub = self._properties.get(key)
+            if key in ("metadata", "apiVersion", "kind") or sub is None:
+                continue
+            if old is not None and old.get(key) == value:
+                continue
+            validate(sub, value, key, causes)
         return sorted(causes, key=lambda c: c.field), dropped

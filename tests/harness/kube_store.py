@@ -387,11 +387,16 @@ class Store:
             )
 
     def _validate_schema(
-        self, resource: ResourceType, obj: Obj, name: str, field_validation: str
+        self,
+        resource: ResourceType,
+        obj: Obj,
+        name: str,
+        field_validation: str,
+        old: Obj | None = None,
     ) -> None:
         if resource.schema is None:
             return
-        causes, unknown = resource.schema.admit(obj)
+        causes, unknown = resource.schema.admit(obj, old)
         if unknown and field_validation == "Strict":
             fields = ", ".join(f'unknown field "{path}"' for path in unknown)
             raise errors.bad_request(
@@ -542,7 +547,7 @@ class Store:
         if _spec_changed(old, obj):
             meta["generation"] = meta["generation"] + 1
         _validate_update(resource, old, obj)
-        self._validate_schema(resource, obj, name, field_validation)
+        self._validate_schema(resource, obj, name, field_validation, old)
         return obj
 
     async def update(

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import yaml
+
+from tests.harness.apiserver import ApiServer
 from tests.harness_tests.helpers import TEST_CRD, WIDGETS, Http, widget
 
 CRDS = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_crd_gets_established(http: Http, widget_crd: dict[str, Any]) -> None:
@@ -96,3 +101,35 @@ def test_deleting_a_crd_removes_its_objects_and_api(http: Http, widget_crd: dict
     assert http.get("/apis/example.com/v1")[0] == 404
     http.ok("POST", CRDS, TEST_CRD)
     assert http.ok("GET", WIDGETS)["items"] == []
+
+
+def test_lorajob_crd_schema_is_enforced(api: ApiServer, http: Http) -> None:
+    """The repo's generated LoRAJob CRD: defaults land, violations are 422 with causes."""
+    crd = yaml.safe_load((REPO / "crds" / "finetune.loraops.dev_lorajobs.yaml").read_text())
+    http.ok("POST", CRDS, crd)
+    job = yaml.safe_load((REPO / "examples" / "lorajob-tiny.yaml").read_text())
+    jobs = "/apis/finetune.loraops.dev/v1alpha1/namespaces/default/lorajobs"
+    created = http.ok("POST", jobs, job)
+    assert created["spec"]["lora"]["dropout"] == 0.05  # schema default
+    job["metadata"]["name"] = "bad"
+    job["spec"]["dataset"]["evalSplit"] = 0.5  # exclusiveMaximum
+    job["spec"]["training"]["maxSteps"] = 0
+    status, body = http.post(jobs, job)
+    assert status == 422, body
+    fields = sorted(c["field"] for c in body["details"]["causes"])
+    assert fields == ["spec.dataset.evalSplit", "spec.training.maxSteps"]
+    assert "should be less than 0.5" in body["message"]
+    del api
+
+
+def test_status_writes_validate_only_what_changed(http: Http, widget_crd: dict[str, Any]) -> None:
+    del widget_crd
+    http.ok("POST", WIDGETS, widget("r"))
+    # a status write does not re-validate the (unchanged) spec, and a bad status is caught
+    patched = http.ok(
+        "PATCH",
+        f"{WIDGETS}/r/status",
+        {"status": {"phase": "x"}},
+        content_type="application/merge-patch+json",
+    )
+    assert patched["status"] == {"phase": "x"}
