@@ -423,7 +423,7 @@ def decide(obs: Observed, settings: OperatorSettings) -> Decision:
     else:
         invalid = (Reason.POLICY_VIOLATION, "; ".join(problems)) if problems else None
 
-    if invalid is not None and (not live or suspend_requested) and not b.get("podName"):
+    if invalid is not None and not live and not suspend_requested and not b.get("podName"):
         return _reject_spec(b, *invalid)
 
     # From here on a pod may run. Spec problems only block the *next* attempt.
@@ -522,6 +522,8 @@ def _fail(b: _Builder, reason: str, message: str, *, hint: str | None = None) ->
     b.condition(ConditionType.FAILED, True, reason, message, event="Warning")
     b.condition(ConditionType.RUNNING, False, reason, message)
     b.condition(ConditionType.QUEUED, False, reason, message)
+    if b.cond_is(ConditionType.SUSPENDED):
+        b.condition(ConditionType.SUSPENDED, False, reason, message)
     b.set("failureReason", reason)
     b.set("failureMessage", message)
     b.set("hint", hint or _hint(reason))

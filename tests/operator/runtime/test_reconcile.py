@@ -425,6 +425,30 @@ def test_suspend_and_resume() -> None:
     assert w.cond(ConditionType.SUSPENDED)["status"] == "False"
 
 
+def test_invalid_edit_while_suspended_waits_instead_of_failing() -> None:
+    w = World()
+    w.started()
+    w.job["spec"]["suspend"] = True
+    w.step(at(5))
+    w.pods = []
+    w.step(at(6))
+    w.job["spec"]["training"] = {"learningRate": -1}
+    w.job["metadata"]["generation"] = 3
+    d = w.step(at(7))
+    assert w.status["phase"] == "Suspended"
+    accepted = w.cond(ConditionType.ACCEPTED)
+    assert accepted["reason"] == Reason.INVALID_SPEC
+    assert "spec.training.learningRate" in accepted["message"]
+    assert reasons(d) == [Reason.INVALID_SPEC]
+    # Resumed with the spec still invalid: now it fails, without a pod.
+    w.job["spec"]["suspend"] = False
+    w.job["metadata"]["generation"] = 4
+    d = w.step(at(8))
+    assert d.create is None
+    assert w.status["phase"] == "Failed"
+    assert w.status["failureReason"] == Reason.INVALID_SPEC
+
+
 def test_suspended_before_start_creates_nothing() -> None:
     w = World(job(spec={**SPEC, "suspend": True}))
     d = w.step()
