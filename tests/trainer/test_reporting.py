@@ -10,7 +10,15 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from lora_trainer.checkpoints import find_latest, list_complete, publish, restore
+from lora_trainer.checkpoints import (
+    check_compatible,
+    find_latest,
+    fingerprint,
+    list_complete,
+    publish,
+    restore,
+)
+from lora_trainer.config import TrainerConfig
 from lora_trainer.errors import (
     ConfigError,
     CredentialsError,
@@ -135,7 +143,7 @@ def test_checkpoint_publish_find_restore_prune(tmp_path: Path) -> None:
         local.mkdir(parents=True)
         (local / "adapter_model.safetensors").write_bytes(b"w" * step)
         (local / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-        publish(storage, local, out)
+        publish(storage, local, out, "fp")
     # Only the newest REMOTE_KEPT survive.
     assert [c.step for c in list_complete(storage, out)] == [4, 6]
     # A checkpoint without its marker (an interrupted upload) is never picked.
@@ -170,3 +178,27 @@ def test_sigterm_before_training_interrupts_at_once() -> None:
     finally:
         signal.signal(signal.SIGTERM, old[0])
         signal.signal(signal.SIGINT, old[1])
+
+
+def test_checkpoints_of_a_different_job_are_refused(tmp_path: Path) -> None:
+    base = {
+        "model": {"uri": "/models/m"},
+        "dataset": {"uri": "/data/d.jsonl"},
+        "output": {"uri": str(tmp_path / "out")},
+    }
+    cfg = TrainerConfig.model_validate(base)
+    cadence = TrainerConfig.model_validate(
+        base | {"training": {"checkpointEverySteps": 7, "logging_steps": 3}}
+    )
+    changed = TrainerConfig.model_validate(base | {"training": {"learningRate": 1e-3}})
+    assert fingerprint(cfg) == fingerprint(cadence)
+    assert fingerprint(cfg) != fingerprint(changed)
+
+    storage = Storage(tmp_path / "cache", {})
+    local = tmp_path / "local" / "checkpoint-3"
+    local.mkdir(parents=True)
+    (local / "adapter_model.safetensors").write_bytes(b"w")
+    ckpt = publish(storage, local, cfg.output.uri, fingerprint(cfg))
+    check_compatible(storage, ckpt, cadence)  # same job: fine
+    with pytest.raises(ConfigError, match="different model, dataset, lora"):
+        check_compatible(storage, ckpt, changed)

@@ -93,9 +93,12 @@ def _short(v: float | None) -> str:
 class CheckpointCallback(TrainerCallback):
     """Publishes every local checkpoint to <output>/checkpoints/ as soon as it is saved."""
 
-    def __init__(self, storage: Storage, output_uri: str, board: ProgressBoard) -> None:
+    def __init__(
+        self, storage: Storage, output_uri: str, board: ProgressBoard, job_fingerprint: str
+    ) -> None:
         self.storage = storage
         self.output_uri = output_uri
+        self.fingerprint = job_fingerprint
         self.board = board
         self.last_uri: str | None = None
 
@@ -103,7 +106,7 @@ class CheckpointCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         local = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
-        remote = publish(self.storage, local, self.output_uri)
+        remote = publish(self.storage, local, self.output_uri, self.fingerprint)
         self.last_uri = remote.uri
         self.board.update(last_checkpoint=remote.uri)
 

@@ -9,16 +9,26 @@ upload and is never resumed from. `find_latest` picks the newest complete one;
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_trainer.config import TrainerConfig
+from lora_trainer.errors import ConfigError
 from lora_trainer.protocol import CHECKPOINT_COMPLETE_MARKER, CHECKPOINTS_DIR
 from lora_trainer.storage import Storage, join_uri
 
-__all__ = ["RemoteCheckpoint", "find_latest", "publish", "restore"]
+__all__ = [
+    "RemoteCheckpoint",
+    "check_compatible",
+    "find_latest",
+    "fingerprint",
+    "publish",
+    "restore",
+]
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +74,39 @@ def restore(storage: Storage, ckpt: RemoteCheckpoint, local_root: Path) -> Path:
     return dest
 
 
-def publish(storage: Storage, local_ckpt: Path, output_uri: str) -> RemoteCheckpoint:
+def fingerprint(cfg: TrainerConfig) -> str:
+    """What a checkpoint must match to be resumed: everything that shapes the run.
+
+    Reporting cadence (checkpoint/eval/logging intervals) and the output options
+    may change between attempts; the model, data, adapter, quantization and
+    optimisation settings may not.
+    """
+    training = cfg.training.model_dump(
+        exclude={"checkpoint_every_steps", "eval_every_steps", "logging_steps"}
+    )
+    shaped = cfg.model_dump(exclude={"output", "training"}) | {"training": training}
+    return hashlib.sha256(json.dumps(shaped, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_compatible(storage: Storage, ckpt: RemoteCheckpoint, cfg: TrainerConfig) -> None:
+    """Refuse to resume a checkpoint written by a differently configured job."""
+    raw = storage.read_bytes(join_uri(ckpt.uri, CHECKPOINT_COMPLETE_MARKER))
+    try:
+        saved = json.loads(raw or b"{}").get("fingerprint")
+    except ValueError:
+        saved = None
+    if saved is not None and saved != fingerprint(cfg):
+        raise ConfigError(
+            f"{ckpt.uri} was written by a job with a different model, dataset, lora, "
+            "quantization or training config; resuming it would mix two runs",
+            hint="Use a new output.uri for the changed spec, or delete the old "
+            "checkpoints under <output.uri>/checkpoints/ to start over.",
+        )
+
+
+def publish(
+    storage: Storage, local_ckpt: Path, output_uri: str, job_fingerprint: str
+) -> RemoteCheckpoint:
     """Upload a local checkpoint, write its COMPLETE marker, prune old remote ones."""
     m = _NAME.match(local_ckpt.name)
     if not m:
@@ -74,7 +116,11 @@ def publish(storage: Storage, local_ckpt: Path, output_uri: str) -> RemoteCheckp
     files = sorted(p for p in local_ckpt.rglob("*") if p.is_file())
     for path in files:
         storage.put_file(path, join_uri(remote.uri, path.relative_to(local_ckpt).as_posix()))
-    marker = {"step": step, "files": [p.relative_to(local_ckpt).as_posix() for p in files]}
+    marker = {
+        "step": step,
+        "fingerprint": job_fingerprint,
+        "files": [p.relative_to(local_ckpt).as_posix() for p in files],
+    }
     storage.put_bytes(json.dumps(marker).encode(), join_uri(remote.uri, CHECKPOINT_COMPLETE_MARKER))
     log.info("checkpoint %d saved to %s", step, remote.uri)
     for old in list_complete(storage, output_uri)[:-REMOTE_KEPT]:

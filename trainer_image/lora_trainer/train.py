@@ -82,6 +82,8 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
     # 3. Resume from the newest complete checkpoint, if an earlier attempt left one.
     ckpt_dir = rt.work_dir / "checkpoints"
     resume = checkpoints.find_latest(rt.storage, cfg.output.uri)
+    if resume:
+        checkpoints.check_compatible(rt.storage, resume, cfg)
     resume_path = checkpoints.restore(rt.storage, resume, ckpt_dir) if resume else None
     if resume:
         log.info("resuming from %s (step %d)", resume.uri, resume.step)
@@ -89,7 +91,7 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
 
     # 4. Train.
     progress = ProgressCallback(rt.board)
-    saver = CheckpointCallback(rt.storage, cfg.output.uri, rt.board)
+    saver = CheckpointCallback(rt.storage, cfg.output.uri, rt.board, checkpoints.fingerprint(cfg))
     trainer = SFTTrainer(
         model=model,
         args=to_sft_config(cfg, device, ckpt_dir, has_eval=eval_ds is not None),
