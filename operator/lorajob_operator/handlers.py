@@ -16,7 +16,6 @@ operator restart resumes: from the objects, not from memory.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -134,8 +133,10 @@ async def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: A
 
     load_config()
     metrics = METRICS
-    with contextlib.suppress(OSError):  # a second operator in one process (tests)
+    try:
         metrics.serve(SETTINGS.metrics_port)
+    except OSError as exc:  # e.g. the port is taken: run on, without metrics
+        logger.error("cannot serve metrics on :%d: %s", SETTINGS.metrics_port, exc)
     RUNTIME = Runtime(
         settings=SETTINGS,
         kube=Kube(),

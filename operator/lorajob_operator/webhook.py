@@ -3,9 +3,10 @@
 The rules are the operator's own (api.parse_spec, policy.check_policy, the
 spec-change rule of reconcile.py), so the webhook and the operator never
 disagree; without the webhook the operator applies them when it reconciles.
-Enabled by LORAJOB_WEBHOOK_ENABLED; kopf serves it (its WebhookServer, with a
-self-signed certificate unless cert files are given) and, in the cluster, the
-chart's Service and ValidatingWebhookConfiguration point at it.
+Enabled by LORAJOB_WEBHOOK_ENABLED; kopf's WebhookServer serves it at
+`/<handler id>` (`/lorajob`) with the certificate in LORAJOB_WEBHOOK_CERT_FILE/KEY_FILE.
+The ValidatingWebhookConfiguration is either kopf's (LORAJOB_WEBHOOK_MANAGED, named
+MANAGED_CONFIGURATION, caBundle = the certificate) or the Helm chart's.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from lorajob_operator.settings import OperatorSettings
 
 __all__ = ["configure", "register", "review"]
 
-WEBHOOK_PATH = "/validate"
 MANAGED_CONFIGURATION = f"lorajob-validation.{api.GROUP}"
 # Phases in which a pod may be running with the spec it started with.
 _ACTIVE_PHASES = frozenset({api.Phase.PENDING, api.Phase.QUEUED, api.Phase.RUNNING})
@@ -111,4 +111,6 @@ def configure(kopf_settings: kopf.OperatorSettings, settings: OperatorSettings) 
         pkeyfile=settings.webhook_key_file,
     )
     if settings.webhook_managed:
+        # kopf creates and keeps up to date the ValidatingWebhookConfiguration;
+        # otherwise the Helm chart renders it (with cert-manager's CA).
         kopf_settings.admission.managed = MANAGED_CONFIGURATION
