@@ -1,0 +1,81 @@
+"""A job survives the trainer pod being evicted and the operator being restarted."""
+
+from __future__ import annotations
+
+import json
+
+from tests.e2e.conftest import BUCKET, Cluster
+
+# Long enough to interrupt mid-run, with a checkpoint every 4 steps to resume from.
+LONGER = {"spec": {"training": {"maxSteps": 16, "checkpointEverySteps": 4}}}
+
+
+def _checkpoint_step(uri: str | None) -> int:
+    return int(uri.rstrip("/").rsplit("-", 1)[-1]) if uri else 0
+
+
+def test_evicted_trainer_resumes_from_its_checkpoint(cluster: Cluster) -> None:
+    cluster.create_secret()
+    cluster.apply(cluster.manifest("evicted", LONGER))
+    running = cluster.wait_status(
+        "evicted",
+        lambda s: s.get("phase") == "Running" and _checkpoint_step(s.get("lastCheckpoint")) >= 4,
+        "a first checkpoint",
+    )
+    first_pod = running["podName"]
+    assert cluster.cp.kubelet is not None
+    cluster.cp.kubelet.evict("default", first_pod)
+
+    status = cluster.wait_phase("evicted", "Succeeded")
+    # The eviction is a disruption: a new attempt, nothing spent from backoffLimit.
+    assert status["attempts"] == 2
+    assert status["disruptions"] == 1
+    assert status.get("failedAttempts", 0) == 0
+    assert status["podName"] != first_pod
+    assert status["progress"]["step"] == 16
+    # The first trainer checkpointed on SIGTERM; the second started from a checkpoint.
+    first_log = cluster.cp.kubelet.pod_log("default", first_pod)
+    second_log = cluster.cp.kubelet.pod_log("default", status["podName"])
+    assert "resum" in second_log.lower(), second_log[-2000:]
+    assert "Traceback" not in first_log
+    reasons = {
+        e["reason"]
+        for e in json.loads(
+            cluster.kubectl(
+                "get", "events", "--field-selector", "involvedObject.name=evicted", "-o", "json"
+            ).stdout
+        )["items"]
+    }
+    assert "Evicted" in reasons, reasons
+    # Every checkpoint that exists is complete, and the adapter is published.
+    objects = cluster.s3_objects("adapters/evicted/")
+    assert "adapters/evicted/manifest.json" in objects
+    checkpoints = {
+        k.split("/")[3] for k in objects if k.startswith("adapters/evicted/checkpoints/")
+    }
+    assert checkpoints
+    for checkpoint in checkpoints:
+        assert f"adapters/evicted/checkpoints/{checkpoint}/COMPLETE" in objects, checkpoint
+    assert status["adapter"]["uri"] == f"s3://{BUCKET}/adapters/evicted"
+
+
+def test_operator_restart_mid_job_keeps_the_running_trainer(cluster: Cluster) -> None:
+    cluster.create_secret()
+    cluster.apply(cluster.manifest("restarted", LONGER))
+    running = cluster.wait_status(
+        "restarted",
+        lambda s: s.get("phase") == "Running" and (s.get("progress") or {}).get("step", 0) >= 1,
+        "training to start",
+    )
+    pod = running["podName"]
+    cluster.cp.stop_operator()
+    # Nothing follows the job now; the trainer keeps going on its own.
+    cluster.cp.start_operator()
+
+    status = cluster.wait_phase("restarted", "Succeeded")
+    # The restarted operator adopted the running pod instead of starting another.
+    assert status["attempts"] == 1
+    assert status["podName"] == pod
+    assert status.get("disruptions", 0) == 0
+    assert status["progress"]["step"] == 16
+    assert "adapters/restarted/manifest.json" in cluster.s3_objects("adapters/restarted/")
