@@ -6,12 +6,13 @@ import os
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from botocore.exceptions import ClientError
 from lora_trainer.errors import CredentialsError, SourceNotFound, StorageError
 from lora_trainer.storage import PART_SIZE, Storage
 
-from tests.harness.s3 import S3Server, free_port
+from tests.harness.s3 import S3Server, free_port, s3_server
 
 
 def test_harness_rejects_wrong_credentials(s3: S3Server) -> None:
@@ -145,3 +146,13 @@ def test_hub_errors_are_classified(
     assert seen["revision"] == "v1"
     assert seen["token"] == "hf_secrettokenvalue0123456789"
     assert "hf_secret" not in str(err.value)
+
+
+def test_harness_leaves_nothing_behind() -> None:
+    with s3_server(buckets=["tmp"]) as server:
+        assert psutil.pid_exists(server.pid)
+        assert server.workdir is not None
+        assert server.workdir.exists()
+        server.client().put_object(Bucket="tmp", Key="k", Body=b"v")
+    assert not psutil.pid_exists(server.pid) or psutil.Process(server.pid).status() == "zombie"
+    assert not server.workdir.exists()
