@@ -151,12 +151,23 @@ def test_job_manifest_errors_use_spec_paths(tmp_path: Path) -> None:
     assert "not a LoRAJob manifest" in term["message"]
 
 
-def test_example_manifest_is_valid() -> None:
-    example = Path(__file__).resolve().parents[2] / "examples" / "lorajob-tiny.yaml"
+@pytest.mark.parametrize("name", ["lorajob-tiny.yaml", "lorajob-full.yaml"])
+def test_example_manifests_are_valid(name: str) -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / name
     if not example.exists():
-        pytest.skip("examples/lorajob-tiny.yaml not present")
+        pytest.skip(f"examples/{name} not present")
     loaded = load_job_manifest(str(example))
-    assert loaded.config.quantization.mode == "nf4"
+    assert loaded.config.model.uri
+
+
+def test_job_manifest_among_other_documents(tmp_path: Path) -> None:
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3"}}
+    path = tmp_path / "all.yaml"
+    path.write_text(yaml.safe_dump_all([secret, _manifest()]))
+    assert load_job_manifest(str(path)).job_name == "team-a/demo"
+    path.write_text(yaml.safe_dump_all([_manifest(), _manifest()]))
+    with pytest.raises(ConfigError, match="holds 2 LoRAJobs"):
+        load_job_manifest(str(path))
 
 
 def test_help_lists_exit_codes() -> None:

@@ -83,16 +83,22 @@ class LoadedConfig:
 
 def _parse_text(text: str, source: str) -> Any:
     """JSON or YAML (YAML is a superset, but JSON errors read better for JSON)."""
-    stripped = text.lstrip()
-    if stripped.startswith("{"):
+    docs = _parse_documents(text, source)
+    if len(docs) > 1:
+        raise ConfigError(f"{source}: expected one YAML document, found {len(docs)}")
+    return docs[0] if docs else None
+
+
+def _parse_documents(text: str, source: str) -> list[Any]:
+    if text.lstrip().startswith("{"):
         try:
-            return json.loads(text)
+            return [json.loads(text)]
         except json.JSONDecodeError as e:
             raise ConfigError(f"{source}: invalid JSON at line {e.lineno}: {e.msg}") from e
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        return [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: invalid YAML: {e}") from e
 
@@ -118,12 +124,13 @@ def _validate(data: Any, source: str, prefix: str = "") -> TrainerConfig:
 
 
 def load_job_manifest(path: str) -> LoadedConfig:
-    doc = _parse_text(_read(path, "LoRAJob manifest"), path)
-    if (
-        not isinstance(doc, dict)
-        or doc.get("kind") != "LoRAJob"
-        or not isinstance(doc.get("spec"), dict)
-    ):
+    """The LoRAJob in a manifest file (other documents, e.g. a Secret, are skipped)."""
+    docs = _parse_documents(_read(path, "LoRAJob manifest"), path)
+    jobs = [d for d in docs if isinstance(d, dict) and d.get("kind") == "LoRAJob"]
+    if len(jobs) > 1:
+        raise ConfigError(f"{path}: holds {len(jobs)} LoRAJobs; run one manifest at a time")
+    doc = jobs[0] if jobs else None
+    if doc is None or not isinstance(doc.get("spec"), dict):
         raise ConfigError(f"{path}: not a LoRAJob manifest (expected kind: LoRAJob with a spec)")
     spec = doc["spec"]
     storage = spec.get("storage") if isinstance(spec.get("storage"), dict) else {}
