@@ -1,0 +1,156 @@
+"""kube.Kube against the API server emulator: how API answers map to what the
+reconciler needs (409 = already there, quota 403 = wait, other 4xx = refusal)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kubernetes import config
+
+from lorajob_operator import api
+from lorajob_operator.kube import Kube, PodRejected, QuotaExceeded
+from lorajob_operator.objects import JobRef
+from tests.harness.controlplane import ControlPlane
+
+pytestmark = pytest.mark.timeout(60)
+
+NS = "default"
+
+
+@pytest.fixture(scope="module")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Kube, ControlPlane]]:
+    with ControlPlane(tmp_path_factory.mktemp("cluster"), kubelet=False) as cp:
+        client = config.new_client_from_config(config_file=str(cp.kubeconfig))
+        yield Kube(client), cp
+
+
+def _pod(name: str, uid: str = "job-uid", gpus: int = 0) -> dict[str, Any]:
+    container: dict[str, Any] = {"name": "trainer", "image": "busybox:1"}
+    if gpus:
+        container["resources"] = {
+            "requests": {"nvidia.com/gpu": str(gpus)},
+            "limits": {"nvidia.com/gpu": str(gpus)},
+        }
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "labels": {
+                "app.kubernetes.io/managed-by": "lorajob-operator",
+                "finetune.loraops.dev/job-uid": uid,
+            },
+        },
+        "spec": {"containers": [container]},
+    }
+
+
+def test_create_is_idempotent_and_pods_are_listed_by_job(kube: tuple[Kube, ControlPlane]) -> None:
+    k, _ = kube
+
+    async def scenario() -> None:
+        assert await k.create_pod(NS, _pod("idem-1")) is True
+        assert await k.create_pod(NS, _pod("idem-1")) is False  # 409: already there
+        await k.create_pod(NS, _pod("other-1", uid="other-uid"))
+        mine = await k.list_job_pods(JobRef("idem", NS, "job-uid"))
+        assert [p["metadata"]["name"] for p in mine] == ["idem-1"]
+        every = await k.list_trainer_pods(NS)
+        assert {p["metadata"]["name"] for p in every} >= {"idem-1", "other-1"}
+        await k.delete_pod(NS, "idem-1", 0)
+        await k.delete_pod(NS, "idem-1", 0)  # 404 is fine
+
+    asyncio.run(scenario())
+
+
+def test_invalid_pod_is_a_refusal(kube: tuple[Kube, ControlPlane]) -> None:
+    k, _ = kube
+    bad = _pod("Not_A_Name")
+
+    async def scenario() -> None:
+        with pytest.raises(PodRejected):
+            await k.create_pod(NS, bad)
+
+    asyncio.run(scenario())
+
+
+def test_quota_is_reported_as_such(kube: tuple[Kube, ControlPlane]) -> None:
+    k, cp = kube
+    cp.kubectl("create", "namespace", "tight")
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "gpus", "namespace": "tight"},
+        "spec": {"hard": {"requests.nvidia.com/gpu": "0"}},
+    }
+    cp.kubectl("apply", "-f", "-", input=json.dumps(quota))
+
+    async def scenario() -> None:
+        with pytest.raises(QuotaExceeded, match="exceeded quota"):
+            await k.create_pod("tight", _pod("greedy-1", gpus=1))
+
+    asyncio.run(scenario())
+
+
+def test_secret_exists_without_reading_it_into_results(kube: tuple[Kube, ControlPlane]) -> None:
+    k, cp = kube
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "creds", "namespace": NS},
+        "stringData": {"AWS_SECRET_ACCESS_KEY": "s3cr3t"},
+    }
+    cp.kubectl("apply", "-f", "-", input=json.dumps(secret))
+
+    async def scenario() -> None:
+        assert await k.secret_exists(NS, "creds") is True
+        assert await k.secret_exists(NS, "nope") is False
+
+    asyncio.run(scenario())
+
+
+def test_status_merge_patch_job_delete_and_events(kube: tuple[Kube, ControlPlane]) -> None:
+    k, cp = kube
+    body = {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {"name": "patched", "namespace": NS},
+        "spec": {
+            "model": {"uri": "s3://models/m"},
+            "dataset": {"uri": "s3://data/d.jsonl"},
+            "output": {"uri": "s3://out/o"},
+        },
+    }
+    cp.kubectl("apply", "-f", "-", input=json.dumps(body))
+
+    async def scenario() -> None:
+        job = await k.get_job(NS, "patched")
+        assert job is not None
+        await k.patch_job_status(NS, "patched", {"attempts": 1, "podName": "patched-1"})
+        await k.patch_job_status(NS, "patched", {"podName": None, "phase": "Pending"})
+        after = await k.get_job(NS, "patched")
+        assert after is not None
+        assert after["status"] == {"attempts": 1, "phase": "Pending"}
+        assert after["spec"] == job["spec"]  # the status subresource leaves spec alone
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": "patched.", "namespace": NS},
+            "involvedObject": {"kind": api.KIND, "name": "patched", "namespace": NS},
+            "reason": "Test",
+            "message": "hello",
+            "type": "Normal",
+        }
+        await k.post_event(NS, copy.deepcopy(event))
+        await k.delete_job(NS, "patched")
+        await k.delete_job(NS, "patched")  # already gone: fine
+        assert await k.get_job(NS, "patched") is None
+        assert await k.patch_job_status(NS, "patched", {"attempts": 2}) is None
+
+    asyncio.run(scenario())
+    events = json.loads(cp.kubectl("get", "events", "-n", NS, "-o", "json").stdout)["items"]
+    assert any(e["reason"] == "Test" for e in events)
