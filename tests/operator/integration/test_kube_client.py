@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 from kubernetes import config
-
 from lorajob_operator import api
 from lorajob_operator.kube import Kube, PodRejected, QuotaExceeded
 from lorajob_operator.objects import JobRef
+
 from tests.harness.controlplane import ControlPlane
 
 pytestmark = pytest.mark.timeout(60)
@@ -25,7 +25,7 @@ NS = "default"
 @pytest.fixture(scope="module")
 def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Kube, ControlPlane]]:
     with ControlPlane(tmp_path_factory.mktemp("cluster"), kubelet=False) as cp:
-        client = config.new_client_from_config(config_file=str(cp.kubeconfig))
+        client = config.new_client_from_config(config_file=str(cp.kubeconfig))  # type: ignore[no-untyped-call]
         yield Kube(client), cp
 
 
