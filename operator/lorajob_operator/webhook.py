@@ -63,7 +63,9 @@ def _spec_change_problem(spec: api.LoRAJobSpec, old: Mapping[str, Any]) -> str |
             f"the LoRAJob has finished ({phase}); its spec can no longer change. "
             "Create a new LoRAJob to train again"
         )
-    if phase in _ACTIVE_PHASES and old_spec.get("suspend") is not True and not spec.suspend:
+    # status.podName is set exactly while an attempt's pod runs (or may still run).
+    attempt_open = phase in _ACTIVE_PHASES and bool(status.get("podName"))
+    if attempt_open and old_spec.get("suspend") is not True and not spec.suspend:
         return (
             "the LoRAJob is running and its spec cannot change under a running trainer: "
             "suspend the job (spec.suspend: true) to change its spec, or create a new job"

@@ -196,7 +196,11 @@ def _running(spec: dict[str, Any] | None = None) -> dict[str, Any]:
     spec = spec or SPEC
     return job(
         spec=spec,
-        status={"phase": "Running", "specHash": api.spec_hash(api.parse_spec(spec))},
+        status={
+            "phase": "Running",
+            "podName": "tune-1",
+            "specHash": api.spec_hash(api.parse_spec(spec)),
+        },
     )
 
 
@@ -212,6 +216,14 @@ def test_review_allows_suspend_and_control_fields_while_running() -> None:
     assert (
         review("UPDATE", job(spec={**SPEC, "backoffLimit": 9}), _running(), "a", SETTINGS) is None
     )
+
+
+def test_review_allows_spec_change_between_attempts() -> None:
+    old = _running()
+    old["status"]["phase"] = "Pending"
+    del old["status"]["podName"]  # waiting to retry: the next attempt takes the new spec
+    new = job(spec={**SPEC, "training": {"maxSteps": 99}})
+    assert review("UPDATE", new, old, "a", SETTINGS) is None
 
 
 def test_review_allows_spec_change_while_suspended() -> None:
