@@ -719,11 +719,14 @@ def _set_condition(obj: Obj, condition: Obj) -> None:
     conditions.append(condition)
 
 
-def _crd_lifecycle(store: Store, resource: ResourceType, operation: str, obj: Obj) -> None:
+def _crd_lifecycle(
+    store: Store, resource: ResourceType, operation: str, obj: Obj, old: Obj | None
+) -> None:
     """After-commit hook: CRDs register/unregister their resources and get
     NamesAccepted/Established conditions like on the real server."""
     if resource.group != "apiextensions.k8s.io" or resource.plural != "customresourcedefinitions":
         return
+    del old
     if operation == "delete":
         store.unregister_crd(obj)
         return

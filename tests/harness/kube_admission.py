@@ -102,10 +102,17 @@ def quota_admission(
             )
 
 
-def refresh_quota_status(store: Store, resource: ResourceType, operation: str, obj: Obj) -> None:
-    """After-commit hook: keep `status.used` of the namespace's quotas current."""
-    del operation
+def refresh_quota_status(
+    store: Store, resource: ResourceType, operation: str, obj: Obj, old: Obj | None
+) -> None:
+    """After-commit hook: keep `status.used` of the namespace's quotas current.
+
+    Usage only changes when a pod appears, disappears or becomes terminal, so
+    other pod writes (the bulk: status updates) cost nothing here."""
     if resource.group or resource.plural not in ("pods", "resourcequotas"):
+        return
+    unchanged = old is not None and _counts(old) == _counts(obj)
+    if resource.plural == "pods" and operation == "update" and unchanged:
         return
     namespace = obj["metadata"].get("namespace", "")
     quotas = store.resource("", "v1", "resourcequotas")

@@ -43,7 +43,10 @@ Obj = dict[str, Any]
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _GENERATE_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
-HISTORY_LIMIT = 200_000  # watch events kept per resource for resourceVersion replays
+# Watch events kept per resource for resourceVersion replays (older ones get 410
+# Gone, which clients answer by relisting, as with etcd compaction). Bounded: each
+# event pins up to two object versions in memory.
+HISTORY_LIMIT = 20_000
 TERMINAL_POD_PHASES = frozenset({"Succeeded", "Failed"})
 DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 
@@ -148,6 +151,8 @@ class DeleteOptions:
         )
 
 
+# After-commit hooks (server-side controllers): (store, resource, operation, new, old).
+AfterCommit = Callable[["Store", ResourceType, str, "Obj", "Obj | None"], None]
 # Admission: sync plugins (quota) and async ones (webhooks). Both may raise ApiError.
 SyncAdmission = Callable[["Store", str, ResourceType, Obj, Obj | None], None]
 AsyncAdmission = Callable[[str, ResourceType, Obj, Obj | None, str | None], Awaitable[None]]
@@ -170,7 +175,7 @@ class Store:
         self.crd_types: dict[str, list[ResourceType]] = {}
         self.sync_admission: list[SyncAdmission] = []
         self.async_admission: list[AsyncAdmission] = []
-        self.after_commit: list[Callable[[Store, ResourceType, str, Obj], None]] = []
+        self.after_commit: list[AfterCommit] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         for resource in builtin_resources():
             self.types[(resource.group, resource.version, resource.plural)] = resource
@@ -285,7 +290,7 @@ class Store:
             ),
         )
         for hook in self.after_commit:
-            hook(self, resource, "update" if old else "create", obj)
+            hook(self, resource, "update" if old else "create", obj, old.obj if old else None)
         return entry
 
     def _remove(self, resource: ResourceType, namespace: str, name: str, entry: Entry) -> Obj:
@@ -304,7 +309,7 @@ class Store:
             self.dependents.get(ref.get("uid", ""), set()).discard(uid)
         self._emit(resource, WatchEvent(rv, "DELETED", namespace, final_entry, entry.obj))
         for hook in self.after_commit:
-            hook(self, resource, "delete", final)
+            hook(self, resource, "delete", final, entry.obj)
         self._spawn(self._collect_dependents(uid))
         return final
 

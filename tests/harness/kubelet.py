@@ -603,9 +603,12 @@ class Kubelet:
             if not pending:
                 continue
             nodes = await self._node_objects()
+            # Usage per node once per pass, then updated as pods bind: a pass costs
+            # O(pods + pending x nodes), even with thousands of pending pods.
+            used = {name: self._used_on(name) for name in nodes}
             for pod in sorted(pending, key=lambda p: p["metadata"].get("creationTimestamp", "")):
                 try:
-                    await self._schedule(pod, nodes, reported)
+                    await self._schedule(pod, nodes, used, reported)
                 except (TimeoutError, aiohttp.ClientError):
                     continue
 
@@ -623,7 +626,13 @@ class Kubelet:
         )
         return used
 
-    async def _schedule(self, pod: Obj, nodes: dict[str, Obj], reported: dict[str, str]) -> None:
+    async def _schedule(
+        self,
+        pod: Obj,
+        nodes: dict[str, Obj],
+        used: dict[str, dict[str, Fraction]],
+        reported: dict[str, str],
+    ) -> None:
         uid = pod["metadata"]["uid"]
         if (pod.get("spec") or {}).get("schedulingGates"):
             condition = {
@@ -640,7 +649,7 @@ class Kubelet:
                         "node(s) had untolerated taint {node.kubernetes.io/unreachable: }"
                     ]
                     continue
-                reasons = unschedulable_reasons(pod, node, self._used_on(name))
+                reasons = unschedulable_reasons(pod, node, used[name])
                 if not reasons:
                     meta = pod["metadata"]
                     code, _ = await self._request(
@@ -654,9 +663,10 @@ class Kubelet:
                         },
                     )
                     if code == 201:
-                        pod.setdefault("spec", {})["nodeName"] = (
-                            name  # count it until the watch catches up
-                        )
+                        # Count it until the watch catches up.
+                        pod.setdefault("spec", {})["nodeName"] = name
+                        for key, value in _requests(pod).items():
+                            used[name][key] = used[name].get(key, Fraction(0)) + value
                         reported.pop(uid, None)
                         await self._event(
                             pod,
