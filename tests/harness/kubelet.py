@@ -566,6 +566,8 @@ class Kubelet:
         if node not in self.nodes or node in self._lost_nodes:
             return
         phase = (pod.get("status") or {}).get("phase")
+        if phase in ("Succeeded", "Failed"):
+            self._wake_scheduler()  # its resources are free again
         run = self.runs.get(uid)
         if meta.get("deletionTimestamp"):
             if run is None:

@@ -273,3 +273,28 @@ def test_python_client(plane: ControlPlane) -> None:
             not core.list_namespaced_config_map("default", field_selector="metadata.name=py").items
         )
     )
+
+
+def test_kubectl_server_side_apply_dry_run_and_explain(plane: ControlPlane) -> None:
+    manifest = _widget("ssa", 1)
+    assert (
+        "serverside-applied"
+        in plane.kubectl("apply", "--server-side", "-f", "-", input=manifest).stdout
+    )
+    plane.kubectl("apply", "--server-side", "-f", "-", input=_widget("ssa", 6))
+    got = json.loads(plane.kubectl("get", "widget", "ssa", "-o", "json").stdout)
+    assert got["spec"]["size"] == 6
+    assert got["metadata"]["generation"] == 2
+    dry = plane.kubectl(
+        "apply", "--dry-run=server", "-f", "-", input=_widget("ssa", 0), check=False
+    )
+    assert dry.returncode == 1
+    assert "should be greater than or equal to 1" in dry.stderr
+    dry = plane.kubectl("apply", "--dry-run=server", "-f", "-", input=_widget("ssa", 8))
+    assert (
+        json.loads(plane.kubectl("get", "widget", "ssa", "-o", "json").stdout)["spec"]["size"] == 6
+    )
+    explained = plane.kubectl("explain", "lj.spec.training").stdout
+    assert "KIND:       LoRAJob" in explained
+    assert "batchSize" in explained
+    plane.kubectl("delete", "widget", "ssa")
