@@ -298,3 +298,50 @@ def test_kubectl_server_side_apply_dry_run_and_explain(plane: ControlPlane) -> N
     assert "KIND:       LoRAJob" in explained
     assert "batchSize" in explained
     plane.kubectl("delete", "widget", "ssa")
+
+
+def test_kubectl_drain_evicts_and_logs_follow(plane: ControlPlane) -> None:
+    script = "import time\nfor i in range(5):\n    print(i, flush=True)\n    time.sleep(0.1)\ntime.sleep(60)"
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "drained"},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [{"name": "c", "image": "x:1", "command": ["python", "-c", script]}],
+        },
+    }
+    plane.kubectl("apply", "-f", "-", input=json.dumps(pod))
+    plane.kubectl("wait", "--for=condition=Ready", "pod/drained", "--timeout=20s")
+    wait_for(lambda: "4" in plane.kubectl("logs", "drained").stdout.split(), message="pod output")
+    assert plane.kubectl("logs", "--tail=1", "drained").stdout == "4\n"
+    drained = plane.kubectl("drain", "cpu-node-1", "--force", "--timeout=30s")
+    assert "pod/drained evicted" in drained.stdout
+    node = json.loads(plane.kubectl("get", "node", "cpu-node-1", "-o", "json").stdout)
+    assert node["spec"]["unschedulable"] is True
+    assert plane.get("pods", "drained") is None
+    plane.kubectl("uncordon", "cpu-node-1")
+    quick = {**pod, "metadata": {"name": "follow"}}
+    quick["spec"] = {
+        **pod["spec"],
+        "containers": [
+            {
+                "name": "c",
+                "image": "x:1",
+                "command": [
+                    "python",
+                    "-c",
+                    "import time\nfor i in range(3):\n    print(i, flush=True)\n    time.sleep(0.2)",
+                ],
+            }
+        ],
+    }
+    plane.kubectl("apply", "-f", "-", input=json.dumps(quick))
+    plane.wait_for(
+        lambda: (
+            (plane.get("pods", "follow") or {}).get("status", {}).get("phase")
+            in ("Running", "Succeeded")
+        ),
+        message="follow pod started",
+    )
+    assert plane.kubectl("logs", "-f", "follow", timeout=30).stdout == "0\n1\n2\n"
