@@ -302,7 +302,7 @@ def test_kubectl_server_side_apply_dry_run_and_explain(plane: ControlPlane) -> N
 
 def test_kubectl_drain_evicts_and_logs_follow(plane: ControlPlane) -> None:
     script = "import time\nfor i in range(5):\n    print(i, flush=True)\n    time.sleep(0.1)\ntime.sleep(60)"
-    pod = {
+    pod: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": "drained"},
