@@ -190,12 +190,13 @@ def test_progress_is_copied_when_changed_and_rate_limited() -> None:
     # Changed, but only 2s later: not written yet.
     p2 = Progress(stage="training", step=6, total_steps=20, loss=1.9)
     assert "progress" not in w.step(at(12), progress=p2).status
-    # Same values later: nothing to write.
-    assert "progress" not in w.step(at(30), progress=p1.model_copy(update={"step": 5})).status or (
-        w.status["progress"]["step"] == 6
-    )
+    # Same values much later (only throughput differs): nothing to write.
+    same = p1.model_copy(update={"tokens_per_second": 950.0})
+    assert "progress" not in w.step(at(30), progress=same).status
+    # Changed and the interval has passed: written, and only once.
     d = w.step(at(40), progress=p2)
     assert w.status["progress"]["step"] == 6
+    assert w.status["progress"]["lastUpdated"] == stamp(at(40))
     assert "progress" not in w.step(at(60), progress=p2).status
     assert d.events == []
 
