@@ -34,7 +34,12 @@ import aiohttp
 from aiohttp import web
 
 from tests.harness import kube_errors as errors
-from tests.harness.kube_admission import WebhookAdmission, quota_admission, refresh_quota_status
+from tests.harness.kube_admission import (
+    WebhookAdmission,
+    priority_admission,
+    quota_admission,
+    refresh_quota_status,
+)
 from tests.harness.kube_protobuf import PROTOBUF, ProtobufError
 from tests.harness.kube_protobuf import decode as decode_protobuf
 from tests.harness.kube_resources import ResourceType
@@ -212,6 +217,7 @@ class ApiHandlers:
         self.webhooks = WebhookAdmission(store)
         self._client: aiohttp.ClientSession | None = None
         self._streams: set[asyncio.Task[Any]] = set()  # watch / log handlers, cancelled on stop
+        store.sync_admission.append(priority_admission)
         store.sync_admission.append(quota_admission)
         store.async_admission.append(self.webhooks)
         store.after_commit.append(_crd_lifecycle)

@@ -132,6 +132,45 @@ def refresh_quota_status(
             store.internal_update(quotas, namespace, entry.obj["metadata"]["name"], updated)
 
 
+# ------------------------------------------------------------------- priority
+_SYSTEM_PRIORITIES = {
+    "system-cluster-critical": 2_000_000_000,
+    "system-node-critical": 2_000_001_000,
+}
+
+
+def priority_admission(
+    store: Store, operation: str, resource: ResourceType, obj: Obj, old: Obj | None
+) -> None:
+    """The Priority admission plugin: resolve spec.priorityClassName to spec.priority,
+    rejecting unknown classes (403) like the real server."""
+    del old
+    if operation != "CREATE" or resource.group or resource.plural != "pods":
+        return
+    spec = obj.setdefault("spec", {})
+    classes = store.resource("scheduling.k8s.io", "v1", "priorityclasses")
+    name = spec.get("priorityClassName")
+    if not name:
+        default = next(
+            (e.obj for e in store.iter_entries(classes, "") if e.obj.get("globalDefault")), None
+        )
+        if default is not None:
+            spec["priorityClassName"] = default["metadata"]["name"]
+            spec["priority"] = int(default.get("value", 0))
+        return
+    if name in _SYSTEM_PRIORITIES:
+        spec["priority"] = _SYSTEM_PRIORITIES[name]
+        return
+    found = store.find(classes, "", name)
+    if found is None:
+        raise errors.forbidden(
+            "", "pods", obj["metadata"]["name"], f"no PriorityClass with name {name} was found"
+        )
+    spec["priority"] = int(found.get("value", 0))
+    if found.get("preemptionPolicy"):
+        spec["preemptionPolicy"] = found["preemptionPolicy"]
+
+
 # --------------------------------------------------------------------- webhooks
 def _selector_matches(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
     if not selector:

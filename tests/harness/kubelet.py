@@ -19,8 +19,11 @@ It is an ordinary API client (HTTPS + bearer token, like a real kubelet):
 * on graceful deletion (deletionTimestamp) sends SIGTERM to the process group,
   SIGKILL after the grace period, then deletes the pod with grace 0;
 * simulations: annotation `harness.loraops.dev/simulate: OOMKilled` (+
-  `harness.loraops.dev/simulate-after-seconds`), image pull errors for images
-  matching a pattern, `evict()` (Eviction API) and `lose_node()`;
+  `harness.loraops.dev/simulate-after-seconds`) or `ImagePullBackOff`, image pull
+  errors for images matching a pattern, `evict()` (Eviction API), `lose_node()`;
+* honours `spec.activeDeadlineSeconds` (pod Failed, reason DeadlineExceeded);
+* not emulated: container restarts (every pod behaves as restartPolicy Never),
+  liveness/readiness probes (containers are Ready once started), init containers;
 * serves container logs at /containerLogs/<ns>/<pod>/<container> for `kubectl logs`.
 """
 
@@ -921,7 +924,10 @@ class Kubelet:
         attempts = 0
         while not run.terminating.is_set():
             attempts += 1
-            waiting = self._image_problem(containers, backoff=attempts > 1)
+            simulated = (pod["metadata"].get("annotations") or {}).get(SIMULATE_ANNOTATION)
+            waiting = self._image_problem(
+                containers, backoff=attempts > 1, always=simulated == "ImagePullBackOff"
+            )
             reason, message = waiting if waiting else ("", "")
             env_by_container: dict[str, tuple[dict[str, str], dict[str, Path], Path]] = {}
             if not waiting:
@@ -980,8 +986,12 @@ class Kubelet:
         waits = [asyncio.ensure_future(self._wait_exit(c)) for c in run.containers.values()]
         terminating = asyncio.ensure_future(run.terminating.wait())
         oom = asyncio.ensure_future(asyncio.sleep(after)) if simulate == "OOMKilled" else None
-        helpers: list[asyncio.Future[Any]] = [*waits, terminating, *([oom] if oom else [])]
+        deadline_s = spec.get("activeDeadlineSeconds")
+        deadline = asyncio.ensure_future(asyncio.sleep(float(deadline_s))) if deadline_s else None
+        extras = [f for f in (oom, deadline) if f is not None]
+        helpers: list[asyncio.Future[Any]] = [*waits, terminating, *extras]
         pending: set[asyncio.Future[Any]] = set(helpers)
+        deadline_exceeded = False
         try:
             while any(not w.done() for w in waits):
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -989,6 +999,11 @@ class Kubelet:
                     for container in run.containers.values():
                         container.oom_killed = True
                         self._signal(container, signal.SIGKILL)
+                if deadline is not None and deadline in done:
+                    # spec.activeDeadlineSeconds: the kubelet stops the pod gracefully.
+                    deadline_exceeded = True
+                    await self._terminate(run, pod)
+                    break
                 if terminating in done:
                     await self._terminate(run, pod)
                     break
@@ -1003,6 +1018,11 @@ class Kubelet:
         pod = self.pods.get(run.uid, pod)
         codes = [c.exit_code for c in run.containers.values()]
         phase = "Succeeded" if all(code == 0 for code in codes) else "Failed"
+        if deadline_exceeded:
+            phase = "Failed"
+            base_status["reason"] = "DeadlineExceeded"
+            base_status["message"] = "Pod was active on the node longer than the specified deadline"
+            await self._event(pod, "Normal", "DeadlineExceeded", base_status["message"])
         await self._patch_status(
             pod,
             {
@@ -1013,12 +1033,14 @@ class Kubelet:
             },
         )
 
-    def _image_problem(self, containers: list[Obj], *, backoff: bool) -> tuple[str, str] | None:
-        if self.image_pull_error is None:
+    def _image_problem(
+        self, containers: list[Obj], *, backoff: bool, always: bool = False
+    ) -> tuple[str, str] | None:
+        if self.image_pull_error is None and not always:
             return None
         for container in containers:
             image = str(container.get("image", ""))
-            if self.image_pull_error.search(image):
+            if always or (self.image_pull_error and self.image_pull_error.search(image)):
                 if backoff:
                     return "ImagePullBackOff", f'Back-off pulling image "{image}"'
                 return (

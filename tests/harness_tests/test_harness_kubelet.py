@@ -395,3 +395,33 @@ def test_processes_do_not_outlive_the_kubelet(api: ApiServer, tmp_path: Path) ->
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_active_deadline_and_simulated_pull_backoff(http: Http, kubelet: Kubelet) -> None:
+    del kubelet
+    http.ok("POST", PODS, pod("slow", "import time; time.sleep(60)", activeDeadlineSeconds=1))
+    failed = phase_of(http, "slow", "Failed")
+    assert failed["status"]["reason"] == "DeadlineExceeded"
+    body = pod("nopull", "pass")
+    body["metadata"]["annotations"] = {SIMULATE_ANNOTATION: "ImagePullBackOff"}
+    http.ok("POST", PODS, body)
+
+    def waiting() -> str | None:
+        statuses = http.ok("GET", f"{PODS}/nopull")["status"].get("containerStatuses") or []
+        return statuses[0]["state"].get("waiting", {}).get("reason") if statuses else None
+
+    wait_for(lambda: waiting() == "ImagePullBackOff", message="simulated ImagePullBackOff")
+
+
+def test_priority_classes_are_resolved(http: Http) -> None:
+    status, body = http.post(PODS, pod("p", "pass", priorityClassName="missing"))
+    assert status == 403
+    assert body["message"] == 'pods "p" is forbidden: no PriorityClass with name missing was found'
+    http.ok(
+        "POST",
+        "/apis/scheduling.k8s.io/v1/priorityclasses",
+        {"metadata": {"name": "training"}, "value": 1000, "preemptionPolicy": "Never"},
+    )
+    created = http.ok("POST", PODS, pod("p", "pass", priorityClassName="training"))
+    assert created["spec"]["priority"] == 1000
+    assert created["spec"]["preemptionPolicy"] == "Never"
