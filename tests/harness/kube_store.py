@@ -158,6 +158,17 @@ SyncAdmission = Callable[["Store", str, ResourceType, Obj, Obj | None], None]
 AsyncAdmission = Callable[[str, ResourceType, Obj, Obj | None, str | None], Awaitable[None]]
 
 
+_PATCH_RETRIES = 5
+
+
+class _ConcurrentWriteError(errors.ApiError):
+    """409 Conflict because another write landed while this one awaited admission."""
+
+    def __init__(self, group: str, plural: str, name: str) -> None:
+        base = errors.conflict(group, plural, name)
+        super().__init__(base.code, base.reason, base.message, base.details)
+
+
 class Store:
     """All objects of one emulated cluster."""
 
@@ -584,7 +595,8 @@ class Store:
             await hook("UPDATE", resource, new, current.obj, subresource)
         latest = self.get_entry(resource, namespace, name)
         if latest is not current:
-            raise errors.conflict(resource.group, resource.plural, name)
+            # Written by someone else while admission webhooks ran.
+            raise _ConcurrentWriteError(resource.group, resource.plural, name)
         if dry_run:
             return new
         entry = self._commit(resource, namespace, name, new, current)
@@ -602,27 +614,35 @@ class Store:
         dry_run: bool = False,
         field_validation: str = "",
     ) -> Obj:
+        """Apply a patch; like the real server, a patch without a resourceVersion
+        precondition is re-applied to the latest object when a concurrent write
+        (e.g. during a webhook call) got in first, instead of failing with 409."""
         namespace = namespace if resource.namespaced else ""
-        current = self.get_entry(resource, namespace, name)
-        try:
-            patched = apply_patch(content_type, current.obj, body)
-        except PatchError as exc:
-            raise errors.bad_request(str(exc)) from exc
-        if not isinstance(patched, dict):
-            raise errors.bad_request("the patch must produce a JSON object")
-        # A patch only conflicts when it carries a resourceVersion precondition.
-        patched_meta = _meta(patched)
-        if patched_meta.get("resourceVersion") != current.obj["metadata"]["resourceVersion"]:
-            raise errors.conflict(resource.group, resource.plural, name)
-        return await self.update(
-            resource,
-            namespace,
-            name,
-            patched,
-            subresource=subresource,
-            dry_run=dry_run,
-            field_validation=field_validation,
-        )
+        for _ in range(_PATCH_RETRIES):
+            current = self.get_entry(resource, namespace, name)
+            try:
+                patched = apply_patch(content_type, current.obj, body)
+            except PatchError as exc:
+                raise errors.bad_request(str(exc)) from exc
+            if not isinstance(patched, dict):
+                raise errors.bad_request("the patch must produce a JSON object")
+            # A patch only conflicts when it carries a resourceVersion precondition.
+            patched_meta = _meta(patched)
+            if patched_meta.get("resourceVersion") != current.obj["metadata"]["resourceVersion"]:
+                raise errors.conflict(resource.group, resource.plural, name)
+            try:
+                return await self.update(
+                    resource,
+                    namespace,
+                    name,
+                    patched,
+                    subresource=subresource,
+                    dry_run=dry_run,
+                    field_validation=field_validation,
+                )
+            except _ConcurrentWriteError:
+                continue
+        raise errors.conflict(resource.group, resource.plural, name)
 
     # ---------------------------------------------------------------- delete
     async def delete(

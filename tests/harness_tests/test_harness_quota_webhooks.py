@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from tests.harness.apiserver import ApiServer
 from tests.harness.controlplane import free_port
 from tests.harness.kube_tls import make_tls
 from tests.harness_tests.helpers import WIDGETS, Http, widget
@@ -246,3 +247,45 @@ def test_webhook_tls_is_verified(
     status, body = http.post(WIDGETS, widget("x"))
     assert status == 500
     assert "certificate verify failed" in body["message"]
+
+
+def test_patch_is_reapplied_when_a_write_lands_during_admission(
+    api: ApiServer, http: Http, widget_crd: dict[str, Any], webhook: WebhookServer
+) -> None:
+    """A patch without resourceVersion never 409s because of a concurrent write that
+    happened while the webhook was being called; a PUT with a stale one does."""
+    del widget_crd
+    http.ok("POST", WIDGETS, widget("busy"))
+    http.ok("POST", VWC, webhook.configuration())
+    store = api.store
+    assert store is not None
+    resource = store.resource("example.com", "v1", "widgets")
+
+    writes: list[str] = []
+
+    async def write_status_during_review(*_: Any) -> None:
+        # Runs on the server loop between admission and commit: a concurrent writer
+        # that gets in once.
+        if writes:
+            return
+        current = store.find(resource, "default", "busy")
+        assert current is not None
+        updated = {**current, "status": {"phase": f"tick-{current['metadata']['resourceVersion']}"}}
+        store.internal_update(resource, "default", "busy", updated)
+        writes.append("done")
+
+    api.call(lambda: store.async_admission.append(write_status_during_review))
+    patched = http.ok(
+        "PATCH",
+        f"{WIDGETS}/busy",
+        {"spec": {"size": 3}},
+        content_type="application/merge-patch+json",
+    )
+    assert patched["spec"]["size"] == 3
+    assert patched["status"]["phase"].startswith("tick-")
+    assert writes == ["done"]
+    writes.clear()
+    current = http.ok("GET", f"{WIDGETS}/busy")
+    current["spec"]["size"] = 4
+    status, body = http.put(f"{WIDGETS}/busy", current)
+    assert status == 409, body
