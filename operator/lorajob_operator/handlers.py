@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import kopf
+from lora_trainer.protocol import Progress
 
 from lorajob_operator import api, objects, policy, reconcile, webhook
 from lorajob_operator.events import build_event
@@ -41,6 +43,9 @@ ERROR_BACKOFF_MIN = 2.0
 ERROR_BACKOFF_MAX = 300.0
 # Poll interval of the finalizer while trainer pods are still stopping.
 POD_GONE_RECHECK = 2.0
+# A full reconciliation at least this often even without a watch event: a safety
+# net for a lost event, never the mechanism.
+RESYNC_SECONDS = 300.0
 
 log = logging.getLogger("lorajob_operator")
 JobKey = tuple[str, str]
@@ -208,38 +213,76 @@ async def pod_event(type: str, body: kopf.Body, **_: Any) -> None:
 # --------------------------------------------------------------------------- the loop
 
 
+@dataclass(frozen=True)
+class Reconciled:
+    """What one reconciliation leaves for the loop."""
+
+    job: Mapping[str, Any]  # the job as last written (status included)
+    pod_ip: str | None  # the running trainer's IP: progress can be read
+    requeue_after: float | None  # the decision's "look again in" (None: only on events)
+
+    @property
+    def finished(self) -> bool:
+        return (self.job.get("status") or {}).get("phase") in (
+            api.Phase.SUCCEEDED,
+            api.Phase.FAILED,
+        )
+
+
 @kopf.daemon(api.GROUP, api.VERSION, api.PLURAL, cancellation_timeout=10.0)
 async def job_loop(name: str, namespace: str | None, stopped: kopf.DaemonStopped, **_: Any) -> None:
+    """The job's reconcile loop (see the module docstring).
+
+    A full reconciliation (GET job, LIST pods, decide, execute) runs when a watch
+    event woke the loop, when the decision's requeue time comes, and every
+    RESYNC_SECONDS as a safety net. In between, while the trainer runs, only its
+    progress is read and copied: pod changes always come with a watch event.
+    """
     rt = runtime()
     namespace = namespace or ""
-    key = (namespace, name)
     jlog = job_logger(namespace, name)
-    wakeup = rt.wakeup(key)
+    wakeup = rt.wakeup((namespace, name))
+    last: Reconciled | None = None
     errors = 0
-    next_poll = 0.0
+    next_full = next_poll = 0.0  # time.monotonic() deadlines
     while not stopped:
+        woken = wakeup.is_set()
         wakeup.clear()
-        poll = time.monotonic() >= next_poll
+        now = time.monotonic()
+        poll = now >= next_poll
         try:
-            with rt.metrics.reconcile_seconds.time():
-                outcome = await reconcile_job(rt, namespace, name, jlog, poll_progress=poll)
+            if last is None or woken or now >= next_full:
+                with rt.metrics.reconcile_seconds.time():
+                    last = await reconcile_job(rt, namespace, name, jlog, poll_progress=poll)
+                if last is None:
+                    return  # the job is gone
+                next_full = now + _until_next_full(last)
+            elif poll and last.pod_ip:
+                last = await poll_progress(rt, last, jlog)
         except Exception as exc:
             errors += 1
             rt.metrics.reconcile_errors.inc()
             delay = min(ERROR_BACKOFF_MAX, ERROR_BACKOFF_MIN * 2 ** min(errors - 1, 10))
             jlog.warning("reconciliation failed (%s); retrying in %gs", exc, delay)
+            last = None
             await _sleep(wakeup, stopped, delay)
             continue
         errors = 0
-        if outcome is None:
-            return  # the job is gone
-        requeue, running = outcome
-        if running and poll:
-            next_poll = time.monotonic() + rt.settings.progress_interval_seconds
-        if running:
-            until_poll = max(0.0, next_poll - time.monotonic())
-            requeue = until_poll if requeue is None else min(requeue, until_poll)
-        await _sleep(wakeup, stopped, requeue)
+        if last is None:
+            continue  # the progress write found the job changed: reconcile now
+        if last.pod_ip and poll:
+            next_poll = now + rt.settings.progress_interval_seconds
+        wake_at = min(next_full, next_poll) if last.pod_ip else next_full
+        timeout = None if wake_at == math.inf else max(0.0, wake_at - time.monotonic())
+        await _sleep(wakeup, stopped, timeout)
+
+
+def _until_next_full(last: Reconciled) -> float:
+    """Seconds until the next full reconciliation without a watch event."""
+    if last.requeue_after is not None:
+        return min(last.requeue_after, RESYNC_SECONDS)
+    # A finished job without a TTL changes only when someone edits it (an event).
+    return math.inf if last.finished else RESYNC_SECONDS
 
 
 async def _sleep(wakeup: asyncio.Event, stopped: kopf.DaemonStopped, timeout: float | None) -> None:
@@ -252,24 +295,46 @@ async def _sleep(wakeup: asyncio.Event, stopped: kopf.DaemonStopped, timeout: fl
             waiter.cancel()
 
 
+async def _read_progress(rt: Runtime, pod_ip: str, logger: JobLogger) -> Progress | None:
+    try:
+        return await rt.reader.read(pod_ip)
+    except ProgressError as exc:
+        # Expected while the trainer starts up; status keeps the last progress.
+        rt.metrics.progress_poll_errors.inc()
+        logger.debug("progress not readable: %s", exc)
+        return None
+
+
+async def poll_progress(rt: Runtime, last: Reconciled, logger: JobLogger) -> Reconciled | None:
+    """Between reconciliations: copy the trainer's progress into status (rate-limited).
+
+    Returns None when the job needs a full reconciliation (it is gone).
+    """
+    assert last.pod_ip is not None
+    live = await _read_progress(rt, last.pod_ip, logger)
+    if live is None:
+        return last
+    patch = reconcile.progress_patch(
+        last.job, live, _now(), rt.settings.status_min_interval_seconds
+    )
+    if not patch:
+        return last
+    meta = last.job.get("metadata") or {}
+    updated = await rt.kube.patch_job_status(str(meta["namespace"]), str(meta["name"]), patch)
+    return None if updated is None else replace(last, job=updated)
+
+
 async def reconcile_job(
     rt: Runtime, namespace: str, name: str, logger: JobLogger, *, poll_progress: bool
-) -> tuple[float | None, bool] | None:
-    """One reconciliation. Returns (requeue seconds, pod running) or None if the job is gone."""
+) -> Reconciled | None:
+    """One full reconciliation; None if the job is gone."""
     job = await rt.kube.get_job(namespace, name)
     if job is None:
         return None
     ref = _ref(job)
     pods = await rt.kube.list_job_pods(ref)
     pod_ip = reconcile.progress_pod_ip(job, pods)
-    progress = None
-    if pod_ip and poll_progress:
-        try:
-            progress = await rt.reader.read(pod_ip)
-        except ProgressError as exc:
-            # Expected while the trainer starts up; status keeps the last progress.
-            rt.metrics.progress_poll_errors.inc()
-            logger.debug("progress not readable: %s", exc)
+    progress = await _read_progress(rt, pod_ip, logger) if pod_ip and poll_progress else None
 
     if reconcile.needs_new_attempt(job, pods):
         async with rt.namespace_locks[namespace]:
@@ -282,16 +347,19 @@ async def reconcile_job(
             observed = reconcile.Observed(
                 job, pods, _now(), missing_secrets=missing, active_in_namespace=active
             )
-            decision = await execute(rt, job, observed, logger)
+            decision, written = await execute(rt, job, observed, logger)
     else:
         observed = reconcile.Observed(job, pods, _now(), progress=progress)
-        decision = await execute(rt, job, observed, logger)
+        decision, written = await execute(rt, job, observed, logger)
 
     if decision.phase == api.Phase.QUEUED:
         rt.queued[namespace].add(name)
     else:
         rt.queued[namespace].discard(name)
-    return decision.requeue_after, pod_ip is not None
+    # Poll progress only of a pod that still runs after this decision.
+    running = decision.phase == api.Phase.RUNNING and not decision.delete
+    still_running = pod_ip if running and reconcile.progress_pod_ip(written, pods) else None
+    return Reconciled(job=written, pod_ip=still_running, requeue_after=decision.requeue_after)
 
 
 async def _active_jobs(rt: Runtime, namespace: str, *, exclude: str) -> int:
@@ -311,8 +379,9 @@ async def _active_jobs(rt: Runtime, namespace: str, *, exclude: str) -> int:
 
 async def execute(
     rt: Runtime, job: Mapping[str, Any], observed: reconcile.Observed, logger: JobLogger
-) -> reconcile.Decision:
+) -> tuple[reconcile.Decision, Mapping[str, Any]]:
     """Carry out one decision: pods first, then status, then Events and metrics.
+    Returns the decision carried out and the job as written.
 
     The order makes every crash point safe: a pod created before a lost status
     write is adopted next time (by its attempt label); Events go out only for
@@ -338,8 +407,9 @@ async def execute(
             decision = reconcile.create_rejected(create, str(exc), quota=True)
         except PodRejected as exc:
             decision = reconcile.create_rejected(create, str(exc), quota=False)
+    written: Mapping[str, Any] = job
     if decision.status:
-        await rt.kube.patch_job_status(namespace, name, decision.status)
+        written = await rt.kube.patch_job_status(namespace, name, decision.status) or job
     now = observed.now
     for event in decision.events:
         await rt.kube.post_event(
@@ -351,7 +421,7 @@ async def execute(
     rt.metrics.set_phase(namespace, name, decision.phase)
     if decision.delete_job:
         await rt.kube.delete_job(namespace, name)
-    return decision
+    return decision, written
 
 
 def _ref(job: Mapping[str, Any]) -> objects.JobRef:

@@ -59,6 +59,7 @@ __all__ = [
     "needs_new_attempt",
     "parse_time",
     "pod_attempt",
+    "progress_patch",
     "progress_pod_ip",
     "retry_delay",
     "secret_refs",
@@ -281,6 +282,23 @@ def progress_pod_ip(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -
             if status.get("phase") == "Running" and status.get("podIP"):
                 return str(status["podIP"])
     return None
+
+
+def progress_patch(
+    job: Mapping[str, Any], live: Progress, now: datetime, min_interval: float
+) -> dict[str, Any]:
+    """The status fields live progress changes (progress, lastCheckpoint); {} for none.
+
+    Used by decide() and, between reconciliations, by the progress-only poll.
+    """
+    status = _status(job)
+    patch: dict[str, Any] = {}
+    copied = progress.status_progress(live, status.get("progress"), now, min_interval)
+    if copied is not None:
+        patch["progress"] = copied
+    if live.last_checkpoint and live.last_checkpoint != status.get("lastCheckpoint"):
+        patch["lastCheckpoint"] = live.last_checkpoint
+    return patch
 
 
 # --------------------------------------------------------------------------- builder
@@ -631,16 +649,10 @@ def _running(b: _Builder, attempt: int, name: str, node: Any) -> None:
     b.condition(ConditionType.QUEUED, False, reason, message)
     b.condition(ConditionType.RUNNING, True, reason, message, event="Normal")
     if b.obs.progress is not None:
-        patch = progress.status_progress(
-            b.obs.progress,
-            b.status_in.get("progress"),
-            b.now,
-            b.settings.status_min_interval_seconds,
-        )
-        if patch is not None:
-            b.set("progress", patch)
-        if b.obs.progress.last_checkpoint:
-            b.set("lastCheckpoint", b.obs.progress.last_checkpoint)
+        for key, value in progress_patch(
+            b.obs.job, b.obs.progress, b.now, b.settings.status_min_interval_seconds
+        ).items():
+            b.set(key, value)
 
 
 def _succeeded(b: _Builder, attempt: int, pod: Mapping[str, Any], outcome: PodOutcome) -> None:

@@ -68,16 +68,14 @@ class Cluster:
         )
 
     def patch_job(self, name: str, patch: dict[str, Any], namespace: str = "default") -> None:
-        self.cp.kubectl(
-            "patch",
-            "-n",
-            namespace,
-            f"lorajobs.{GROUP}",
-            name,
-            "--type=merge",
-            "-p",
-            json.dumps(patch),
-        )
+        args = ("patch", "-n", namespace, f"lorajobs.{GROUP}", name, "--type=merge")
+        for _ in range(5):
+            result = self.cp.kubectl(*args, "-p", json.dumps(patch), check=False)
+            # The emulator answers 409 when our status write lands while a webhook
+            # reviews the patch; a real API server retries that internally.
+            if result.returncode == 0 or "Conflict" not in result.stderr:
+                break
+        assert result.returncode == 0, result.stderr
 
     def job(self, name: str, namespace: str = "default") -> dict[str, Any] | None:
         return self.cp.get("lorajobs", name, namespace)

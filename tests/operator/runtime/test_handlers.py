@@ -107,7 +107,7 @@ def runtime(kube: FakeKube, reader: FakeReader | None = None, **settings: Any) -
     )
 
 
-def run(rt: handlers.Runtime, *, poll: bool = True) -> tuple[float | None, bool] | None:
+def run(rt: handlers.Runtime, *, poll: bool = True) -> handlers.Reconciled | None:
     return asyncio.run(
         handlers.reconcile_job(
             rt, NAMESPACE, NAME, handlers.job_logger(NAMESPACE, NAME), poll_progress=poll
@@ -118,7 +118,11 @@ def run(rt: handlers.Runtime, *, poll: bool = True) -> tuple[float | None, bool]
 def test_new_job_creates_pod_before_status_then_events() -> None:
     kube = FakeKube(job())
     rt = runtime(kube)
-    assert run(rt) == (None, False)
+    result = run(rt)
+    assert result is not None
+    assert result.pod_ip is None
+    assert result.requeue_after is None
+    assert result.job["status"]["attempts"] == 1  # the job as written
     assert kube.calls == [
         "get_job",
         "list_job_pods",
@@ -139,7 +143,7 @@ def test_quota_refusal_queues_the_job_and_records_no_attempt() -> None:
     rt = runtime(kube)
     result = run(rt)
     assert result is not None
-    assert result[0] == 15
+    assert result.requeue_after == 15
     assert kube.status["phase"] == "Queued"
     assert kube.status.get("attempts", 0) == 0
     assert "PodCreated" not in [e["reason"] for e in kube.events]
@@ -179,7 +183,8 @@ def test_running_pod_progress_is_read_and_copied() -> None:
     reader = FakeReader(Progress(stage="training", step=4, total_steps=8))
     rt = runtime(kube, reader)
     result = run(rt)
-    assert result == (None, True)
+    assert result is not None
+    assert result.pod_ip == "127.0.0.9"
     assert reader.reads == ["127.0.0.9"]
     assert kube.status["progress"]["percent"] == 50.0
     # No poll requested: the reader is left alone.
@@ -212,3 +217,36 @@ def test_ttl_deletes_the_job() -> None:
     kube = FakeKube(job(spec={**SPEC, "ttlSecondsAfterFinished": 0}, status=status))
     run(runtime(kube))
     assert "delete_job" in kube.calls
+
+
+def test_progress_only_poll_patches_progress_without_reconciling() -> None:
+    kube = FakeKube(job(), [])
+    run(runtime(kube))
+    kube.pods = [pod(1)]
+    reader = FakeReader(Progress(stage="training", step=2, total_steps=8))
+    rt = runtime(kube, reader, status_min_interval_seconds=0)
+    last = run(rt)
+    assert last is not None
+    kube.calls.clear()
+    reader.progress = Progress(stage="training", step=6, total_steps=8)
+    polled = asyncio.run(handlers.poll_progress(rt, last, handlers.job_logger(NAMESPACE, NAME)))
+    assert kube.calls == ["patch_status"]  # no GET, no LIST
+    assert polled is not None
+    assert polled.job["status"]["progress"]["step"] == 6
+    # Nothing new: nothing written.
+    kube.calls.clear()
+    again = asyncio.run(handlers.poll_progress(rt, polled, handlers.job_logger(NAMESPACE, NAME)))
+    assert again is polled
+    assert kube.calls == []
+
+
+def test_no_progress_poll_for_a_pod_being_stopped() -> None:
+    kube = FakeKube(job(), [])
+    run(runtime(kube))
+    kube.pods = [pod(1)]
+    run(runtime(kube))
+    kube.body = {**(kube.body or {}), "spec": {**SPEC, "suspend": True}}
+    result = run(runtime(kube, FakeReader(Progress(step=1))))
+    assert result is not None
+    assert result.pod_ip is None
+    assert "delete_pod:tune-1" in kube.calls
