@@ -47,6 +47,7 @@ _GENERATE_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 # Gone, which clients answer by relisting, as with etcd compaction). Bounded: each
 # event pins up to two object versions in memory.
 HISTORY_LIMIT = 20_000
+ORPHAN_GRACE_SECONDS = 0.5  # before the GC removes an object whose owners never existed
 TERMINAL_POD_PHASES = frozenset({"Succeeded", "Failed"})
 DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 
@@ -255,9 +256,15 @@ class Store:
         labels: tuple[LabelRequirement, ...] = (),
         fields: tuple[FieldRequirement, ...] = (),
     ) -> list[Entry]:
-        entries = self.iter_entries(resource, namespace)
+        """Matching objects in the real server's order: by namespace, then name."""
+        if namespace is not None:
+            buckets = [self._bucket(resource).get(namespace, {})]
+        else:
+            bucket = self._bucket(resource)
+            buckets = [bucket[ns] for ns in sorted(bucket)]
+        entries = [objects[name] for objects in buckets for name in sorted(objects)]
         if not labels and not fields:
-            return list(entries)
+            return entries
         return [
             e
             for e in entries
@@ -321,7 +328,8 @@ class Store:
         self._emit(resource, WatchEvent(rv, "DELETED", namespace, final_entry, entry.obj))
         for hook in self.after_commit:
             hook(self, resource, "delete", final, entry.obj)
-        self._spawn(self._collect_dependents(uid))
+        if self.dependents.get(uid):
+            self._spawn(self._collect_dependents(uid))
         return final
 
     def _emit(self, resource: ResourceType, event: WatchEvent) -> None:
@@ -480,6 +488,10 @@ class Store:
         if dry_run:
             return obj
         entry = self._commit(resource, namespace, name, obj, None)
+        owners = [r.get("uid") for r in obj["metadata"].get("ownerReferences") or []]
+        if owners and not any(owner in self.by_uid for owner in owners):
+            # Dangling owner references: the garbage collector removes such objects.
+            self._spawn(self._collect_if_orphaned(resource, namespace, name))
         return entry.obj
 
     # ---------------------------------------------------------------- update
@@ -786,6 +798,16 @@ class Store:
                 continue
             with contextlib.suppress(errors.ApiError):
                 await self.delete(resource, location[1], location[2])
+
+    async def _collect_if_orphaned(self, resource: ResourceType, namespace: str, name: str) -> None:
+        await asyncio.sleep(ORPHAN_GRACE_SECONDS)
+        entry = self._bucket(resource).get(namespace, {}).get(name)
+        if entry is None or entry.obj["metadata"].get("deletionTimestamp"):
+            return
+        owners = {r.get("uid") for r in entry.obj["metadata"].get("ownerReferences") or []}
+        if owners and not any(owner in self.by_uid for owner in owners):
+            with contextlib.suppress(errors.ApiError):
+                await self.delete(resource, namespace, name)
 
     async def delete_collection(
         self,

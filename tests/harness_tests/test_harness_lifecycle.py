@@ -176,3 +176,20 @@ def test_events_k8s_io(http: Http) -> None:
     }
     http.ok("POST", "/apis/events.k8s.io/v1/namespaces/default/events", event)
     assert http.ok("GET", "/apis/events.k8s.io/v1/events")["items"][0]["note"] == "ok"
+
+
+def test_dangling_owner_references_are_collected(http: Http) -> None:
+    ghost = {
+        "apiVersion": "example.com/v1",
+        "kind": "Widget",
+        "metadata": {"name": "ghost", "uid": "no-such-uid"},
+    }
+    http.ok("POST", CMS, {"metadata": _owned("orphan", ghost)["metadata"]})
+    wait_for(lambda: http.get(f"{CMS}/orphan")[0] == 404, message="orphan collected")
+
+
+def test_lists_are_sorted_by_namespace_and_name(http: Http) -> None:
+    for name in ("zeta", "alpha", "mid"):
+        http.ok("POST", CMS, {"metadata": {"name": name}})
+    names = [i["metadata"]["name"] for i in http.ok("GET", CMS)["items"]]
+    assert names == ["alpha", "mid", "zeta"]
