@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import concurrent.futures
 import contextlib
 import json
+import os
 import secrets
 import ssl
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -31,6 +35,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import aiohttp
+import yaml
 from aiohttp import web
 
 from tests.harness import kube_errors as errors
@@ -50,6 +55,7 @@ from tests.harness.kube_tls import make_tls
 from tests.harness.kubeconfig import write_kubeconfig
 
 T = TypeVar("T")
+_REPO_ROOT = Path(__file__).resolve().parents[2]
 KUBERNETES_VERSION = {"major": "1", "minor": "35", "gitVersion": "v1.35.0+loraops-harness"}
 _JSON = "application/json"
 _UNAUTHENTICATED_PATHS = frozenset({"/healthz", "/readyz", "/livez", "/version"})
@@ -198,8 +204,6 @@ async def _read_body(request: web.Request) -> Any:
         if content_type.startswith(PROTOBUF):
             return decode_protobuf(raw)
         if "yaml" in content_type:
-            import yaml  # noqa: PLC0415 - only server-side apply sends YAML
-
             return yaml.safe_load(raw)
         return json.loads(raw)
     except ProtobufError as exc:
@@ -984,21 +988,77 @@ async def _write_throughput(
 
 
 def measure_write_throughput(
-    server: ApiServer, count: int = 1000, concurrency: int = 16, namespace: str = "default"
+    server: ApiServer,
+    count: int = 1000,
+    concurrency: int = 16,
+    namespace: str = "default",
+    *,
+    in_process: bool = False,
 ) -> float:
-    """Raw writes/second (create + merge-patch of ConfigMaps over HTTP): the ceiling
-    any operator benchmark against this server can reach. Run from a thread that
-    has no running event loop."""
-    return asyncio.run(
-        _write_throughput(
-            server.url,
-            server.token,
-            server.tls.ca_cert,
-            count=count,
-            concurrency=concurrency,
-            namespace=namespace,
+    """Raw writes/second (create + merge-patch of ConfigMaps over HTTPS): the
+    ceiling any operator benchmark against this server can reach.
+
+    The load comes from a separate process by default, like the operator's
+    requests do, so the figure includes the same process boundary and CPU sharing.
+    `in_process=True` runs the client in this process instead (call it from a
+    thread without a running event loop)."""
+    if in_process:
+        return asyncio.run(
+            _write_throughput(
+                server.url,
+                server.token,
+                server.tls.ca_cert,
+                count=count,
+                concurrency=concurrency,
+                namespace=namespace,
+            )
         )
+    command = [
+        sys.executable,
+        "-m",
+        "tests.harness.apiserver",
+        "measure",
+        "--kubeconfig",
+        str(server.kubeconfig),
+        "--count",
+        str(count),
+        "--concurrency",
+        str(concurrency),
+        "--namespace",
+        namespace,
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(_REPO_ROOT), os.environ.get("PYTHONPATH")])
+        ),
+    }
+    result = subprocess.run(
+        command, capture_output=True, text=True, env=env, timeout=600, check=False
     )
+    if result.returncode != 0:
+        raise RuntimeError(f"throughput measurement failed:\n{result.stderr[-2000:]}")
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def _measure_from_kubeconfig(
+    kubeconfig: Path, count: int, concurrency: int, namespace: str
+) -> float:
+    config = yaml.safe_load(kubeconfig.read_text())
+    cluster = config["clusters"][0]["cluster"]
+    with tempfile.NamedTemporaryFile("wb", suffix=".crt") as ca:
+        ca.write(base64.b64decode(cluster["certificate-authority-data"]))
+        ca.flush()
+        return asyncio.run(
+            _write_throughput(
+                cluster["server"],
+                config["users"][0]["user"]["token"],
+                Path(ca.name),
+                count=count,
+                concurrency=concurrency,
+                namespace=namespace,
+            )
+        )
 
 
 @contextlib.contextmanager
@@ -1009,9 +1069,23 @@ def api_server(workdir: Path | None = None) -> Iterator[ApiServer]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Run the harness Kubernetes API emulator.")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--workdir", type=Path, default=None)
+    sub = parser.add_subparsers(dest="command")
+    serve = sub.add_parser("serve", help="run a server until Ctrl-C (the default)")
+    for p in (parser, serve):
+        p.add_argument("--port", type=int, default=0)
+        p.add_argument("--workdir", type=Path, default=None)
+    measure = sub.add_parser("measure", help="print raw writes/s against a running server")
+    measure.add_argument("--kubeconfig", type=Path, required=True)
+    measure.add_argument("--count", type=int, default=1000)
+    measure.add_argument("--concurrency", type=int, default=16)
+    measure.add_argument("--namespace", default="default")
     args = parser.parse_args()
+    if args.command == "measure":
+        rate = _measure_from_kubeconfig(
+            args.kubeconfig, args.count, args.concurrency, args.namespace
+        )
+        print(f"{rate:.1f}")
+        return
     with ApiServer(args.workdir, port=args.port) as server:
         print(f"API server on {server.url}; export KUBECONFIG={server.kubeconfig}", flush=True)
         with contextlib.suppress(KeyboardInterrupt):

@@ -104,6 +104,7 @@ def test_cli_prints_kubeconfig_and_stops_cleanly(tmp_path: Path) -> None:
 def test_write_throughput_is_measurable(api: ApiServer) -> None:
     rate = measure_write_throughput(api, count=200, concurrency=8)
     assert rate > 50, f"{rate:.0f} writes/s"
+    assert measure_write_throughput(api, count=50, concurrency=4, in_process=True) > 20
     store = api.store
     assert store is not None
     leftovers = api.call(
