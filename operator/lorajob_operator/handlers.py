@@ -41,8 +41,11 @@ FINALIZER = f"{api.GROUP}/finalizer"
 # Backoff for a reconciliation that raised (API unreachable, conflict, bug).
 ERROR_BACKOFF_MIN = 2.0
 ERROR_BACKOFF_MAX = 300.0
-# Poll interval of the finalizer while trainer pods are still stopping.
-POD_GONE_RECHECK = 2.0
+# The finalizer polls for the trainer pods to be gone every POD_GONE_POLL seconds,
+# up to their grace period plus POD_GONE_SLACK, then kopf retries after POD_GONE_RECHECK.
+POD_GONE_POLL = 0.5
+POD_GONE_SLACK = 30.0
+POD_GONE_RECHECK = 10.0
 # A full reconciliation at least this often even without a watch event: a safety
 # net for a lost event, never the mechanism.
 RESYNC_SECONDS = 300.0
@@ -352,6 +355,8 @@ async def reconcile_job(
         observed = reconcile.Observed(job, pods, _now(), progress=progress)
         decision, written = await execute(rt, job, observed, logger)
 
+    if decision.delete_job:
+        return None  # deleted after its TTL: this loop is done
     if decision.phase == api.Phase.QUEUED:
         rt.queued[namespace].add(name)
     else:
@@ -441,21 +446,28 @@ def _now() -> datetime:
 @kopf.on.delete(api.GROUP, api.VERSION, api.PLURAL)
 async def job_deleted(body: kopf.Body, **_: Any) -> None:
     """Finalizer: stop the trainer pods (they checkpoint on SIGTERM) and wait until
-    they are gone. The adapter and checkpoints in object storage are kept."""
+    they are gone. The adapter and checkpoints in object storage are kept.
+
+    Waits in the handler for as long as a trainer may take to checkpoint and stop,
+    then lets kopf retry (a TemporaryError), so a stuck node never blocks forever
+    silently.
+    """
     rt = runtime()
     ref = _ref(body)
-    pods = await rt.kube.list_job_pods(ref)
-    for pod in pods:
-        meta = pod.get("metadata") or {}
-        if not meta.get("deletionTimestamp"):
-            await rt.kube.delete_pod(
-                ref.namespace, str(meta.get("name")), rt.settings.termination_grace_seconds
+    jlog = job_logger(ref.namespace, ref.name)
+    deadline = time.monotonic() + rt.settings.termination_grace_seconds + POD_GONE_SLACK
+    while pods := await rt.kube.list_job_pods(ref):
+        for pod in pods:
+            meta = pod.get("metadata") or {}
+            if not meta.get("deletionTimestamp"):
+                jlog.info("deleting pod %s (the LoRAJob is being deleted)", meta.get("name"))
+                await rt.kube.delete_pod(
+                    ref.namespace, str(meta.get("name")), rt.settings.termination_grace_seconds
+                )
+        if time.monotonic() > deadline:
+            raise kopf.TemporaryError(
+                f"{len(pods)} trainer pod(s) still stopping", delay=POD_GONE_RECHECK
             )
-    if pods:
-        raise kopf.TemporaryError(
-            f"waiting for {len(pods)} trainer pod(s) to stop", delay=POD_GONE_RECHECK
-        )
+        await asyncio.sleep(POD_GONE_POLL)
     rt.metrics.forget(ref.namespace, ref.name)
-    job_logger(ref.namespace, ref.name).info(
-        "trainer pods removed; the adapter in object storage is kept"
-    )
+    jlog.info("trainer pods removed; the adapter in object storage is kept")
