@@ -60,6 +60,7 @@ KUBERNETES_VERSION = {"major": "1", "minor": "35", "gitVersion": "v1.35.0+loraop
 _JSON = "application/json"
 _UNAUTHENTICATED_PATHS = frozenset({"/healthz", "/readyz", "/livez", "/version"})
 DEFAULT_WATCH_TIMEOUT = 1800.0
+MAX_REQUEST_BYTES = 3 * 1024 * 1024  # the real server's request body limit
 BOOKMARK_INTERVAL = 5.0
 _STORE_KEY = web.AppKey("store", Store)
 _TOKEN_KEY = web.AppKey("token", str)
@@ -196,7 +197,15 @@ def _parse_path(store: Store, parts: list[str]) -> _Target | Obj:
 
 
 async def _read_body(request: web.Request) -> Any:
+    if (request.content_length or 0) > MAX_REQUEST_BYTES:
+        raise errors.ApiError(
+            413, "RequestEntityTooLarge", f"Request entity too large: limit is {MAX_REQUEST_BYTES}"
+        )
     raw = await request.read()
+    if len(raw) > MAX_REQUEST_BYTES:
+        raise errors.ApiError(
+            413, "RequestEntityTooLarge", f"Request entity too large: limit is {MAX_REQUEST_BYTES}"
+        )
     if not raw:
         return None
     content_type = request.headers.get("Content-Type", "")

@@ -38,6 +38,7 @@ from tests.harness.kube_selectors import (
     fields_match,
     labels_match,
 )
+from tests.harness.kube_validation import metadata_causes, pod_causes
 
 Obj = dict[str, Any]
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -388,6 +389,15 @@ class Store:
                 f"unable to create new content in namespace {namespace} because it is being terminated",
             )
 
+    def _validate_builtin(
+        self, resource: ResourceType, obj: Obj, name: str, *, creating: bool
+    ) -> None:
+        causes = metadata_causes(obj)
+        if creating and not resource.group and resource.plural == "pods":
+            causes += pod_causes(obj)
+        if causes:
+            raise errors.invalid(resource.group, resource.kind, name, [c.as_dict() for c in causes])
+
     def _validate_name(self, resource: ResourceType, name: str) -> None:
         pattern = _DNS_LABEL if resource.plural == "namespaces" else _DNS_SUBDOMAIN
         limit = 63 if resource.plural == "namespaces" else 253
@@ -478,6 +488,7 @@ class Store:
         if resource.has_status and resource.custom:
             obj.pop("status", None)  # CRs with a status subresource ignore status on create
         _defaults_on_create(resource, obj)
+        self._validate_builtin(resource, obj, name, creating=True)
         self._validate_schema(resource, obj, name, field_validation)
         for plugin in self.sync_admission:
             plugin(self, "CREATE", resource, obj, None)
@@ -575,6 +586,8 @@ class Store:
         if _spec_changed(old, obj):
             meta["generation"] = meta["generation"] + 1
         _validate_update(resource, old, obj)
+        if obj["metadata"] != old_meta:
+            self._validate_builtin(resource, obj, name, creating=False)
         self._validate_schema(resource, obj, name, field_validation, old)
         return obj
 

@@ -162,3 +162,66 @@ def test_secret_string_data_is_folded_into_data(http: Http) -> None:
     assert secret["data"] == {"k": "dg=="}
     assert "stringData" not in secret
     assert secret["type"] == "Opaque"
+
+
+def test_labels_and_annotations_are_validated(http: Http) -> None:
+    status, body = http.post(CMS, {"metadata": {"name": "l", "labels": {"job": "x" * 64}}})
+    assert status == 422
+    assert body["details"]["causes"][0]["field"] == "metadata.labels"
+    assert "must be no more than 63 characters" in body["message"]
+    status, body = http.post(CMS, {"metadata": {"name": "l", "labels": {"bad key!": "v"}}})
+    assert status == 422
+    big = {"metadata": {"name": "a", "annotations": {"x": "y" * (256 * 1024)}}}
+    status, body = http.post(CMS, big)
+    assert status == 422
+    assert "Too long" in body["message"]
+    http.ok(
+        "POST", CMS, {"metadata": {"name": "ok", "labels": {"app.kubernetes.io/name": "x-1.2_3"}}}
+    )
+    status, _ = http.patch(f"{CMS}/ok", {"metadata": {"labels": {"v": "-bad-"}}})
+    assert status == 422
+
+
+def test_request_bodies_are_limited(http: Http) -> None:
+    status, body = http.post(
+        CMS, {"metadata": {"name": "huge"}, "data": {"x": "y" * (3 * 1024 * 1024)}}
+    )
+    assert status == 413
+    assert body["message"] == "Request entity too large: limit is 3145728"
+
+
+def test_pod_specs_are_validated(http: Http) -> None:
+    pods = "/api/v1/namespaces/default/pods"
+    bad = {
+        "metadata": {"name": "bad"},
+        "spec": {
+            "restartPolicy": "Sometimes",
+            "containers": [
+                {
+                    "name": "Main",
+                    "resources": {
+                        "requests": {"cpu": "2", "nvidia.com/gpu": "1"},
+                        "limits": {"cpu": "1", "nvidia.com/gpu": "2", "memory": "lots"},
+                    },
+                    "env": [{"name": "1BAD", "value": "x"}],
+                    "volumeMounts": [{"name": "missing", "mountPath": "/x"}],
+                }
+            ],
+        },
+    }
+    status, body = http.post(pods, bad)
+    assert status == 422
+    fields = {c["field"] for c in body["details"]["causes"]}
+    assert fields == {
+        "spec.restartPolicy",
+        "spec.containers[0].name",
+        "spec.containers[0].image",
+        "spec.containers[0].resources.limits[memory]",
+        "spec.containers[0].resources.requests[memory]",  # defaulted from the limit
+        "spec.containers[0].resources.requests",
+        "spec.containers[0].resources.requests[nvidia.com/gpu]",
+        "spec.containers[0].env[0].name",
+        "spec.containers[0].volumeMounts[0].name",
+    }
+    status, body = http.post(pods, {"metadata": {"name": "empty"}, "spec": {"containers": []}})
+    assert status == 422
