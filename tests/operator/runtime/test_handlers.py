@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, cast
 
+import kopf
+import pytest
 from lora_trainer.protocol import Progress
 from lorajob_operator import handlers
 from lorajob_operator.kube import Kube, QuotaExceeded
@@ -250,3 +252,26 @@ def test_no_progress_poll_for_a_pod_being_stopped() -> None:
     assert result is not None
     assert result.pod_ip is None
     assert "delete_pod:tune-1" in kube.calls
+
+
+def test_startup_keeps_kopf_state_in_annotations_and_runs_standalone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    served: list[int] = []
+    monkeypatch.setattr(handlers, "load_config", lambda: None)
+    monkeypatch.setattr(handlers.METRICS, "serve", served.append)
+    monkeypatch.setattr(handlers, "RUNTIME", None)
+    settings = kopf.OperatorSettings()
+    # kopf's decorator types the function as its ActivityFn protocol; call it plainly.
+    configure = cast(Callable[..., Coroutine[Any, Any, None]], handlers.configure)
+    asyncio.run(configure(settings=settings, logger=handlers.log))
+    progress = settings.persistence.progress_storage
+    diffbase = settings.persistence.diffbase_storage
+    assert isinstance(progress, kopf.AnnotationsProgressStorage)
+    assert isinstance(diffbase, kopf.AnnotationsDiffBaseStorage)
+    assert progress.prefix == diffbase.prefix == "kopf.finetune.loraops.dev"
+    assert settings.persistence.finalizer == "finetune.loraops.dev/finalizer"
+    assert settings.peering.standalone is True
+    assert settings.admission.server is None  # webhook disabled by default
+    assert served == [handlers.SETTINGS.metrics_port]
+    assert handlers.RUNTIME is not None
