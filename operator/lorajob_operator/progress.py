@@ -24,6 +24,7 @@ __all__ = ["ProgressError", "ProgressReader", "status_progress"]
 _COMPARED = ("stage", "step", "totalSteps", "percent", "epoch", "loss", "evalLoss")
 # Largest progress document we accept; the trainer's is a few hundred bytes.
 _MAX_BODY = 64 * 1024
+MAX_STAGE_LENGTH = 32
 
 
 class ProgressError(Exception):
@@ -43,7 +44,8 @@ def _as_status(progress: Progress) -> dict[str, Any]:
     if total:
         percent = round(min(100.0, max(0.0, 100.0 * progress.step / total)), 1)
     out: dict[str, Any] = {
-        "stage": progress.stage,
+        # The trainer image may be the user's own: keep what it says short.
+        "stage": progress.stage[:MAX_STAGE_LENGTH],
         "step": max(0, progress.step),
         "totalSteps": total,
         "percent": percent,

@@ -78,6 +78,8 @@ CONCURRENCY_RECHECK_SECONDS = 30.0
 TERMINATING_RECHECK_SECONDS = 5.0
 # Re-check interval for a pod whose state could not be classified.
 UNKNOWN_RECHECK_SECONDS = 15.0
+# Longest checkpoint URI copied from a trainer's report into status.
+MAX_URI_LENGTH = 1024
 
 
 # --------------------------------------------------------------------------- types
@@ -296,8 +298,9 @@ def progress_patch(
     copied = progress.status_progress(live, status.get("progress"), now, min_interval)
     if copied is not None:
         patch["progress"] = copied
-    if live.last_checkpoint and live.last_checkpoint != status.get("lastCheckpoint"):
-        patch["lastCheckpoint"] = live.last_checkpoint
+    checkpoint = (live.last_checkpoint or "")[:MAX_URI_LENGTH]
+    if checkpoint and checkpoint != status.get("lastCheckpoint"):
+        patch["lastCheckpoint"] = checkpoint
     return patch
 
 

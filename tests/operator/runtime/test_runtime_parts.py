@@ -56,6 +56,13 @@ def test_status_progress_is_rate_limited() -> None:
     assert later["step"] == 2
 
 
+def test_status_progress_caps_what_a_trainer_says() -> None:
+    out = status_progress(Progress(stage="x" * 10_000, step=-3), None, at(0), 0)
+    assert out is not None
+    assert len(out["stage"]) == 32
+    assert out["step"] == 0
+
+
 def test_status_progress_without_total_has_no_percent() -> None:
     out = status_progress(Progress(step=3), None, at(0), 0)
     assert out is not None
