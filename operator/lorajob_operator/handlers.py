@@ -29,6 +29,7 @@ import kopf
 from lora_trainer.protocol import Progress
 
 from lorajob_operator import api, objects, policy, reconcile, webhook
+from lorajob_operator.conditions import scrub
 from lorajob_operator.events import build_event
 from lorajob_operator.kube import Kube, PodRejected, QuotaExceeded, load_config
 from lorajob_operator.metrics import Metrics
@@ -421,7 +422,7 @@ async def execute(
             namespace, build_event(job, event.type, event.reason, event.message, now)
         )
         log_fn = logger.warning if event.type == "Warning" else logger.info
-        log_fn("%s: %s", event.reason, event.message)
+        log_fn("%s: %s", event.reason, scrub(event.message))
     rt.metrics.record(decision.tallies)
     rt.metrics.set_phase(namespace, name, decision.phase)
     if decision.delete_job:
