@@ -230,6 +230,7 @@ def test_missing_secret_waits_then_starts(cluster: Cluster) -> None:
     status = cluster.wait_phase("needs-secret", "Succeeded")
     dump = json.dumps(status) + json.dumps(cluster.events("needs-secret"))
     assert "hunter2-secret" not in dump
+    assert "hunter2-secret" not in cluster.cp.operator_log.read_text()
 
 
 def test_quota_exceeded_queues_then_starts(cluster: Cluster) -> None:
