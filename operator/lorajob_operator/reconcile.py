@@ -750,7 +750,7 @@ def _failed(
     if is_live(pod) and _finished_at(pod) is None:
         b.delete_pod(_pod_name(pod), reason)  # e.g. stuck in ImagePullBackOff
     code = f" (exit code {outcome.exit_code})" if outcome.exit_code is not None else ""
-    text = f"attempt {attempt} failed{code}: {outcome.message}"
+    text = f"attempt {attempt} (pod {_pod_name(pod)}) failed{code}: {outcome.message}"
     if outcome.termination and outcome.termination.last_checkpoint:
         b.set("lastCheckpoint", outcome.termination.last_checkpoint)
     if not outcome.retryable:
