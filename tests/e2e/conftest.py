@@ -11,6 +11,7 @@ import copy
 import hashlib
 import json
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +132,16 @@ class Cluster:
         out = self.kubectl("get", "pods", "-l", f"finetune.loraops.dev/job={name}", "-o", "json")
         items: list[dict[str, Any]] = json.loads(out.stdout)["items"]
         return items
+
+    def trainer_progress(self, pod_name: str) -> dict[str, Any]:
+        """The trainer's own /progress (fresher than status, which is read every second)."""
+        pod = self.cp.get("pods", pod_name) or {}
+        ip = (pod.get("status") or {}).get("podIP")
+        if not ip:
+            return {}
+        with urllib.request.urlopen(f"http://{ip}:8080/progress", timeout=1) as response:
+            progress: dict[str, Any] = json.loads(response.read())
+        return progress
 
     def wait_status(
         self,

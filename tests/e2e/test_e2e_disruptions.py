@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 
 from tests.e2e.conftest import BUCKET, Cluster
 
 # Long enough to interrupt mid-run, with a checkpoint every 4 steps to resume from.
-LONGER = {"spec": {"training": {"maxSteps": 16, "checkpointEverySteps": 4}}}
+# Long enough to interrupt mid-run (gradient accumulation makes each step ~0.1s or more),
+# with a checkpoint every 4 steps to resume from.
+LONGER = {
+    "spec": {
+        "training": {"maxSteps": 24, "checkpointEverySteps": 4, "gradientAccumulationSteps": 8}
+    }
+}
+TOTAL_STEPS = 24
 
 
 def _checkpoint_step(uri: str | None) -> int:
@@ -17,12 +25,15 @@ def _checkpoint_step(uri: str | None) -> int:
 def test_evicted_trainer_resumes_from_its_checkpoint(cluster: Cluster) -> None:
     cluster.create_secret()
     cluster.apply(cluster.manifest("evicted", LONGER))
-    running = cluster.wait_status(
-        "evicted",
-        lambda s: s.get("phase") == "Running" and _checkpoint_step(s.get("lastCheckpoint")) >= 4,
-        "a first checkpoint",
-    )
+    running = cluster.wait_status("evicted", lambda s: bool(s.get("podName")), "a trainer pod")
     first_pod = running["podName"]
+    # Watch the trainer itself and evict right after its first checkpoint.
+    progress = cluster.cp.wait_for(
+        lambda: (p := cluster.trainer_progress(first_pod)).get("lastCheckpoint") and p,
+        timeout=180,
+        message="the first checkpoint",
+    )
+    assert progress["step"] < TOTAL_STEPS, "training finished before it could be interrupted"
     assert cluster.cp.kubelet is not None
     cluster.cp.kubelet.evict("default", first_pod)
 
@@ -32,12 +43,15 @@ def test_evicted_trainer_resumes_from_its_checkpoint(cluster: Cluster) -> None:
     assert status["disruptions"] == 1
     assert status.get("failedAttempts", 0) == 0
     assert status["podName"] != first_pod
-    assert status["progress"]["step"] == 16
-    # The first trainer checkpointed on SIGTERM; the second started from a checkpoint.
+    assert status["progress"]["step"] == TOTAL_STEPS
+    # The first trainer checkpointed on SIGTERM; the second resumed from that checkpoint.
     first_log = cluster.cp.kubelet.pod_log("default", first_pod)
     second_log = cluster.cp.kubelet.pod_log("default", status["podName"])
-    assert "resum" in second_log.lower(), second_log[-2000:]
-    assert "Traceback" not in first_log
+    stopped = re.search(r"stopped by SIGTERM at step (\d+)/", first_log)
+    assert stopped, first_log[-2000:]
+    resumed = re.search(r"resuming from \S+/checkpoint-(\d+) \(step (\d+)\)", second_log)
+    assert resumed, second_log[-2000:]
+    assert int(resumed[2]) == int(stopped[1]) < TOTAL_STEPS
     reasons = {
         e["reason"]
         for e in json.loads(
@@ -77,5 +91,5 @@ def test_operator_restart_mid_job_keeps_the_running_trainer(cluster: Cluster) ->
     assert status["attempts"] == 1
     assert status["podName"] == pod
     assert status.get("disruptions", 0) == 0
-    assert status["progress"]["step"] == 16
+    assert status["progress"]["step"] == TOTAL_STEPS
     assert "adapters/restarted/manifest.json" in cluster.s3_objects("adapters/restarted/")
