@@ -164,7 +164,10 @@ class Kube:
         return items
 
     async def create_pod(self, namespace: str, body: Mapping[str, Any]) -> bool:
-        """Create the pod; False when it already exists (a replayed create)."""
+        """Create the pod; False when it already exists (a replayed create).
+
+        A pod of that name that belongs to someone else is a refusal, not ours.
+        """
         try:
             await self._call(
                 self.core.create_namespaced_pod, namespace, dict(body), _preload_content=False
@@ -172,6 +175,7 @@ class Kube:
         except ApiException as exc:
             message = _message(exc)
             if exc.status == 409:
+                await self._check_owner(namespace, body)
                 return False
             if exc.status == 403 and "exceeded quota" in message:
                 raise QuotaExceeded(message) from exc
@@ -179,6 +183,22 @@ class Kube:
                 raise PodRejected(message) from exc
             raise KubeError(f"create pod in {namespace}: {message}") from exc
         return True
+
+    async def _check_owner(self, namespace: str, body: Mapping[str, Any]) -> None:
+        name = str(body["metadata"]["name"])
+        try:
+            resp = await self._call(
+                self.core.read_namespaced_pod, name, namespace, _preload_content=False
+            )
+        except ApiException as exc:
+            raise KubeError(f"get pod {namespace}/{name}: {_message(exc)}") from exc
+        existing = (_json(resp).get("metadata") or {}).get("labels") or {}
+        wanted = (body["metadata"].get("labels") or {}).get(LABEL_JOB_UID)
+        if existing.get(LABEL_JOB_UID) != wanted:
+            raise PodRejected(
+                f"a pod named {name} already exists in namespace {namespace} and does not "
+                "belong to this LoRAJob; delete or rename it"
+            )
 
     async def delete_pod(self, namespace: str, name: str, grace_seconds: int | None) -> None:
         """Delete (SIGTERM, then SIGKILL after the grace period); a missing pod is fine."""

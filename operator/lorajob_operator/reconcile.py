@@ -1018,8 +1018,9 @@ def create_rejected(create: CreatePod, message: str, *, quota: bool) -> Decision
         _fail(
             b,
             Reason.CONTAINER_CONFIG_ERROR,
-            f"the API server refused the trainer pod: {message}",
-            hint="an admission policy or webhook rejected the pod; ask your cluster admin, "
-            "or adjust spec.resources/spec.scheduling",
+            f"the trainer pod could not be created: {message}",
+            hint="the API server (an admission policy or webhook, or a clashing object) "
+            "refused the pod; fix what the message names, ask your cluster admin, or adjust "
+            "spec.resources/spec.scheduling, then create the job again",
         )
     return b.finish()

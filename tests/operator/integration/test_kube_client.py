@@ -56,6 +56,8 @@ def test_create_is_idempotent_and_pods_are_listed_by_job(kube: tuple[Kube, Contr
     async def scenario() -> None:
         assert await k.create_pod(NS, _pod("idem-1")) is True
         assert await k.create_pod(NS, _pod("idem-1")) is False  # 409: already there
+        with pytest.raises(PodRejected, match="does not belong"):
+            await k.create_pod(NS, _pod("idem-1", uid="intruder"))
         await k.create_pod(NS, _pod("other-1", uid="other-uid"))
         mine = await k.list_job_pods(JobRef("idem", NS, "job-uid"))
         assert [p["metadata"]["name"] for p in mine] == ["idem-1"]
