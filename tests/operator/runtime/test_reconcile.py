@@ -655,3 +655,17 @@ def test_job_key_of_pod_uses_owner_reference() -> None:
     orphan = pod(1)
     orphan["metadata"]["ownerReferences"] = []
     assert reconcile.job_key_of_pod(orphan) is None
+
+
+def test_pod_refused_for_good_fails_the_job() -> None:
+    w = World()
+    create = w.step().create
+    assert create is not None
+    w.job = job()  # the decision above was not applied: the create failed
+    d = reconcile.create_rejected(create, "pods is forbidden: violates PodSecurity", quota=False)
+    w.job = apply_status(w.job, d.status)
+    assert w.status["phase"] == "Failed"
+    assert w.status["failureReason"] == Reason.CONTAINER_CONFIG_ERROR
+    assert "PodSecurity" in w.status["failureMessage"]
+    assert w.status.get("attempts", 0) == 0
+    assert ("Warning", Reason.CONTAINER_CONFIG_ERROR) in [(e.type, e.reason) for e in d.events]
