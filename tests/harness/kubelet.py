@@ -22,8 +22,11 @@ It is an ordinary API client (HTTPS + bearer token, like a real kubelet):
   `harness.loraops.dev/simulate-after-seconds`) or `ImagePullBackOff`, image pull
   errors for images matching a pattern, `evict()` (Eviction API), `lose_node()`;
 * honours `spec.activeDeadlineSeconds` (pod Failed, reason DeadlineExceeded);
+* probes: liveness (failure -> the container is stopped; pods never restart) and
+  readiness (containerStatuses[].ready and the Ready condition), via httpGet,
+  tcpSocket or exec;
 * not emulated: container restarts (every pod behaves as restartPolicy Never),
-  liveness/readiness probes (containers are Ready once started), init containers;
+  init containers, startup/grpc probes;
 * serves container logs at /containerLogs/<ns>/<pod>/<container> for `kubectl logs`.
 """
 
@@ -44,7 +47,7 @@ import ssl
 import sys
 import tempfile
 import threading
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -237,6 +240,7 @@ class ContainerRun:
     exit_code: int | None = None
     finished_at: str = ""
     oom_killed: bool = False
+    ready: bool = True  # False until a readinessProbe first succeeds
 
 
 @dataclass
@@ -968,16 +972,38 @@ class Kubelet:
         for container in containers:
             env, mounts, termination = env_by_container[container["name"]]
             await self._start_container(run, container, env, mounts, termination)
+            run.containers[container["name"]].ready = "readinessProbe" not in container
             await self._event(pod, "Normal", "Started", f"Started container {container['name']}")
-        await self._patch_status(
-            pod,
-            {
-                **base_status,
-                "phase": "Running",
-                "conditions": _conditions(ready=True, initialized=True),
-                "containerStatuses": [self._container_status(run, c) for c in containers],
-            },
-        )
+
+        async def report_running() -> None:
+            await self._patch_status(
+                pod,
+                {
+                    **base_status,
+                    "phase": "Running",
+                    "conditions": _conditions(
+                        ready=all(c.ready for c in run.containers.values()), initialized=True
+                    ),
+                    "containerStatuses": [self._container_status(run, c) for c in containers],
+                },
+            )
+
+        await report_running()
+        probes = [
+            asyncio.ensure_future(
+                self._probe_loop(
+                    run,
+                    pod,
+                    container,
+                    kind=kind,
+                    prepared=env_by_container[container["name"]],
+                    report=report_running,
+                )
+            )
+            for container in containers
+            for kind in ("livenessProbe", "readinessProbe")
+            if container.get(kind)
+        ]
         # 3. Wait for exits, deletion or a simulated OOM kill.
         simulate = (pod["metadata"].get("annotations") or {}).get(SIMULATE_ANNOTATION)
         after = float(
@@ -989,7 +1015,7 @@ class Kubelet:
         deadline_s = spec.get("activeDeadlineSeconds")
         deadline = asyncio.ensure_future(asyncio.sleep(float(deadline_s))) if deadline_s else None
         extras = [f for f in (oom, deadline) if f is not None]
-        helpers: list[asyncio.Future[Any]] = [*waits, terminating, *extras]
+        helpers: list[asyncio.Future[Any]] = [*waits, terminating, *extras, *probes]
         pending: set[asyncio.Future[Any]] = set(helpers)
         deadline_exceeded = False
         try:
@@ -1032,6 +1058,120 @@ class Kubelet:
                 "containerStatuses": [self._container_status(run, c) for c in containers],
             },
         )
+
+    async def _probe_loop(
+        self,
+        run: PodRun,
+        pod: Obj,
+        container: Obj,
+        *,
+        kind: str,
+        prepared: tuple[dict[str, str], dict[str, Path], Path],
+        report: Callable[[], Awaitable[None]],
+    ) -> None:
+        """Run one liveness/readiness probe on its schedule, like the kubelet's prober."""
+        probe = container[kind]
+        record = run.containers[container["name"]]
+        label = "Liveness" if kind == "livenessProbe" else "Readiness"
+        await asyncio.sleep(float(probe.get("initialDelaySeconds", 0)))
+        failures = successes = 0
+        while record.exit_code is None:
+            error = await self._probe_once(run, container, probe, prepared)
+            if error is None:
+                failures, successes = 0, successes + 1
+                if (
+                    kind == "readinessProbe"
+                    and not record.ready
+                    and successes >= int(probe.get("successThreshold", 1))
+                ):
+                    record.ready = True
+                    await report()
+            else:
+                failures, successes = failures + 1, 0
+                await self._event(pod, "Warning", "Unhealthy", f"{label} probe failed: {error}")
+                if failures >= int(probe.get("failureThreshold", 3)):
+                    if kind == "livenessProbe":
+                        await self._event(
+                            pod,
+                            "Normal",
+                            "Killing",
+                            f"Container {record.name} failed liveness probe, will be restarted",
+                        )
+                        grace = (pod.get("spec") or {}).get("terminationGracePeriodSeconds", 30)
+                        self._signal(record, signal.SIGTERM)
+                        try:
+                            await asyncio.wait_for(self._wait_done(record), timeout=float(grace))
+                        except TimeoutError:
+                            self._signal(record, signal.SIGKILL)
+                        return
+                    if record.ready:
+                        record.ready = False
+                        await report()
+            await asyncio.sleep(float(probe.get("periodSeconds", 10)))
+
+    async def _probe_once(
+        self,
+        run: PodRun,
+        container: Obj,
+        probe: Obj,
+        prepared: tuple[dict[str, str], dict[str, Path], Path],
+    ) -> str | None:
+        """None when the probe passes, else the kubelet-style failure message."""
+        timeout = float(probe.get("timeoutSeconds", 1))
+        ports = {p.get("name"): p.get("containerPort") for p in container.get("ports") or []}
+
+        def port_of(action: Obj) -> int:
+            port = action.get("port")
+            return int(
+                ports.get(port, 0) if isinstance(port, str) and not port.isdigit() else port or 0
+            )
+
+        try:
+            if "httpGet" in probe:
+                action = probe["httpGet"]
+                scheme = str(action.get("scheme", "HTTP")).lower()
+                url = f"{scheme}://{action.get('host') or run.ip}:{port_of(action)}{action.get('path', '/')}"
+                async with (
+                    aiohttp.ClientSession() as client,
+                    client.get(
+                        url, timeout=aiohttp.ClientTimeout(total=timeout), ssl=False
+                    ) as response,
+                ):
+                    if 200 <= response.status < 400:
+                        return None
+                    return f"HTTP probe failed with statuscode: {response.status}"
+            if "tcpSocket" in probe:
+                action = probe["tcpSocket"]
+                _, writer = await asyncio.wait_for(
+                    asyncio.open_connection(action.get("host") or run.ip, port_of(action)), timeout
+                )
+                writer.close()
+                return None
+            if "exec" in probe:
+                env, mounts, _ = prepared
+                argv = [
+                    self._rewrite(_expand(a, env), mounts)
+                    for a in probe["exec"].get("command") or []
+                ]
+                if argv and argv[0] in ("python", "python3"):
+                    argv[0] = self.python
+                process = await asyncio.create_subprocess_exec(
+                    *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+                )
+                try:
+                    output, _ = await asyncio.wait_for(process.communicate(), timeout)
+                except TimeoutError:
+                    process.kill()
+                    await process.wait()
+                    return f"command timed out after {timeout:g}s"
+                return (
+                    None
+                    if process.returncode == 0
+                    else output.decode(errors="replace").strip()[-200:]
+                )
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None  # grpc probes are not emulated: treated as passing
 
     def _image_problem(
         self, containers: list[Obj], *, backoff: bool, always: bool = False
@@ -1157,7 +1297,7 @@ class Kubelet:
         if record.exit_code is None:
             return {
                 **status,
-                "ready": True,
+                "ready": record.ready,
                 "started": True,
                 "state": {
                     "running": {"startedAt": record.started_at},

@@ -425,3 +425,61 @@ def test_priority_classes_are_resolved(http: Http) -> None:
     created = http.ok("POST", PODS, pod("p", "pass", priorityClassName="training"))
     assert created["spec"]["priority"] == 1000
     assert created["spec"]["preemptionPolicy"] == "Never"
+
+
+HEALTH_SERVER = """
+import http.server, os, threading, time
+healthy = {"ok": True}
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if healthy["ok"] else 500)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer((os.environ["IP"], 8080), Handler)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+print("serving", flush=True)
+time.sleep(float(os.environ["HEALTHY_FOR"]))
+healthy["ok"] = False
+time.sleep(60)
+"""
+
+
+def test_readiness_and_liveness_probes(http: Http, kubelet: Kubelet) -> None:
+    del kubelet
+    probe = {
+        "httpGet": {"path": "/healthz", "port": "http"},
+        "periodSeconds": 0.2,
+        "failureThreshold": 2,
+    }
+    body = pod(
+        "probed",
+        HEALTH_SERVER,
+        terminationGracePeriodSeconds=1,
+        container={
+            "ports": [{"name": "http", "containerPort": 8080}],
+            "env": [
+                {"name": "IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                {"name": "HEALTHY_FOR", "value": "2"},
+            ],
+            "readinessProbe": probe,
+            "livenessProbe": probe,
+        },
+    )
+    http.ok("POST", PODS, body)
+
+    def ready() -> bool:
+        statuses = http.ok("GET", f"{PODS}/probed")["status"].get("containerStatuses") or []
+        return bool(statuses and statuses[0]["ready"])
+
+    wait_for(ready, message="readiness probe passes")
+    failed = phase_of(http, "probed", "Failed")
+    terminated = failed["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert terminated["reason"] == "Error"
+    events = http.ok(
+        "GET", "/api/v1/namespaces/default/events?fieldSelector=involvedObject.name%3Dprobed"
+    )
+    reasons = [e["reason"] for e in events["items"]]
+    assert "Unhealthy" in reasons
+    messages = [e["message"] for e in events["items"]]
+    assert "Container main failed liveness probe, will be restarted" in messages
