@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -164,16 +165,23 @@ def test_kubectl_get_watch_streams_changes(plane: ControlPlane) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
+    lines: list[str] = []
+    assert watcher.stdout is not None
+    reader = threading.Thread(target=lambda: lines.extend(watcher.stdout or []), daemon=True)
+    reader.start()
     try:
-        time.sleep(0.7)
+        # The initial list is printed once the watch is established.
+        wait_for(lambda: any(line.startswith("watched") for line in lines), message="initial row")
         plane.kubectl("patch", "widget", "watched", "--type=merge", "-p", '{"spec":{"size":42}}')
-        time.sleep(0.7)
+        wait_for(
+            lambda: any(line.split()[:2] == ["watched", "42"] for line in lines),
+            message="row for the change",
+        )
     finally:
         watcher.terminate()
-        out, _ = watcher.communicate(timeout=10)
-    lines = out.splitlines()
+        watcher.communicate(timeout=10)
+        reader.join(10)
     assert lines[0].split()[:2] == ["NAME", "SIZE"]
-    assert any(line.split()[:2] == ["watched", "42"] for line in lines[1:])
     assert sum(1 for line in lines if line.startswith("NAME")) == 1
     plane.kubectl("delete", "widget", "watched")
 
