@@ -19,6 +19,21 @@ State lives only in the resources, never in memory:
   Finished jobs keep `podName` so people can find the last pod.
 * A new attempt starts only when no pod of the job is alive (not even one that
   is still terminating), so two trainers never write checkpoints at once.
+
+The order of `decide()`, each step a section below:
+
+  deleted ............ nothing (the finalizer handler owns it)
+  finished ........... reject spec edits, TTL; an InvalidSpec failure is re-validated on edit
+  invalid spec ....... Failed/InvalidSpec or PolicyViolation, no pod (if none runs)
+  current pod ........ pending/queued/running -> conditions + progress;
+                       succeeded -> Succeeded + adapter; failed -> Failed (permanent) or
+                       retry after backoff (failedAttempts); disrupted/vanished -> next
+                       attempt at once (disruptions, capped)
+  deadline ........... delete pods, Failed/DeadlineExceeded
+  suspend / resume ... delete pods, Suspended; on resume a new attempt
+  pod alive .......... spec edits -> Accepted=False/SpecChangeRejected; stale pods deleted
+  no pod ............. wait Queued (Secret, concurrency), backoff, or create the next attempt;
+                       a refused create becomes Queued/QuotaExceeded or Failed (create_rejected)
 """
 
 from __future__ import annotations
