@@ -14,7 +14,8 @@ import pytest
 from tests.harness.controlplane import ControlPlane, free_port
 from tests.operator.integration.conftest import BASE_SPEC, GROUP, HERE, REPO
 
-pytestmark = pytest.mark.timeout(120)
+# Each module starts a whole control plane (API server, kubelet, operator).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 
 def test_python_m_lorajob_operator(tmp_path_factory: pytest.TempPathFactory) -> None:

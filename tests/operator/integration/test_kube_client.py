@@ -17,7 +17,8 @@ from lorajob_operator.objects import JobRef
 
 from tests.harness.controlplane import ControlPlane
 
-pytestmark = pytest.mark.timeout(60)
+# Each module starts a whole control plane (API server, kubelet, operator).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 NS = "default"
 

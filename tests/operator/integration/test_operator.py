@@ -11,7 +11,8 @@ from lora_trainer.protocol import ExitCode
 
 from tests.operator.integration.conftest import GROUP, LIMITED_NAMESPACE, PULL_ERROR_IMAGE, Cluster
 
-pytestmark = pytest.mark.timeout(120)
+# Each module starts a whole control plane (API server, kubelet, operator).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 
 def reasons(cluster: Cluster, name: str, namespace: str = "default") -> list[str]:

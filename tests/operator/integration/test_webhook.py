@@ -19,7 +19,8 @@ from cryptography.x509.oid import NameOID
 from tests.harness.controlplane import ControlPlane, free_port
 from tests.operator.integration.conftest import BASE_SPEC, GROUP, HERE, REPO, Cluster
 
-pytestmark = pytest.mark.timeout(120)
+# Each module starts a whole control plane (API server, kubelet, operator).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:
