@@ -57,32 +57,73 @@ def _counts(pod: Obj) -> bool:
     return (pod.get("status") or {}).get("phase") not in TERMINAL_POD_PHASES
 
 
-def namespace_usage(
-    store: Store, namespace: str, keys: list[str], exclude: str = ""
-) -> dict[str, Fraction]:
+# Object-count quota keys the real server also accepts without the count/ prefix.
+_LEGACY_COUNT_KEYS = {
+    "services",
+    "secrets",
+    "configmaps",
+    "persistentvolumeclaims",
+    "resourcequotas",
+}
+
+
+def count_keys(resource: ResourceType) -> set[str]:
+    """Quota keys that count objects of `resource` (`count/<plural>.<group>` etc.)."""
+    keys = {f"count/{resource.storage_key}"}
+    if not resource.group and resource.plural in _LEGACY_COUNT_KEYS:
+        keys.add(resource.plural)
+    return keys
+
+
+def _counted_resource(store: Store, key: str) -> ResourceType | None:
+    name = key.removeprefix("count/")
+    if key == name and name not in _LEGACY_COUNT_KEYS:
+        return None
+    for resource in store.types.values():
+        if resource.storage_key == name and resource.namespaced:
+            return resource
+    return None
+
+
+def namespace_usage(store: Store, namespace: str, keys: list[str]) -> dict[str, Fraction]:
+    """Current usage of each quota key in `namespace` (non-terminal pods, object counts)."""
     pods = store.resource("", "v1", "pods")
     used = dict.fromkeys(keys, Fraction(0))
-    for entry in store.iter_entries(pods, namespace):
-        if entry.obj["metadata"]["name"] == exclude or not _counts(entry.obj):
-            continue
-        for key in keys:
-            used[key] += pod_usage(entry.obj, key)
+    pod_keys = []
+    for key in keys:
+        counted = _counted_resource(store, key) if key not in ("pods", "count/pods") else None
+        if counted is not None:
+            used[key] = Fraction(sum(1 for _ in store.iter_entries(counted, namespace)))
+        else:
+            pod_keys.append(key)
+    if pod_keys:
+        for entry in store.iter_entries(pods, namespace):
+            if not _counts(entry.obj):
+                continue
+            for key in pod_keys:
+                used[key] += pod_usage(entry.obj, key)
     return used
 
 
 def quota_admission(
     store: Store, operation: str, resource: ResourceType, obj: Obj, old: Obj | None
 ) -> None:
-    """Reject a pod creation that would exceed a ResourceQuota of its namespace."""
+    """Reject a creation that would exceed a ResourceQuota of its namespace: compute
+    resources and counts for pods, object counts (`count/...`) for everything."""
     del old
-    if operation != "CREATE" or resource.group or resource.plural != "pods":
+    if operation != "CREATE" or not resource.namespaced:
         return
+    is_pod = not resource.group and resource.plural == "pods"
+    counted_here = count_keys(resource)
     namespace = obj["metadata"]["namespace"]
     quotas = store.resource("", "v1", "resourcequotas")
     for entry in store.iter_entries(quotas, namespace):
         hard_spec: dict[str, Any] = (entry.obj.get("spec") or {}).get("hard") or {}
         hard = {k: parse_quantity(v) for k, v in hard_spec.items()}
-        requested = {k: pod_usage(obj, k) for k in hard}
+        if is_pod:
+            requested = {k: pod_usage(obj, k) for k in hard}
+        else:
+            requested = {k: Fraction(1) for k in hard if k in counted_here}
         requested = {k: v for k, v in requested.items() if v > 0}
         if not requested:
             continue
@@ -94,8 +135,8 @@ def quota_admission(
                 return ",".join(f"{k}={format_quantity(values[k])}" for k in keys)
 
             raise errors.forbidden(
-                "",
-                "pods",
+                resource.group,
+                resource.plural,
                 obj["metadata"]["name"],
                 f"exceeded quota: {entry.obj['metadata']['name']}, requested: {render(requested, exceeded)}, "
                 f"used: {render(used, exceeded)}, limited: {render(hard, exceeded)}",
@@ -107,17 +148,23 @@ def refresh_quota_status(
 ) -> None:
     """After-commit hook: keep `status.used` of the namespace's quotas current.
 
-    Usage only changes when a pod appears, disappears or becomes terminal, so
-    other pod writes (the bulk: status updates) cost nothing here."""
-    if resource.group or resource.plural not in ("pods", "resourcequotas"):
+    Usage only changes when objects appear or disappear, or pods become terminal,
+    so other writes (the bulk: status updates) cost nothing here."""
+    if not resource.namespaced:
         return
-    unchanged = old is not None and _counts(old) == _counts(obj)
-    if resource.plural == "pods" and operation == "update" and unchanged:
+    is_pod = not resource.group and resource.plural == "pods"
+    is_quota = not resource.group and resource.plural == "resourcequotas"
+    # Usage changes on create/delete, and for pods when they turn terminal.
+    pod_unchanged = not is_pod or (old is not None and _counts(old) == _counts(obj))
+    if operation == "update" and not is_quota and pod_unchanged:
         return
     namespace = obj["metadata"].get("namespace", "")
     quotas = store.resource("", "v1", "resourcequotas")
+    counted_here = count_keys(resource)
     for entry in list(store.iter_entries(quotas, namespace)):
         hard = (entry.obj.get("spec") or {}).get("hard") or {}
+        if not (is_quota or is_pod or counted_here.intersection(hard)):
+            continue  # e.g. an Event in a namespace with a GPU quota
         try:
             used = namespace_usage(store, namespace, list(hard))
         except QuantityError:

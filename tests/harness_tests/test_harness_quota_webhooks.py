@@ -289,3 +289,32 @@ def test_patch_is_reapplied_when_a_write_lands_during_admission(
     current["spec"]["size"] = 4
     status, body = http.put(f"{WIDGETS}/busy", current)
     assert status == 409, body
+
+
+def test_object_count_quota(http: Http, widget_crd: dict[str, Any]) -> None:
+    del widget_crd
+    http.ok(
+        "POST",
+        "/api/v1/namespaces/default/resourcequotas",
+        {
+            "metadata": {"name": "counts"},
+            "spec": {"hard": {"count/widgets.example.com": "1", "configmaps": "1"}},
+        },
+    )
+    http.ok("POST", WIDGETS, widget("one"))
+    status, body = http.post(WIDGETS, widget("two"))
+    assert status == 403
+    assert body["message"] == (
+        'widgets.example.com "two" is forbidden: exceeded quota: counts, requested: '
+        "count/widgets.example.com=1, used: count/widgets.example.com=1, limited: count/widgets.example.com=1"
+    )
+    http.ok("POST", "/api/v1/namespaces/default/configmaps", {"metadata": {"name": "c1"}})
+    assert (
+        http.post("/api/v1/namespaces/default/configmaps", {"metadata": {"name": "c2"}})[0] == 403
+    )
+    quota = http.ok("GET", "/api/v1/namespaces/default/resourcequotas/counts")
+    assert quota["status"]["used"] == {"count/widgets.example.com": "1", "configmaps": "1"}
+    http.ok("DELETE", f"{WIDGETS}/one")
+    quota = http.ok("GET", "/api/v1/namespaces/default/resourcequotas/counts")
+    assert quota["status"]["used"]["count/widgets.example.com"] == "0"
+    http.ok("POST", WIDGETS, widget("two"))
