@@ -48,6 +48,7 @@ _GENERATE_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 # Gone, which clients answer by relisting, as with etcd compaction). Bounded: each
 # event pins up to two object versions in memory.
 HISTORY_LIMIT = 20_000
+FOREGROUND_FINALIZER = "foregroundDeletion"
 ORPHAN_GRACE_SECONDS = 0.5  # before the GC removes an object whose owners never existed
 TERMINAL_POD_PHASES = frozenset({"Succeeded", "Failed"})
 DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
@@ -704,10 +705,16 @@ class Store:
             return self._delete_namespace(resource, current)
         grace = self._grace_period(resource, current.obj, options)
         finalizers = meta.get("finalizers") or []
-        if not finalizers and grace == 0:
+        uid = meta.get("uid", "")
+        foreground = options.propagation_policy == "Foreground" and bool(self.dependents.get(uid))
+        if not finalizers and grace == 0 and not foreground:
             return self._remove(resource, namespace, name, current)
         obj = current.fresh()
         new_meta = obj["metadata"]
+        if foreground and FOREGROUND_FINALIZER not in finalizers:
+            # The owner stays (deletionTimestamp + finalizer) until its dependents are gone.
+            new_meta["finalizers"] = [*finalizers, FOREGROUND_FINALIZER]
+            self._spawn(self._delete_foreground(resource, namespace, name, uid))
         if new_meta.get("deletionTimestamp"):
             # Already terminating: a second delete may only shorten the grace period.
             if grace >= new_meta.get("deletionGracePeriodSeconds", 0):
@@ -794,6 +801,33 @@ class Store:
             else:
                 obj["metadata"].pop("ownerReferences", None)
             self._commit(resource, location[1], location[2], obj, entry)
+
+    async def _delete_foreground(
+        self, resource: ResourceType, namespace: str, name: str, owner_uid: str
+    ) -> None:
+        """Foreground cascading deletion: delete the dependents, wait for them to
+        disappear, then drop the owner's foregroundDeletion finalizer."""
+        for uid in list(self.dependents.get(owner_uid, ())):
+            location = self.by_uid.get(uid)
+            dependent = self._type_by_storage_key(location[0]) if location else None
+            if location is not None and dependent is not None:
+                with contextlib.suppress(errors.ApiError):
+                    await self.delete(dependent, location[1], location[2])
+        while any(uid in self.by_uid for uid in self.dependents.get(owner_uid, ())):
+            await asyncio.sleep(0.05)
+        entry = self._bucket(resource).get(namespace, {}).get(name)
+        if entry is None or FOREGROUND_FINALIZER not in (
+            entry.obj["metadata"].get("finalizers") or []
+        ):
+            return
+        obj = entry.fresh()
+        remaining = [f for f in obj["metadata"]["finalizers"] if f != FOREGROUND_FINALIZER]
+        if remaining:
+            obj["metadata"]["finalizers"] = remaining
+        else:
+            obj["metadata"].pop("finalizers")
+        committed = self._commit(resource, namespace, name, obj, entry)
+        self._maybe_finalize(resource, namespace, name, committed)
 
     async def _collect_dependents(self, owner_uid: str) -> None:
         """Background garbage collection: delete dependents whose owners are all gone."""

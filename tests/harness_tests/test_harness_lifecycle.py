@@ -193,3 +193,22 @@ def test_lists_are_sorted_by_namespace_and_name(http: Http) -> None:
         http.ok("POST", CMS, {"metadata": {"name": name}})
     names = [i["metadata"]["name"] for i in http.ok("GET", CMS)["items"]]
     assert names == ["alpha", "mid", "zeta"]
+
+
+def test_foreground_deletion_waits_for_dependents(http: Http, widget_crd: dict[str, Any]) -> None:
+    del widget_crd
+    owner = http.ok("POST", WIDGETS, widget("fg"))
+    child = _owned("fg-child", owner)
+    child["metadata"]["finalizers"] = ["example.com/hold"]
+    http.ok("POST", CMS, {"metadata": child["metadata"]})
+    deleting = http.ok("DELETE", f"{WIDGETS}/fg", {"propagationPolicy": "Foreground"})
+    assert "foregroundDeletion" in deleting["metadata"]["finalizers"]
+    wait_for(
+        lambda: http.ok("GET", f"{CMS}/fg-child")["metadata"].get("deletionTimestamp"),
+        message="child terminating",
+    )
+    assert http.get(f"{WIDGETS}/fg")[0] == 200, "the owner waits for its dependents"
+    http.ok("PATCH", f"{CMS}/fg-child", {"metadata": {"finalizers": None}}, content_type=MERGE)
+    wait_for(
+        lambda: http.get(f"{WIDGETS}/fg")[0] == 404, message="owner removed after its dependents"
+    )
