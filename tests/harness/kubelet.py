@@ -14,7 +14,8 @@ It is an ordinary API client (HTTPS + bearer token, like a real kubelet):
   `CreateContainerConfigError`), fieldRefs, resourceFieldRefs; emptyDir mounts
   are per-pod host directories and any env value, argument or workingDir under a
   mount path is rewritten onto them; the terminationMessagePath becomes a host file
-  whose content lands in `state.terminated.message`; pod IPs are 127.0.0.N;
+  whose content lands in `state.terminated.message`; pod IPs are 127.B.x.y, with a
+  /16 block B per kubelet that no concurrent kubelet on the machine uses;
 * reports status through pods/status: Pending -> Running -> Succeeded/Failed;
 * on graceful deletion (deletionTimestamp) sends SIGTERM to the process group,
   SIGKILL after the grace period, then deletes the pod with grace 0;
@@ -38,8 +39,10 @@ import base64
 import concurrent.futures
 import contextlib
 import datetime as dt
+import fcntl
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -52,7 +55,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import aiohttp
 import yaml
@@ -297,6 +300,8 @@ class Kubelet:
         self.pods: dict[str, Obj] = {}  # uid -> latest pod object seen
         self.runs: dict[str, PodRun] = {}  # uid -> running pod
         self._ips_in_use: set[str] = set()
+        self._ip_block = 0
+        self._ip_lock: IO[str] | None = None
         self._stopping = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._schedule_wakeup: asyncio.Event | None = None
@@ -304,6 +309,7 @@ class Kubelet:
 
     # ------------------------------------------------------------- lifecycle
     def start(self) -> Kubelet:
+        self._claim_ip_block()
         ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._loop = asyncio.new_event_loop()
 
@@ -330,6 +336,9 @@ class Kubelet:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=60)
         self._thread = None
+        if self._ip_lock is not None:
+            self._ip_lock.close()  # releases the flock on the IP block
+            self._ip_lock = None
         if self._tempdir is not None:
             self._tempdir.cleanup()
             self._tempdir = None
@@ -713,12 +722,33 @@ class Kubelet:
 
     # ----------------------------------------------------------------- pods
     def _allocate_ip(self) -> str:
-        for n in range(2, 255 * 255):
-            ip = f"127.0.{n // 255}.{n % 255}" if n >= 255 else f"127.0.0.{n}"
-            if ip not in self._ips_in_use and not ip.endswith(".0") and not ip.endswith(".255"):
+        """Next free IP in this kubelet's 127.<block>.0.0/16 (see _claim_ip_block)."""
+        for n in range(2, 256 * 256 - 1):
+            ip = f"127.{self._ip_block}.{n // 256}.{n % 256}"
+            if ip not in self._ips_in_use and n % 256 not in (0, 255):
                 self._ips_in_use.add(ip)
                 return ip
         raise RuntimeError("out of pod IPs")
+
+    def _claim_ip_block(self) -> None:
+        """Pick a 127.<block>.0.0/16 no other kubelet on this machine uses.
+
+        Several control planes may run at once (parallel test sessions); pods bind
+        fixed ports (the trainer's 8080) on their IP, so pod IPs must be unique
+        machine-wide. An flock()ed file per block is the claim; it dies with us.
+        """
+        directory = Path(tempfile.gettempdir()) / "loraops-harness-pod-ip-blocks"
+        directory.mkdir(parents=True, exist_ok=True)
+        for block in random.sample(range(1, 255), 254):
+            handle = (directory / f"127.{block}.lock").open("a")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.close()
+                continue
+            self._ip_block, self._ip_lock = block, handle
+            return
+        raise RuntimeError("every 127.x.0.0/16 pod IP block is claimed by another kubelet")
 
     def _new_run(self, pod: Obj) -> PodRun:
         meta = pod["metadata"]

@@ -117,7 +117,8 @@ def test_pod_runs_to_success_with_env_mounts_and_termination_message(
     http.ok("POST", PODS, body)
     done = phase_of(http, "ok", "Succeeded")
     status = done["status"]
-    assert status["podIP"].startswith("127.0.0.")
+    assert status["podIP"].startswith("127.")
+    assert status["podIP"] != "127.0.0.1"
     assert status["podIPs"] == [{"ip": status["podIP"]}]
     assert done["spec"]["nodeName"] == "gpu-node-1"
     terminated = status["containerStatuses"][0]["state"]["terminated"]
@@ -483,3 +484,10 @@ def test_readiness_and_liveness_probes(http: Http, kubelet: Kubelet) -> None:
     assert "Unhealthy" in reasons
     messages = [e["message"] for e in events["items"]]
     assert "Container main failed liveness probe, will be restarted" in messages
+
+
+def test_concurrent_kubelets_get_disjoint_pod_ip_blocks(api: ApiServer, tmp_path: Path) -> None:
+    first = Kubelet(api.kubeconfig, tmp_path / "a", nodes=[cpu_node("a")])
+    second = Kubelet(api.kubeconfig, tmp_path / "b", nodes=[cpu_node("b")])
+    with first, second:
+        assert first._allocate_ip().split(".")[1] != second._allocate_ip().split(".")[1]
