@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -62,8 +62,6 @@ _UNAUTHENTICATED_PATHS = frozenset({"/healthz", "/readyz", "/livez", "/version"}
 DEFAULT_WATCH_TIMEOUT = 1800.0
 MAX_REQUEST_BYTES = 3 * 1024 * 1024  # the real server's request body limit
 BOOKMARK_INTERVAL = 5.0
-_STORE_KEY = web.AppKey("store", Store)
-_TOKEN_KEY = web.AppKey("token", str)
 
 
 def _json_response(body: Any, status: int = 200) -> web.Response:
@@ -835,8 +833,6 @@ def build_app(store: Store, token: str) -> tuple[web.Application, ApiHandlers]:
     handlers = ApiHandlers(store, token)
     store.sync_admission.append(_validate_crd)
     app = web.Application(middlewares=[handlers.middleware], client_max_size=64 * 1024**2)
-    app[_STORE_KEY] = store
-    app[_TOKEN_KEY] = token
     app.router.add_get("/version", handlers.version)
     for path in ("/healthz", "/readyz", "/livez"):
         app.router.add_get(path, handlers.healthz)
@@ -1068,12 +1064,6 @@ def _measure_from_kubeconfig(
                 namespace=namespace,
             )
         )
-
-
-@contextlib.contextmanager
-def api_server(workdir: Path | None = None) -> Iterator[ApiServer]:
-    with ApiServer(workdir) as server:
-        yield server
 
 
 def main() -> None:

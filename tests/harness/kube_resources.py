@@ -31,10 +31,6 @@ class ResourceType:
         return f"{self.group}/{self.version}" if self.group else self.version
 
     @property
-    def group_version(self) -> str:
-        return self.api_version
-
-    @property
     def storage_key(self) -> str:
         """All versions of one resource share storage, as on the real server."""
         return f"{self.plural}.{self.group}" if self.group else self.plural

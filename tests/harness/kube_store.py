@@ -25,7 +25,7 @@ import json
 import random
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -209,13 +209,6 @@ class Store:
                 404, "NotFound", f"the server could not find the requested resource ({plural} {gv})"
             )
         return found
-
-    def resource_for_kind(self, api_version: str, kind: str) -> ResourceType | None:
-        group, _, version = api_version.rpartition("/")
-        for resource in self.types.values():
-            if resource.group == group and resource.version == version and resource.kind == kind:
-                return resource
-        return None
 
     def group_versions(self) -> dict[str, list[str]]:
         """{group: [versions]} in registration order (core group under "")."""
@@ -941,11 +934,10 @@ class Store:
         return self._commit(resource, namespace, name, obj, current).obj
 
 
-def _events_after(history: Iterable[WatchEvent], since: int) -> list[WatchEvent]:
-    events = history if isinstance(history, collections.deque) else collections.deque(history)
-    # History is ordered by rv: walk back from the end until we pass `since`.
+def _events_after(history: collections.deque[WatchEvent], since: int) -> list[WatchEvent]:
+    """Events newer than `since`; history is ordered by rv, so walk back from the end."""
     result: list[WatchEvent] = []
-    for event in reversed(events):
+    for event in reversed(history):
         if event.rv <= since:
             break
         result.append(event)

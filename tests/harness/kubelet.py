@@ -44,7 +44,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import ssl
 import sys
@@ -1625,7 +1624,3 @@ def _waiting_status(container: Obj, reason: str, message: str) -> Obj:
             "terminated": None,
         },
     }
-
-
-def cleanup_dir(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
