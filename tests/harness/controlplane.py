@@ -34,7 +34,7 @@ import yaml
 
 from tests.harness.apiserver import ApiServer
 from tests.harness.kube_errors import ApiError
-from tests.harness.kubelet import Kubelet, NodeConfig
+from tests.harness.kubelet import Kubelet, NodeConfig, SimulatedRuntime
 from tests.harness.tools import REPO_ROOT, kubectl
 
 T = TypeVar("T")
@@ -113,6 +113,8 @@ class ControlPlane:
         operator_env: extra env for the operator (LORAJOB_* settings).
         kubelet_env: env added to every container the kubelet starts.
         image_pull_error_pattern: images matching this regex fail to pull.
+        simulated_runtime: run no container processes (see kubelet.SimulatedRuntime);
+            for benchmarks of the operator itself.
     """
 
     def __init__(
@@ -128,6 +130,7 @@ class ControlPlane:
         operator_env: Mapping[str, str] | None = None,
         kubelet_env: Mapping[str, str] | None = None,
         image_pull_error_pattern: str | None = None,
+        simulated_runtime: SimulatedRuntime | None = None,
     ) -> None:
         self._tempdir: tempfile.TemporaryDirectory[str] | None = None
         if workdir is None:
@@ -143,6 +146,7 @@ class ControlPlane:
         self.operator_env = dict(operator_env or {})
         self.kubelet_env = dict(kubelet_env or {})
         self.image_pull_error_pattern = image_pull_error_pattern
+        self.simulated_runtime = simulated_runtime
         self.api = ApiServer(workdir / "apiserver")
         self.kubelet: Kubelet | None = None
         self.s3: Any = None
@@ -172,6 +176,7 @@ class ControlPlane:
                     nodes=self.nodes,
                     image_pull_error_pattern=self.image_pull_error_pattern,
                     base_env=env,
+                    simulated_runtime=self.simulated_runtime,
                 )
                 self._stack.enter_context(self.kubelet)
             self._stack.callback(self.stop_operator)

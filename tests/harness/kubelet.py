@@ -232,6 +232,18 @@ def unschedulable_message(per_node: dict[str, list[str]]) -> str:
 
 
 # ------------------------------------------------------------------ running
+@dataclass(frozen=True)
+class SimulatedRuntime:
+    """Containers that start no process: each is Running for `seconds`, then exits
+    with `exit_code` and `termination_message` (a string, or a function of the pod).
+    Signals end it early (exit 128+signal). For benchmarks that measure the
+    operator rather than process start-up; probes are not run for them."""
+
+    seconds: float = 0.0
+    exit_code: int = 0
+    termination_message: str | Callable[[Obj], str] = ""
+
+
 @dataclass
 class ContainerRun:
     name: str
@@ -243,6 +255,8 @@ class ContainerRun:
     finished_at: str = ""
     oom_killed: bool = False
     ready: bool = True  # False until a readinessProbe first succeeds
+    simulated: SimulatedRuntime | None = None
+    stop_signal: asyncio.Future[int] | None = None  # simulated containers: the kill
 
 
 @dataclass
@@ -278,6 +292,7 @@ class Kubelet:
         image_pull_error_pattern: str | None = None,
         base_env: dict[str, str] | None = None,
         python: str = sys.executable,
+        simulated_runtime: SimulatedRuntime | None = None,
     ) -> None:
         self.kubeconfig = kubeconfig
         self._tempdir: tempfile.TemporaryDirectory[str] | None = None
@@ -291,6 +306,7 @@ class Kubelet:
         )
         self.base_env = dict(base_env or {})
         self.python = python
+        self.simulated_runtime = simulated_runtime
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -1001,7 +1017,9 @@ class Kubelet:
         for container in containers:
             env, mounts, termination = env_by_container[container["name"]]
             await self._start_container(run, container, env, mounts, termination)
-            run.containers[container["name"]].ready = "readinessProbe" not in container
+            run.containers[container["name"]].ready = (
+                "readinessProbe" not in container or self.simulated_runtime is not None
+            )
             await self._event(pod, "Normal", "Started", f"Started container {container['name']}")
 
         async def report_running() -> None:
@@ -1031,7 +1049,7 @@ class Kubelet:
             )
             for container in containers
             for kind in ("livenessProbe", "readinessProbe")
-            if container.get(kind)
+            if container.get(kind) and self.simulated_runtime is None
         ]
         # 3. Wait for exits, deletion or a simulated OOM kill.
         simulate = (pod["metadata"].get("annotations") or {}).get(SIMULATE_ANNOTATION)
@@ -1229,6 +1247,22 @@ class Kubelet:
     ) -> None:
         name = container["name"]
         log_path = run.directory / f"{name}.log"
+        if self.simulated_runtime is not None:
+            runtime = self.simulated_runtime
+            message = runtime.termination_message
+            if callable(message):
+                message = message(self.pods.get(run.uid) or {})
+            termination.write_text(message)
+            log_path.touch()
+            run.containers[name] = ContainerRun(
+                name=name,
+                log_path=log_path,
+                termination_path=termination,
+                started_at=now_rfc3339(),
+                simulated=runtime,
+                stop_signal=asyncio.get_running_loop().create_future(),
+            )
+            return
         argv = [*(container.get("command") or []), *(container.get("args") or [])]
         if not argv:
             raise RuntimeError(
@@ -1259,6 +1293,17 @@ class Kubelet:
         run.containers[name] = record
 
     async def _wait_exit(self, container: ContainerRun) -> None:
+        if container.simulated is not None:
+            assert container.stop_signal is not None
+            try:
+                sig = await asyncio.wait_for(
+                    asyncio.shield(container.stop_signal), container.simulated.seconds
+                )
+                container.exit_code = 128 + sig
+            except TimeoutError:
+                container.exit_code = container.simulated.exit_code
+            container.finished_at = now_rfc3339()
+            return
         assert container.process is not None
         code = await container.process.wait()
         _LIVE_GROUPS.discard(container.process.pid)
@@ -1272,7 +1317,13 @@ class Kubelet:
 
     @staticmethod
     def _signal(container: ContainerRun, sig: signal.Signals) -> None:
-        if container.process is None or container.exit_code is not None:
+        if container.exit_code is not None:
+            return
+        if container.stop_signal is not None:
+            if not container.stop_signal.done():
+                container.stop_signal.set_result(int(sig))
+            return
+        if container.process is None:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(container.process.pid, sig)
@@ -1297,6 +1348,8 @@ class Kubelet:
     async def _wait_done(container: ContainerRun) -> None:
         if container.process is not None:
             await container.process.wait()
+        while container.simulated is not None and container.exit_code is None:
+            await asyncio.sleep(0.01)
 
     def _container_status(self, run: PodRun, container: Obj) -> Obj:
         record = run.containers.get(container["name"])
@@ -1321,7 +1374,7 @@ class Kubelet:
                 },
             }
         status["containerID"] = (
-            f"harness://{run.uid[:8]}-{record.name}-{record.process.pid if record.process else 0}"
+            f"harness://{run.uid[:8]}-{record.name}-{record.process.pid if record.process else 'sim'}"
         )
         if record.exit_code is None:
             return {

@@ -19,6 +19,7 @@ from tests.harness.kubelet import (
     SIMULATE_ANNOTATION,
     Kubelet,
     NodeConfig,
+    SimulatedRuntime,
     cpu_node,
 )
 from tests.harness_tests.helpers import Http
@@ -491,3 +492,32 @@ def test_concurrent_kubelets_get_disjoint_pod_ip_blocks(api: ApiServer, tmp_path
     second = Kubelet(api.kubeconfig, tmp_path / "b", nodes=[cpu_node("b")])
     with first, second:
         assert first._allocate_ip().split(".")[1] != second._allocate_ip().split(".")[1]
+
+
+def test_simulated_runtime_runs_no_processes(api: ApiServer, tmp_path: Path) -> None:
+    http = Http(api)
+    runtime = SimulatedRuntime(
+        seconds=0.3,
+        exit_code=0,
+        termination_message=lambda p: f'{{"pod": "{p["metadata"]["name"]}"}}',
+    )
+    with Kubelet(
+        api.kubeconfig, tmp_path / "sim", nodes=[cpu_node()], simulated_runtime=runtime
+    ) as k:
+        http.ok("POST", PODS, pod("sim", "raise SystemExit(3)"))
+        phase_of(http, "sim", "Running")
+        assert not k.process_ids()
+        terminated = phase_of(http, "sim", "Succeeded")["status"]["containerStatuses"][0]["state"][
+            "terminated"
+        ]
+        assert terminated["exitCode"] == 0
+        assert terminated["message"] == '{"pod": "sim"}'
+        long = SimulatedRuntime(seconds=60)
+        k.simulated_runtime = long
+        http.ok("POST", PODS, pod("sim-long", "pass"))
+        phase_of(http, "sim-long", "Running")
+        http.ok("DELETE", f"{PODS}/sim-long")
+        wait_for(
+            lambda: http.get(f"{PODS}/sim-long")[0] == 404,
+            message="simulated pod stopped on delete",
+        )
