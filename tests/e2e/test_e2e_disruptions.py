@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import re
 
-import pytest
-
 from tests.e2e.conftest import BUCKET, Cluster
 
 # Long enough to interrupt mid-run, with a checkpoint every 4 steps to resume from.
@@ -95,36 +93,3 @@ def test_operator_restart_mid_job_keeps_the_running_trainer(cluster: Cluster) ->
     assert status.get("disruptions", 0) == 0
     assert status["progress"]["step"] == TOTAL_STEPS
     assert "adapters/restarted/manifest.json" in cluster.s3_objects("adapters/restarted/")
-
-
-class ExtraTrainingError(AssertionError):
-    """The known trainer bug, told apart from any other failure of the test below."""
-
-
-@pytest.mark.xfail(
-    raises=ExtraTrainingError,
-    strict=True,
-    reason="trainer bug: resuming from a checkpoint at the final step trains one extra step "
-    "(progress 9/8) because SFTTrainer steps once before checking max_steps; the trainer "
-    "should publish straight from that checkpoint",
-)
-def test_eviction_after_the_last_step_publishes_without_extra_training(cluster: Cluster) -> None:
-    """Preemption after the last step (evaluation, upload): the next attempt only publishes."""
-    cluster.create_secret()
-    cluster.apply(cluster.manifest("late"))
-    pod = cluster.wait_status("late", lambda s: bool(s.get("podName")), "a trainer pod")["podName"]
-
-    def finished_training() -> bool:
-        if cluster.status("late").get("phase") == "Succeeded":
-            pytest.fail("the job finished before the test could evict it")
-        progress = cluster.trainer_progress(pod)
-        return int(progress.get("step", 0)) >= int(progress.get("totalSteps") or 10**9)
-
-    cluster.cp.wait_for(finished_training, timeout=180, message="the last training step")
-    assert cluster.cp.kubelet is not None
-    cluster.cp.kubelet.evict("default", pod)
-    status = cluster.wait_phase("late", "Succeeded")
-    assert status["attempts"] == 2
-    assert "adapters/late/manifest.json" in cluster.s3_objects("adapters/late/")
-    if status["progress"]["step"] != status["progress"]["totalSteps"]:
-        raise ExtraTrainingError(f"progress {status['progress']}")
