@@ -521,3 +521,34 @@ def test_simulated_runtime_runs_no_processes(api: ApiServer, tmp_path: Path) -> 
             lambda: http.get(f"{PODS}/sim-long")[0] == 404,
             message="simulated pod stopped on delete",
         )
+
+
+def test_secret_and_configmap_volumes_and_env_from(http: Http, kubelet: Kubelet) -> None:
+    http.ok(
+        "POST",
+        "/api/v1/namespaces/default/secrets",
+        {"metadata": {"name": "files"}, "stringData": {"token.txt": "t0k3n"}},
+    )
+    http.ok(
+        "POST",
+        "/api/v1/namespaces/default/configmaps",
+        {"metadata": {"name": "settings"}, "data": {"MODE": "fast", "LEVEL": "3"}},
+    )
+    script = "import os; print(open('/etc/creds/token.txt'.replace('/etc/creds', os.environ['CREDS'])).read(), os.environ['CFG_MODE'], os.environ['CFG_LEVEL'], os.environ['GREETING'])"
+    body = pod(
+        "vols",
+        script,
+        volumes=[{"name": "creds", "secret": {"secretName": "files"}}],
+        container={
+            "volumeMounts": [{"name": "creds", "mountPath": "/etc/creds", "readOnly": True}],
+            "envFrom": [{"configMapRef": {"name": "settings"}, "prefix": "CFG_"}],
+            "env": [
+                {"name": "CREDS", "value": "/etc/creds"},
+                {"name": "WHO", "value": "pod"},
+                {"name": "GREETING", "value": "hello $(WHO) $$(WHO)"},
+            ],
+        },
+    )
+    http.ok("POST", PODS, body)
+    phase_of(http, "vols", "Succeeded")
+    assert kubelet.pod_log("default", "vols").strip() == "t0k3n fast 3 hello pod $(WHO)"
