@@ -219,7 +219,12 @@ class Cluster:
 
     def assert_no_secret_leaks(self, secrets: list[str]) -> None:
         texts = self.everything_written()
-        assert texts["operator.log"], "the operator wrote no log at all; the scan proves nothing"
+        # The scan only proves something if it saw real output from every source.
+        assert "lorajob" in texts["operator.log"], "no operator log to scan"
+        assert any(k.startswith("pod log") and v for k, v in texts.items()), "no trainer log"
+        assert '"LoRAJob"' in texts["kubectl get lorajobs"]
+        assert '"secretKeyRef"' in texts["kubectl get pods"], "pods must reference the Secret"
+        assert '"Event"' in texts["kubectl get events"]
         leaks = [
             f"{where} contains secret #{i}"
             for where, text in texts.items()
