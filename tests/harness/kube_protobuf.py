@@ -2,7 +2,7 @@
 
 `kubectl create secret|configmap|namespace|serviceaccount|quota` POST
 `application/vnd.kubernetes.protobuf` (the "k8s\\x00" envelope around a
-runtime.Unknown). We decode exactly those kinds into JSON-shaped dicts; any other
+runtime.Unknown), and helm sends DeleteOptions that way. We decode exactly those kinds into JSON-shaped dicts; any other
 kind is a 415 so a missing mapping is loud, not silently wrong.
 """
 
@@ -139,7 +139,49 @@ def _resourcequota(f: Fields) -> dict[str, Any]:
     return {"spec": _prune({"hard": _map(spec, 1, _quantity), "scopes": _strings(spec, 2)})}
 
 
+def _varint_field(fields: Fields, number: int) -> int | None:
+    values = fields.get(number)
+    return int(values[-1]) if values else None
+
+
+def _delete_options(f: Fields) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    grace = _varint_field(f, 1)
+    if grace is not None:
+        out["gracePeriodSeconds"] = grace
+    if f.get(2):
+        pre = _fields(f[2][-1])
+        out["preconditions"] = _prune_empty({"uid": _str(pre, 1), "resourceVersion": _str(pre, 2)})
+    orphan = _varint_field(f, 3)
+    if orphan is not None:
+        out["orphanDependents"] = bool(orphan)
+    if _str(f, 4):
+        out["propagationPolicy"] = _str(f, 4)
+    if _strings(f, 5):
+        out["dryRun"] = _strings(f, 5)
+    return out
+
+
+def _access_review(f: Fields) -> dict[str, Any]:
+    spec = _fields(f[2][-1]) if f.get(2) else {}
+    out: dict[str, Any] = {}
+    if spec.get(1):
+        attrs = _fields(spec[1][-1])
+        names = ("namespace", "verb", "group", "version", "resource", "subresource", "name")
+        out["resourceAttributes"] = _prune_empty(
+            {n: _str(attrs, i) for i, n in enumerate(names, 1)}
+        )
+    if spec.get(2):
+        attrs = _fields(spec[2][-1])
+        out["nonResourceAttributes"] = _prune_empty(
+            {"path": _str(attrs, 1), "verb": _str(attrs, 2)}
+        )
+    return {"spec": out}
+
+
 _KINDS: dict[str, Callable[[Fields], dict[str, Any]]] = {
+    "DeleteOptions": _delete_options,
+    "SelfSubjectAccessReview": _access_review,
     "Secret": _secret,
     "ConfigMap": _configmap,
     "Namespace": _namespace,
@@ -161,6 +203,7 @@ def decode(body: bytes) -> dict[str, Any]:
         )
     message = _fields((unknown.get(2) or [b""])[-1])
     obj: dict[str, Any] = {"apiVersion": api_version, "kind": kind}
-    obj["metadata"] = _metadata(message[1][-1]) if message.get(1) else {}
+    if kind != "DeleteOptions":  # the only kind here without ObjectMeta
+        obj["metadata"] = _metadata(message[1][-1]) if message.get(1) else {}
     obj.update(_KINDS[kind](message))
     return obj

@@ -217,6 +217,13 @@ def builtin_resources() -> list[ResourceType]:
             namespaced=False,
         ),
         _builtin("monitoring.coreos.com", "v1", "servicemonitors", "ServiceMonitor"),
+        _builtin(
+            "authorization.k8s.io",
+            "v1",
+            "selfsubjectaccessreviews",
+            "SelfSubjectAccessReview",
+            namespaced=False,
+        ),
     ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
 import time
@@ -16,7 +17,7 @@ import yaml
 
 from tests.harness.controlplane import ControlPlane, wait_for
 from tests.harness.kubelet import cpu_node
-from tests.harness.tools import kubectl
+from tests.harness.tools import helm, kubectl
 from tests.harness_tests.helpers import TEST_CRD
 
 REPO = Path(__file__).resolve().parents[2]
@@ -353,3 +354,63 @@ def test_kubectl_drain_evicts_and_logs_follow(plane: ControlPlane) -> None:
         message="follow pod started",
     )
     assert plane.kubectl("logs", "-f", "follow", timeout=30).stdout == "0\n1\n2\n"
+
+
+HELM_TEMPLATES = """
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: probe}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: probe-{{ .Release.Namespace }}}
+rules: [{apiGroups: [""], resources: [pods], verbs: [get]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: probe}
+spec: {ports: [{port: 80}], selector: {app: probe}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: probe}
+spec:
+  selector: {matchLabels: {app: probe}}
+  template:
+    metadata: {labels: {app: probe}}
+    spec: {serviceAccountName: probe, containers: [{name: c, image: "x:1"}]}
+"""
+
+
+def test_helm_install_and_uninstall(plane: ControlPlane, tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(plane.kubeconfig),
+        "HELM_CACHE_HOME": str(tmp_path / "cache"),
+        "HELM_CONFIG_HOME": str(tmp_path / "config"),
+        "HELM_DATA_HOME": str(tmp_path / "data"),
+    }
+
+    def run_helm(*args: str) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [str(helm()), *args], capture_output=True, text=True, env=env, timeout=120, check=False
+        )
+        assert result.returncode == 0, result.stderr
+        return result
+
+    def deployments() -> list[str]:
+        listed = json.loads(plane.kubectl("get", "deployments", "-n", "ops", "-o", "json").stdout)
+        return [d["metadata"]["name"] for d in listed["items"]]
+
+    chart = tmp_path / "chart"
+    (chart / "templates").mkdir(parents=True)
+    (chart / "Chart.yaml").write_text("apiVersion: v2\nname: probe\nversion: 0.1.0\n")
+    (chart / "templates" / "all.yaml").write_text(HELM_TEMPLATES)
+    plane.kubectl("create", "namespace", "ops")
+    run_helm("install", "probe", str(chart), "--namespace", "ops")
+    assert "deployed" in run_helm("list", "--namespace", "ops").stdout
+    assert deployments() == ["probe"]
+    run_helm("uninstall", "probe", "--namespace", "ops")  # helm deletes with protobuf bodies
+    assert deployments() == []
+    assert plane.kubectl("auth", "can-i", "create", "pods").stdout.strip() == "yes"
+    plane.kubectl("delete", "namespace", "ops")
