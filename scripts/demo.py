@@ -19,6 +19,7 @@ like `kubectl get lj -w`, then lists the adapter in S3.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -139,12 +140,19 @@ def show_adapter(cp: ControlPlane, status: dict[str, Any]) -> None:
     }
     if checkpoints:
         detail(f"(plus checkpoints/: {', '.join(sorted(checkpoints))})")
-    progress = status.get("progress") or {}
     detail(f"sha256 of adapter_model.safetensors: {adapter.get('sha256')}")
-    if progress.get("loss") is not None:
-        evaluation = progress.get("evalLoss")
-        tail = f", eval loss {evaluation:.4f}" if evaluation is not None else ""
-        detail(f"final training loss {progress['loss']:.4f}{tail}")
+    metrics = json.loads(
+        cp.s3.client().get_object(Bucket=BUCKET, Key=prefix + "metrics.json")["Body"].read()
+    )
+    history = metrics.get("loss_history") or []
+    if history:
+        (first_step, first), (last_step, last) = history[0], history[-1]
+        detail(
+            f"training loss: {first:.4f} at step {first_step} -> {last:.4f} at step "
+            f"{last_step} (run average {metrics['train_loss']:.4f})"
+        )
+    if metrics.get("eval_loss") is not None:
+        detail(f"eval loss: {metrics['eval_loss']:.4f}")
 
 
 def run(keep: bool) -> int:

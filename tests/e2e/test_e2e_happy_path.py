@@ -43,7 +43,8 @@ def test_job_succeeds_and_the_adapter_loads_with_peft(cluster: Cluster, tmp_path
     # Status: one attempt, final progress, conditions, the adapter's identity.
     assert status["attempts"] == 1
     assert status.get("failedAttempts", 0) == 0
-    assert status["progress"]["step"] == status["progress"]["totalSteps"] == 8
+    max_steps = manifest["spec"]["training"]["maxSteps"]
+    assert status["progress"]["step"] == status["progress"]["totalSteps"] == max_steps
     assert status["progress"]["loss"] > 0
     conditions = {c["type"]: c for c in status["conditions"]}
     assert conditions["Succeeded"]["status"] == "True"
