@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -368,7 +369,8 @@ class ControlPlane:
             if resource is None:
                 raise ApiError(404, "NotFound", f"unknown resource {plural}")
             found = store.find(resource, namespace if resource.namespaced else "", name)
-            return dict(found) if found is not None else None
+            # A private deep copy: callers may mutate it without touching the store.
+            return json.loads(json.dumps(found)) if found is not None else None
 
         return self.api.call(read)
 

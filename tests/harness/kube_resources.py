@@ -240,8 +240,9 @@ def crd_resource_types(crd: dict[str, Any]) -> list[ResourceType]:
         if not version.get("served", True):
             continue
         schema = ((version.get("schema") or {}).get("openAPIV3Schema")) or None
+        # The scale subresource is not emulated, so it is not advertised either.
         subresources = frozenset(
-            name for name in ("status", "scale") if name in (version.get("subresources") or {})
+            name for name in ("status",) if name in (version.get("subresources") or {})
         )
         types.append(
             ResourceType(
