@@ -23,11 +23,12 @@ It is an ordinary API client (HTTPS + bearer token, like a real kubelet):
   `harness.loraops.dev/simulate-after-seconds`) or `ImagePullBackOff`, image pull
   errors for images matching a pattern, `evict()` (Eviction API), `lose_node()`;
 * honours `spec.activeDeadlineSeconds` (pod Failed, reason DeadlineExceeded);
-* probes: liveness (failure -> the container is stopped; pods never restart) and
+* probes: liveness (failure -> the container is stopped, then restarted per policy) and
   readiness (containerStatuses[].ready and the Ready condition), via httpGet,
   tcpSocket or exec;
-* not emulated: container restarts (every pod behaves as restartPolicy Never),
-  init containers, startup/grpc probes;
+* restartPolicy Always/OnFailure: exited containers are restarted after a short
+  doubling back-off (CrashLoopBackOff, restartCount, lastState);
+* not emulated: init containers, startup/grpc probes;
 * serves container logs at /containerLogs/<ns>/<pod>/<container> for `kubectl logs`.
 """
 
@@ -69,6 +70,9 @@ SIMULATE_ANNOTATION = "harness.loraops.dev/simulate"
 SIMULATE_AFTER_ANNOTATION = "harness.loraops.dev/simulate-after-seconds"
 TERMINATION_MESSAGE_LIMIT = 4096
 RETRY_INTERVAL = 0.5  # seconds between retries of image pulls / missing Secrets
+# Container restart back-off: doubling from 0.5s to 5s (the real kubelet: 10s to 5min).
+RESTART_BACKOFF_SECONDS = 0.5
+RESTART_BACKOFF_MAX_SECONDS = 5.0
 _MERGE = {"Content-Type": "application/merge-patch+json"}
 _STRATEGIC = {"Content-Type": "application/strategic-merge-patch+json"}
 _LIVE_GROUPS: set[int] = set()  # process groups still running, for the atexit net
@@ -257,6 +261,9 @@ class ContainerRun:
     ready: bool = True  # False until a readinessProbe first succeeds
     simulated: SimulatedRuntime | None = None
     stop_signal: asyncio.Future[int] | None = None  # simulated containers: the kill
+    restart_count: int = 0
+    last_state: Obj | None = None  # the previous run's `terminated` state
+    back_off: str = ""  # CrashLoopBackOff message while waiting to restart
 
 
 @dataclass
@@ -274,6 +281,7 @@ class PodRun:
     terminating: asyncio.Event = field(default_factory=asyncio.Event)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     killed_for_node_loss: bool = False
+    no_restart: bool = False  # set when the pod is being stopped for good
 
 
 class ContainerConfigError(Exception):
@@ -1056,7 +1064,14 @@ class Kubelet:
         after = float(
             (pod["metadata"].get("annotations") or {}).get(SIMULATE_AFTER_ANNOTATION, "1")
         )
-        waits = [asyncio.ensure_future(self._wait_exit(c)) for c in run.containers.values()]
+        waits = [
+            asyncio.ensure_future(
+                self._supervise(
+                    run, pod, c, prepared=env_by_container[c["name"]], report=report_running
+                )
+            )
+            for c in containers
+        ]
         terminating = asyncio.ensure_future(run.terminating.wait())
         oom = asyncio.ensure_future(asyncio.sleep(after)) if simulate == "OOMKilled" else None
         deadline_s = spec.get("activeDeadlineSeconds")
@@ -1074,10 +1089,11 @@ class Kubelet:
                         self._signal(container, signal.SIGKILL)
                 if deadline is not None and deadline in done:
                     # spec.activeDeadlineSeconds: the kubelet stops the pod gracefully.
-                    deadline_exceeded = True
+                    deadline_exceeded = run.no_restart = True
                     await self._terminate(run, pod)
                     break
                 if terminating in done:
+                    run.no_restart = True
                     await self._terminate(run, pod)
                     break
             await asyncio.gather(*waits, return_exceptions=True)
@@ -1106,6 +1122,51 @@ class Kubelet:
             },
         )
 
+    async def _supervise(
+        self,
+        run: PodRun,
+        pod: Obj,
+        container: Obj,
+        *,
+        prepared: tuple[dict[str, str], dict[str, Path], Path],
+        report: Callable[[], Awaitable[None]],
+    ) -> None:
+        """Wait for one container to exit and restart it as spec.restartPolicy says,
+        with a (harness-short) doubling back-off shown as CrashLoopBackOff."""
+        policy = (pod.get("spec") or {}).get("restartPolicy", "Always")
+        name = container["name"]
+        while True:
+            record = run.containers[name]
+            await self._wait_exit(record)
+            restart = policy == "Always" or (policy == "OnFailure" and record.exit_code != 0)
+            if not restart or run.no_restart or run.terminating.is_set() or self._stopping:
+                return
+            delay = min(
+                RESTART_BACKOFF_SECONDS * 2**record.restart_count, RESTART_BACKOFF_MAX_SECONDS
+            )
+            record.back_off = (
+                f"back-off {delay:g}s restarting failed container={name} pod={run.name}"
+            )
+            await self._event(
+                pod,
+                "Warning",
+                "BackOff",
+                f"Back-off restarting failed container {name} in pod {run.name}",
+            )
+            await report()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(run.terminating.wait(), timeout=delay)
+            if run.no_restart or run.terminating.is_set() or self._stopping:
+                record.back_off = ""
+                return
+            last_state = self._container_status(run, container)["state"]["terminated"]
+            env, mounts, termination = prepared
+            await self._start_container(run, container, env, mounts, termination)
+            fresh = run.containers[name]
+            fresh.restart_count, fresh.last_state = record.restart_count + 1, last_state
+            await self._event(pod, "Normal", "Started", f"Started container {name}")
+            await report()
+
     async def _probe_loop(
         self,
         run: PodRun,
@@ -1118,11 +1179,15 @@ class Kubelet:
     ) -> None:
         """Run one liveness/readiness probe on its schedule, like the kubelet's prober."""
         probe = container[kind]
-        record = run.containers[container["name"]]
         label = "Liveness" if kind == "livenessProbe" else "Readiness"
         await asyncio.sleep(float(probe.get("initialDelaySeconds", 0)))
         failures = successes = 0
-        while record.exit_code is None:
+        while True:  # cancelled when the pod ends; restarted containers are probed anew
+            record = run.containers[container["name"]]
+            if record.exit_code is not None:
+                failures = successes = 0
+                await asyncio.sleep(float(probe.get("periodSeconds", 10)))
+                continue
             error = await self._probe_once(run, container, probe, prepared)
             if error is None:
                 failures, successes = 0, successes + 1
@@ -1150,7 +1215,8 @@ class Kubelet:
                             await asyncio.wait_for(self._wait_done(record), timeout=float(grace))
                         except TimeoutError:
                             self._signal(record, signal.SIGKILL)
-                        return
+                        failures = 0
+                        continue
                     if record.ready:
                         record.ready = False
                         await report()
@@ -1357,11 +1423,13 @@ class Kubelet:
             "name": container["name"],
             "image": container.get("image", ""),
             "imageID": f"harness://{container.get('image', '')}",
-            "restartCount": 0,
+            "restartCount": record.restart_count if record else 0,
             "ready": False,
             "started": False,
             "state": {},
         }
+        if record is not None and record.last_state is not None:
+            status["lastState"] = {"terminated": record.last_state}
         # Explicit nulls: the status is a strategic merge patch, and a container
         # state has exactly one of running/waiting/terminated.
         if record is None:
@@ -1399,6 +1467,13 @@ class Kubelet:
         message = self._termination_message(record, container, code)
         if message:
             terminated["message"] = message
+        if record.back_off:
+            waiting = {"reason": "CrashLoopBackOff", "message": record.back_off}
+            return {
+                **status,
+                "lastState": {"terminated": terminated},
+                "state": {"waiting": waiting, "running": None, "terminated": None},
+            }
         return {**status, "state": {"terminated": terminated, "running": None, "waiting": None}}
 
     @staticmethod
@@ -1480,7 +1555,7 @@ class Kubelet:
                 _MERGE,
             )
             for run in [r for r in self.runs.values() if r.node == node]:
-                run.killed_for_node_loss = True
+                run.killed_for_node_loss = run.no_restart = True
                 for container in run.containers.values():
                     self._signal(container, signal.SIGKILL)
                 pod = self.pods.get(run.uid)

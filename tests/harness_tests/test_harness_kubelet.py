@@ -552,3 +552,38 @@ def test_secret_and_configmap_volumes_and_env_from(http: Http, kubelet: Kubelet)
     http.ok("POST", PODS, body)
     phase_of(http, "vols", "Succeeded")
     assert kubelet.pod_log("default", "vols").strip() == "t0k3n fast 3 hello pod $(WHO)"
+
+
+def test_restart_policies(http: Http, kubelet: Kubelet, tmp_path: Path) -> None:
+    del kubelet
+    counter = tmp_path / "attempts"
+    # Fails twice, then succeeds: OnFailure restarts it until it does.
+    script = (
+        "import pathlib, sys;"
+        f"p = pathlib.Path({str(counter)!r}); n = int(p.read_text()) if p.exists() else 0;"
+        "p.write_text(str(n + 1)); sys.exit(0 if n >= 2 else 7)"
+    )
+    http.ok("POST", PODS, pod("flaky", script, restartPolicy="OnFailure"))
+    done = phase_of(http, "flaky", "Succeeded")
+    status = done["status"]["containerStatuses"][0]
+    assert status["restartCount"] == 2
+    assert status["lastState"]["terminated"]["exitCode"] == 7
+    events = http.ok(
+        "GET",
+        "/api/v1/namespaces/default/events?fieldSelector=involvedObject.name%3Dflaky,reason%3DBackOff",
+    )
+    assert len(events["items"]) == 2
+    # Always: a container that keeps exiting shows CrashLoopBackOff while it waits.
+    http.ok("POST", PODS, pod("looping", "pass", restartPolicy="Always"))
+
+    def crash_looping() -> bool:
+        statuses = http.ok("GET", f"{PODS}/looping")["status"].get("containerStatuses") or []
+        waiting = statuses[0]["state"].get("waiting") if statuses else None
+        return bool(
+            waiting and waiting["reason"] == "CrashLoopBackOff" and statuses[0]["restartCount"] >= 1
+        )
+
+    wait_for(crash_looping, message="CrashLoopBackOff")
+    assert http.ok("GET", f"{PODS}/looping")["status"]["phase"] == "Running"
+    http.ok("DELETE", f"{PODS}/looping")
+    wait_for(lambda: http.get(f"{PODS}/looping")[0] == 404, message="looping pod deleted")
