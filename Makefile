@@ -16,7 +16,8 @@ PY := $(BIN)/python
 PIP := $(PY) -m pip
 # torch first, pinned exactly: pip finds the CPU wheel on disk for this spec, while any
 # looser spec (or letting a dependency pull torch in) downloads a multi-GB CUDA build.
-TORCH_SPEC := torch==2.13.0
+# Elsewhere, point pip at a CPU build, e.g. PIP_EXTRA_INDEX_URL=<PyTorch's CPU index>.
+TORCH_SPEC ?= torch==2.13.0
 
 # The venv is rebuilt when a requirements file or the project metadata changes: the
 # stamp's name carries their hash, so an edit makes the old stamp irrelevant.
