@@ -107,6 +107,18 @@ def _pod_status(pod: Obj) -> str:
                 if terminated.get("signal")
                 else f"ExitCode:{terminated.get('exitCode')}"
             )
+    inits = status.get("initContainerStatuses") or []
+    total = len((pod.get("spec") or {}).get("initContainers") or [])
+    done = sum(
+        1 for cs in inits if (cs.get("state") or {}).get("terminated", {}).get("exitCode") == 0
+    )
+    failed = any(
+        (cs.get("state") or {}).get("terminated", {}).get("exitCode", 0) != 0 for cs in inits
+    )
+    if failed:
+        reason = "Init:Error"
+    elif total and done < total:
+        reason = f"Init:{done}/{total}"
     if pod["metadata"].get("deletionTimestamp") and status.get("reason") != "NodeLost":
         reason = "Terminating"
     return str(reason)

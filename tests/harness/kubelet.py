@@ -28,7 +28,9 @@ It is an ordinary API client (HTTPS + bearer token, like a real kubelet):
   tcpSocket or exec;
 * restartPolicy Always/OnFailure: exited containers are restarted after a short
   doubling back-off (CrashLoopBackOff, restartCount, lastState);
-* not emulated: init containers, startup/grpc probes;
+* init containers run one after the other before the main containers (a failed one
+  fails the pod);
+* not emulated: startup/grpc probes, init-container restarts;
 * serves container logs at /containerLogs/<ns>/<pod>/<container> for `kubectl logs`.
 """
 
@@ -977,6 +979,7 @@ class Kubelet:
             "podIPs": [{"ip": run.ip}],
             "startTime": started,
         }
+        init_containers = spec.get("initContainers") or []
         # 1. Image pulls and container config (env sources); both wait and retry.
         attempts = 0
         while not run.terminating.is_set():
@@ -990,7 +993,7 @@ class Kubelet:
             if not waiting:
                 try:
                     await self._fill_volumes(pod, run)
-                    for container in containers:
+                    for container in [*init_containers, *containers]:
                         mounts = self._mounts(pod, run, container)
                         termination = run.directory / f"termination-{container['name']}"
                         env = await self._container_env(pod, run, container, mounts, termination)
@@ -1021,6 +1024,42 @@ class Kubelet:
             pod = self.pods.get(run.uid, pod)
         if run.terminating.is_set():
             return
+        # 1b. Init containers, one after the other; a failed one fails the pod.
+        for index, init in enumerate(init_containers):
+            env, mounts, termination = env_by_container[init["name"]]
+            await self._start_container(run, init, env, mounts, termination)
+            record = run.containers[init["name"]]
+            stopper = asyncio.ensure_future(run.terminating.wait())
+            exited = asyncio.ensure_future(self._wait_exit(record))
+            await asyncio.wait({stopper, exited}, return_when=asyncio.FIRST_COMPLETED)
+            if not exited.done():
+                run.no_restart = True
+                await self._terminate(run, pod)
+            await exited
+            stopper.cancel()
+            failed = record.exit_code != 0
+            pending_init = [
+                _waiting_status(c, "PodInitializing", "") for c in init_containers[index + 1 :]
+            ]
+            await self._patch_status(
+                pod,
+                {
+                    **base_status,
+                    "phase": "Failed" if failed else "Pending",
+                    "conditions": _conditions(
+                        ready=False, initialized=False, reason="ContainersNotInitialized"
+                    ),
+                    "initContainerStatuses": [
+                        self._container_status(run, c) for c in init_containers[: index + 1]
+                    ]
+                    + pending_init,
+                    "containerStatuses": [
+                        _waiting_status(c, "PodInitializing", "") for c in containers
+                    ],
+                },
+            )
+            if failed or run.terminating.is_set():
+                return
         # 2. Start every container.
         for container in containers:
             env, mounts, termination = env_by_container[container["name"]]

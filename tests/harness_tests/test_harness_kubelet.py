@@ -587,3 +587,43 @@ def test_restart_policies(http: Http, kubelet: Kubelet, tmp_path: Path) -> None:
     assert http.ok("GET", f"{PODS}/looping")["status"]["phase"] == "Running"
     http.ok("DELETE", f"{PODS}/looping")
     wait_for(lambda: http.get(f"{PODS}/looping")[0] == 404, message="looping pod deleted")
+
+
+def test_init_containers_run_first(http: Http, kubelet: Kubelet) -> None:
+    body = pod(
+        "init",
+        "import os; print(open(os.environ['SHARED'] + '/seed').read())",
+        volumes=[{"name": "shared", "emptyDir": {}}],
+        container={
+            "env": [{"name": "SHARED", "value": "/shared"}],
+            "volumeMounts": [{"name": "shared", "mountPath": "/shared"}],
+        },
+    )
+    body["spec"]["initContainers"] = [
+        {
+            "name": "seed",
+            "image": "python:3.11",
+            # Paths are rewritten in env values and whole arguments, not inside scripts.
+            "command": [
+                "python",
+                "-c",
+                "import sys; open(sys.argv[1], 'w').write('seeded')",
+                "/shared/seed",
+            ],
+            "volumeMounts": [{"name": "shared", "mountPath": "/shared"}],
+        }
+    ]
+    http.ok("POST", PODS, body)
+    done = phase_of(http, "init", "Succeeded")
+    assert done["status"]["initContainerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
+    assert kubelet.pod_log("default", "init", "main").strip() == "seeded"
+    failing = pod("init-fail", "print('never')")
+    failing["spec"]["initContainers"] = [
+        {"name": "boom", "image": "x:1", "command": ["python", "-c", "raise SystemExit(4)"]}
+    ]
+    http.ok("POST", PODS, failing)
+    failed = phase_of(http, "init-fail", "Failed")
+    assert failed["status"]["initContainerStatuses"][0]["state"]["terminated"]["exitCode"] == 4
+    assert (
+        failed["status"]["containerStatuses"][0]["state"]["waiting"]["reason"] == "PodInitializing"
+    )
