@@ -93,3 +93,34 @@ def test_operator_restart_mid_job_keeps_the_running_trainer(cluster: Cluster) ->
     assert status.get("disruptions", 0) == 0
     assert status["progress"]["step"] == TOTAL_STEPS
     assert "adapters/restarted/manifest.json" in cluster.s3_objects("adapters/restarted/")
+
+
+def test_suspend_frees_the_pod_and_resume_continues_from_the_checkpoint(cluster: Cluster) -> None:
+    cluster.create_secret()
+    cluster.apply(cluster.manifest("pausable", LONGER))
+    first_pod = cluster.wait_status("pausable", lambda s: bool(s.get("podName")), "a pod")[
+        "podName"
+    ]
+    cluster.cp.wait_for(
+        lambda: cluster.trainer_progress(first_pod).get("lastCheckpoint"),
+        timeout=180,
+        message="the first checkpoint",
+    )
+    cluster.kubectl("patch", "lj", "pausable", "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    suspended = cluster.wait_phase("pausable", "Suspended", timeout=120)
+    assert cluster.cp.wait_for(
+        lambda: not [p for p in cluster.pods("pausable") if p["status"].get("phase") == "Running"],
+        timeout=60,
+        message="the trainer pod to stop",
+    )
+    assert suspended.get("failedAttempts", 0) == 0
+
+    cluster.kubectl("patch", "lj", "pausable", "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    status = cluster.wait_phase("pausable", "Succeeded")
+    assert status["attempts"] == 2
+    assert status.get("failedAttempts", 0) == 0
+    second_log = (
+        cluster.cp.kubelet.pod_log("default", status["podName"]) if cluster.cp.kubelet else ""
+    )
+    assert re.search(r"resuming from \S+/checkpoint-\d+", second_log), second_log[-2000:]
+    assert status["progress"]["step"] == TOTAL_STEPS

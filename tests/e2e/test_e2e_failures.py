@@ -168,3 +168,30 @@ def test_unreachable_storage_is_retried_then_reported(cluster: Cluster) -> None:
     assert "cannot reach S3 endpoint" in status["failureMessage"]
     assert closed in status["failureMessage"]
     cluster.assert_no_secret_leaks([cluster.s3.secret_key])
+
+
+def test_exhausted_quota_queues_the_job_until_it_frees_up(cluster: Cluster) -> None:
+    cluster.create_secret()
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "cpu-quota"},
+        "spec": {"hard": {"requests.cpu": "500m"}},
+    }
+    cluster.apply(quota)
+    cluster.apply(cluster.manifest("over-quota"))  # asks for cpu: "1"
+    status = cluster.wait_status(
+        "over-quota",
+        lambda s: (
+            s.get("phase") == "Queued"
+            and any(c.get("reason") == "QuotaExceeded" for c in s.get("conditions", []))
+        ),
+        "QuotaExceeded",
+        timeout=60,
+    )
+    assert status.get("attempts", 0) == 0
+    assert cluster.pods("over-quota") == []
+    # More quota: the job starts by itself and finishes.
+    quota["spec"] = {"hard": {"requests.cpu": "2"}}
+    cluster.apply(quota)
+    cluster.wait_phase("over-quota", "Succeeded")
