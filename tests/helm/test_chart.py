@@ -495,3 +495,9 @@ def test_webhook_is_off_by_default() -> None:
 def test_rendering_is_deterministic(tmp_path: Path) -> None:
     del tmp_path
     assert render({"webhook.enabled": "true"}) == render({"webhook.enabled": "true"})
+
+
+def test_chart_refuses_clusters_it_was_not_made_for() -> None:
+    with pytest.raises(HelmError, match=re.escape("incompatible with Kubernetes v1.28.0")):
+        run_helm("template", "x", str(CHART), "--kube-version", "1.28.0")
+    assert "kind: Deployment" in run_helm("template", "x", str(CHART), "--kube-version", "1.29.0")
