@@ -140,7 +140,8 @@ demo: $(VENV_STAMP) tools ## Fine-tune a tiny model end to end on a local contro
 	$(PY) scripts/demo.py
 
 .PHONY: bench
-bench: $(VENV_STAMP) ## CPU benchmarks (see bench/README.md)
+bench: $(VENV_STAMP) tools ## CPU benchmarks (see bench/README.md)
+	@test -f bench/__main__.py || { echo "error: no benchmarks here (bench/__main__.py is missing)" >&2; exit 1; }
 	$(PY) -m bench
 
 .PHONY: images
