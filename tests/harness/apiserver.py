@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import secrets
+import signal
 import ssl
 import subprocess
 import sys
@@ -1072,6 +1073,11 @@ def _measure_from_kubeconfig(
         )
 
 
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    del signum, frame
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Run the harness Kubernetes API emulator.")
     sub = parser.add_subparsers(dest="command")
@@ -1091,6 +1097,9 @@ def main() -> None:
         )
         print(f"{rate:.1f}")
         return
+    # SIGTERM (e.g. from `timeout` or a process manager) unwinds like Ctrl-C, so
+    # everything started below is stopped and its temp files removed.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     with ApiServer(args.workdir, port=args.port) as server:
         print(f"API server on {server.url}; export KUBECONFIG={server.kubeconfig}", flush=True)
         with contextlib.suppress(KeyboardInterrupt):

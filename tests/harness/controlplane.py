@@ -390,6 +390,11 @@ class ControlPlane:
         return wait_for(predicate, timeout=timeout, message=describe)
 
 
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    del signum, frame
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Run the harness control plane until Ctrl-C.")
     parser.add_argument("--operator", action="store_true", help="start the kopf operator")
@@ -404,6 +409,9 @@ def main() -> None:
         operator=args.operator,
         s3_buckets=(args.bucket or ["lorajob"]) if args.s3 else None,
     )
+    # SIGTERM (e.g. from `timeout` or a process manager) unwinds like Ctrl-C, so
+    # everything started below is stopped and its temp files removed.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     with plane:
         print(f"export KUBECONFIG={plane.kubeconfig}")
         print(f"kubectl: {kubectl()}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -96,7 +97,7 @@ def test_cli_prints_kubeconfig_and_stops_cleanly(tmp_path: Path) -> None:
         ).stdout
         assert out.strip() == "node/gpu-node-1"
     finally:
-        process.send_signal(2)  # Ctrl-C
+        process.send_signal(signal.SIGTERM)  # unwinds like Ctrl-C
         process.wait(timeout=30)
     assert process.returncode == 0
 
