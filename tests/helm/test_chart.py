@@ -220,8 +220,8 @@ def test_rbac_rules_are_exact_cluster_wide() -> None:
 def test_rbac_namespace_scoped_install_grants_nothing_outside_watched_namespaces() -> None:
     manifests = render({"watchNamespaces": "{team-a,team-b}"})
     (cluster_role,) = by_kind(manifests, "ClusterRole")
-    # Cluster-wide: only CRD discovery. Pods, Secrets and jobs only via the Roles.
-    assert _rules(cluster_role) == CLUSTER_RULES
+    # Cluster-wide: CRD discovery and namespace names. Pods, Secrets, jobs: only via Roles.
+    assert _rules(cluster_role) == [*CLUSTER_RULES, (("",), ("namespaces",), ("list", "watch"), ())]
     roles = by_kind(manifests, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     for role in roles:
