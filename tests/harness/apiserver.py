@@ -46,6 +46,7 @@ from tests.harness.kube_admission import (
     quota_admission,
     refresh_quota_status,
 )
+from tests.harness.kube_kueue import FakeKueue, kueue_crds
 from tests.harness.kube_protobuf import PROTOBUF, ProtobufError
 from tests.harness.kube_protobuf import decode as decode_protobuf
 from tests.harness.kube_resources import ResourceType
@@ -859,7 +860,12 @@ class ApiServer:
     """
 
     def __init__(
-        self, workdir: Path | None = None, *, token: str | None = None, port: int = 0
+        self,
+        workdir: Path | None = None,
+        *,
+        token: str | None = None,
+        port: int = 0,
+        kueue: bool = False,
     ) -> None:
         self._tempdir: tempfile.TemporaryDirectory[str] | None = None
         if workdir is None:
@@ -868,6 +874,7 @@ class ApiServer:
         self.workdir = workdir
         self.token = token or secrets.token_hex(16)
         self._requested_port = port
+        self.kueue = kueue
         self.port = 0
         self.store: Store | None = None
         self.kubeconfig = workdir / "kubeconfig"
@@ -906,6 +913,13 @@ class ApiServer:
     async def _start_async(self) -> int:
         self.store = Store()
         app, self._handlers = build_app(self.store, self.token)
+        if self.kueue:
+            FakeKueue(self.store).install()
+            crd_type = self.store.resource(
+                "apiextensions.k8s.io", "v1", "customresourcedefinitions"
+            )
+            for crd in kueue_crds():
+                await self.store.create(crd_type, "", crd)
         self._runner = web.AppRunner(
             app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0
         )

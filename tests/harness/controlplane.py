@@ -116,6 +116,7 @@ class ControlPlane:
         image_pull_error_pattern: images matching this regex fail to pull.
         simulated_runtime: run no container processes (see kubelet.SimulatedRuntime);
             for benchmarks of the operator itself.
+        kueue: emulate Kueue's plain-Pod integration (see kube_kueue.py).
     """
 
     def __init__(
@@ -132,6 +133,7 @@ class ControlPlane:
         kubelet_env: Mapping[str, str] | None = None,
         image_pull_error_pattern: str | None = None,
         simulated_runtime: SimulatedRuntime | None = None,
+        kueue: bool = False,
     ) -> None:
         self._tempdir: tempfile.TemporaryDirectory[str] | None = None
         if workdir is None:
@@ -148,7 +150,7 @@ class ControlPlane:
         self.kubelet_env = dict(kubelet_env or {})
         self.image_pull_error_pattern = image_pull_error_pattern
         self.simulated_runtime = simulated_runtime
-        self.api = ApiServer(workdir / "apiserver")
+        self.api = ApiServer(workdir / "apiserver", kueue=kueue)
         self.kubelet: Kubelet | None = None
         self.s3: Any = None
         self._stack = contextlib.ExitStack()

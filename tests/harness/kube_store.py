@@ -194,7 +194,11 @@ class Store:
         for resource in builtin_resources():
             self.types[(resource.group, resource.version, resource.plural)] = resource
         for name in DEFAULT_NAMESPACES:
-            ns = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+            ns = {
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {"name": name, "labels": {"kubernetes.io/metadata.name": name}},
+            }
             self._stamp_new(ns)
             ns["spec"] = {"finalizers": ["kubernetes"]}
             ns["status"] = {"phase": "Active"}
@@ -1029,6 +1033,9 @@ def _defaults_on_create(resource: ResourceType, obj: Obj) -> None:
         _fold_string_data(obj)
         obj.setdefault("type", "Opaque")
     elif resource.plural == "namespaces":
+        # The NamespaceDefaultLabelName admission: selectors can match a namespace by name.
+        labels = obj["metadata"].setdefault("labels", {})
+        labels["kubernetes.io/metadata.name"] = obj["metadata"]["name"]
         obj["spec"] = {"finalizers": ["kubernetes"]}
         obj["status"] = {"phase": "Active"}
     elif resource.plural == "pods":
