@@ -30,8 +30,11 @@ It is an ordinary API client (HTTPS + bearer token, like a real kubelet):
   doubling back-off (CrashLoopBackOff, restartCount, lastState);
 * init containers run one after the other before the main containers (a failed one
   fails the pod);
-* not emulated: startup/grpc probes, init-container restarts;
-* serves container logs at /containerLogs/<ns>/<pod>/<container> for `kubectl logs`.
+* `SimulatedRuntime`: optionally run no processes at all (operator benchmarks);
+* serves container logs at /containerLogs/<ns>/<pod>/<container> for `kubectl logs`;
+* not emulated: startup/grpc probes, init-container restarts, preemption, resource
+  limits enforcement, and mount paths *inside* a string (a `-c` script): pass paths
+  through env values or whole arguments, which are rewritten.
 """
 
 from __future__ import annotations
