@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 __all__ = [
     "REPO_ROOT",
     "RESULTS_DIR",
@@ -61,8 +63,6 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 
 def machine_info() -> dict[str, Any]:
     """What the numbers were measured on: CPU, memory, GPU, versions, commit, time."""
-    import psutil
-
     info: dict[str, Any] = {
         "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "platform": platform.platform(),
@@ -75,7 +75,7 @@ def machine_info() -> dict[str, Any]:
         "versions": {p: _version(p) for p in _PACKAGES},
     }
     if "torch" in sys.modules:  # only ask CUDA when the benchmark already paid for torch
-        import torch
+        import torch  # noqa: PLC0415
 
         info["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return info

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import random
 import shutil
 import statistics
 import sys
@@ -28,7 +29,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lora_trainer.storage import CONCURRENCY, PART_SIZE, Storage
+
 from bench.common import add_common_args, format_table, ratio, timed, write_results
+from tests.harness.s3 import s3_server
 
 __all__ = ["main", "run"]
 
@@ -40,8 +44,6 @@ BUCKET = "models"
 def write_random_file(path: Path, size: int, seed: int = 0) -> str:
     """`size` bytes of incompressible data (a random 8 MiB block, each copy salted
     with its index so no two blocks are equal); returns the sha256."""
-    import random
-
     block = random.Random(seed).randbytes(8 * _MiB)
     digest = hashlib.sha256()
     with path.open("wb") as fh:
@@ -71,10 +73,6 @@ def _drop_page_cache_hint(path: Path) -> None:
 
 
 def run(size: int, adapter_size: int, repeats: int, work: Path) -> dict[str, Any]:
-    from lora_trainer.storage import CONCURRENCY, PART_SIZE, Storage
-
-    from tests.harness.s3 import s3_server
-
     src = work / "model.safetensors"
     adapter = work / "adapter_model.safetensors"
     t0 = time.perf_counter()
