@@ -32,10 +32,35 @@ from bench.trainer_worker import Job
 
 __all__ = ["compare", "main", "mixed_length_records", "run_worker", "table"]
 
-_WORDS = (
-    "the a is of and what color tell me please answer red green blue yellow purple orange "
-    "black white apple leaf sky sun grape carrot night snow"
-).split()
+_WORDS = [
+    "the",
+    "a",
+    "is",
+    "of",
+    "and",
+    "what",
+    "color",
+    "tell",
+    "me",
+    "please",
+    "answer",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "purple",
+    "orange",
+    "black",
+    "white",
+    "apple",
+    "leaf",
+    "sky",
+    "sun",
+    "grape",
+    "carrot",
+    "night",
+    "snow",
+]
 _GiB = 2**30
 
 
