@@ -228,11 +228,13 @@ class ApiHandlers:
         self.store = store
         self.token = token
         self.webhooks = WebhookAdmission(store)
+        self.mutating_webhooks = WebhookAdmission(store, kind="mutating")
         self._client: aiohttp.ClientSession | None = None
         self._streams: set[asyncio.Task[Any]] = set()  # watch / log handlers, cancelled on stop
         store.sync_admission.append(priority_admission)
         store.sync_admission.append(quota_admission)
         store.async_admission.append(self.webhooks)
+        store.async_mutation.append(self.mutating_webhooks)
         store.after_commit.append(_crd_lifecycle)
         store.after_commit.append(refresh_quota_status)
 
@@ -240,6 +242,7 @@ class ApiHandlers:
         for task in list(self._streams):
             task.cancel()
         await self.webhooks.close()
+        await self.mutating_webhooks.close()
         if self._client is not None:
             await self._client.close()
 

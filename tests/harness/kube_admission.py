@@ -12,12 +12,14 @@
 from __future__ import annotations
 
 import base64
+import json
 import ssl
 import uuid
 from fractions import Fraction
 from typing import Any
 
 import aiohttp
+import jsonpatch
 
 from tests.harness import kube_errors as errors
 from tests.harness.kube_quantity import QuantityError, format_quantity, parse_quantity
@@ -264,11 +266,33 @@ def _rule_matches(
     )
 
 
-class WebhookAdmission:
-    """Calls ValidatingWebhookConfigurations' webhooks for matching requests."""
+def _apply_admission_patch(name: str, obj: Obj, result: dict[str, Any]) -> Obj:
+    if result.get("patchType", "JSONPatch") != "JSONPatch":
+        raise errors.ApiError(
+            500,
+            "InternalError",
+            f'webhook "{name}": unsupported patchType {result.get("patchType")!r}',
+        )
+    try:
+        operations = json.loads(base64.b64decode(result["patch"]))
+        patched: Obj = jsonpatch.JsonPatch(operations).apply(obj)
+    except (ValueError, jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as exc:
+        raise errors.ApiError(
+            500,
+            "InternalError",
+            f'Internal error occurred: admission webhook "{name}" returned an invalid patch: {exc}',
+        ) from exc
+    return patched
 
-    def __init__(self, store: Store) -> None:
+
+class WebhookAdmission:
+    """Calls the Validating- (or Mutating-) WebhookConfigurations' webhooks that match
+    a request. Mutating webhooks' JSONPatch responses are applied in order; the
+    (possibly patched) object is returned."""
+
+    def __init__(self, store: Store, kind: str = "validating") -> None:
         self.store = store
+        self.kind = kind
         self._session: aiohttp.ClientSession | None = None
 
     async def close(self) -> None:
@@ -287,13 +311,13 @@ class WebhookAdmission:
         obj: Obj,
         old: Obj | None,
         subresource: str | None,
-    ) -> None:
+    ) -> Obj:
         configs = self.store.resource(
-            "admissionregistration.k8s.io", "v1", "validatingwebhookconfigurations"
+            "admissionregistration.k8s.io", "v1", f"{self.kind}webhookconfigurations"
         )
         entries = list(self.store.iter_entries(configs, ""))
         if not entries:
-            return
+            return obj
         for entry in entries:
             for webhook in entry.obj.get("webhooks") or []:
                 if not any(
@@ -313,7 +337,7 @@ class WebhookAdmission:
                     ns_labels = ((ns or {}).get("metadata") or {}).get("labels") or {}
                     if not _selector_matches(webhook.get("namespaceSelector"), ns_labels):
                         continue
-                await self._call(
+                result = await self._call(
                     webhook,
                     operation=operation,
                     resource=resource,
@@ -321,6 +345,9 @@ class WebhookAdmission:
                     old=old,
                     subresource=subresource,
                 )
+                if self.kind == "mutating" and result.get("patch"):
+                    obj = _apply_admission_patch(webhook.get("name", ""), obj, result)
+        return obj
 
     async def _call(
         self,
@@ -331,7 +358,7 @@ class WebhookAdmission:
         obj: Obj,
         old: Obj | None,
         subresource: str | None,
-    ) -> None:
+    ) -> dict[str, Any]:
         name = webhook.get("name", "")
         client = webhook.get("clientConfig") or {}
         url = client.get("url")
@@ -382,16 +409,16 @@ class WebhookAdmission:
                 answer = await response.json(content_type=None)
         except (aiohttp.ClientError, RuntimeError, ssl.SSLError, TimeoutError, ValueError) as exc:
             if ignore:
-                return
+                return {"allowed": True}
             raise errors.ApiError(
                 500,
                 "InternalError",
                 f'Internal error occurred: failed calling webhook "{name}": failed to call webhook: '
                 f'Post "{url}": {exc}',
             ) from exc
-        result = answer.get("response") or {}
+        result: dict[str, Any] = answer.get("response") or {}
         if result.get("allowed"):
-            return
+            return result
         status = result.get("status") or {}
         code = max(int(status.get("code") or 400), 400)
         denied = f'admission webhook "{name}" denied the request'

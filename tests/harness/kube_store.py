@@ -158,7 +158,7 @@ class DeleteOptions:
 AfterCommit = Callable[["Store", ResourceType, str, "Obj", "Obj | None"], None]
 # Admission: sync plugins (quota) and async ones (webhooks). Both may raise ApiError.
 SyncAdmission = Callable[["Store", str, ResourceType, Obj, Obj | None], None]
-AsyncAdmission = Callable[[str, ResourceType, Obj, Obj | None, str | None], Awaitable[None]]
+AsyncAdmission = Callable[[str, ResourceType, Obj, Obj | None, str | None], Awaitable[Obj]]
 
 
 _PATCH_RETRIES = 5
@@ -188,7 +188,8 @@ class Store:
         self.dependents: dict[str, set[str]] = collections.defaultdict(set)
         self.crd_types: dict[str, list[ResourceType]] = {}
         self.sync_admission: list[SyncAdmission] = []
-        self.async_admission: list[AsyncAdmission] = []
+        self.async_admission: list[AsyncAdmission] = []  # validating: return obj unchanged
+        self.async_mutation: list[AsyncAdmission] = []  # mutating: may return a new obj
         self.after_commit: list[AfterCommit] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         for resource in builtin_resources():
@@ -486,6 +487,8 @@ class Store:
         if resource.has_status and resource.custom:
             obj.pop("status", None)  # CRs with a status subresource ignore status on create
         _defaults_on_create(resource, obj)
+        for mutate in self.async_mutation:
+            obj = await mutate("CREATE", resource, obj, None, None)
         self._validate_builtin(resource, obj, name, creating=True)
         self._validate_schema(resource, obj, name, field_validation)
         for plugin in self.sync_admission:
@@ -612,6 +615,12 @@ class Store:
             require_rv=require_rv,
             field_validation=field_validation,
         )
+        for mutate in self.async_mutation:
+            mutated = await mutate("UPDATE", resource, new, current.obj, subresource)
+            if mutated != new:
+                _validate_update(resource, current.obj, mutated)
+                self._validate_schema(resource, mutated, name, field_validation, current.obj)
+                new = mutated
         for plugin in self.sync_admission:
             plugin(self, "UPDATE", resource, new, current.obj)
         for hook in self.async_admission:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from aiohttp import web
 
 from tests.harness.apiserver import ApiServer
 from tests.harness.controlplane import free_port
+from tests.harness.kube_resources import ResourceType
 from tests.harness.kube_tls import make_tls
 from tests.harness_tests.helpers import WIDGETS, Http, widget
 
@@ -122,9 +124,27 @@ class WebhookServer:
             {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}
         )
 
+    async def _mutate(self, request: web.Request) -> web.Response:
+        review = await request.json()
+        self.reviews.append(review)
+        operations = [
+            {"op": "add", "path": "/metadata/labels", "value": {"mutated": "yes"}},
+            {"op": "add", "path": "/spec/note", "value": "set by the webhook"},
+        ]
+        response = {
+            "uid": review["request"]["uid"],
+            "allowed": True,
+            "patchType": "JSONPatch",
+            "patch": base64.b64encode(json.dumps(operations).encode()).decode(),
+        }
+        return web.json_response(
+            {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}
+        )
+
     async def _start(self) -> None:
         app = web.Application()
         app.router.add_post("/validate", self._review)
+        app.router.add_post("/mutate", self._mutate)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.tls.server_context())
@@ -263,16 +283,20 @@ def test_patch_is_reapplied_when_a_write_lands_during_admission(
 
     writes: list[str] = []
 
-    async def write_status_during_review(*_: Any) -> None:
+    async def write_status_during_review(
+        operation: str, kind: ResourceType, obj: dict[str, Any], old: Any, sub: str | None
+    ) -> dict[str, Any]:
         # Runs on the server loop between admission and commit: a concurrent writer
         # that gets in once.
+        del operation, kind, old, sub
         if writes:
-            return
+            return obj
         current = store.find(resource, "default", "busy")
         assert current is not None
         updated = {**current, "status": {"phase": f"tick-{current['metadata']['resourceVersion']}"}}
         store.internal_update(resource, "default", "busy", updated)
         writes.append("done")
+        return obj
 
     api.call(lambda: store.async_admission.append(write_status_during_review))
     patched = http.ok(
@@ -318,3 +342,21 @@ def test_object_count_quota(http: Http, widget_crd: dict[str, Any]) -> None:
     quota = http.ok("GET", "/api/v1/namespaces/default/resourcequotas/counts")
     assert quota["status"]["used"]["count/widgets.example.com"] == "0"
     http.ok("POST", WIDGETS, widget("two"))
+
+
+def test_mutating_webhook_patches_before_validation(
+    http: Http, widget_crd: dict[str, Any], webhook: WebhookServer
+) -> None:
+    del widget_crd
+    config = webhook.configuration()
+    config["kind"] = "MutatingWebhookConfiguration"
+    config["metadata"]["name"] = "widgets-mutate"
+    config["webhooks"][0]["name"] = "mutate.widgets.example.com"
+    config["webhooks"][0]["clientConfig"]["url"] = f"https://127.0.0.1:{webhook.port}/mutate"
+    http.ok("POST", "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations", config)
+    http.ok("POST", VWC, webhook.configuration())
+    created = http.ok("POST", WIDGETS, widget("m"))
+    assert created["metadata"]["labels"] == {"mutated": "yes"}
+    assert created["spec"]["note"] == "set by the webhook"
+    # The validating webhook saw the mutated object.
+    assert webhook.reviews[-1]["request"]["object"]["metadata"]["labels"] == {"mutated": "yes"}
