@@ -1,0 +1,161 @@
+"""Every benchmark runs end to end at its smallest size (`--quick`) and writes sane JSON.
+
+The numbers from --quick mean nothing; these tests only keep the scripts from rotting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from bench import trainer_gpu
+from bench.common import REPO_ROOT, format_table, percentile, ratio
+from bench.trainer import mixed_length_records
+
+
+def _run(module: str, results: Path, *extra: str, timeout: float = 300) -> str:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(REPO_ROOT), str(REPO_ROOT / "operator"), str(REPO_ROOT / "trainer_image")]
+        ),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--quick", "--results-dir", str(results), *extra],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, f"{module} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def _load(results: Path, name: str) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads((results / f"{name}.json").read_text())
+    assert doc["benchmark"] == name
+    assert doc["machine"]["cpu_count"] >= 1
+    assert doc["machine"]["versions"]["torch"]
+    return doc
+
+
+def test_format_table_aligns_numbers_right_and_text_left() -> None:
+    out = format_table(["name", "value"], [["a", 1.5], ["longer", 1234.0], ["c", None]])
+    lines = out.splitlines()
+    assert lines[0] == "name    value"
+    assert lines[2] == "a        1.50"
+    assert lines[3] == "longer  1,234"
+    assert lines[4] == "c           -"
+
+
+def test_ratio_and_percentile() -> None:
+    assert ratio(4.0, 2.0) == 2.0
+    assert ratio(1.0, 0.0) is None
+    assert ratio(None, 1.0) is None
+    assert percentile([], 50) is None
+    assert percentile([3.0], 99) == 3.0
+    assert percentile([float(i) for i in range(1, 101)], 50) == pytest.approx(50.5)
+    assert percentile([float(i) for i in range(1, 101)], 99) == pytest.approx(99.01)
+
+
+def test_mixed_length_records_span_short_to_long() -> None:
+    records = mixed_length_records(300, max_words=400, seed=1)
+    lengths = sorted(len((r["prompt"] + r["completion"]).split()) for r in records)
+    assert lengths[0] < 20  # plenty of short records ...
+    assert lengths[-1] > 150  # ... and some near the limit
+    assert lengths[len(lengths) // 2] < 100  # most are short: padding wastes most slots
+    assert records == mixed_length_records(300, max_words=400, seed=1)  # deterministic
+
+
+def test_random_llama_writer_produces_a_loadable_sharded_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GPU benchmark's 8B model writer, on a tiny shape: from_pretrained loads it."""
+    arch = trainer_gpu.LLAMA3_8B | {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 2048,
+    }
+    monkeypatch.setattr(trainer_gpu, "_SHARD_BYTES", 64 * 1024)  # force several shards
+    out = trainer_gpu.write_random_llama(tmp_path / "m", arch)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    assert all((out / s).is_file() for s in shards)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    assert model.config.num_key_value_heads == 2
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    assert 0.01 < float(weight.detach().float().std()) < 0.03  # random init really happened
+    assert float(model.model.norm.weight.detach().float().mean()) == 1.0
+
+
+@pytest.mark.slow
+def test_transfer_quick(tmp_path: Path) -> None:
+    out = _run("bench.transfer", tmp_path)
+    assert "download" in out
+    doc = _load(tmp_path, "transfer")
+    assert doc["download"]["ours_s"] > 0
+    assert doc["download"]["baseline_s"] > 0
+    assert doc["download"]["speedup"] > 0
+    assert doc["cache_hit"]["ours_s"] < doc["download"]["ours_s"]
+    assert doc["upload"]["ours_s"] > 0
+
+
+@pytest.mark.slow
+def test_trainer_cpu_quick(tmp_path: Path) -> None:
+    out = _run("bench.trainer", tmp_path)
+    assert "effective tokens/s" in out
+    doc = _load(tmp_path, "trainer_cpu")
+    ours, plain = doc["ours"], doc["plain"]
+    assert ours["steps"] == plain["steps"] == doc["params"]["steps"]
+    # The baseline pads every row to maxSeqLength; packed rows carry no padding.
+    assert plain["token_slots"] == plain["forwards"] * doc["params"]["batch_size"] * 64
+    assert plain["padding_fraction"] > 0
+    assert ours["padding_fraction"] == 0
+    assert ours["real_tokens"] > plain["real_tokens"]
+    assert 0 < ours["loss_tokens"] <= ours["real_tokens"]
+    assert ours["peak_rss_delta_bytes"] > 0
+    assert doc["comparison"]["effective_tokens_per_s_ratio"] > 0
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the skip path; with CUDA the benchmark runs"
+)
+def test_trainer_gpu_skips_cleanly_without_cuda(tmp_path: Path) -> None:
+    out = _run("bench.trainer_gpu", tmp_path)
+    assert "skipped" in out
+    assert "no CUDA" in _load(tmp_path, "trainer_gpu")["skipped"]
+
+
+@pytest.mark.slow
+def test_operator_scale_quick(tmp_path: Path) -> None:
+    out = _run("bench.operator_scale", tmp_path)
+    assert "ceiling" in out
+    doc = _load(tmp_path, "operator_scale")
+    assert doc["api_server_writes_per_s"] > 0
+    (size,) = doc["sizes"]
+    assert size["jobs_with_pod"] == size["jobs_running"] == size["jobs"]
+    assert size["create_to_pod"]["p99_s"] > 0
+    assert size["operator_peak_rss_mib"] > 10
+    assert size["operator_cpu_s"] > 0
+
+
+@pytest.mark.slow
+def test_suite_runner_quick_runs_the_chosen_parts(tmp_path: Path) -> None:
+    out = _run("bench", tmp_path, "--only", "operator_scale,trainer_gpu")
+    assert "total" in out
+    assert (tmp_path / "operator_scale.json").is_file()
+    assert not (tmp_path / "transfer.json").exists()
