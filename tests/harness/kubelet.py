@@ -1376,12 +1376,14 @@ class Kubelet:
             raise RuntimeError(
                 f"container {name}: the harness cannot run an image's default entrypoint; set command"
             )
-        argv = [_expand(a, env) for a in argv]
+        # Map container paths onto the pod's volumes first, then swap in the host's
+        # interpreter: that is a host path and may itself lie under a mount path such
+        # as /tmp (a checkout under /tmp must still run its pods).
+        argv = [self._rewrite(_expand(a, env), mounts) for a in argv]
         if argv[0] in ("python", "python3") or re.fullmatch(
             r"(/usr(/local)?/bin/)?python3?(\.\d+)?", argv[0]
         ):
             argv[0] = self.python
-        argv = [self._rewrite(a, mounts) for a in argv]
         cwd = self._rewrite(container.get("workingDir") or "", mounts) or str(run.directory)
         Path(cwd).mkdir(parents=True, exist_ok=True)
         termination.unlink(missing_ok=True)

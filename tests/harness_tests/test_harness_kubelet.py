@@ -627,3 +627,24 @@ def test_init_containers_run_first(http: Http, kubelet: Kubelet) -> None:
     assert (
         failed["status"]["containerStatuses"][0]["state"]["waiting"]["reason"] == "PodInitializing"
     )
+
+
+def test_interpreter_under_a_mount_path_is_not_rewritten(api: ApiServer, tmp_path: Path) -> None:
+    """A checkout under /tmp (the venv's python is /tmp/...) must still run pods that
+    mount an emptyDir at /tmp."""
+    http = Http(api)
+    host_bin = tmp_path / "hostbin"
+    host_bin.mkdir()
+    (host_bin / "python3").symlink_to(sys.executable)
+    with Kubelet(
+        api.kubeconfig, tmp_path / "k", nodes=[cpu_node()], python=str(host_bin / "python3")
+    ) as k:
+        body = pod(
+            "venv-under-mount",
+            "print('ran')",
+            volumes=[{"name": "shadow", "emptyDir": {}}],
+            container={"volumeMounts": [{"name": "shadow", "mountPath": str(tmp_path)}]},
+        )
+        http.ok("POST", PODS, body)
+        phase_of(http, "venv-under-mount", "Succeeded")
+        assert k.pod_log("default", "venv-under-mount").strip() == "ran"
