@@ -883,10 +883,17 @@ class Kubelet:
 
     @staticmethod
     def _rewrite(value: str, mounts: dict[str, Path]) -> str:
+        """Map a container path under a mount onto the pod's host directory.
+
+        A path *below* a mount that already exists on the host is left alone: in
+        the harness that is a host file a test handed to the pod (a script under
+        /tmp while the pod mounts an emptyDir at /tmp), not a container path."""
         for mount_path in sorted(mounts, key=len, reverse=True):
             if value == mount_path:
                 return str(mounts[mount_path])
             if value.startswith(mount_path.rstrip("/") + "/"):
+                if os.path.exists(value):
+                    return value
                 return str(mounts[mount_path]) + value[len(mount_path.rstrip("/")) :]
         return value
 

@@ -648,3 +648,25 @@ def test_interpreter_under_a_mount_path_is_not_rewritten(api: ApiServer, tmp_pat
         http.ok("POST", PODS, body)
         phase_of(http, "venv-under-mount", "Succeeded")
         assert k.pod_log("default", "venv-under-mount").strip() == "ran"
+
+
+def test_existing_host_paths_under_a_mount_are_kept(
+    http: Http, kubelet: Kubelet, tmp_path: Path
+) -> None:
+    script = tmp_path / "hello.py"
+    script.write_text(
+        "import os; print('hello', os.environ['DATA'].startswith(os.environ['MOUNT_HOST']))"
+    )
+    mount = str(tmp_path)  # the pod mounts an emptyDir over the directory holding the script
+    body = pod("hostpath", "unused", volumes=[{"name": "v", "emptyDir": {}}])
+    body["spec"]["containers"][0]["command"] = ["python", str(script)]
+    body["spec"]["containers"][0]["volumeMounts"] = [{"name": "v", "mountPath": mount}]
+    body["spec"]["containers"][0]["env"] = [
+        {"name": "DATA", "value": f"{mount}/not-on-the-host/data"},
+        {"name": "MOUNT_HOST", "value": mount},
+    ]
+    http.ok("POST", PODS, body)
+    phase_of(http, "hostpath", "Succeeded")
+    # The script (a host file) ran from where it is, while DATA (no such host path)
+    # and the mount path itself were mapped onto the pod's volume.
+    assert kubelet.pod_log("default", "hostpath").strip() == "hello True"
