@@ -34,7 +34,8 @@ It is an ordinary API client (HTTPS + bearer token, like a real kubelet):
 * serves container logs at /containerLogs/<ns>/<pod>/<container> for `kubectl logs`;
 * not emulated: startup/grpc probes, init-container restarts, preemption, resource
   limits enforcement, and mount paths *inside* a string (a `-c` script): pass paths
-  through env values or whole arguments, which are rewritten.
+  through env values or whole arguments, which are rewritten (paths that already
+  exist on the host are kept: they are files a test handed to the pod).
 """
 
 from __future__ import annotations
