@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.harness.controlplane import ControlPlane, wait_for
+from tests.harness.controlplane import ControlPlane
 from tests.harness.kubelet import cpu_node
 from tests.harness.tiny_model import build_tiny_model, write_dataset
 
@@ -150,16 +150,21 @@ class Cluster:
         what: str,
         timeout: float = JOB_TIMEOUT_S,
     ) -> dict[str, Any]:
-        def check() -> dict[str, Any] | None:
+        deadline = time.monotonic() + timeout
+        status: dict[str, Any] = {}
+        while time.monotonic() < deadline:
             status = self.status(name)
+            if predicate(status):
+                return status
             if status.get("phase") == "Failed" and "Failed" not in what:
-                raise AssertionError(f"lorajob/{name} failed: {json.dumps(status)[:2000]}")
-            return status if predicate(status) else None
-
-        try:
-            return wait_for(check, timeout=timeout, interval=0.25, message=f"{name}: {what}")
-        except AssertionError as err:
-            raise AssertionError(f"{err}\n{self.diagnostics(name)}") from None
+                # A failed job never recovers: report it now, not after the timeout.
+                raise AssertionError(
+                    f"{name} failed instead of reaching {what}\n{self.diagnostics(name)}"
+                )
+            time.sleep(0.25)
+        raise AssertionError(
+            f"{name}: timed out after {timeout:.0f}s waiting for {what}\n{self.diagnostics(name)}"
+        )
 
     def wait_phase(self, name: str, phase: str, timeout: float = JOB_TIMEOUT_S) -> dict[str, Any]:
         return self.wait_status(
