@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_common_args(parser)
     parser.add_argument("--max-seq-length", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--records", type=int, default=400)
