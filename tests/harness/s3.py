@@ -47,6 +47,7 @@ __all__ = ["S3Server", "free_port", "s3_server", "weed_binary"]
 
 DEFAULT_REGION = "us-east-1"
 _START_TIMEOUT_S = 60.0
+_START_ATTEMPTS = 3
 
 
 def weed_binary() -> str:
@@ -194,11 +195,45 @@ def s3_server(
     config = workdir / "s3.json"
     config.write_text(json.dumps(_identities(access_key, secret_key)))
     log = workdir / "weed.log"
+    # A port picked free can be taken (e.g. by an outgoing connection) before weed binds
+    # it; weed then exits "address already in use", and a fresh set of ports is tried.
+    for attempt in range(1, _START_ATTEMPTS + 1):
+        data = workdir / f"data-{attempt}"
+        data.mkdir()
+        proc, endpoint = _start_weed(workdir, data, config, log)
+        try:
+            _wait_ready(proc, endpoint, log)
+            break
+        except BaseException as exc:
+            _stop(proc)
+            port_taken = "address already in use" in log.read_text(errors="replace")
+            if not (isinstance(exc, RuntimeError) and port_taken and attempt < _START_ATTEMPTS):
+                shutil.rmtree(workdir, ignore_errors=True)
+                raise
+    try:
+        server = S3Server(
+            endpoint=endpoint,
+            access_key=access_key,
+            secret_key=secret_key,
+            pid=proc.pid,
+            workdir=workdir,
+        )
+        _wait_writable(server)
+        client = server.client()
+        for bucket in buckets:
+            client.create_bucket(Bucket=bucket)
+        yield server
+    finally:
+        _stop(proc)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _start_weed(
+    workdir: Path, data: Path, config: Path, log: Path
+) -> tuple[subprocess.Popen[bytes], str]:
     # Each component needs an HTTP and a gRPC port; pick them all explicitly so
     # parallel servers (several tests, several engineers) never collide.
     p = {name: free_port() for name in ("m", "mg", "v", "vg", "f", "fg", "s", "sg")}
-    data = workdir / "data"
-    data.mkdir()
     cmd = [
         weed_binary(),
         "server",
@@ -231,20 +266,4 @@ def s3_server(
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # own process group: killpg reaches every child
         )
-    try:
-        _wait_ready(proc, endpoint, log)
-        server = S3Server(
-            endpoint=endpoint,
-            access_key=access_key,
-            secret_key=secret_key,
-            pid=proc.pid,
-            workdir=workdir,
-        )
-        _wait_writable(server)
-        client = server.client()
-        for bucket in buckets:
-            client.create_bucket(Bucket=bucket)
-        yield server
-    finally:
-        _stop(proc)
-        shutil.rmtree(workdir, ignore_errors=True)
+    return proc, endpoint
