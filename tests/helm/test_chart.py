@@ -165,7 +165,12 @@ def test_inconsistent_values_fail_with_the_fix(values: dict[str, str], error: st
 # (apiGroups, resources, verbs, resourceNames)
 Rule = tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...]]
 NAMESPACED_RULES: list[Rule] = [
-    (("finetune.loraops.dev",), ("lorajobs",), ("get", "list", "watch", "patch", "update"), ()),
+    (
+        ("finetune.loraops.dev",),
+        ("lorajobs",),
+        ("get", "list", "watch", "patch", "update", "delete"),  # delete: TTL after finish
+        (),
+    ),
     (("finetune.loraops.dev",), ("lorajobs/status",), ("get", "patch", "update"), ()),
     (("finetune.loraops.dev",), ("lorajobs/finalizers",), ("update",), ()),
     (("",), ("pods",), ("get", "list", "watch", "create", "delete"), ()),
