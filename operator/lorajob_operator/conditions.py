@@ -108,7 +108,7 @@ HINTS: dict[Reason, str] = {
     "to use the operator's trainer image",
     Reason.SECRET_NOT_FOUND: "create the Secret named in spec.storage.credentialsSecret "
     "(keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or spec.storage.hfTokenSecret (key "
-    "HF_TOKEN) in the job's namespace, then re-create the job",
+    "HF_TOKEN) in the job's namespace; the job starts by itself once it exists",
     Reason.CONTAINER_CONFIG_ERROR: "check the Secrets named under spec.storage exist with "
     "the expected keys",
     Reason.CONTAINER_START_ERROR: "spec.image must be a lora-trainer image (python -m "
@@ -126,8 +126,8 @@ HINTS: dict[Reason, str] = {
     Reason.CREDENTIALS_ERROR: "check the keys in spec.storage.credentialsSecret and that "
     "they may read the sources and write spec.output.uri",
     Reason.SOURCE_NOT_FOUND: "check model.uri and dataset.uri exist (bucket, prefix, revision)",
-    Reason.STORAGE_ERROR: "object storage failed; the job retries. Check spec.storage."
-    "endpoint if it persists",
+    Reason.STORAGE_ERROR: "object storage failed; the job retries up to spec.backoffLimit "
+    "times. If it persists, check spec.storage.endpoint and that the cluster can reach it",
     Reason.TRAINER_ERROR: "see the message and the pod logs (kubectl logs); the job retries "
     "up to spec.backoffLimit times",
     Reason.DEADLINE_EXCEEDED: "raise spec.activeDeadlineSeconds or lower training.maxSteps "

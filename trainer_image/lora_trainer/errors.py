@@ -114,7 +114,10 @@ class SourceNotFound(TrainerError):
 
 class StorageError(TrainerError):
     reason = FailureReason.STORAGE_ERROR
-    default_hint = "A storage or network error; the job is retried automatically."
+    default_hint = (
+        "A storage or network error. The operator retries up to spec.backoffLimit times; "
+        "if it persists, check spec.storage.endpoint and that the pod can reach it."
+    )
 
 
 class OutOfMemory(TrainerError):
