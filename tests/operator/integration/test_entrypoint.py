@@ -67,8 +67,14 @@ def test_python_m_lorajob_operator(tmp_path_factory: pytest.TempPathFactory) -> 
                 timeout=30,
                 message="job succeeded",
             )
-            with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as r:
-                assert b'lorajob_jobs{phase="Succeeded"} 1.0' in r.read()
+
+            # The gauge is set after the status patch lands, so a scrape right after the
+            # phase turns Succeeded may still see Running: wait for it, don't race it.
+            def scraped_succeeded() -> bool:
+                with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as r:
+                    return b'lorajob_jobs{phase="Succeeded"} 1.0' in r.read()
+
+            cp.wait_for(scraped_succeeded, timeout=10, message="Succeeded in lorajob_jobs")
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             try:
