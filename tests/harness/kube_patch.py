@@ -116,10 +116,14 @@ def _strategic_into(target: Any, patch: Any) -> Any:
             continue  # $setElementOrder, $retainKeys, $patch: ordering/hints only
         elif value is None:
             result.pop(key, None)
-        elif isinstance(value, list) and key in _MERGE_KEYS and isinstance(result.get(key), list):
-            result[key] = _merge_keyed_list(result[key], value, _MERGE_KEYS[key])
-        elif isinstance(value, list) and key in _SET_LISTS and isinstance(result.get(key), list):
-            result[key] = result[key] + [v for v in value if v not in result[key]]
+        elif isinstance(value, list) and key in _MERGE_KEYS:
+            current = result.get(key)
+            current = current if isinstance(current, list) else []
+            result[key] = _merge_keyed_list(current, value, _MERGE_KEYS[key])
+        elif isinstance(value, list) and key in _SET_LISTS:
+            current = result.get(key)
+            current = current if isinstance(current, list) else []
+            result[key] = current + [v for v in value if v not in current]
         elif isinstance(value, dict) and value.get("$patch") == "replace":
             result[key] = {k: v for k, v in value.items() if k != "$patch"}
         elif isinstance(value, dict) and value.get("$patch") == "delete":
@@ -132,9 +136,21 @@ def _strategic_into(target: Any, patch: Any) -> Any:
     return result
 
 
+def _drop_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
+
+
 def strategic_merge_patch(target: Any, patch: Any) -> Any:
-    """Approximate strategic merge patch (see module docstring); returns a new value."""
-    return _strategic_into(_clone(target), _clone(patch))
+    """Approximate strategic merge patch (see module docstring); returns a new value.
+
+    Strategic merge exists only for built-in types, which the real server decodes
+    into Go structs: an explicit null never survives there, wherever it sits (in a
+    list item replaced wholesale, a `$patch: replace` map), so none survives here."""
+    return _drop_nulls(_strategic_into(_clone(target), _clone(patch)))
 
 
 def apply_patch(content_type: str, target: dict[str, Any], body: Any) -> Any:

@@ -170,6 +170,16 @@ def test_strategic_merge_patch_merges_keyed_lists(http: Http) -> None:
             {"finalizers": ["b"]},
         ),
         ({"args": ["x"]}, {"args": ["y"]}, {"args": ["y"]}),
+        # The first write of a keyed list, and lists replaced wholesale: the nulls a
+        # client sends to clear fields are not stored (built-in types drop them).
+        (
+            {"status": {}},
+            {"status": {"containerStatuses": [{"name": "c", "state": {"running": None}}]}},
+            {"status": {"containerStatuses": [{"name": "c", "state": {}}]}},
+        ),
+        ({}, {"finalizers": ["a"]}, {"finalizers": ["a"]}),
+        ({}, {"args": [{"a": None, "b": 1}]}, {"args": [{"b": 1}]}),
+        ({}, {"spec": {"$patch": "replace", "x": None, "y": 2}}, {"spec": {"y": 2}}),
     ],
 )
 def test_strategic_merge_patch_directives(
