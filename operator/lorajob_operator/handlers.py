@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -109,6 +109,34 @@ webhook.register(SETTINGS)
 # --------------------------------------------------------------------------- lifecycle
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """kopf's "last handled configuration", kept nowhere.
+
+    kopf diffs each job against that snapshot to find on.create / on.update /
+    on.resume causes; this operator has none of those handlers (its daemon
+    reconciles every change, and on.delete is detected from the deletion
+    timestamp alone). Keeping the snapshot would cost one annotation write per
+    job and spec change, plus a deep copy of every body on every watch event.
+    With an empty essence every event is a no-op change to kopf.
+    """
+
+    def build(
+        self,
+        *,
+        body: kopf.Body,
+        extra_fields: Iterable[kopf.FieldSpec] | None = None,
+    ) -> kopf.BodyEssence:
+        del body, extra_fields
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        del body
+        return kopf.BodyEssence()
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        del body, patch, essence  # nothing to keep (see the class docstring)
+
+
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) -> None:
     global RUNTIME  # noqa: PLW0603 - one runtime per operator process
@@ -116,9 +144,7 @@ async def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: A
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
         prefix=ANNOTATION_PREFIX
     )
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
-    )
+    settings.persistence.diffbase_storage = NoDiffBase()
     settings.persistence.finalizer = FINALIZER
     # We post our own Events for every transition; kopf adds one only for warnings
     # (e.g. a handler that raised).
@@ -163,6 +189,7 @@ async def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: A
 async def cleanup(**_: Any) -> None:
     if RUNTIME is not None:
         await RUNTIME.reader.close()
+        await RUNTIME.kube.close()
 
 
 @kopf.on.probe(id="jobs")

@@ -1,8 +1,13 @@
 """The only module that calls the Kubernetes API.
 
-It uses the official synchronous client from async code through
-`asyncio.to_thread`, and asks for raw JSON (`_preload_content=False`) so the
-rest of the operator deals in the same camelCase dicts kopf hands to handlers.
+Calls go out over one shared aiohttp session (keep-alive connections, no
+threads): the operator makes a handful of calls per job, and at thousands of
+jobs the synchronous client's thread hand-offs and per-call connection setup
+cost more CPU than the reconciler itself. Where to connect and how to
+authenticate still come from the official client's configuration
+(kubeconfig or the in-cluster service account, token refresh included).
+Everything is raw JSON, so the rest of the operator deals in the same
+camelCase dicts kopf hands to handlers.
 API errors become a few exceptions that mean something to the reconciler:
 AlreadyExists is success, exceeded quota is a wait, other 4xx on create is a
 refusal. Secret *values* are never read into memory beyond the HTTP response.
@@ -13,11 +18,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+import ssl
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote
 
+import aiohttp
 from kubernetes import client, config
-from kubernetes.client.exceptions import ApiException
 
 from lorajob_operator import api
 from lorajob_operator.objects import LABEL_JOB_UID, MANAGED_BY, JobRef, selector_string
@@ -25,11 +32,13 @@ from lorajob_operator.objects import LABEL_JOB_UID, MANAGED_BY, JobRef, selector
 __all__ = ["Kube", "KubeError", "PodRejected", "QuotaExceeded", "load_config"]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 MERGE_PATCH = "application/merge-patch+json"
 # Seconds for one API call; the default (none) could hang a reconciliation forever.
 REQUEST_TIMEOUT = 30.0
+# Connections kept open to the API server; more requests than this wait for one.
+MAX_CONNECTIONS = 32
+_JOBS = f"/apis/{api.GROUP}/{api.VERSION}/namespaces/{{ns}}/{api.PLURAL}"
 
 
 class KubeError(Exception):
@@ -44,6 +53,15 @@ class PodRejected(KubeError):
     """The API server refused the pod for good (admission policy, invalid object)."""
 
 
+class _ApiStatus(Exception):
+    """A non-2xx answer: its code and the server's human message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
 def load_config() -> None:
     """KUBECONFIG / ~/.kube/config, or the in-cluster service account."""
     try:
@@ -52,51 +70,116 @@ def load_config() -> None:
         config.load_incluster_config()  # type: ignore[no-untyped-call]
 
 
-def _message(exc: ApiException) -> str:
+def _message(status: int, reason: str, payload: bytes) -> str:
     """The server's human message (never the request body, which may hold data)."""
     try:
-        body = json.loads(exc.body or "{}")
+        body = json.loads(payload or b"{}")
     except (TypeError, ValueError):
         body = {}
     if isinstance(body, dict) and body.get("message"):
         return str(body["message"])
-    return f"HTTP {exc.status} {exc.reason or ''}".strip()
+    return f"HTTP {status} {reason or ''}".strip()
 
 
-def _json(response: Any) -> Any:
-    return json.loads(response.data)
+def _ssl_context(cfg: client.Configuration) -> ssl.SSLContext | bool:
+    if not cfg.verify_ssl:
+        return False
+    ctx = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
+    if cfg.cert_file:
+        ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
+    return ctx
+
+
+def _q(segment: str) -> str:
+    return quote(segment, safe="")
 
 
 class Kube:
-    """Typed, async-friendly calls for the few things the operator does."""
+    """Typed async calls for the few things the operator does.
+
+    `api_client` only supplies the configuration (server, CA, credentials); by
+    default the one `load_config()` set up.
+    """
 
     def __init__(self, api_client: client.ApiClient | None = None) -> None:
-        self.api_client = api_client or client.ApiClient()
-        self.core = client.CoreV1Api(self.api_client)
-        self.custom = client.CustomObjectsApi(self.api_client)
+        self.configuration: client.Configuration = (
+            api_client.configuration if api_client else client.Configuration.get_default_copy()
+        )
+        self._host = str(self.configuration.host).rstrip("/")
+        self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        kwargs.setdefault("_request_timeout", REQUEST_TIMEOUT)
-        return await asyncio.to_thread(fn, *args, **kwargs)
+    def _get_session(self) -> aiohttp.ClientSession:
+        """The shared session, made on first use inside the running event loop."""
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session.closed or self._loop is not loop:
+            connector = aiohttp.TCPConnector(
+                limit=MAX_CONNECTIONS, ssl=_ssl_context(self.configuration)
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+            )
+            self._loop = loop
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+        self._session = None
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Accept": "application/json"}
+        # As the official client does it: this re-reads a rotated service-account
+        # token (or re-runs a kubeconfig exec plugin) when due.
+        token = self.configuration.get_api_key_with_prefix("BearerToken", alias="authorization")
+        if token:
+            headers["Authorization"] = str(token)
+        return headers
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Mapping[str, Any] | None = None,
+        params: Mapping[str, str] | None = None,
+        content_type: str = "application/json",
+        keep_body: bool = True,
+    ) -> Any:
+        """The decoded JSON answer (None with keep_body=False); _ApiStatus for non-2xx,
+        KubeError when the server cannot be reached or does not answer in time."""
+        headers = self._headers()
+        data = None
+        if body is not None:
+            headers["Content-Type"] = content_type
+            data = json.dumps(body)
+        try:
+            async with self._get_session().request(
+                method, self._host + path, params=params, data=data, headers=headers
+            ) as resp:
+                if resp.status >= 300:
+                    payload = await resp.read()
+                    raise _ApiStatus(resp.status, _message(resp.status, resp.reason or "", payload))
+                if not keep_body:
+                    # Read and drop (the connection is reused only once the body is consumed).
+                    async for _ in resp.content.iter_chunked(65536):
+                        pass
+                    return None
+                return json.loads(await resp.read())
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise KubeError(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
 
     # -- LoRAJobs
 
     async def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            resp = await self._call(
-                self.custom.get_namespaced_custom_object,
-                api.GROUP,
-                api.VERSION,
-                namespace,
-                api.PLURAL,
-                name,
-                _preload_content=False,
+            result: dict[str, Any] = await self._request(
+                "GET", f"{_JOBS.format(ns=_q(namespace))}/{_q(name)}"
             )
-        except ApiException as exc:
+        except _ApiStatus as exc:
             if exc.status == 404:
                 return None
-            raise KubeError(f"get LoRAJob {namespace}/{name}: {_message(exc)}") from exc
-        result: dict[str, Any] = _json(resp)
+            raise KubeError(f"get LoRAJob {namespace}/{name}: {exc.message}") from exc
         return result
 
     async def patch_job_status(
@@ -104,39 +187,29 @@ class Kube:
     ) -> dict[str, Any] | None:
         """Merge-patch `.status` through the status subresource (None if the job is gone)."""
         try:
-            resp = await self._call(
-                self.custom.patch_namespaced_custom_object_status,
-                api.GROUP,
-                api.VERSION,
-                namespace,
-                api.PLURAL,
-                name,
-                {"status": dict(patch)},
-                _content_type=MERGE_PATCH,
-                _preload_content=False,
+            result: dict[str, Any] = await self._request(
+                "PATCH",
+                f"{_JOBS.format(ns=_q(namespace))}/{_q(name)}/status",
+                body={"status": dict(patch)},
+                content_type=MERGE_PATCH,
             )
-        except ApiException as exc:
+        except _ApiStatus as exc:
             if exc.status == 404:
                 return None
-            raise KubeError(f"patch status of {namespace}/{name}: {_message(exc)}") from exc
-        result: dict[str, Any] = _json(resp)
+            raise KubeError(f"patch status of {namespace}/{name}: {exc.message}") from exc
         return result
 
     async def delete_job(self, namespace: str, name: str) -> None:
         try:
-            await self._call(
-                self.custom.delete_namespaced_custom_object,
-                api.GROUP,
-                api.VERSION,
-                namespace,
-                api.PLURAL,
-                name,
-                propagation_policy="Background",
-                _preload_content=False,
+            await self._request(
+                "DELETE",
+                f"{_JOBS.format(ns=_q(namespace))}/{_q(name)}",
+                params={"propagationPolicy": "Background"},
+                keep_body=False,
             )
-        except ApiException as exc:
+        except _ApiStatus as exc:
             if exc.status != 404:
-                raise KubeError(f"delete LoRAJob {namespace}/{name}: {_message(exc)}") from exc
+                raise KubeError(f"delete LoRAJob {namespace}/{name}: {exc.message}") from exc
 
     # -- trainer pods
 
@@ -152,15 +225,14 @@ class Kube:
 
     async def _list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         try:
-            resp = await self._call(
-                self.core.list_namespaced_pod,
-                namespace,
-                label_selector=selector,
-                _preload_content=False,
+            result = await self._request(
+                "GET",
+                f"/api/v1/namespaces/{_q(namespace)}/pods",
+                params={"labelSelector": selector},
             )
-        except ApiException as exc:
-            raise KubeError(f"list pods in {namespace} ({selector}): {_message(exc)}") from exc
-        items: list[dict[str, Any]] = _json(resp).get("items") or []
+        except _ApiStatus as exc:
+            raise KubeError(f"list pods in {namespace} ({selector}): {exc.message}") from exc
+        items: list[dict[str, Any]] = result.get("items") or []
         return items
 
     async def create_pod(self, namespace: str, body: Mapping[str, Any]) -> bool:
@@ -169,30 +241,29 @@ class Kube:
         A pod of that name that belongs to someone else is a refusal, not ours.
         """
         try:
-            await self._call(
-                self.core.create_namespaced_pod, namespace, dict(body), _preload_content=False
+            await self._request(
+                "POST", f"/api/v1/namespaces/{_q(namespace)}/pods", body=body, keep_body=False
             )
-        except ApiException as exc:
-            message = _message(exc)
+        except _ApiStatus as exc:
             if exc.status == 409:
                 await self._check_owner(namespace, body)
                 return False
-            if exc.status == 403 and "exceeded quota" in message:
-                raise QuotaExceeded(message) from exc
+            if exc.status == 403 and "exceeded quota" in exc.message:
+                raise QuotaExceeded(exc.message) from exc
             if exc.status in (400, 403, 422):
-                raise PodRejected(message) from exc
-            raise KubeError(f"create pod in {namespace}: {message}") from exc
+                raise PodRejected(exc.message) from exc
+            raise KubeError(f"create pod in {namespace}: {exc.message}") from exc
         return True
 
     async def _check_owner(self, namespace: str, body: Mapping[str, Any]) -> None:
         name = str(body["metadata"]["name"])
         try:
-            resp = await self._call(
-                self.core.read_namespaced_pod, name, namespace, _preload_content=False
+            existing_pod = await self._request(
+                "GET", f"/api/v1/namespaces/{_q(namespace)}/pods/{_q(name)}"
             )
-        except ApiException as exc:
-            raise KubeError(f"get pod {namespace}/{name}: {_message(exc)}") from exc
-        existing = (_json(resp).get("metadata") or {}).get("labels") or {}
+        except _ApiStatus as exc:
+            raise KubeError(f"get pod {namespace}/{name}: {exc.message}") from exc
+        existing = (existing_pod.get("metadata") or {}).get("labels") or {}
         wanted = (body["metadata"].get("labels") or {}).get(LABEL_JOB_UID)
         if existing.get(LABEL_JOB_UID) != wanted:
             raise PodRejected(
@@ -202,39 +273,37 @@ class Kube:
 
     async def delete_pod(self, namespace: str, name: str, grace_seconds: int | None) -> None:
         """Delete (SIGTERM, then SIGKILL after the grace period); a missing pod is fine."""
+        params = {} if grace_seconds is None else {"gracePeriodSeconds": str(grace_seconds)}
         try:
-            await self._call(
-                self.core.delete_namespaced_pod,
-                name,
-                namespace,
-                grace_period_seconds=grace_seconds,
-                _preload_content=False,
+            await self._request(
+                "DELETE",
+                f"/api/v1/namespaces/{_q(namespace)}/pods/{_q(name)}",
+                params=params,
+                keep_body=False,
             )
-        except ApiException as exc:
+        except _ApiStatus as exc:
             if exc.status != 404:
-                raise KubeError(f"delete pod {namespace}/{name}: {_message(exc)}") from exc
+                raise KubeError(f"delete pod {namespace}/{name}: {exc.message}") from exc
 
     # -- Secrets and Events
 
     async def secret_exists(self, namespace: str, name: str) -> bool:
         """GET the Secret and keep only whether it exists; its data is dropped unread."""
         try:
-            resp: Any = await self._call(
-                self.core.read_namespaced_secret, name, namespace, _preload_content=False
+            await self._request(
+                "GET", f"/api/v1/namespaces/{_q(namespace)}/secrets/{_q(name)}", keep_body=False
             )
-        except ApiException as exc:
+        except _ApiStatus as exc:
             if exc.status == 404:
                 return False
-            raise KubeError(f"get Secret {namespace}/{name}: {_message(exc)}") from exc
-        resp.drain_conn()  # discard the body (the Secret's data) without parsing it
-        resp.release_conn()
+            raise KubeError(f"get Secret {namespace}/{name}: {exc.message}") from exc
         return True
 
     async def post_event(self, namespace: str, body: Mapping[str, Any]) -> None:
         """Best effort: a lost Event must never fail a reconciliation."""
         try:
-            await self._call(
-                self.core.create_namespaced_event, namespace, dict(body), _preload_content=False
+            await self._request(
+                "POST", f"/api/v1/namespaces/{_q(namespace)}/events", body=body, keep_body=False
             )
-        except (ApiException, OSError) as exc:
+        except (_ApiStatus, KubeError) as exc:
             log.warning("could not post event %s: %s", body.get("reason"), exc)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
 import pytest
@@ -28,6 +28,18 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Kube, Contr
     with ControlPlane(tmp_path_factory.mktemp("cluster"), kubelet=False) as cp:
         client = config.new_client_from_config(config_file=str(cp.kubeconfig))  # type: ignore[no-untyped-call]
         yield Kube(client), cp
+
+
+def _run(k: Kube, scenario: Coroutine[Any, Any, None]) -> None:
+    """Run one scenario in a fresh event loop, closing the session Kube opened in it."""
+
+    async def run() -> None:
+        try:
+            await scenario
+        finally:
+            await k.close()
+
+    asyncio.run(run())
 
 
 def _pod(name: str, uid: str = "job-uid", gpus: int = 0) -> dict[str, Any]:
@@ -67,7 +79,7 @@ def test_create_is_idempotent_and_pods_are_listed_by_job(kube: tuple[Kube, Contr
         await k.delete_pod(NS, "idem-1", 0)
         await k.delete_pod(NS, "idem-1", 0)  # 404 is fine
 
-    asyncio.run(scenario())
+    _run(k, scenario())
 
 
 def test_invalid_pod_is_a_refusal(kube: tuple[Kube, ControlPlane]) -> None:
@@ -78,7 +90,7 @@ def test_invalid_pod_is_a_refusal(kube: tuple[Kube, ControlPlane]) -> None:
         with pytest.raises(PodRejected):
             await k.create_pod(NS, bad)
 
-    asyncio.run(scenario())
+    _run(k, scenario())
 
 
 def test_quota_is_reported_as_such(kube: tuple[Kube, ControlPlane]) -> None:
@@ -96,7 +108,7 @@ def test_quota_is_reported_as_such(kube: tuple[Kube, ControlPlane]) -> None:
         with pytest.raises(QuotaExceeded, match="exceeded quota"):
             await k.create_pod("tight", _pod("greedy-1", gpus=1))
 
-    asyncio.run(scenario())
+    _run(k, scenario())
 
 
 def test_secret_exists_without_reading_it_into_results(kube: tuple[Kube, ControlPlane]) -> None:
@@ -113,7 +125,7 @@ def test_secret_exists_without_reading_it_into_results(kube: tuple[Kube, Control
         assert await k.secret_exists(NS, "creds") is True
         assert await k.secret_exists(NS, "nope") is False
 
-    asyncio.run(scenario())
+    _run(k, scenario())
 
 
 def test_status_merge_patch_job_delete_and_events(kube: tuple[Kube, ControlPlane]) -> None:
@@ -154,6 +166,6 @@ def test_status_merge_patch_job_delete_and_events(kube: tuple[Kube, ControlPlane
         assert await k.get_job(NS, "patched") is None
         assert await k.patch_job_status(NS, "patched", {"attempts": 2}) is None
 
-    asyncio.run(scenario())
+    _run(k, scenario())
     events = json.loads(cp.kubectl("get", "events", "-n", NS, "-o", "json").stdout)["items"]
     assert any(e["reason"] == "Test" for e in events)

@@ -254,7 +254,7 @@ def test_no_progress_poll_for_a_pod_being_stopped() -> None:
     assert "delete_pod:tune-1" in kube.calls
 
 
-def test_startup_keeps_kopf_state_in_annotations_and_runs_standalone(
+def test_startup_keeps_kopf_state_out_of_status_and_runs_standalone(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     served: list[int] = []
@@ -268,8 +268,14 @@ def test_startup_keeps_kopf_state_in_annotations_and_runs_standalone(
     progress = settings.persistence.progress_storage
     diffbase = settings.persistence.diffbase_storage
     assert isinstance(progress, kopf.AnnotationsProgressStorage)
-    assert isinstance(diffbase, kopf.AnnotationsDiffBaseStorage)
-    assert progress.prefix == diffbase.prefix == "kopf.finetune.loraops.dev"
+    assert progress.prefix == "kopf.finetune.loraops.dev"
+    # No "last handled" snapshot anywhere: kopf sees no changes and writes none.
+    assert isinstance(diffbase, handlers.NoDiffBase)
+    body = kopf.Body({"metadata": {"name": "j"}, "spec": {"a": 1}, "status": {"phase": "x"}})
+    assert diffbase.fetch(body=body) == diffbase.build(body=body) == {}
+    patch = kopf.Patch()
+    diffbase.store(body=body, patch=patch, essence=kopf.BodyEssence({"spec": {"a": 2}}))
+    assert not patch
     assert settings.persistence.finalizer == "finetune.loraops.dev/finalizer"
     assert settings.peering.standalone is True
     assert settings.admission.server is None  # webhook disabled by default
