@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 from lora_trainer.checkpoints import (
+    TrainedState,
     check_compatible,
     find_latest,
     fingerprint,
     list_complete,
     publish,
+    read_state,
     restore,
 )
 from lora_trainer.config import TrainerConfig
@@ -41,6 +43,7 @@ from lora_trainer.protocol import (
 from lora_trainer.reporting import encode, failure_message, write_termination_message
 from lora_trainer.signals import StopRequest
 from lora_trainer.storage import Storage
+from lora_trainer.train import run_mean_loss
 
 
 def test_progress_server_serves_json_and_health() -> None:
@@ -171,13 +174,56 @@ def test_sigterm_before_training_interrupts_at_once() -> None:
 
         # During training the signal only asks the loop to checkpoint and stop.
         stop = StopRequest().install()
-        stop.training = True
+        stop.phase = "training"
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested
         assert stop.signal_name == "SIGTERM"
+
+        # After training (evaluating, publishing) it stops at once, and says so.
+        stop = StopRequest().install()
+        stop.phase = "training"
+        stop.finishing("step 8/8; checkpoint checkpoint-8")
+        with pytest.raises(Interrupted) as err:
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert str(err.value) == (
+            "stopped by SIGTERM after training, before the adapter was published "
+            "(step 8/8; checkpoint checkpoint-8)"
+        )
     finally:
         signal.signal(signal.SIGTERM, old[0])
         signal.signal(signal.SIGINT, old[1])
+
+
+def test_sigterm_message_names_the_phase_it_arrived_in() -> None:
+    stop = StopRequest()
+    assert stop.message("SIGTERM") == "stopped by SIGTERM before training started"
+    stop.phase = "training"
+    assert "before training started" not in stop.message("SIGINT")
+    stop.finishing("")
+    assert stop.message("SIGTERM") == (
+        "stopped by SIGTERM after training, before the adapter was published"
+    )
+
+
+def test_trained_state_of_a_checkpoint(tmp_path: Path) -> None:
+    ckpt = tmp_path / "checkpoint-8"
+    ckpt.mkdir()
+    assert read_state(ckpt) is None  # no trainer_state.json
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 7, "max_steps": 8}))
+    assert read_state(ckpt) == TrainedState(7, 8)
+    assert not TrainedState(7, 8).finished
+    assert TrainedState(8, 8).finished
+
+
+def test_run_mean_loss_weights_each_log_by_its_steps() -> None:
+    history = [
+        {"loss": 4.0, "step": 1},  # logging_first_step: one step
+        {"loss": 2.0, "step": 4},  # mean of steps 2-4
+        {"eval_loss": 9.0, "step": 4},
+        {"train_loss": 5.0, "step": 4},
+    ]
+    assert run_mean_loss(history) == pytest.approx((4.0 + 2.0 * 3) / 4)
+    assert run_mean_loss([{"eval_loss": 1.0, "step": 2}]) is None
 
 
 def test_checkpoints_of_a_different_job_are_refused(tmp_path: Path) -> None:

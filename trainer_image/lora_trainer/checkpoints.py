@@ -23,15 +23,19 @@ from lora_trainer.storage import Storage, join_uri
 
 __all__ = [
     "RemoteCheckpoint",
+    "TrainedState",
     "check_compatible",
     "find_latest",
     "fingerprint",
     "publish",
+    "read_state",
     "restore",
 ]
 
 log = logging.getLogger(__name__)
 
+# Written by the Trainer into every checkpoint (transformers' TRAINER_STATE_NAME).
+TRAINER_STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 # Remote checkpoints kept after a new one is complete: the newest, plus one in
 # case the newest turns out unreadable.
@@ -72,6 +76,33 @@ def restore(storage: Storage, ckpt: RemoteCheckpoint, local_root: Path) -> Path:
     storage.download_prefix(ckpt.uri, dest)
     (dest / CHECKPOINT_COMPLETE_MARKER).unlink(missing_ok=True)
     return dest
+
+
+@dataclass(frozen=True)
+class TrainedState:
+    """How far the run that wrote a checkpoint had got."""
+
+    global_step: int
+    max_steps: int
+
+    @property
+    def finished(self) -> bool:
+        """The checkpoint is the run's last step: resuming must not train any further.
+
+        The Trainer would still run one step (it only checks for the end after a
+        step), so a resumed run has to go straight to evaluation and publishing.
+        """
+        return self.max_steps > 0 and self.global_step >= self.max_steps
+
+
+def read_state(local_ckpt: Path) -> TrainedState | None:
+    """The step counts a restored checkpoint was saved at (None without a trainer state)."""
+    path = local_ckpt / TRAINER_STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+        return TrainedState(int(state["global_step"]), int(state["max_steps"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def fingerprint(cfg: TrainerConfig) -> str:

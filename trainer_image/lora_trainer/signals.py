@@ -1,9 +1,18 @@
 """SIGTERM/SIGINT handling: stop at a step boundary with a checkpoint, or stop now.
 
-Before training starts there is nothing worth saving, so the signal interrupts
-the main thread at once (raising `Interrupted`). Once training runs, the signal
-only sets a flag: the training callback saves a checkpoint after the current
-step and ends the loop, and the run exits with `ExitCode.INTERRUPTED`.
+What a signal does depends on the run's phase (`StopRequest.phase`):
+
+* "starting": nothing is worth saving yet, so the signal interrupts the main
+  thread at once (raising `Interrupted`).
+* "training": the signal only sets a flag; the training callback saves a
+  checkpoint after the current step and ends the loop, and the run exits with
+  `ExitCode.INTERRUPTED`.
+* "finishing": training is over and its final checkpoint is complete; the
+  signal interrupts evaluation/publishing at once, and the next attempt
+  publishes from that checkpoint without training again.
+
+The message names the signal and the phase it arrived in, so a log never says
+"before training started" about a run that had finished training.
 """
 
 from __future__ import annotations
@@ -12,23 +21,37 @@ import logging
 import signal
 import threading
 from types import FrameType
+from typing import Literal
 
 from lora_trainer.errors import Interrupted
 
-__all__ = ["StopRequest"]
+__all__ = ["Phase", "StopRequest"]
 
 log = logging.getLogger(__name__)
+
+Phase = Literal["starting", "training", "finishing"]
 
 
 class StopRequest:
     def __init__(self) -> None:
         self._event = threading.Event()
-        self.training = False  # set by train.py once the Trainer loop owns stopping
+        self.phase: Phase = "starting"  # advanced by train.py
         self.signal_name: str | None = None
+        # What "finishing" is about, for the interruption message (set by train.py).
+        self.finishing_detail = ""
 
     @property
     def requested(self) -> bool:
         return self._event.is_set()
+
+    @property
+    def training(self) -> bool:
+        return self.phase == "training"
+
+    def finishing(self, detail: str) -> None:
+        """Training is over; from now on a signal stops evaluation/publishing at once."""
+        self.phase = "finishing"
+        self.finishing_detail = detail
 
     def install(self) -> StopRequest:
         """Install the handlers (main thread only)."""
@@ -41,8 +64,17 @@ class StopRequest:
         first = not self._event.is_set()
         self._event.set()
         self.signal_name = name
-        if self.training and first:
+        if self.phase == "training" and first:
             log.warning("%s received: saving a checkpoint after the current step", name)
             return
         log.warning("%s received: stopping", name)
-        raise Interrupted(f"stopped by {name} before training started")
+        raise Interrupted(self.message(name))
+
+    def message(self, name: str) -> str:
+        """Why the run stopped, for a signal `name` arriving now."""
+        if self.phase == "finishing":
+            detail = f" ({self.finishing_detail})" if self.finishing_detail else ""
+            return f"stopped by {name} after training, before the adapter was published{detail}"
+        if self.phase == "training":  # a second signal while the checkpoint is being saved
+            return f"stopped by {name} (second signal) while saving a checkpoint"
+        return f"stopped by {name} before training started"

@@ -5,6 +5,10 @@
     -> SFTTrainer.train -> evaluate -> save adapter, card, metrics (+ merged)
     -> upload with the manifest last -> TerminationMessage
 
+A checkpoint of the run's last step (an earlier attempt trained everything, then
+was stopped before publishing) is loaded instead of trained: the attempt goes
+straight to evaluation and publishing with the checkpoint's step counts.
+
 Every failure is raised as a TrainerError subclass; cli.main turns it into the
 termination message and exit code.
 """
@@ -20,20 +24,21 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import safetensors.torch
 import torch
 import transformers
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
+from peft import PeftModel, set_peft_model_state_dict
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerState
 from trl.trainer.sft_trainer import SFTTrainer
 
 from lora_trainer import checkpoints, data
 from lora_trainer.callbacks import CheckpointCallback, ProgressCallback, StopCallback
 from lora_trainer.config import TrainerConfig
-from lora_trainer.errors import DatasetError, Interrupted
+from lora_trainer.errors import ConfigError, DatasetError, Interrupted
 from lora_trainer.inputs import Inputs
 from lora_trainer.progress import ProgressBoard
 from lora_trainer.protocol import TerminationMessage
-from lora_trainer.publish import model_card, upload_output
+from lora_trainer.publish import ADAPTER_WEIGHTS, model_card, upload_output
 from lora_trainer.signals import StopRequest
 from lora_trainer.storage import Storage
 from lora_trainer.translate import (
@@ -85,11 +90,16 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
     if resume:
         checkpoints.check_compatible(rt.storage, resume, cfg)
     resume_path = checkpoints.restore(rt.storage, resume, ckpt_dir) if resume else None
+    saved = checkpoints.read_state(resume_path) if resume_path else None
     if resume:
         log.info("resuming from %s (step %d)", resume.uri, resume.step)
-        rt.board.update(resumed_from_step=resume.step, step=resume.step, last_checkpoint=resume.uri)
+        totals = {"total_steps": saved.max_steps} if saved else {}
+        rt.board.update(
+            resumed_from_step=resume.step, step=resume.step, last_checkpoint=resume.uri, **totals
+        )
 
-    # 4. Train.
+    # 4. Train; a checkpoint of the last step is only loaded (training it again would
+    # add a step).
     progress = ProgressCallback(rt.board)
     saver = CheckpointCallback(rt.storage, cfg.output.uri, rt.board, checkpoints.fingerprint(cfg))
     trainer = SFTTrainer(
@@ -102,28 +112,22 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
         callbacks=[progress, saver, StopCallback(rt.stop)],
     )
     trainer.remove_callback(PrinterCallback)  # ProgressCallback logs each step instead
-    rt.stop.training = True
-    if rt.stop.requested:  # a signal arrived while the trainer was being built
-        raise Interrupted("stopped before training started")
-    result = trainer.train(resume_from_checkpoint=str(resume_path) if resume_path else None)
-    rt.stop.training = False
-    steps = trainer.state.global_step
-    if rt.stop.requested:
-        raise Interrupted(
-            f"stopped by {rt.stop.signal_name} at step {steps}/{trainer.state.max_steps}; "
-            f"checkpoint {saver.last_uri or 'none'}"
-        )
+    if resume_path and saved and saved.finished:
+        outcome = _load_finished(trainer, resume_path, rt)
+    else:
+        outcome = _train(trainer, resume_path, rt, saver)
+    steps = outcome.steps
+    last_checkpoint = saver.last_uri or (resume.uri if resume else None)
 
     # 5. Evaluate and assemble the output directory.
     metrics: dict[str, Any] = {
         "steps": steps,
-        "max_steps": trainer.state.max_steps,
+        "max_steps": outcome.max_steps,
         "epochs": trainer.state.epoch,
-        "train_loss": result.training_loss,
-        "train_runtime_s": result.metrics.get("train_runtime"),
+        "train_loss": outcome.train_loss,
+        "train_runtime_s": outcome.train_runtime_s,
         "tokens_seen": trainer.state.num_input_tokens_seen,
-        "tokens_per_second": progress.tokens_per_second
-        or result.metrics.get("train_tokens_per_second"),
+        "tokens_per_second": progress.tokens_per_second or outcome.tokens_per_second,
         "resumed_from_step": resume.step if resume else None,
         "loss_history": progress.loss_history,
     }
@@ -159,8 +163,88 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
         train_loss=metrics["train_loss"],
         eval_loss=metrics.get("eval_loss"),
         tokens_per_second=metrics["tokens_per_second"],
-        last_checkpoint=saver.last_uri,
+        last_checkpoint=last_checkpoint,
     )
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """Where training ended, for metrics.json and the termination message."""
+
+    steps: int
+    max_steps: int
+    train_loss: float | None
+    train_runtime_s: float | None = None
+    tokens_per_second: float | None = None
+
+
+def _train(
+    trainer: SFTTrainer, resume_path: Path | None, rt: Runtime, saver: CheckpointCallback
+) -> TrainOutcome:
+    """Run the training loop (resuming from `resume_path`); raise Interrupted on a signal."""
+    rt.stop.phase = "training"
+    if rt.stop.requested:  # a signal arrived while the trainer was being built
+        raise Interrupted(f"stopped by {rt.stop.signal_name} before training started")
+    result = trainer.train(resume_from_checkpoint=str(resume_path) if resume_path else None)
+    steps, max_steps = trainer.state.global_step, trainer.state.max_steps
+    # Phase first, then the flag: a signal from here on interrupts at once, and one that
+    # came before is seen below.
+    rt.stop.finishing(f"step {steps}/{max_steps}; checkpoint {saver.last_uri or 'none'}")
+    if rt.stop.requested:
+        raise Interrupted(
+            f"stopped by {rt.stop.signal_name} at step {steps}/{max_steps}; "
+            f"checkpoint {saver.last_uri or 'none'}"
+        )
+    return TrainOutcome(
+        steps=steps,
+        max_steps=max_steps,
+        train_loss=result.training_loss,
+        train_runtime_s=result.metrics.get("train_runtime"),
+        tokens_per_second=result.metrics.get("train_tokens_per_second"),
+    )
+
+
+def _load_finished(trainer: SFTTrainer, ckpt: Path, rt: Runtime) -> TrainOutcome:
+    """An earlier attempt trained every step and saved the last one, then stopped before
+    publishing: load that checkpoint's adapter and trainer state instead of training.
+
+    `trainer.train(resume_from_checkpoint=...)` cannot do this: its loop runs a step
+    before it checks for the end, so it would train step max_steps + 1.
+    """
+    weights = safetensors.torch.load_file(str(ckpt / ADAPTER_WEIGHTS))
+    loaded: Any = set_peft_model_state_dict(trainer.model, weights)  # torch _IncompatibleKeys
+    if loaded.unexpected_keys:
+        raise ConfigError(
+            f"checkpoint {ckpt.name} holds adapter weights this model does not have "
+            f"(e.g. {loaded.unexpected_keys[0]})",
+            hint="Delete the old checkpoints under <output.uri>/checkpoints/ to start over.",
+        )
+    trainer.state = TrainerState.load_from_json(str(ckpt / checkpoints.TRAINER_STATE_FILE))
+    steps, max_steps = trainer.state.global_step, trainer.state.max_steps
+    log.info(
+        "%s is the last step (%d/%d): nothing left to train; evaluating and publishing it",
+        ckpt.name,
+        steps,
+        max_steps,
+    )
+    rt.stop.finishing(f"step {steps}/{max_steps}; checkpoint {ckpt.name}")
+    rt.board.update(step=steps, total_steps=max_steps, epoch=trainer.state.epoch)
+    return TrainOutcome(
+        steps=steps, max_steps=max_steps, train_loss=run_mean_loss(trainer.state.log_history)
+    )
+
+
+def run_mean_loss(log_history: list[dict[str, Any]]) -> float | None:
+    """The run's mean training loss from the Trainer's log: each logged loss is the mean
+    over the steps since the previous log, so it is weighted by that many steps."""
+    total, steps, previous = 0.0, 0, 0
+    for entry in log_history:
+        if "loss" in entry and "step" in entry:
+            span = int(entry["step"]) - previous
+            total += float(entry["loss"]) * span
+            steps += span
+            previous = int(entry["step"])
+    return total / steps if steps else None
 
 
 def _tokenize(cfg: TrainerConfig, tokenizer: Any, inputs: Inputs) -> tuple[Any, Any | None]:
