@@ -112,6 +112,13 @@ def test_transfer_quick(tmp_path: Path) -> None:
     assert doc["download"]["speedup"] > 0
     assert doc["cache_hit"]["ours_s"] < doc["download"]["ours_s"]
     assert doc["upload"]["ours_s"] > 0
+    # The limited link really limits: one connection cannot beat its cap (load can
+    # only make it slower), so the single-stream baseline stays under it.
+    link = doc["limited_link"]
+    cap = link["params"]["per_connection_mib_s"]
+    assert 0 < link["download"]["baseline_mib_s"] <= cap * 1.05
+    assert 0 < link["upload"]["baseline_mib_s"] <= cap * 1.05
+    assert "MiB/s/conn" in out
 
 
 @pytest.mark.slow
