@@ -6,10 +6,15 @@ Run with `kopf run --standalone --all-namespaces -m lorajob_operator.handlers`
 One kopf daemon per LoRAJob is its reconcile loop: it reads the job and its pods,
 asks `reconcile.decide()` what to do, does it, and sleeps until a watch event
 wakes it or the decision's requeue time comes. Watch events on the job and on
-its pods only *wake* the loop, so all writes for one job happen in one task, in
+its pods *wake* the loop, so all writes for one job happen in one task, in
 order, and a burst of pod events costs one reconciliation. While the trainer
 runs, the same loop reads its progress every `progress_interval_seconds`.
-kopf starts the daemons for every existing job at startup, which is how an
+
+The loop reads the job and its pods from what the watches delivered (kopf's live
+body of the job; a cache of slimmed pod bodies filled by the pod watch and by our
+own creates), not from the API, except where that view may be incomplete: see
+`_cached_view`. The cache is only a copy: kopf starts the daemons for every
+existing job at startup and their first pass reads the API, which is how an
 operator restart resumes: from the objects, not from memory.
 """
 
@@ -19,7 +24,7 @@ import asyncio
 import logging
 import math
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -48,8 +53,12 @@ POD_GONE_POLL = 0.5
 POD_GONE_SLACK = 30.0
 POD_GONE_RECHECK = 10.0
 # A full reconciliation at least this often even without a watch event: a safety
-# net for a lost event, never the mechanism.
+# net for a lost event, never the mechanism. It reads the job and its pods from the
+# API, not from the watch cache, so a missed watch event is repaired within this time.
 RESYNC_SECONDS = 300.0
+# Uids of recently deleted pods, so an API listing taken just before a deletion
+# does not bring the pod back into the watch cache.
+DELETED_POD_MEMORY = 4096
 
 log = logging.getLogger("lorajob_operator")
 JobKey = tuple[str, str]
@@ -81,6 +90,11 @@ class Runtime:
     namespace_locks: dict[str, asyncio.Lock] = field(
         default_factory=lambda: defaultdict(asyncio.Lock)
     )
+    # The trainer pods as the pod watch last showed them (reconcile.pod_view()):
+    # job uid -> pod key -> view. Reconciliations read pods from here instead of
+    # listing them; see job_loop for when they still ask the API.
+    pods: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    deleted_pods: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
     def wakeup(self, key: JobKey) -> asyncio.Event:
         return self.wakeups.setdefault(key, asyncio.Event())
@@ -91,6 +105,72 @@ class Runtime:
     def wake_queued(self, namespace: str) -> None:
         for name in list(self.queued.get(namespace, ())):
             self.wake((namespace, name))
+
+    # -- the pod cache
+
+    def job_pods(self, job_uid: str) -> list[dict[str, Any]]:
+        return list(self.pods.get(job_uid, {}).values())
+
+    def remember_pod(self, pod: Mapping[str, Any], *, newer: bool = True) -> None:
+        """Cache a pod from a watch event (`newer`: it replaces what is cached) or a
+        create response (`newer=False`: kept only if the watch has not shown it yet;
+        the watch may already hold a later version)."""
+        job_uid, key = _pod_keys(pod)
+        if job_uid is None or key in self.deleted_pods:
+            return
+        pods = self.pods.setdefault(job_uid, {})
+        if newer or key not in pods:
+            pods[key] = reconcile.pod_view(pod)
+
+    def forget_pod(self, pod: Mapping[str, Any]) -> None:
+        job_uid, key = _pod_keys(pod)
+        self.deleted_pods[key] = None
+        while len(self.deleted_pods) > DELETED_POD_MEMORY:
+            self.deleted_pods.popitem(last=False)
+        pods = self.pods.get(job_uid or "")
+        if pods is not None:
+            pods.pop(key, None)
+            if not pods:
+                del self.pods[job_uid or ""]
+
+    def replace_pods(self, job_uid: str, listed: list[dict[str, Any]]) -> None:
+        """Cache the job's pods as an API listing shows them (pods gone since the
+        last watch event are dropped; a version the watch already superseded is not)."""
+        cached = self.pods.get(job_uid, {})
+        fresh: dict[str, dict[str, Any]] = {}
+        for pod in listed:
+            key = _pod_keys(pod)[1]
+            if key in self.deleted_pods:
+                continue
+            known = cached.get(key)
+            fresh[key] = known if known and _is_newer(known, pod) else reconcile.pod_view(pod)
+        if fresh:
+            self.pods[job_uid] = fresh
+        else:
+            self.pods.pop(job_uid, None)
+
+    def forget_job(self, job_uid: str) -> None:
+        self.pods.pop(job_uid, None)
+
+
+def _pod_keys(pod: Mapping[str, Any]) -> tuple[str | None, str]:
+    """(job uid label, the pod's uid, or its name where a test body has no uid)."""
+    meta = pod.get("metadata") or {}
+    job_uid = (meta.get("labels") or {}).get(objects.LABEL_JOB_UID)
+    return (str(job_uid) if job_uid else None), str(meta.get("uid") or meta.get("name"))
+
+
+def _resource_version(body: Mapping[str, Any]) -> int | None:
+    """The resourceVersion as a number, where the server's versions are numbers
+    (etcd revisions, as on every Kubernetes API server in practice)."""
+    rv = str((body.get("metadata") or {}).get("resourceVersion", ""))
+    return int(rv) if rv.isdigit() else None
+
+
+def _is_newer(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether `a` is a later version than `b` (False where that cannot be told)."""
+    ra, rb = _resource_version(a), _resource_version(b)
+    return ra is not None and rb is not None and ra > rb
 
 
 RUNTIME: Runtime | None = None
@@ -213,6 +293,7 @@ async def job_event(type: str, body: kopf.Body, name: str, namespace: str | None
         RUNTIME.wakeups.pop((namespace, name), None)
         RUNTIME.queued[namespace].discard(name)
         RUNTIME.metrics.forget(namespace, name)
+        RUNTIME.forget_job(str((body.get("metadata") or {}).get("uid", "")))
         return
     meta = body.get("metadata") or {}
     if meta.get("generation") != status.get("observedGeneration") or meta.get("deletionTimestamp"):
@@ -229,9 +310,13 @@ async def job_event(type: str, body: kopf.Body, name: str, namespace: str | None
     },
 )
 async def pod_event(type: str, body: kopf.Body, **_: Any) -> None:
-    """A trainer pod changed: wake its job; a pod that ended may free a queue slot."""
+    """A trainer pod changed: cache it, wake its job; a pod that ended may free a queue slot."""
     if RUNTIME is None:
         return
+    if type == "DELETED":
+        RUNTIME.forget_pod(body)
+    else:
+        RUNTIME.remember_pod(body)
     key = reconcile.job_key_of_pod(body)
     if key is not None:
         RUNTIME.wake(key)
@@ -261,13 +346,19 @@ class Reconciled:
 
 
 @kopf.daemon(api.GROUP, api.VERSION, api.PLURAL, cancellation_timeout=10.0)
-async def job_loop(name: str, namespace: str | None, stopped: kopf.DaemonStopped, **_: Any) -> None:
+async def job_loop(
+    name: str, namespace: str | None, body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any
+) -> None:
     """The job's reconcile loop (see the module docstring).
 
-    A full reconciliation (GET job, LIST pods, decide, execute) runs when a watch
+    A full reconciliation (read job and pods, decide, execute) runs when a watch
     event woke the loop, when the decision's requeue time comes, and every
     RESYNC_SECONDS as a safety net. In between, while the trainer runs, only its
     progress is read and copied: pod changes always come with a watch event.
+
+    The job and its pods are read from what the watches delivered (`body` is
+    kopf's live view of the job; pods are in the runtime's cache) whenever that
+    is known to be complete; see _cached_view for when the API is asked instead.
     """
     rt = runtime()
     namespace = namespace or ""
@@ -276,6 +367,7 @@ async def job_loop(name: str, namespace: str | None, stopped: kopf.DaemonStopped
     last: Reconciled | None = None
     errors = 0
     next_full = next_poll = 0.0  # time.monotonic() deadlines
+    next_resync = time.monotonic() + RESYNC_SECONDS
     while not stopped:
         woken = wakeup.is_set()
         wakeup.clear()
@@ -283,10 +375,15 @@ async def job_loop(name: str, namespace: str | None, stopped: kopf.DaemonStopped
         poll = now >= next_poll
         try:
             if last is None or woken or now >= next_full:
+                seen = None if now >= next_resync else _cached_view(rt, body, last)
                 with rt.metrics.reconcile_seconds.time():
-                    last = await reconcile_job(rt, namespace, name, jlog, poll_progress=poll)
+                    last = await reconcile_job(
+                        rt, namespace, name, jlog, poll_progress=poll, seen=seen
+                    )
                 if last is None:
                     return  # the job is gone
+                if seen is None:
+                    next_resync = now + RESYNC_SECONDS
                 next_full = now + _until_next_full(last)
             elif poll and last.pod_ip:
                 last = await poll_progress(rt, last, jlog)
@@ -296,6 +393,7 @@ async def job_loop(name: str, namespace: str | None, stopped: kopf.DaemonStopped
             delay = min(ERROR_BACKOFF_MAX, ERROR_BACKOFF_MIN * 2 ** min(errors - 1, 10))
             jlog.warning("reconciliation failed (%s); retrying in %gs", exc, delay)
             last = None
+            next_resync = 0.0  # after a failure, read everything from the API again
             await _sleep(wakeup, stopped, delay)
             continue
         errors = 0
@@ -306,6 +404,41 @@ async def job_loop(name: str, namespace: str | None, stopped: kopf.DaemonStopped
         wake_at = min(next_full, next_poll) if last.pod_ip else next_full
         timeout = None if wake_at == math.inf else max(0.0, wake_at - time.monotonic())
         await _sleep(wakeup, stopped, timeout)
+
+
+def _cached_view(
+    rt: Runtime, watched: Mapping[str, Any], last: Reconciled | None
+) -> Mapping[str, Any] | None:
+    """The job to reconcile without reading the API, or None to read it.
+
+    The job is the newer of the watch's body and the one our last status write
+    returned (the watch may not have delivered our own write yet). Its pods come
+    from the pod cache, which is complete for pods this process created or saw
+    listed; the API is asked when that cannot be trusted:
+
+    * the job's versions cannot be compared (non-numeric resourceVersions);
+    * on the loop's first pass for a job that already has attempts (after an
+      operator restart its pods may not have been listed by the watch yet; a new
+      job's only pods are the ones this loop creates, and a create replayed
+      after a crash finds its pod by name, 409);
+    * the current attempt's pod is not in the cache (not seen yet, or gone).
+    """
+    job: Mapping[str, Any] = dict(watched)  # a snapshot: kopf swaps the body on events
+    if last is not None:
+        if _is_newer(last.job, job):
+            job = last.job
+        elif _resource_version(job) is None or _resource_version(last.job) is None:
+            return None
+    status = job.get("status") or {}
+    if last is None and (status.get("attempts") or status.get("podName")):
+        return None
+    pod_name = status.get("podName")
+    uid = str((job.get("metadata") or {}).get("uid", ""))
+    if pod_name and all(
+        (p.get("metadata") or {}).get("name") != pod_name for p in rt.job_pods(uid)
+    ):
+        return None
+    return job
 
 
 def _until_next_full(last: Reconciled) -> float:
@@ -356,14 +489,33 @@ async def poll_progress(rt: Runtime, last: Reconciled, logger: JobLogger) -> Rec
 
 
 async def reconcile_job(
-    rt: Runtime, namespace: str, name: str, logger: JobLogger, *, poll_progress: bool
+    rt: Runtime,
+    namespace: str,
+    name: str,
+    logger: JobLogger,
+    *,
+    poll_progress: bool,
+    seen: Mapping[str, Any] | None = None,
 ) -> Reconciled | None:
-    """One full reconciliation; None if the job is gone."""
-    job = await rt.kube.get_job(namespace, name)
-    if job is None:
-        return None
-    ref = _ref(job)
-    pods = await rt.kube.list_job_pods(ref)
+    """One full reconciliation; None if the job is gone.
+
+    `seen`: the job as the watch (or our last write) showed it; its pods then come
+    from the pod cache. Without it, both are read from the API and the cache is
+    brought up to date.
+    """
+    job: Mapping[str, Any]
+    if seen is None:
+        got = await rt.kube.get_job(namespace, name)
+        if got is None:
+            return None
+        job = got
+        ref = _ref(job)
+        pods = await rt.kube.list_job_pods(ref)
+        rt.replace_pods(ref.uid, pods)
+    else:
+        job = seen
+        ref = _ref(job)
+        pods = rt.job_pods(ref.uid)
     pod_ip = reconcile.progress_pod_ip(job, pods)
     progress = await _read_progress(rt, pod_ip, logger) if pod_ip and poll_progress else None
 
@@ -430,11 +582,14 @@ async def execute(
         create = decision.create
         try:
             created = await rt.kube.create_pod(namespace, create.body)
+            if created is not None:
+                # The next pass must see the pod even if its watch event is late.
+                rt.remember_pod(created, newer=False)
             logger.info(
                 "pod %s for attempt %d %s",
                 create.body["metadata"]["name"],
                 create.attempt,
-                "created" if created else "already existed",
+                "created" if created is not None else "already existed",
             )
         except QuotaExceeded as exc:
             decision = reconcile.create_rejected(create, str(exc), quota=True)

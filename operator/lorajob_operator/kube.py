@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import ssl
+import time
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
@@ -38,6 +39,10 @@ MERGE_PATCH = "application/merge-patch+json"
 REQUEST_TIMEOUT = 30.0
 # Connections kept open to the API server; more requests than this wait for one.
 MAX_CONNECTIONS = 32
+# Seconds the Authorization header is reused before the client's configuration is
+# asked again (the official client re-reads a service-account token once a minute
+# too; asking costs an environment scan for proxy settings per call).
+TOKEN_REUSE_SECONDS = 60.0
 _JOBS = f"/apis/{api.GROUP}/{api.VERSION}/namespaces/{{ns}}/{api.PLURAL}"
 
 
@@ -108,6 +113,8 @@ class Kube:
         self._host = str(self.configuration.host).rstrip("/")
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._token: str | None = None
+        self._token_until = 0.0  # time.monotonic()
 
     def _get_session(self) -> aiohttp.ClientSession:
         """The shared session, made on first use inside the running event loop."""
@@ -129,11 +136,15 @@ class Kube:
 
     def _headers(self) -> dict[str, str]:
         headers = {"Accept": "application/json"}
-        # As the official client does it: this re-reads a rotated service-account
-        # token (or re-runs a kubeconfig exec plugin) when due.
-        token = self.configuration.get_api_key_with_prefix("BearerToken", alias="authorization")
-        if token:
-            headers["Authorization"] = str(token)
+        now = time.monotonic()
+        if now >= self._token_until:
+            # As the official client does it: this re-reads a rotated service-account
+            # token (or re-runs a kubeconfig exec plugin) when due.
+            token = self.configuration.get_api_key_with_prefix("BearerToken", alias="authorization")
+            self._token = str(token) if token else None
+            self._token_until = now + TOKEN_REUSE_SECONDS
+        if self._token:
+            headers["Authorization"] = self._token
         return headers
 
     async def _request(
@@ -235,25 +246,26 @@ class Kube:
         items: list[dict[str, Any]] = result.get("items") or []
         return items
 
-    async def create_pod(self, namespace: str, body: Mapping[str, Any]) -> bool:
-        """Create the pod; False when it already exists (a replayed create).
+    async def create_pod(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Create the pod: the pod as created, or None when it already exists (a
+        replayed create).
 
         A pod of that name that belongs to someone else is a refusal, not ours.
         """
         try:
-            await self._request(
-                "POST", f"/api/v1/namespaces/{_q(namespace)}/pods", body=body, keep_body=False
+            created: dict[str, Any] = await self._request(
+                "POST", f"/api/v1/namespaces/{_q(namespace)}/pods", body=body
             )
         except _ApiStatus as exc:
             if exc.status == 409:
                 await self._check_owner(namespace, body)
-                return False
+                return None
             if exc.status == 403 and "exceeded quota" in exc.message:
                 raise QuotaExceeded(exc.message) from exc
             if exc.status in (400, 403, 422):
                 raise PodRejected(exc.message) from exc
             raise KubeError(f"create pod in {namespace}: {exc.message}") from exc
-        return True
+        return created
 
     async def _check_owner(self, namespace: str, body: Mapping[str, Any]) -> None:
         name = str(body["metadata"]["name"])

@@ -74,6 +74,7 @@ __all__ = [
     "needs_new_attempt",
     "parse_time",
     "pod_attempt",
+    "pod_view",
     "progress_patch",
     "progress_pod_ip",
     "retry_delay",
@@ -199,6 +200,43 @@ def job_key_of_pod(pod: Mapping[str, Any]) -> tuple[str, str] | None:
         ):
             return str(namespace), str(ref["name"])
     return None
+
+
+# The parts of a pod that decide() and the handlers read; the rest (volumes, env,
+# managed fields) is dropped from the operator's watch cache to save memory.
+_POD_METADATA = (
+    "name",
+    "namespace",
+    "uid",
+    "resourceVersion",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "labels",
+    "annotations",
+    "ownerReferences",
+)
+
+
+def pod_view(pod: Mapping[str, Any]) -> dict[str, Any]:
+    """What decide() needs of a pod: identity, labels, node, container images, status.
+
+    decide() on the view makes the same decision as on the whole pod.
+    """
+    meta = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    view_spec: dict[str, Any] = {
+        "containers": [
+            {"name": c.get("name"), "image": c.get("image")} for c in spec.get("containers") or []
+        ]
+    }
+    for key in ("nodeName", "schedulingGates"):
+        if key in spec:
+            view_spec[key] = spec[key]
+    return {
+        "metadata": {k: meta[k] for k in _POD_METADATA if k in meta},
+        "spec": view_spec,
+        "status": pod.get("status") or {},
+    }
 
 
 def is_live(pod: Mapping[str, Any]) -> bool:

@@ -67,8 +67,11 @@ def test_create_is_idempotent_and_pods_are_listed_by_job(kube: tuple[Kube, Contr
     k, _ = kube
 
     async def scenario() -> None:
-        assert await k.create_pod(NS, _pod("idem-1")) is True
-        assert await k.create_pod(NS, _pod("idem-1")) is False  # 409: already there
+        created = await k.create_pod(NS, _pod("idem-1"))
+        assert created is not None
+        assert created["metadata"]["name"] == "idem-1"
+        assert created["metadata"]["uid"]  # the server's object, not the request
+        assert await k.create_pod(NS, _pod("idem-1")) is None  # 409: already there
         with pytest.raises(PodRejected, match="does not belong"):
             await k.create_pod(NS, _pod("idem-1", uid="intruder"))
         await k.create_pod(NS, _pod("other-1", uid="other-uid"))

@@ -57,12 +57,12 @@ class FakeKube:
         self._call(f"secret_exists:{name}", namespace)
         return name in self.secrets
 
-    async def create_pod(self, namespace: str, body: Mapping[str, Any]) -> bool:
+    async def create_pod(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
         self._call("create_pod", namespace)
         if self.quota_message:
             raise QuotaExceeded(self.quota_message)
         self.created.append(dict(body))
-        return True
+        return copy.deepcopy(dict(body))
 
     async def delete_pod(self, namespace: str, name: str, grace_seconds: int | None) -> None:
         assert grace_seconds is not None
@@ -74,6 +74,9 @@ class FakeKube:
         self._call("patch_status", namespace, name)
         assert self.body is not None
         self.body = apply_status(self.body, dict(patch))
+        meta = self.body["metadata"]
+        if "resourceVersion" in meta:  # a write gets the next version, as on a server
+            meta["resourceVersion"] = str(int(meta["resourceVersion"]) + 1)
         return self.body
 
     async def post_event(self, namespace: str, body: Mapping[str, Any]) -> None:

@@ -1,0 +1,154 @@
+"""The operator's watch cache: reconciliations from watched bodies instead of API
+reads, and the cases where the loop must still ask the API (restart safety)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from lorajob_operator import handlers, reconcile
+from lorajob_operator.settings import load_settings
+
+from tests.operator.runtime.kubefakes import NAME, NAMESPACE, T0, at, job, pod, termination
+from tests.operator.runtime.test_handlers import FakeKube, run, runtime
+
+SETTINGS = load_settings()
+
+
+def _trainer_pod(status: dict[str, Any], **meta: Any) -> dict[str, Any]:
+    """The pod decide() itself builds for attempt 1, as the server would return it."""
+    decision = reconcile.decide(reconcile.Observed(job(), [], T0), SETTINGS)
+    assert decision.create is not None
+    body = copy.deepcopy(decision.create.body)
+    body["metadata"].update(uid="pod-uid-1", resourceVersion="7", **meta)
+    body["spec"]["nodeName"] = "gpu-node-1"
+    body["status"] = status
+    return body
+
+
+def _comparable(decision: reconcile.Decision) -> tuple[reconcile.Decision, Any]:
+    """The decision with its create's pod body only (CreatePod also holds the
+    builder that would decide a refused create, an object compared by identity)."""
+    create = decision.create
+    return replace(decision, create=None), create and (create.attempt, create.body)
+
+
+def _written(attempt_status: dict[str, Any]) -> dict[str, Any]:
+    """A job whose status says attempt 1 runs in pod tune-1."""
+    return job(
+        status={"attempts": 1, "podName": f"{NAME}-1", **attempt_status}, resourceVersion="5"
+    )
+
+
+@pytest.mark.parametrize(
+    "status",
+    [
+        {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False"}]},
+        pod(1)["status"],
+        pod(1, "Failed", exit_code=1, message=termination("Failed", "TrainerError"))["status"],
+        pod(1, "Succeeded", exit_code=0, message=termination())["status"],
+        pod(1, "Pending", waiting="ErrImagePull")["status"],
+    ],
+)
+def test_pod_view_decides_like_the_whole_pod(status: dict[str, Any]) -> None:
+    full = _trainer_pod(status)
+    view = reconcile.pod_view(full)
+    assert "env" not in str(view["spec"])  # the bulk is gone
+    for body in (job(), _written({"phase": "Running"})):
+        whole = reconcile.decide(reconcile.Observed(body, [full], at(60)), SETTINGS)
+        slim = reconcile.decide(reconcile.Observed(body, [view], at(60)), SETTINGS)
+        assert _comparable(slim) == _comparable(whole)
+
+
+def test_pod_view_keeps_scheduling_gates_and_deletion() -> None:
+    full = _trainer_pod({"phase": "Pending"}, deletionTimestamp="2026-01-01T12:00:00Z")
+    full["spec"]["schedulingGates"] = [{"name": "kueue.x-k8s.io/admission"}]
+    view = reconcile.pod_view(full)
+    assert view["spec"]["schedulingGates"] == full["spec"]["schedulingGates"]
+    assert view["metadata"]["deletionTimestamp"] == "2026-01-01T12:00:00Z"
+    assert reconcile.job_key_of_pod(view) == (NAMESPACE, NAME)
+
+
+def test_a_cached_pass_reads_nothing_from_the_api() -> None:
+    kube = FakeKube(job(resourceVersion="1"))
+    rt = runtime(kube)
+    first = run(rt)  # without `seen`: GET + LIST, creates attempt 1
+    assert first is not None
+    assert kube.body is not None
+    assert [p["metadata"]["name"] for p in rt.job_pods(kube.body["metadata"]["uid"])] == [
+        f"{NAME}-1"
+    ]  # the create response is cached: the next pass sees its pod
+    kube.calls.clear()
+    seen = handlers._cached_view(rt, kube.body, first)
+    assert seen is not None
+    again = asyncio.run(
+        handlers.reconcile_job(
+            rt,
+            NAMESPACE,
+            NAME,
+            handlers.job_logger(NAMESPACE, NAME),
+            poll_progress=False,
+            seen=seen,
+        )
+    )
+    assert again is not None
+    assert "get_job" not in kube.calls
+    assert "list_job_pods" not in kube.calls
+    assert "create_pod" not in kube.calls  # the cached pod counts as the live attempt
+
+
+def test_first_pass_of_a_job_with_attempts_asks_the_api() -> None:
+    """After a restart the pod watch may not have listed the job's pods yet."""
+    rt = runtime(FakeKube(job()))
+    assert handlers._cached_view(rt, _written({"phase": "Running"}), None) is None
+    fresh = job()
+    assert handlers._cached_view(rt, fresh, None) == fresh  # a new job's pods are ours
+
+
+def test_current_pod_missing_from_the_cache_asks_the_api() -> None:
+    rt = runtime(FakeKube(job()))
+    body = _written({"phase": "Running"})
+    last = handlers.Reconciled(job=body, pod_ip=None, requeue_after=None)
+    assert handlers._cached_view(rt, body, last) is None
+    rt.remember_pod(pod(1))
+    assert handlers._cached_view(rt, body, last) == body
+
+
+def test_the_newer_of_watched_and_written_job_is_used() -> None:
+    rt = runtime(FakeKube(job()))
+    rt.remember_pod(pod(1))
+    watched = _written({"phase": "Pending"})
+    watched["metadata"]["resourceVersion"] = "10"
+    written = _written({"phase": "Running"})
+    written["metadata"]["resourceVersion"] = "12"
+    last = handlers.Reconciled(job=written, pod_ip=None, requeue_after=None)
+    assert handlers._cached_view(rt, watched, last) == written  # the watch lags our write
+    watched["metadata"]["resourceVersion"] = "13"
+    assert handlers._cached_view(rt, watched, last) == watched
+    watched["metadata"]["resourceVersion"] = "opaque"
+    assert handlers._cached_view(rt, watched, last) is None  # cannot tell: read it
+
+
+def test_pod_cache_keeps_the_newest_version_and_forgets_deleted_pods() -> None:
+    rt = runtime(FakeKube(job()))
+    uid = job()["metadata"]["uid"]
+    running = pod(1)
+    running["metadata"]["resourceVersion"] = "20"
+    rt.remember_pod(running)
+    created = pod(1, "Pending")
+    created["metadata"]["resourceVersion"] = "15"
+    rt.remember_pod(created, newer=False)  # a create response after the watch caught up
+    assert rt.job_pods(uid)[0]["status"]["phase"] == "Running"
+    rt.replace_pods(uid, [created])  # a listing older than what the watch showed
+    assert rt.job_pods(uid)[0]["status"]["phase"] == "Running"
+    rt.forget_pod(running)
+    assert rt.job_pods(uid) == []
+    rt.replace_pods(uid, [running])  # listed just before the deletion
+    assert rt.job_pods(uid) == []
+    rt.remember_pod(pod(2))
+    rt.replace_pods(uid, [])  # gone from the API: gone from the cache
+    assert rt.job_pods(uid) == []
+    assert uid not in rt.pods
