@@ -56,6 +56,12 @@ POD_GONE_RECHECK = 10.0
 # net for a lost event, never the mechanism. It reads the job and its pods from the
 # API, not from the watch cache, so a missed watch event is repaired within this time.
 RESYNC_SECONDS = 300.0
+# A loop woken by a routine pod event (created, bound, started) waits this long
+# before reconciling, so such a burst costs one pass and one status write instead
+# of one each. Not on a job's first pass (pod creation), and cut short by an urgent
+# wake-up: a pod that stops or is being stopped must be seen before it is gone
+# (its last state says why, e.g. Evicted), and spec edits or deletion are acted on at once.
+DEBOUNCE_SECONDS = 0.25
 # Uids of recently deleted pods, so an API listing taken just before a deletion
 # does not bring the pod back into the watch cache.
 DELETED_POD_MEMORY = 4096
@@ -84,6 +90,7 @@ class Runtime:
     metrics: Metrics
     reader: ProgressReader
     wakeups: dict[JobKey, asyncio.Event] = field(default_factory=dict)
+    urgent: dict[JobKey, asyncio.Event] = field(default_factory=dict)
     queued: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     # Held while a job counts its namespace's running jobs and creates a pod, so
     # two jobs never both take the last slot of a concurrency limit.
@@ -99,8 +106,18 @@ class Runtime:
     def wakeup(self, key: JobKey) -> asyncio.Event:
         return self.wakeups.setdefault(key, asyncio.Event())
 
-    def wake(self, key: JobKey) -> None:
+    def urgent_wakeup(self, key: JobKey) -> asyncio.Event:
+        return self.urgent.setdefault(key, asyncio.Event())
+
+    def wake(self, key: JobKey, *, urgent: bool = True) -> None:
+        """Wake the job's loop; not urgent: after DEBOUNCE_SECONDS."""
         self.wakeup(key).set()
+        if urgent:
+            self.urgent_wakeup(key).set()
+
+    def forget_wakeups(self, key: JobKey) -> None:
+        self.wakeups.pop(key, None)
+        self.urgent.pop(key, None)
 
     def wake_queued(self, namespace: str) -> None:
         for name in list(self.queued.get(namespace, ())):
@@ -290,7 +307,7 @@ async def job_event(type: str, body: kopf.Body, name: str, namespace: str | None
         return
     status = body.get("status") or {}
     if type == "DELETED":
-        RUNTIME.wakeups.pop((namespace, name), None)
+        RUNTIME.forget_wakeups((namespace, name))
         RUNTIME.queued[namespace].discard(name)
         RUNTIME.metrics.forget(namespace, name)
         RUNTIME.forget_job(str((body.get("metadata") or {}).get("uid", "")))
@@ -319,11 +336,19 @@ async def pod_event(type: str, body: kopf.Body, **_: Any) -> None:
         RUNTIME.remember_pod(body)
     key = reconcile.job_key_of_pod(body)
     if key is not None:
-        RUNTIME.wake(key)
+        RUNTIME.wake(key, urgent=type == "DELETED" or _is_stopping(body))
     if type == "DELETED" or not reconcile.is_live(body):
         namespace = (body.get("metadata") or {}).get("namespace")
         if namespace:
             RUNTIME.wake_queued(str(namespace))
+
+
+def _is_stopping(pod: Mapping[str, Any]) -> bool:
+    """The pod ended, is being deleted, or is marked for disruption."""
+    if not reconcile.is_live(pod) or (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return True
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") in ("DisruptionTarget", "TerminationTarget") for c in conditions)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -364,13 +389,19 @@ async def job_loop(
     namespace = namespace or ""
     jlog = job_logger(namespace, name)
     wakeup = rt.wakeup((namespace, name))
+    urgent = rt.urgent_wakeup((namespace, name))
     last: Reconciled | None = None
     errors = 0
     next_full = next_poll = 0.0  # time.monotonic() deadlines
     next_resync = time.monotonic() + RESYNC_SECONDS
     while not stopped:
+        if wakeup.is_set() and last is not None and not urgent.is_set():
+            await _sleep(urgent, stopped, DEBOUNCE_SECONDS)  # let the rest of the burst arrive
+            if stopped:
+                break
         woken = wakeup.is_set()
         wakeup.clear()
+        urgent.clear()
         now = time.monotonic()
         poll = now >= next_poll
         try:

@@ -152,3 +152,23 @@ def test_pod_cache_keeps_the_newest_version_and_forgets_deleted_pods() -> None:
     rt.replace_pods(uid, [])  # gone from the API: gone from the cache
     assert rt.job_pods(uid) == []
     assert uid not in rt.pods
+
+
+def test_only_routine_pod_events_are_debounced() -> None:
+    """A pod that stops must be looked at before it is gone (its last state says why)."""
+    assert not handlers._is_stopping(pod(1))
+    assert not handlers._is_stopping(pod(1, "Pending"))
+    assert handlers._is_stopping(pod(1, deleting=True))
+    assert handlers._is_stopping(pod(1, "Failed", exit_code=1))
+    evicted = pod(1, conditions=[{"type": "DisruptionTarget", "status": "True"}])
+    assert handlers._is_stopping(evicted)
+    rt = runtime(FakeKube(job()))
+    key = (NAMESPACE, NAME)
+    rt.wake(key, urgent=False)
+    assert rt.wakeup(key).is_set()
+    assert not rt.urgent_wakeup(key).is_set()
+    rt.wake(key)
+    assert rt.urgent_wakeup(key).is_set()
+    rt.forget_wakeups(key)
+    assert key not in rt.wakeups
+    assert key not in rt.urgent
