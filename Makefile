@@ -91,11 +91,10 @@ format: $(VENV_STAMP) ## Apply ruff's fixes and formatting
 
 # The product code and the test infrastructure; the scripts and the helm/packaging/e2e
 # tests are held to the same bar.
-TYPECHECKED := operator/lorajob_operator trainer_image/lora_trainer tests/harness \
-	scripts tests/conftest.py tests/helm tests/packaging tests/e2e
+TYPECHECKED := operator/lorajob_operator trainer_image/lora_trainer scripts bench tests
 
 .PHONY: typecheck
-typecheck: $(VENV_STAMP) ## mypy --strict over the operator, the trainer and the test harness
+typecheck: $(VENV_STAMP) ## mypy --strict over the operator, the trainer, the scripts, the benchmarks and the tests
 	$(BIN)/mypy $(TYPECHECKED)
 
 .PHONY: test
