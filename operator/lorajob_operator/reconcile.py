@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -220,7 +221,9 @@ _POD_METADATA = (
 def pod_view(pod: Mapping[str, Any]) -> dict[str, Any]:
     """What decide() needs of a pod: identity, labels, node, container images, status.
 
-    decide() on the view makes the same decision as on the whole pod.
+    decide() on the view makes the same decision as on the whole pod. Short strings
+    (field names, condition types, label values) are interned: thousands of cached
+    views then share one copy of each instead of one per watch event.
     """
     meta = pod.get("metadata") or {}
     spec = pod.get("spec") or {}
@@ -232,11 +235,29 @@ def pod_view(pod: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("nodeName", "schedulingGates"):
         if key in spec:
             view_spec[key] = spec[key]
-    return {
+    view = {
         "metadata": {k: meta[k] for k in _POD_METADATA if k in meta},
         "spec": view_spec,
         "status": pod.get("status") or {},
     }
+    interned: dict[str, Any] = _interned(view)
+    return interned
+
+
+# Strings up to this length are interned in pod views (names, types, reasons,
+# timestamps); longer ones (messages) are rarely repeated.
+_INTERN_MAX = 64
+
+
+def _interned(value: Any) -> Any:
+    """A copy of a JSON value with its dict keys and short strings interned."""
+    if isinstance(value, Mapping):
+        return {sys.intern(str(k)): _interned(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interned(v) for v in value]
+    if isinstance(value, str) and len(value) <= _INTERN_MAX:
+        return sys.intern(value)
+    return value
 
 
 def is_live(pod: Mapping[str, Any]) -> bool:

@@ -264,6 +264,7 @@ def test_startup_keeps_kopf_state_out_of_status_and_runs_standalone(
     monkeypatch.setattr(handlers, "load_config", lambda: None)
     monkeypatch.setattr(handlers.METRICS, "serve", served.append)
     monkeypatch.setattr(handlers, "RUNTIME", None)
+    monkeypatch.setattr(handlers.gc, "freeze", lambda: None)  # not the test process's heap
     settings = kopf.OperatorSettings()
     # kopf's decorator types the function as its ActivityFn protocol; call it plainly.
     configure = cast(Callable[..., Coroutine[Any, Any, None]], handlers.configure)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 from dataclasses import replace
 from typing import Any
 
@@ -70,6 +71,11 @@ def test_pod_view_keeps_scheduling_gates_and_deletion() -> None:
     assert view["spec"]["schedulingGates"] == full["spec"]["schedulingGates"]
     assert view["metadata"]["deletionTimestamp"] == "2026-01-01T12:00:00Z"
     assert reconcile.job_key_of_pod(view) == (NAMESPACE, NAME)
+    # Views of separately decoded pods share their short strings.
+    other = reconcile.pod_view(json.loads(json.dumps(full)))
+    assert other == view
+    assert other["status"]["phase"] is view["status"]["phase"]
+    assert next(iter(other["metadata"])) is next(iter(view["metadata"]))
 
 
 def test_a_cached_pass_reads_nothing_from_the_api() -> None:
@@ -172,3 +178,18 @@ def test_only_routine_pod_events_are_debounced() -> None:
     rt.forget_wakeups(key)
     assert key not in rt.wakeups
     assert key not in rt.urgent
+
+
+def test_the_written_job_gives_way_to_the_watched_one_once_caught_up() -> None:
+    written = _written({"phase": "Running"})
+    written["metadata"]["resourceVersion"] = "12"
+    last = handlers.Reconciled(job=written, pod_ip="10.0.0.1", requeue_after=None)
+    watched = copy.deepcopy(written)
+    watched["metadata"]["resourceVersion"] = "11"
+    assert handlers._share_watched(watched, last) is last  # the watch still lags
+    watched["metadata"]["resourceVersion"] = "12"
+    shared = handlers._share_watched(watched, last)
+    assert shared.job == watched
+    assert shared.job["metadata"] is watched["metadata"]  # no second copy
+    assert shared.pod_ip == "10.0.0.1"
+    assert handlers._share_watched(watched, shared) is shared
