@@ -7,10 +7,11 @@ result holds wall time of `trainer.train()`, token counts taken from the
 batches the model actually received, and the memory peak.
 
 * ours: the real trainer path: `lora_trainer.data` reads and tokenizes the records
-  (train._tokenize), `translate` builds the load kwargs, LoRA config and SFTConfig
-  from a TrainerConfig (packing on, the default), and TRL's SFTTrainer trains,
-  exactly as `lora_trainer.train.run` builds it (its checkpoint/progress callbacks
-  are left out: they upload, which is not training throughput).
+  (`train.tokenize_inputs`), `translate` builds the load kwargs and LoRA config from a
+  TrainerConfig (packing on, the default), and `train.build_trainer` builds the
+  SFTTrainer exactly as `lora_trainer.train.run` does, batch layout included (its
+  checkpoint/progress callbacks are left out: they upload, which is not training
+  throughput).
 * plain: the textbook QLoRA recipe: same model file, same bitsandbytes NF4 load,
   same LoRA shape, SFTTrainer with `packing=False` and every row padded to
   maxSeqLength (`pad_to_multiple_of=max_length`), TRL defaults otherwise.
@@ -53,12 +54,15 @@ class Job:
 class TokenCounter:
     """Counts what the model is fed during training (forward pre-hook).
 
-    real:  non-padding tokens (attention_mask sum; all tokens when the batch carries
-           no mask, as in padding-free packed batches, which contain no padding)
+    real:  non-padding tokens: the attention_mask sum; for batches without a mask
+           (packed rows, whose records are told apart by position_ids) the tokens
+           that are not the pad token, as the Trainer's own "non_padding" count does
     loss:  tokens whose label is not -100 (the ones that train the adapter)
     slots: tokens computed on, padding included (input_ids.numel())
+    rows:  records: a packed record starts wherever a real token has position_ids 0
     """
 
+    pad_token_id: int | None = None
     real: int = 0
     loss: int = 0
     slots: int = 0
@@ -67,6 +71,8 @@ class TokenCounter:
     shapes: list[list[int]] = field(default_factory=list)
 
     def hook(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        import torch
+
         if not module.training:
             return
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -75,14 +81,19 @@ class TokenCounter:
         mask = kwargs.get("attention_mask")
         labels = kwargs.get("labels")
         position_ids = kwargs.get("position_ids")
+        if mask is not None:
+            real = mask.bool()
+        elif self.pad_token_id is not None:
+            real = ids != self.pad_token_id
+        else:
+            real = torch.ones_like(ids, dtype=torch.bool)
         self.forwards += 1
         self.slots += int(ids.numel())
-        self.real += int(mask.sum()) if mask is not None else int(ids.numel())
+        self.real += int(real.sum())
         if labels is not None:
             self.loss += int((labels != -100).sum())
-        if mask is None and position_ids is not None:
-            # Packed padding-free rows: one record starts wherever position_ids is 0.
-            self.rows += int((position_ids == 0).sum())
+        if position_ids is not None:
+            self.rows += int(((position_ids == 0) & real).sum())
         else:
             self.rows += int(ids.shape[0])
         if len(self.shapes) < 4:
@@ -103,17 +114,15 @@ def _build_ours(job: Job, cuda: bool) -> Any:
     from lora_trainer import data
     from lora_trainer.config import TrainerConfig
     from lora_trainer.inputs import Inputs
-    from lora_trainer.train import _tokenize
+    from lora_trainer.train import build_trainer, tokenize_inputs
     from lora_trainer.translate import (
         Device,
         linear_layer_names,
         model_load_kwargs,
         resolve_target_modules,
         to_lora_config,
-        to_sft_config,
     )
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
-    from trl.trainer.sft_trainer import SFTTrainer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = TrainerConfig.model_validate(
         {
@@ -138,18 +147,18 @@ def _build_ours(job: Job, cuda: bool) -> Any:
     fmt, train = data.convert(data.load_records(Path(job.data_path)), "prompt_completion")
     tokenizer = AutoTokenizer.from_pretrained(job.model_dir)
     inputs = Inputs(model_dir=Path(job.model_dir), format=fmt, train=train, eval=[])
-    train_ds, _ = _tokenize(cfg, tokenizer, inputs)
+    train_ds, _ = tokenize_inputs(cfg, tokenizer, inputs)
     model = AutoModelForCausalLM.from_pretrained(job.model_dir, **model_load_kwargs(cfg, device))
     targets = resolve_target_modules(cfg.lora, linear_layer_names(model))
-    trainer = SFTTrainer(
-        model=model,
-        args=to_sft_config(cfg, device, Path(job.work_dir) / "ckpt", has_eval=False),
-        train_dataset=train_ds,
-        processing_class=tokenizer,
+    return build_trainer(
+        cfg,
+        model,
+        tokenizer,
+        device=device,
         peft_config=to_lora_config(cfg.lora, targets),
+        datasets=(train_ds, None),
+        ckpt_dir=Path(job.work_dir) / "ckpt",
     )
-    trainer.remove_callback(PrinterCallback)
-    return trainer
 
 
 def _build_plain(job: Job, cuda: bool) -> Any:
@@ -221,7 +230,7 @@ def run_job(job: Job) -> dict[str, Any]:
     t0 = time.perf_counter()
     trainer = _build_ours(job, cuda) if job.recipe == "ours" else _build_plain(job, cuda)
     prep_s = time.perf_counter() - t0
-    counter = TokenCounter()
+    counter = TokenCounter(pad_token_id=trainer.processing_class.pad_token_id)
     trainer.model.register_forward_pre_hook(counter.hook, with_kwargs=True)
     if cuda:
         torch.cuda.synchronize()

@@ -28,11 +28,18 @@ import safetensors.torch
 import torch
 import transformers
 from peft import PeftModel, set_peft_model_state_dict
-from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerState
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PrinterCallback,
+    TrainerCallback,
+    TrainerState,
+)
 from trl.trainer.sft_trainer import SFTTrainer
 
 from lora_trainer import checkpoints, data
 from lora_trainer.callbacks import CheckpointCallback, ProgressCallback, StopCallback
+from lora_trainer.collate import use_packed_rows
 from lora_trainer.config import TrainerConfig
 from lora_trainer.errors import ConfigError, DatasetError, Interrupted
 from lora_trainer.inputs import Inputs
@@ -50,7 +57,7 @@ from lora_trainer.translate import (
     to_sft_config,
 )
 
-__all__ = ["Runtime", "run"]
+__all__ = ["Runtime", "TrainOutcome", "build_trainer", "run", "run_mean_loss", "tokenize_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +84,7 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
     tokenizer = AutoTokenizer.from_pretrained(
         model_dir, trust_remote_code=cfg.model.trust_remote_code
     )
-    train_ds, eval_ds = _tokenize(cfg, tokenizer, inputs)
+    train_ds, eval_ds = tokenize_inputs(cfg, tokenizer, inputs)
 
     # 2. Model, target modules, adapter config.
     model = AutoModelForCausalLM.from_pretrained(model_dir, **model_load_kwargs(cfg, device))
@@ -102,16 +109,16 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
     # add a step).
     progress = ProgressCallback(rt.board)
     saver = CheckpointCallback(rt.storage, cfg.output.uri, rt.board, checkpoints.fingerprint(cfg))
-    trainer = SFTTrainer(
-        model=model,
-        args=to_sft_config(cfg, device, ckpt_dir, has_eval=eval_ds is not None),
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
+    trainer = build_trainer(
+        cfg,
+        model,
+        tokenizer,
+        device=device,
         peft_config=peft_config,
+        datasets=(train_ds, eval_ds),
+        ckpt_dir=ckpt_dir,
         callbacks=[progress, saver, StopCallback(rt.stop)],
     )
-    trainer.remove_callback(PrinterCallback)  # ProgressCallback logs each step instead
     if resume_path and saved and saved.finished:
         outcome = _load_finished(trainer, resume_path, rt)
     else:
@@ -247,8 +254,47 @@ def run_mean_loss(log_history: list[dict[str, Any]]) -> float | None:
     return total / steps if steps else None
 
 
-def _tokenize(cfg: TrainerConfig, tokenizer: Any, inputs: Inputs) -> tuple[Any, Any | None]:
-    """Tokenized train and eval datasets (eval is None when there is none)."""
+def build_trainer(
+    cfg: TrainerConfig,
+    model: Any,
+    tokenizer: Any,
+    *,
+    device: Device,
+    peft_config: Any,
+    datasets: tuple[Any, Any | None],
+    ckpt_dir: Path,
+    callbacks: list[TrainerCallback] | None = None,
+) -> SFTTrainer:
+    """The SFTTrainer for this job: `peft_config` on the loaded model, our SFTConfig, and
+    packed rows laid out for the model's attention implementation (lora_trainer.collate).
+
+    `datasets` are the (train, eval or None) datasets from `tokenize_inputs`;
+    `ckpt_dir` is where the Trainer writes its local checkpoints.
+    """
+    train_ds, eval_ds = datasets
+    trainer = SFTTrainer(
+        model=model,
+        args=to_sft_config(cfg, device, ckpt_dir, has_eval=eval_ds is not None),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)  # ProgressCallback logs each step instead
+    if use_packed_rows(trainer):
+        log.info("packed rows: one row per pack of at most %d tokens", cfg.training.max_seq_length)
+    return trainer
+
+
+def tokenize_inputs(cfg: TrainerConfig, tokenizer: Any, inputs: Inputs) -> tuple[Any, Any | None]:
+    """Tokenize the checked records into the datasets SFTTrainer takes.
+
+    Returns (train, eval): `datasets.Dataset`s of input_ids + completion_mask, eval
+    None when there is no eval split. Records over maxSeqLength are logged (TRL
+    truncates them); records without a loss token within maxSeqLength are dropped.
+    Raises DatasetError when no training record is left.
+    """
     completion_only = cfg.training.completion_only_loss
     max_len = cfg.training.max_seq_length
     train = data.tokenize(inputs.train, tokenizer, completion_only=completion_only)

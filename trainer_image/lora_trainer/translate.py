@@ -5,13 +5,13 @@ Each function takes the validated config (plus the facts about the machine in
 the network, the GPU or the filesystem, so they are unit-tested without
 training anything.
 
-Packing choice: `packing=True` uses TRL's best-fit-decreasing packing in
-padding-free mode. Records are packed whole (no record is split across rows),
-nothing is padded, and position_ids restart at 0 for each record. With no
-attention mask and restarting position_ids, transformers builds a
-block-diagonal causal mask for sdpa/eager (and flash-attention uses the
-sequence boundaries directly), so attention never crosses records. With
-`packing=False` each record is its own row, padded per batch.
+Packing choice: `packing=True` uses TRL's best-fit-decreasing packing: records
+are packed whole (no record is split across rows) into rows of at most
+maxSeqLength, and position_ids restart at 0 for each record. TRL batches such
+rows padding-free (one joined row); `lora_trainer.collate` keeps them as rows
+instead unless the model has flash varlen attention (see there). Either way
+attention never crosses records. With `packing=False` each record is its own
+row, padded per batch.
 """
 
 # transformers/peft/trl/torch are imported inside the functions that need them:
@@ -100,7 +100,7 @@ def model_load_kwargs(cfg: TrainerConfig, device: Device) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "dtype": dtype,
         "trust_remote_code": cfg.model.trust_remote_code,
-        # sdpa handles padding-free packed rows correctly (see the module docstring).
+        # sdpa keeps packed records apart through position_ids (lora_trainer.collate).
         "attn_implementation": "sdpa",
         "low_cpu_mem_usage": True,
     }
