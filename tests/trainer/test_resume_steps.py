@@ -14,13 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import safetensors.torch
+import torch
+from lora_trainer import train
 from lora_trainer.config import TrainerConfig
 from lora_trainer.inputs import prepare_inputs
 from lora_trainer.progress import ProgressBoard
 from lora_trainer.protocol import Progress, TerminationMessage
+from lora_trainer.publish import ADAPTER_WEIGHTS
 from lora_trainer.signals import StopRequest
 from lora_trainer.storage import Storage
 from lora_trainer.train import Runtime, run
+from transformers import TrainerCallback, TrainerControl, TrainerState
 
 from tests.harness.s3 import S3Server
 from tests.harness.tiny_model import write_dataset
@@ -160,3 +165,72 @@ def test_resumed_run_trains_only_the_steps_left(
     assert [step for step, _ in metrics["loss_history"]] == list(
         range(resume_at + 1, MAX_STEPS + 1)
     )
+
+
+class _TrainableDtypes(TrainerCallback):
+    """Records the dtypes of the trainable parameters and of the optimizer's state
+    tensors (moments; the step counters excluded) at every optimizer step."""
+
+    def __init__(self) -> None:
+        self.params: set[str] = set()
+        self.optimizer_state: set[str] = set()
+
+    def on_step_end(
+        self,
+        args: Any,  # noqa: ARG002 - the callback signature
+        state: TrainerState,  # noqa: ARG002
+        control: TrainerControl,  # noqa: ARG002
+        **kwargs: Any,
+    ) -> None:
+        self.params |= {str(p.dtype) for p in kwargs["model"].parameters() if p.requires_grad}
+        self.optimizer_state |= {
+            str(value.dtype)
+            for per_param in kwargs["optimizer"].state.values()
+            for key, value in per_param.items()
+            if key != "step" and isinstance(value, torch.Tensor)
+        }
+
+
+def _adapter_dtypes(s3: S3Server, prefix: str) -> dict[str, str]:
+    body = s3.client().get_object(Bucket=BUCKET, Key=f"{prefix}/{ADAPTER_WEIGHTS}")["Body"].read()
+    return {name: str(t.dtype) for name, t in safetensors.torch.load(body).items()}
+
+
+def test_resumed_run_keeps_the_adapter_dtype_of_a_fresh_run(
+    s3: S3Server,
+    tiny_model_dir: Path,
+    dataset: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The Trainer reloads a checkpoint's adapter through peft's load_adapter, which
+    upcasts it to fp32: the resumed attempt must still train and publish the dtypes a
+    fresh run does."""
+    recorders: list[_TrainableDtypes] = []
+    real_build = train.build_trainer
+
+    def build_recording(*args: Any, **kwargs: Any) -> Any:
+        trainer = real_build(*args, **kwargs)
+        recorders.append(_TrainableDtypes())
+        trainer.add_callback(recorders[-1])
+        return trainer
+
+    monkeypatch.setattr(train, "build_trainer", build_recording)
+    prefix = "resume-steps/dtypes"
+    cfg = _config(dataset, tiny_model_dir, prefix, interval=4)
+    _attempt(cfg, s3, tmp_path / "first")
+    fresh = _adapter_dtypes(s3, prefix)
+    assert fresh, "the published adapter holds no tensors"
+    # Killed while checkpoint-8 was being uploaded: the next attempt resumes at step 4.
+    _delete(s3, [f"{prefix}/checkpoints/checkpoint-{MAX_STEPS}/COMPLETE"])
+    _delete(s3, _published_outputs(s3, prefix))
+
+    second, _ = _attempt(cfg, s3, tmp_path / "second")
+
+    assert second.steps == MAX_STEPS
+    fresh_run, resumed_run = recorders
+    assert fresh_run.params == {"torch.bfloat16"}  # TRL's QLoRA cast (adapter_dtypes.py)
+    assert resumed_run.params == fresh_run.params
+    assert fresh_run.optimizer_state, "the fresh run's optimizer holds no state"
+    assert resumed_run.optimizer_state == fresh_run.optimizer_state
+    assert _adapter_dtypes(s3, prefix) == fresh

@@ -38,6 +38,7 @@ from transformers import (
 from trl.trainer.sft_trainer import SFTTrainer
 
 from lora_trainer import checkpoints, data
+from lora_trainer.adapter_dtypes import DtypeKeepingTrainer
 from lora_trainer.callbacks import CheckpointCallback, ProgressCallback, StopCallback
 from lora_trainer.collate import use_packed_rows
 from lora_trainer.config import TrainerConfig
@@ -265,14 +266,15 @@ def build_trainer(
     ckpt_dir: Path,
     callbacks: list[TrainerCallback] | None = None,
 ) -> SFTTrainer:
-    """The SFTTrainer for this job: `peft_config` on the loaded model, our SFTConfig, and
-    packed rows laid out for the model's attention implementation (lora_trainer.collate).
+    """The SFTTrainer for this job: `peft_config` on the loaded model, our SFTConfig,
+    packed rows laid out for the model's attention implementation (lora_trainer.collate),
+    and adapter dtypes that a resume does not change (lora_trainer.adapter_dtypes).
 
     `datasets` are the (train, eval or None) datasets from `tokenize_inputs`;
     `ckpt_dir` is where the Trainer writes its local checkpoints.
     """
     train_ds, eval_ds = datasets
-    trainer = SFTTrainer(
+    trainer = DtypeKeepingTrainer(
         model=model,
         args=to_sft_config(cfg, device, ckpt_dir, has_eval=eval_ds is not None),
         train_dataset=train_ds,
