@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gc
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, cast
 
@@ -264,7 +265,7 @@ def test_startup_keeps_kopf_state_out_of_status_and_runs_standalone(
     monkeypatch.setattr(handlers, "load_config", lambda: None)
     monkeypatch.setattr(handlers.METRICS, "serve", served.append)
     monkeypatch.setattr(handlers, "RUNTIME", None)
-    monkeypatch.setattr(handlers.gc, "freeze", lambda: None)  # not the test process's heap
+    monkeypatch.setattr(gc, "freeze", lambda: None)  # not the test process's heap
     settings = kopf.OperatorSettings()
     # kopf's decorator types the function as its ActivityFn protocol; call it plainly.
     configure = cast(Callable[..., Coroutine[Any, Any, None]], handlers.configure)
