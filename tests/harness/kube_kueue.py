@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from fractions import Fraction
 
-from tests.harness.kube_quantity import QuantityError, parse_quantity
+from tests.harness.kube_quantity import parse_quantity, pod_requests
 from tests.harness.kube_resources import ResourceType
 from tests.harness.kube_store import TERMINAL_POD_PHASES, Obj, Store
 
@@ -63,21 +63,6 @@ def kueue_crds() -> list[Obj]:
         _crd("localqueues", "LocalQueue", "Namespaced"),
         _crd("workloads", "Workload", "Namespaced"),
     ]
-
-
-def _requests(pod: Obj) -> dict[str, Fraction]:
-    totals: dict[str, Fraction] = {}
-    for container in (pod.get("spec") or {}).get("containers") or []:
-        resources = container.get("resources") or {}
-        for key, value in {
-            **(resources.get("limits") or {}),
-            **(resources.get("requests") or {}),
-        }.items():
-            try:
-                totals[key] = totals.get(key, Fraction(0)) + parse_quantity(value)
-            except QuantityError:
-                continue
-    return totals
 
 
 def _queued(pod: Obj) -> bool:
@@ -145,7 +130,7 @@ class FakeKueue:
             admission = (meta.get("annotations") or {}).get(ADMITTED_ANNOTATION)
             if admission and (pod.get("status") or {}).get("phase") not in TERMINAL_POD_PHASES:
                 queue, _, flavor = admission.partition("/")
-                for key, amount in _requests(pod).items():
+                for key, amount in pod_requests(pod).items():
                     usage[(queue, flavor, key)] = (
                         usage.get((queue, flavor, key), Fraction(0)) + amount
                     )
@@ -167,7 +152,7 @@ class FakeKueue:
         cluster = self._find("clusterqueues", "", cluster_name) if cluster_name else None
         if cluster is None:
             return
-        requested = {k: v for k, v in _requests(pod).items() if v > 0}
+        requested = {k: v for k, v in pod_requests(pod).items() if v > 0}
         chosen: dict[str, str] = {}  # resource -> flavor
         for group in (cluster.get("spec") or {}).get("resourceGroups") or []:
             covered = [r for r in group.get("coveredResources") or [] if r in requested]

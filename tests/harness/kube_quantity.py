@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from fractions import Fraction
+from typing import Any
 
 _QUANTITY = re.compile(r"^(?P<number>[+-]?(\d+\.?\d*|\.\d+))(?P<suffix>[a-zA-Z]*|[eE][+-]?\d+)$")
 _BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
@@ -31,6 +33,13 @@ def parse_quantity(value: str | int | float) -> Fraction:
         raise QuantityError(f"quantities must match the regular expression; got {value!r}")
     if isinstance(value, int | float):
         return Fraction(str(value))
+    return _parse_string(value)
+
+
+# The same few strings ("1", "16Gi", "500m") come back for every pod the scheduler
+# and the quota checks look at; Fractions are immutable, so sharing them is safe.
+@functools.lru_cache(maxsize=4096)
+def _parse_string(value: str) -> Fraction:
     match = _QUANTITY.match(value.strip())
     if not match:
         raise QuantityError(
@@ -46,6 +55,22 @@ def parse_quantity(value: str | int | float) -> Fraction:
     if suffix[:1] in ("e", "E"):
         return number * Fraction(10) ** int(suffix[1:])
     raise QuantityError(f"unknown quantity suffix {suffix!r} in {value!r}")
+
+
+def pod_requests(pod: dict[str, Any]) -> dict[str, Fraction]:
+    """What a pod's containers ask for, summed per resource (a request, or the limit
+    when no request is given, as the scheduler and quota count them); invalid
+    quantities are skipped (the API server rejects them at create)."""
+    totals: dict[str, Fraction] = {}
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        resources = container.get("resources") or {}
+        values = {**(resources.get("limits") or {}), **(resources.get("requests") or {})}
+        for key, value in values.items():
+            try:
+                totals[key] = totals.get(key, Fraction(0)) + parse_quantity(value)
+            except QuantityError:
+                continue
+    return totals
 
 
 def format_quantity(value: Fraction) -> str:

@@ -67,7 +67,7 @@ import aiohttp
 import yaml
 from aiohttp import web
 
-from tests.harness.kube_quantity import QuantityError, parse_quantity
+from tests.harness.kube_quantity import parse_quantity, pod_requests
 
 T = TypeVar("T")
 Obj = dict[str, Any]
@@ -144,17 +144,6 @@ def cpu_node(name: str = "cpu-node-1") -> NodeConfig:
 
 
 # ----------------------------------------------------------------- scheduling
-def _requests(pod: Obj) -> dict[str, Fraction]:
-    totals: dict[str, Fraction] = {}
-    for container in (pod.get("spec") or {}).get("containers") or []:
-        resources = container.get("resources") or {}
-        values = {**(resources.get("limits") or {}), **(resources.get("requests") or {})}
-        for key, value in values.items():
-            with contextlib.suppress(QuantityError):
-                totals[key] = totals.get(key, Fraction(0)) + parse_quantity(value)
-    return totals
-
-
 def _tolerates(tolerations: list[Obj], taint: Obj) -> bool:
     for toleration in tolerations:
         if toleration.get("effect") and toleration["effect"] != taint.get("effect"):
@@ -219,7 +208,7 @@ def unschedulable_reasons(pod: Obj, node: Obj, used: dict[str, Fraction]) -> lis
     if (node.get("spec") or {}).get("unschedulable"):
         reasons.append("node(s) were unschedulable")
     allocatable = (node.get("status") or {}).get("allocatable") or {}
-    for key, amount in sorted(_requests(pod).items()):
+    for key, amount in sorted(pod_requests(pod).items()):
         if amount <= 0:
             continue
         available = parse_quantity(allocatable.get(key, "0"))
@@ -652,25 +641,26 @@ class Kubelet:
             nodes = await self._node_objects()
             # Usage per node once per pass, then updated as pods bind: a pass costs
             # O(pods + pending x nodes), even with thousands of pending pods.
-            used = {name: self._used_on(name) for name in nodes}
+            used = self._usage_by_node(nodes)
             for pod in sorted(pending, key=lambda p: p["metadata"].get("creationTimestamp", "")):
                 try:
                     await self._schedule(pod, nodes, used, reported)
                 except (TimeoutError, aiohttp.ClientError):
                     continue
 
-    def _used_on(self, node: str) -> dict[str, Fraction]:
-        used: dict[str, Fraction] = {}
+    def _usage_by_node(self, nodes: Iterable[str]) -> dict[str, dict[str, Fraction]]:
+        """What the pods bound to each node use: requests of the unfinished ones, and
+        a count of all of them ("pods"), in one scan of the pods."""
+        used: dict[str, dict[str, Fraction]] = {name: {"pods": Fraction(0)} for name in nodes}
         for pod in self.pods.values():
-            if (pod.get("spec") or {}).get("nodeName") != node:
+            per_node = used.get((pod.get("spec") or {}).get("nodeName") or "")
+            if per_node is None:
                 continue
+            per_node["pods"] += 1
             if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
                 continue
-            for key, value in _requests(pod).items():
-                used[key] = used.get(key, Fraction(0)) + value
-        used["pods"] = Fraction(
-            sum(1 for p in self.pods.values() if (p.get("spec") or {}).get("nodeName") == node)
-        )
+            for key, value in pod_requests(pod).items():
+                per_node[key] = per_node.get(key, Fraction(0)) + value
         return used
 
     async def _schedule(
@@ -712,7 +702,7 @@ class Kubelet:
                     if code == 201:
                         # Count it until the watch catches up.
                         pod.setdefault("spec", {})["nodeName"] = name
-                        for key, value in _requests(pod).items():
+                        for key, value in pod_requests(pod).items():
                             used[name][key] = used[name].get(key, Fraction(0)) + value
                         reported.pop(uid, None)
                         await self._event(
