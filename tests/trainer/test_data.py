@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+from datasets import Dataset
+from lora_trainer import data as data_module
 from lora_trainer.data import (
     Record,
     TokenizedData,
@@ -33,7 +36,7 @@ def _records(rows: list[Any], file: str = "train.jsonl") -> list[Record]:
     return [Record(r, file, i) for i, r in enumerate(rows, 1)]
 
 
-def _trained_text(tok: Any, ids: list[int], mask: list[int]) -> str:
+def _trained_text(tok: Any, ids: Sequence[int], mask: Sequence[int]) -> str:
     return str(tok.decode([i for i, m in zip(ids, mask, strict=True) if m]))
 
 
@@ -210,6 +213,26 @@ def test_drop_unlearnable_rows() -> None:
     assert data.count_longer_than(3) == 1
     assert data.drop_unlearnable(3) == 1
     assert data.input_ids == [[1, 2], [5, 6, 7]]
+
+
+@pytest.mark.parametrize("rows_per_chunk", [2, 65_536], ids=["chunked", "one-chunk"])
+def test_dataset_from_compact_rows_equals_the_one_from_lists(
+    tokenizer: Any, monkeypatch: pytest.MonkeyPatch, rows_per_chunk: int
+) -> None:
+    monkeypatch.setattr(data_module, "_ROWS_PER_CHUNK", rows_per_chunk)
+    _, examples = convert(_records(make_records("alpaca", 5, seed=1)), "alpaca")
+    tok = tokenize(examples, tokenizer, completion_only=True)
+    as_lists = {
+        "input_ids": [list(r) for r in tok.input_ids],
+        "completion_mask": [list(m) for m in tok.completion_mask],
+    }
+
+    built = tok.to_dataset()
+
+    assert not isinstance(tok.input_ids[0], list)  # stored compactly
+    reference = Dataset.from_dict(as_lists)  # what the trainer built before
+    assert built.features == reference.features
+    assert built.to_dict() == reference.to_dict() == as_lists
 
 
 def test_messages_need_a_chat_template() -> None:

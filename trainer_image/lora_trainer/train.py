@@ -75,6 +75,8 @@ class Runtime:
 
 
 def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
+    """Train, evaluate and publish; `inputs.train` and `inputs.eval` are emptied once
+    tokenized (the records' text is not needed again and can be large)."""
     _quiet_progress_bars()
     device = Device.detect()
     log.info("device: %s", device.name)
@@ -86,6 +88,9 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
         model_dir, trust_remote_code=cfg.model.trust_remote_code
     )
     train_ds, eval_ds = tokenize_inputs(cfg, tokenizer, inputs)
+    # The records live on as tokens; their text is not read again (run consumes them).
+    inputs.train.clear()
+    inputs.eval.clear()
 
     # 2. Model, target modules, adapter config.
     model = AutoModelForCausalLM.from_pretrained(model_dir, **model_load_kwargs(cfg, device))
@@ -120,6 +125,8 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
         ckpt_dir=ckpt_dir,
         callbacks=[progress, saver, StopCallback(rt.stop)],
     )
+    # SFTTrainer trains on its own labelled (and packed) copies of the datasets.
+    del train_ds, eval_ds
     if resume_path and saved and saved.finished:
         outcome = _load_finished(trainer, resume_path, rt)
     else:
@@ -139,7 +146,7 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
         "resumed_from_step": resume.step if resume else None,
         "loss_history": progress.loss_history,
     }
-    if eval_ds is not None:
+    if trainer.eval_dataset is not None:
         rt.board.update(stage="evaluating")
         eval_metrics = trainer.evaluate()
         metrics["eval_loss"] = eval_metrics.get("eval_loss")
