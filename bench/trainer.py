@@ -7,9 +7,13 @@ process (bench/trainer_worker.py) so its memory peak is its own. Reported:
 * effective tokens/s = non-padding tokens fed to the model / wall time of
   `trainer.train()` (tokens counted from the batches themselves);
 * loss tokens/s = tokens that carry a label (completion tokens);
-* peak memory = peak RSS of the run minus its RSS before building anything.
+* peak memory = peak RSS of the run minus its RSS once the recipe's libraries are
+  imported (the import cost is reported apart).
 
-    python -m bench.trainer                # CPU, ~2 minutes
+Besides the main row, two memory rows run a few steps each: a wider model
+(activations dominate) and a 50,000-record dataset (the data path dominates).
+
+    python -m bench.trainer                # CPU, ~5 minutes (--no-memory-rows: ~2)
     python -m bench.trainer_gpu            # CUDA, Llama-3-8B-shaped, 4-bit
 """
 
@@ -30,7 +34,15 @@ from typing import Any
 from bench.common import REPO_ROOT, add_common_args, format_table, ratio, write_results
 from bench.trainer_worker import Job
 
-__all__ = ["compare", "main", "mixed_length_records", "run_worker", "table"]
+__all__ = [
+    "MEMORY_ROWS",
+    "compare",
+    "compare_recipes",
+    "main",
+    "mixed_length_records",
+    "run_worker",
+    "table",
+]
 
 _WORDS = [
     "the",
@@ -62,6 +74,9 @@ _WORDS = [
     "snow",
 ]
 _GiB = 2**30
+_MiB = 2**20
+# Peak RSS growth over the RSS after imports (bench/trainer_worker.py).
+MEM_KEY = "peak_rss_delta_bytes"
 
 
 def mixed_length_records(n: int, max_words: int, seed: int = 0) -> list[dict[str, str]]:
@@ -140,7 +155,54 @@ def table(ours: dict[str, Any], plain: dict[str, Any], mem_key: str) -> str:
         if key == mem_key:
             o, p = o / _GiB, p / _GiB
         rows.append([label, o, p, ratio(o, p) if key != "padding_fraction" else None])
+    if "imports_rss_bytes" in ours and "imports_rss_bytes" in plain:  # not in the delta
+        o, p = ours["imports_rss_bytes"] / _MiB, plain["imports_rss_bytes"] / _MiB
+        rows.append(["imports RSS MiB (not in delta)", o, p, ratio(o, p)])
     return format_table(["metric", "ours", "plain SFTTrainer", "ours/plain"], rows)
+
+
+# Memory-only rows (a few steps each; their throughput is not comparable to the main
+# row's): where activations dominate, and where the dataset does.
+MEMORY_ROWS: dict[str, dict[str, int]] = {
+    "wide_model": {"hidden_size": 768, "layers": 4, "records": 400, "steps": 6},
+    "large_dataset": {"hidden_size": 256, "layers": 4, "records": 50_000, "steps": 3},
+}
+
+
+def compare_recipes(
+    tmp: Path, args: argparse.Namespace, *, hidden_size: int, layers: int, records: int, steps: int
+) -> dict[str, Any]:
+    """Both recipes on one model and record set; their results and the comparison."""
+    from tests.harness.tiny_model import build_tiny_model  # noqa: PLC0415 - imports torch
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    model_dir = build_tiny_model(tmp / "model", hidden_size=hidden_size, layers=layers)
+    data_path = tmp / "train.jsonl"
+    # ~1.3 tokens per word with the tiny tokenizer: the longest records reach the limit.
+    rows = mixed_length_records(records, max_words=int(args.max_seq_length * 0.8))
+    data_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs = {}
+    for recipe in ("plain", "ours"):
+        job = Job(
+            recipe=recipe,
+            model_dir=str(model_dir),
+            data_path=str(data_path),
+            work_dir=str(tmp / recipe),
+            max_seq_length=args.max_seq_length,
+            batch_size=args.batch_size,
+            grad_accum=args.grad_accum,
+            steps=steps,
+        )
+        print(f"running {recipe} ({tmp.name}) ...", file=sys.stderr, flush=True)
+        runs[recipe] = run_worker(job, timeout_s=900)
+    return {
+        "model": f"tiny Llama, hidden {hidden_size}, {layers} layers, NF4 (bitsandbytes)",
+        "records": records,
+        "steps": steps,
+        "ours": runs["ours"],
+        "plain": runs["plain"],
+        "comparison": compare(runs["ours"], runs["plain"], MEM_KEY),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,48 +219,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--records", type=int, default=400)
     parser.add_argument("--hidden-size", type=int, default=256, help="tiny Llama width")
     parser.add_argument("--layers", type=int, default=4, help="tiny Llama depth")
+    parser.add_argument(
+        "--memory-rows",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"also run the memory rows {sorted(MEMORY_ROWS)} (~3 min; off with --quick)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.max_seq_length, args.steps, args.records = 64, 2, 32
         args.hidden_size, args.layers, args.batch_size = 32, 1, 2
-
-    from tests.harness.tiny_model import build_tiny_model  # noqa: PLC0415 - imports torch
+        args.memory_rows = False
 
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp_name:
         tmp = Path(tmp_name)
-        model_dir = build_tiny_model(
-            tmp / "model", hidden_size=args.hidden_size, layers=args.layers
+        main_row = compare_recipes(
+            tmp / "main",
+            args,
+            hidden_size=args.hidden_size,
+            layers=args.layers,
+            records=args.records,
+            steps=args.steps,
         )
-        data_path = tmp / "train.jsonl"
-        # ~1.3 tokens per word with the tiny tokenizer: the longest records reach the limit.
-        records = mixed_length_records(args.records, max_words=int(args.max_seq_length * 0.8))
-        data_path.write_text("".join(json.dumps(r) + "\n" for r in records))
-        runs = {}
-        for recipe in ("plain", "ours"):
-            job = Job(
-                recipe=recipe,
-                model_dir=str(model_dir),
-                data_path=str(data_path),
-                work_dir=str(tmp / recipe),
-                max_seq_length=args.max_seq_length,
-                batch_size=args.batch_size,
-                grad_accum=args.grad_accum,
-                steps=args.steps,
-            )
-            print(f"running {recipe} ...", file=sys.stderr, flush=True)
-            runs[recipe] = run_worker(job, timeout_s=900)
-    mem_key = "peak_rss_delta_bytes"
+        memory_rows = {
+            name: compare_recipes(tmp / name, args, **shape)
+            for name, shape in (MEMORY_ROWS.items() if args.memory_rows else [])
+        }
     result = {
         "quick": args.quick,
         "device": "cpu",
         "params": {k: v for k, v in vars(args).items() if k != "results_dir"},
-        "model": f"tiny Llama, hidden {args.hidden_size}, {args.layers} layers, NF4 (bitsandbytes)",
-        "ours": runs["ours"],
-        "plain": runs["plain"],
-        "comparison": compare(runs["ours"], runs["plain"], mem_key),
+        "model": main_row["model"],
+        "ours": main_row["ours"],
+        "plain": main_row["plain"],
+        "comparison": main_row["comparison"],
+        "memory_rows": memory_rows,
         "targets": {"effective_tokens_per_s_ratio_min": 2.0, "peak_memory_ratio_max": 1.0},
     }
-    print(table(runs["ours"], runs["plain"], mem_key))
+    print(table(main_row["ours"], main_row["plain"], MEM_KEY))
+    for name, row in memory_rows.items():
+        print(f"\n{name}: {row['model']}, {row['records']} records, {row['steps']} steps")
+        print(table(row["ours"], row["plain"], MEM_KEY))
     path = write_results("trainer_cpu", result, args.results_dir)
     print(f"\nwrote {path}")
     return 0

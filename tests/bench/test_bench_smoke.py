@@ -138,6 +138,11 @@ def test_trainer_cpu_quick(tmp_path: Path) -> None:
     assert ours["real_tokens"] > plain["real_tokens"]
     assert 0 < ours["loss_tokens"] <= ours["real_tokens"]
     assert ours["peak_rss_delta_bytes"] > 0
+    # Each recipe's libraries are imported before the memory baseline, and measured.
+    assert ours["imports_rss_bytes"] > 0
+    assert plain["imports_rss_bytes"] > 0
+    assert "imports RSS MiB" in out
+    assert doc["memory_rows"] == {}  # --quick skips them
     assert doc["comparison"]["effective_tokens_per_s_ratio"] > 0
 
 
