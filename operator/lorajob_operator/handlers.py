@@ -3,19 +3,25 @@
 Run with `kopf run --standalone --all-namespaces -m lorajob_operator.handlers`
 (or `python -m lorajob_operator`).
 
-One kopf daemon per LoRAJob is its reconcile loop: it reads the job and its pods,
-asks `reconcile.decide()` what to do, does it, and sleeps until a watch event
-wakes it or the decision's requeue time comes. Watch events on the job and on
-its pods *wake* the loop, so all writes for one job happen in one task, in
-order, and a burst of pod events costs one reconciliation. While the trainer
-runs, the same loop reads its progress every `progress_interval_seconds`.
+LoRAJobs are reconciled from a shared work queue (workqueue.WorkQueue, in the
+manner of controller-runtime), not one task per job: watch events on a job and on
+its trainer pods (kopf on.event handlers) put the job's key in the queue; a fixed
+pool of WORKERS takes keys and runs one pass each (`process`): decide what to do
+with `reconcile.decide()` and do it via kube.py. A key is queued once however
+many events arrive, and one job never has two passes at once, so all writes for
+one job happen in order. Each pass queues the job's next turn: at the decision's
+requeue time, at the next progress read while the trainer runs (every
+`progress_interval_seconds`), after a backoff when it failed, and every
+RESYNC_SECONDS at the latest. Routine pod events queue it DEBOUNCE_SECONDS later.
 
-The loop reads the job and its pods from what the watches delivered (kopf's live
-body of the job; a cache of slimmed pod bodies filled by the pod watch and by our
-own creates), not from the API, except where that view may be incomplete: see
-`_cached_view`. The cache is only a copy: kopf starts the daemons for every
-existing job at startup and their first pass reads the API, which is how an
-operator restart resumes: from the objects, not from memory.
+A pass reads the job and its pods from what the watches delivered (the job's
+latest watched body, kept per job in `JobState`; a cache of slimmed pod bodies
+filled by the pod watch and by our own creates), not from the API, except where
+that view may be incomplete: see `_cached_view`. All of this is only a copy:
+kopf's initial listing at startup delivers every existing job, which queues it,
+and its first pass reads the API; that is how an operator restart resumes: from
+the objects, not from memory. Deletion is kopf's finalizer (`job_deleted`); the
+queue drops a job when its DELETED event arrives.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import logging
 import math
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -41,6 +47,7 @@ from lorajob_operator.kube import Kube, PodRejected, QuotaExceeded, load_config
 from lorajob_operator.metrics import Metrics
 from lorajob_operator.progress import ProgressError, ProgressReader
 from lorajob_operator.settings import OperatorSettings, load_settings
+from lorajob_operator.workqueue import WorkQueue
 
 SETTINGS: OperatorSettings = load_settings()
 ANNOTATION_PREFIX = f"kopf.{api.GROUP}"
@@ -57,8 +64,8 @@ POD_GONE_RECHECK = 10.0
 # net for a lost event, never the mechanism. It reads the job and its pods from the
 # API, not from the watch cache, so a missed watch event is repaired within this time.
 RESYNC_SECONDS = 300.0
-# A loop woken by a routine pod event (created, bound, started) waits this long
-# before reconciling, so such a burst costs one pass and one status write instead
+# A job queued by a routine pod event (created, bound, started) gets its pass this
+# long later, so such a burst costs one pass and one status write instead
 # of one each. Not on a job's first pass (pod creation), and cut short by an urgent
 # wake-up: a pod that stops or is being stopped must be seen before it is gone
 # (its last state says why, e.g. Evicted), and spec edits or deletion are acted on at once.
@@ -66,6 +73,11 @@ DEBOUNCE_SECONDS = 0.25
 # Uids of recently deleted pods, so an API listing taken just before a deletion
 # does not bring the pod back into the watch cache.
 DELETED_POD_MEMORY = 4096
+# Passes of different jobs run concurrently on this many workers (one job never has
+# two at once). A pass mostly waits on the API server; progress reads of
+# unreachable trainers wait up to ProgressReader's timeout (3 s), so the pool is
+# sized for many of those at once without starving pod creation for new jobs.
+WORKERS = 64
 
 log = logging.getLogger("lorajob_operator")
 JobKey = tuple[str, str]
@@ -83,6 +95,39 @@ def job_logger(namespace: str, name: str) -> JobLogger:
 
 
 @dataclass
+class JobState:
+    """What the work queue remembers about one LoRAJob between passes; all of it
+    can be rebuilt from the objects (a restart starts from none of it)."""
+
+    watched: Mapping[str, Any]  # the job as its watch last showed it (a shallow copy)
+    last: Reconciled | None = None  # the last pass's outcome; None: read the API next
+    # An event asked for a full pass (a job edit, a pod change, a queue slot freed).
+    dirty: bool = True
+    errors: int = 0  # consecutive failed passes (the backoff grows with them)
+    # time.monotonic() deadlines: next full pass without an event, next progress
+    # read, next pass that reads the API instead of the watch cache.
+    next_full: float = 0.0
+    next_poll: float = 0.0
+    next_resync: float = 0.0
+    # The job's spec as parse_job_spec judged it, for the (uid, generation) it was
+    # parsed at: a spec changes only with the generation.
+    parsed: tuple[tuple[str, Any], reconcile.ParsedSpec] | None = None
+    gone: bool = False  # deleted (or being deleted after its TTL): no more passes
+
+    def parsed_spec(self, job: Mapping[str, Any]) -> reconcile.ParsedSpec | None:
+        """The cached parse of `job`'s spec, (re)parsed when its generation moved;
+        None where the job has no generation to key it by."""
+        meta = job.get("metadata") or {}
+        generation = meta.get("generation")
+        if generation is None:
+            return None
+        key = (str(meta.get("uid", "")), generation)
+        if self.parsed is None or self.parsed[0] != key:
+            self.parsed = (key, reconcile.parse_job_spec(job.get("spec") or {}))
+        return self.parsed[1]
+
+
+@dataclass
 class Runtime:
     """Process-wide helpers; nothing here is state that must survive a restart."""
 
@@ -90,8 +135,9 @@ class Runtime:
     kube: Kube
     metrics: Metrics
     reader: ProgressReader
-    wakeups: dict[JobKey, asyncio.Event] = field(default_factory=dict)
-    urgent: dict[JobKey, asyncio.Event] = field(default_factory=dict)
+    # Every LoRAJob the job watch has shown, and the queue of those due a pass.
+    jobs: dict[JobKey, JobState] = field(default_factory=dict)
+    queue: WorkQueue[JobKey] = field(default_factory=WorkQueue)
     queued: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     # Held while a job counts its namespace's running jobs and creates a pod, so
     # two jobs never both take the last slot of a concurrency limit.
@@ -100,25 +146,39 @@ class Runtime:
     )
     # The trainer pods as the pod watch last showed them (reconcile.pod_view()):
     # job uid -> pod key -> view. Reconciliations read pods from here instead of
-    # listing them; see job_loop for when they still ask the API.
+    # listing them; see _cached_view for when they still ask the API.
     pods: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     deleted_pods: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
-    def wakeup(self, key: JobKey) -> asyncio.Event:
-        return self.wakeups.setdefault(key, asyncio.Event())
+    def watch_job(self, key: JobKey, body: Mapping[str, Any]) -> JobState:
+        """Record the job as the watch shows it; a job seen for the first time (the
+        startup listing, a new job, one recreated under the same name) is queued."""
+        snapshot = dict(body)  # shallow: kopf hands each event a freshly decoded body
+        state = self.jobs.get(key)
+        if state is None or _uid(state.watched) != _uid(snapshot):
+            state = self.jobs[key] = JobState(watched=snapshot)
+            self.queue.add(key)
+        else:
+            state.watched = snapshot
+        return state
 
-    def urgent_wakeup(self, key: JobKey) -> asyncio.Event:
-        return self.urgent.setdefault(key, asyncio.Event())
+    def forget_job_key(self, key: JobKey) -> None:
+        """The job is gone from the API: no more passes, no more timers."""
+        self.jobs.pop(key, None)
+        self.queue.forget(key)
 
     def wake(self, key: JobKey, *, urgent: bool = True) -> None:
-        """Wake the job's loop; not urgent: after DEBOUNCE_SECONDS."""
-        self.wakeup(key).set()
-        if urgent:
-            self.urgent_wakeup(key).set()
-
-    def forget_wakeups(self, key: JobKey) -> None:
-        self.wakeups.pop(key, None)
-        self.urgent.pop(key, None)
+        """Ask for a full pass of a known job: now, or (not urgent) after
+        DEBOUNCE_SECONDS so the rest of a burst of routine events is in it too.
+        A job's first pass is never delayed."""
+        state = self.jobs.get(key)
+        if state is None or state.gone:
+            return  # not listed yet: its first pass comes with its watch event
+        state.dirty = True
+        if urgent or state.last is None:
+            self.queue.add(key)
+        else:
+            self.queue.add_after(key, DEBOUNCE_SECONDS)
 
     def wake_queued(self, namespace: str) -> None:
         for name in list(self.queued.get(namespace, ())):
@@ -171,6 +231,10 @@ class Runtime:
         self.pods.pop(job_uid, None)
 
 
+def _uid(body: Mapping[str, Any]) -> str:
+    return str((body.get("metadata") or {}).get("uid", ""))
+
+
 def _pod_keys(pod: Mapping[str, Any]) -> tuple[str | None, str]:
     """(job uid label, the pod's uid, or its name where a test body has no uid)."""
     meta = pod.get("metadata") or {}
@@ -211,7 +275,7 @@ class NoDiffBase(kopf.DiffBaseStorage):
     """kopf's "last handled configuration", kept nowhere.
 
     kopf diffs each job against that snapshot to find on.create / on.update /
-    on.resume causes; this operator has none of those handlers (its daemon
+    on.resume causes; this operator has none of those handlers (its work queue
     reconciles every change, and on.delete is detected from the deletion
     timestamp alone). Keeping the snapshot would cost one annotation write per
     job and spec change, plus a deep copy of every body on every watch event.
@@ -270,12 +334,14 @@ async def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: A
         metrics.serve(SETTINGS.metrics_port)
     except OSError as exc:  # e.g. the port is taken: run on, without metrics
         logger.error("cannot serve metrics on :%d: %s", SETTINGS.metrics_port, exc)
-    RUNTIME = Runtime(
+    rt = RUNTIME = Runtime(
         settings=SETTINGS,
         kube=Kube(),
         metrics=metrics,
         reader=ProgressReader(SETTINGS.progress_port),
     )
+    # Before kopf's first listing is processed: its events queue every existing job.
+    rt.queue.start(lambda key: process(rt, key), WORKERS)
     # What is loaded by now (modules, kopf, the API client) lives as long as the
     # process: keep it out of the collector's full passes, which otherwise walk
     # it again every time the heap has grown by a quarter.
@@ -290,6 +356,7 @@ async def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: A
 @kopf.on.cleanup()
 async def cleanup(**_: Any) -> None:
     if RUNTIME is not None:
+        await RUNTIME.queue.stop()
         await RUNTIME.reader.close()
         await RUNTIME.kube.close()
 
@@ -297,29 +364,34 @@ async def cleanup(**_: Any) -> None:
 @kopf.on.probe(id="jobs")
 def probe_jobs(**_: Any) -> int:
     """Liveness detail: how many LoRAJobs this operator follows."""
-    return len(RUNTIME.wakeups) if RUNTIME else 0
+    return len(RUNTIME.jobs) if RUNTIME else 0
 
 
 # --------------------------------------------------------------------------- triggers
 # Both are `async def` on purpose: kopf runs plain `def` handlers in a thread
-# pool, and asyncio.Event.set() must be called on the event loop's thread.
+# pool, and the work queue must be used from the event loop's thread.
 
 
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
 async def job_event(type: str, body: kopf.Body, name: str, namespace: str | None, **_: Any) -> None:
-    """Wake the job's loop on spec or metadata changes (not on our own status writes)."""
+    """Keep the job's latest body; queue a pass for a job seen for the first time and
+    on spec or metadata changes (not on our own status writes)."""
     if RUNTIME is None or namespace is None:
         return
-    status = body.get("status") or {}
+    key = (namespace, name)
     if type == "DELETED":
-        RUNTIME.forget_wakeups((namespace, name))
+        RUNTIME.forget_job_key(key)
         RUNTIME.queued[namespace].discard(name)
         RUNTIME.metrics.forget(namespace, name)
-        RUNTIME.forget_job(str((body.get("metadata") or {}).get("uid", "")))
+        RUNTIME.forget_job(_uid(body))
         return
+    known = key in RUNTIME.jobs
+    RUNTIME.watch_job(key, body)
+    status = body.get("status") or {}
     meta = body.get("metadata") or {}
-    if meta.get("generation") != status.get("observedGeneration") or meta.get("deletionTimestamp"):
-        RUNTIME.wake((namespace, name))
+    changed = meta.get("generation") != status.get("observedGeneration")
+    if known and (changed or meta.get("deletionTimestamp")):
+        RUNTIME.wake(key)
 
 
 @kopf.on.event(
@@ -356,12 +428,12 @@ def _is_stopping(pod: Mapping[str, Any]) -> bool:
     return any(c.get("type") in ("DisruptionTarget", "TerminationTarget") for c in conditions)
 
 
-# --------------------------------------------------------------------------- the loop
+# --------------------------------------------------------------------------- the passes
 
 
 @dataclass(frozen=True)
 class Reconciled:
-    """What one reconciliation leaves for the loop."""
+    """What one reconciliation leaves for the next pass."""
 
     job: Mapping[str, Any]  # the job as last written (status included)
     pod_ip: str | None  # the running trainer's IP: progress can be read
@@ -375,72 +447,66 @@ class Reconciled:
         )
 
 
-@kopf.daemon(api.GROUP, api.VERSION, api.PLURAL, cancellation_timeout=10.0)
-async def job_loop(
-    name: str, namespace: str | None, body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any
-) -> None:
-    """The job's reconcile loop (see the module docstring).
+async def process(rt: Runtime, key: JobKey) -> None:
+    """One turn of the work queue for one job (see the module docstring).
 
-    A full reconciliation (read job and pods, decide, execute) runs when a watch
-    event woke the loop, when the decision's requeue time comes, and every
-    RESYNC_SECONDS as a safety net. In between, while the trainer runs, only its
-    progress is read and copied: pod changes always come with a watch event.
-
-    The job and its pods are read from what the watches delivered (`body` is
-    kopf's live view of the job; pods are in the runtime's cache) whenever that
-    is known to be complete; see _cached_view for when the API is asked instead.
+    A full reconciliation (decide, execute) runs when an event asked for one, when
+    the decision's requeue time has come, and every RESYNC_SECONDS as a safety net.
+    In between, while the trainer runs, only its progress is read and copied: pod
+    changes always come with a watch event. The job and its pods are read from what
+    the watches delivered whenever that is known to be complete; see _cached_view
+    for when the API is asked instead. Ends by queueing the job's next turn.
     """
-    rt = runtime()
-    namespace = namespace or ""
+    state = rt.jobs.get(key)
+    if state is None or state.gone:
+        return  # deleted while queued
+    namespace, name = key
     jlog = job_logger(namespace, name)
-    wakeup = rt.wakeup((namespace, name))
-    urgent = rt.urgent_wakeup((namespace, name))
-    last: Reconciled | None = None
-    errors = 0
-    next_full = next_poll = 0.0  # time.monotonic() deadlines
-    next_resync = time.monotonic() + RESYNC_SECONDS
-    while not stopped:
-        if wakeup.is_set() and last is not None and not urgent.is_set():
-            await _sleep(urgent, stopped, DEBOUNCE_SECONDS)  # let the rest of the burst arrive
-            if stopped:
-                break
-        woken = wakeup.is_set()
-        wakeup.clear()
-        urgent.clear()
-        now = time.monotonic()
-        poll = now >= next_poll
-        try:
-            if last is None or woken or now >= next_full:
-                seen = None if now >= next_resync else _cached_view(rt, body, last)
-                with rt.metrics.reconcile_seconds.time():
-                    last = await reconcile_job(
-                        rt, namespace, name, jlog, poll_progress=poll, seen=seen
-                    )
-                if last is None:
-                    return  # the job is gone
-                if seen is None:
-                    next_resync = now + RESYNC_SECONDS
-                next_full = now + _until_next_full(last)
-            elif poll and last.pod_ip:
-                last = await poll_progress(rt, last, jlog)
-        except Exception as exc:
-            errors += 1
-            rt.metrics.reconcile_errors.inc()
-            delay = min(ERROR_BACKOFF_MAX, ERROR_BACKOFF_MIN * 2 ** min(errors - 1, 10))
-            jlog.warning("reconciliation failed (%s); retrying in %gs", exc, delay)
-            last = None
-            next_resync = 0.0  # after a failure, read everything from the API again
-            await _sleep(wakeup, stopped, delay)
-            continue
-        errors = 0
-        if last is None:
-            continue  # the progress write found the job changed: reconcile now
-        last = _share_watched(body, last)
-        if last.pod_ip and poll:
-            next_poll = now + rt.settings.progress_interval_seconds
-        wake_at = min(next_full, next_poll) if last.pod_ip else next_full
-        timeout = None if wake_at == math.inf else max(0.0, wake_at - time.monotonic())
-        await _sleep(wakeup, stopped, timeout)
+    woken, state.dirty = state.dirty, False
+    now = time.monotonic()
+    poll = now >= state.next_poll
+    last = state.last
+    try:
+        if last is None or woken or now >= state.next_full:
+            seen = None if now >= state.next_resync else _cached_view(rt, state.watched, last)
+            with rt.metrics.reconcile_seconds.time():
+                last = await reconcile_job(
+                    rt,
+                    namespace,
+                    name,
+                    jlog,
+                    poll_progress=poll,
+                    seen=seen,
+                    parse=state.parsed_spec,
+                )
+            if last is None:
+                state.gone = True  # its DELETED event removes the state
+                return
+            if seen is None:
+                state.next_resync = now + RESYNC_SECONDS
+            state.next_full = now + _until_next_full(last)
+        elif poll and last.pod_ip:
+            last = await poll_progress(rt, last, jlog)
+    except Exception as exc:
+        state.errors += 1
+        rt.metrics.reconcile_errors.inc()
+        delay = min(ERROR_BACKOFF_MAX, ERROR_BACKOFF_MIN * 2 ** min(state.errors - 1, 10))
+        jlog.warning("reconciliation failed (%s); retrying in %gs", exc, delay)
+        state.last = None
+        state.next_resync = 0.0  # after a failure, read everything from the API again
+        rt.queue.add_after(key, delay)  # an event brings the retry forward
+        return
+    state.errors = 0
+    if last is None:  # the progress write found the job changed: reconcile now
+        state.last, state.dirty = None, True
+        rt.queue.add(key)
+        return
+    state.last = last = _share_watched(state.watched, last)
+    if last.pod_ip and poll:
+        state.next_poll = now + rt.settings.progress_interval_seconds
+    wake_at = min(state.next_full, state.next_poll) if last.pod_ip else state.next_full
+    if wake_at != math.inf:
+        rt.queue.add_after(key, wake_at - time.monotonic())
 
 
 def _cached_view(
@@ -454,9 +520,9 @@ def _cached_view(
     listed; the API is asked when that cannot be trusted:
 
     * the job's versions cannot be compared (non-numeric resourceVersions);
-    * on the loop's first pass for a job that already has attempts (after an
+    * on the first pass since startup (or a failure) for a job that already has attempts (after an
       operator restart its pods may not have been listed by the watch yet; a new
-      job's only pods are the ones this loop creates, and a create replayed
+      job's only pods are the ones its passes create, and a create replayed
       after a crash finds its pod by name, 409);
     * the current attempt's pod is not in the cache (not seen yet, or gone).
     """
@@ -498,16 +564,6 @@ def _until_next_full(last: Reconciled) -> float:
     return math.inf if last.finished else RESYNC_SECONDS
 
 
-async def _sleep(wakeup: asyncio.Event, stopped: kopf.DaemonStopped, timeout: float | None) -> None:
-    """Until woken, stopped, or `timeout` seconds (None: no timeout) have passed."""
-    waiters = {asyncio.ensure_future(wakeup.wait()), asyncio.ensure_future(stopped.wait())}
-    try:
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-
-
 async def _read_progress(rt: Runtime, pod_ip: str, logger: JobLogger) -> Progress | None:
     try:
         return await rt.reader.read(pod_ip)
@@ -545,12 +601,14 @@ async def reconcile_job(
     *,
     poll_progress: bool,
     seen: Mapping[str, Any] | None = None,
+    parse: Callable[[Mapping[str, Any]], reconcile.ParsedSpec | None] | None = None,
 ) -> Reconciled | None:
     """One full reconciliation; None if the job is gone.
 
     `seen`: the job as the watch (or our last write) showed it; its pods then come
     from the pod cache. Without it, both are read from the API and the cache is
-    brought up to date.
+    brought up to date. `parse`: the job's spec as parsed
+    before (JobState.parsed_spec), instead of validating it again.
     """
     job: Mapping[str, Any]
     if seen is None:
@@ -565,6 +623,7 @@ async def reconcile_job(
         job = seen
         ref = _ref(job)
         pods = rt.job_pods(ref.uid)
+    parsed = parse(job) if parse is not None else None
     pod_ip = reconcile.progress_pod_ip(job, pods)
     progress = await _read_progress(rt, pod_ip, logger) if pod_ip and poll_progress else None
 
@@ -577,15 +636,20 @@ async def reconcile_job(
             ]
             active = await _active_jobs(rt, namespace, exclude=ref.uid)
             observed = reconcile.Observed(
-                job, pods, _now(), missing_secrets=missing, active_in_namespace=active
+                job,
+                pods,
+                _now(),
+                missing_secrets=missing,
+                active_in_namespace=active,
+                parsed=parsed,
             )
             decision, written = await execute(rt, job, observed, logger)
     else:
-        observed = reconcile.Observed(job, pods, _now(), progress=progress)
+        observed = reconcile.Observed(job, pods, _now(), progress=progress, parsed=parsed)
         decision, written = await execute(rt, job, observed, logger)
 
     if decision.delete_job:
-        return None  # deleted after its TTL: this loop is done
+        return None  # deleted after its TTL: no more passes
     if decision.phase == api.Phase.QUEUED:
         rt.queued[namespace].add(name)
     else:

@@ -67,12 +67,14 @@ __all__ = [
     "DeletePod",
     "Event",
     "Observed",
+    "ParsedSpec",
     "Tally",
     "create_rejected",
     "decide",
     "is_live",
     "job_key_of_pod",
     "needs_new_attempt",
+    "parse_job_spec",
     "parse_time",
     "pod_attempt",
     "pod_view",
@@ -115,6 +117,28 @@ class Observed:
     active_in_namespace: int = 0
     # Progress just read from the running pod, if any.
     progress: Progress | None = None
+    # `parse_job_spec(job.spec)` if the caller has it already (the handlers keep it per
+    # job uid and generation: a spec is validated once, not on every pass);
+    # None: decide() parses the spec itself.
+    parsed: ParsedSpec | None = None
+
+
+@dataclass(frozen=True)
+class ParsedSpec:
+    """A spec as `api.parse_spec` judged it: the model and its hash, or the error."""
+
+    spec: api.LoRAJobSpec | None
+    hash: str | None
+    error: api.InvalidSpecError | None = None
+
+
+def parse_job_spec(spec: Any) -> ParsedSpec:
+    """Validate a job's `spec` once, for any number of decisions about it."""
+    try:
+        parsed = api.parse_spec(spec)
+    except api.InvalidSpecError as err:
+        return ParsedSpec(None, None, err)
+    return ParsedSpec(parsed, api.spec_hash(parsed))
 
 
 @dataclass(frozen=True)
@@ -399,6 +423,13 @@ class _Builder:
         self.conditions = copy.deepcopy(self.conditions_in)
         self.fields: dict[str, Any] = {}
         self.decision = Decision()
+        self._parsed = obs.parsed
+
+    def parsed(self) -> ParsedSpec:
+        """The job's spec, parsed at most once per decision (or not at all: obs.parsed)."""
+        if self._parsed is None:
+            self._parsed = parse_job_spec(self.obs.job.get("spec") or {})
+        return self._parsed
 
     def copy(self) -> _Builder:
         clone = copy.copy(self)
@@ -509,13 +540,13 @@ def decide(obs: Observed, settings: OperatorSettings) -> Decision:
     spec_in = obs.job.get("spec") or {}
     suspend_requested = isinstance(spec_in, Mapping) and spec_in.get("suspend") is True
     live = [p for p in obs.pods if is_live(p)]
-    try:
-        spec = api.parse_spec(spec_in)
+    parsed = b.parsed()
+    spec = parsed.spec
+    invalid: tuple[Reason, str] | None = None
+    if parsed.error is not None:
+        invalid = (Reason.INVALID_SPEC, parsed.error.message)
+    elif spec is not None:
         problems = policy.check_policy(spec, b.namespace, settings.policy, settings)
-    except api.InvalidSpecError as err:
-        spec, problems = None, []
-        invalid: tuple[Reason, str] | None = (Reason.INVALID_SPEC, err.message)
-    else:
         invalid = (Reason.POLICY_VIOLATION, "; ".join(problems)) if problems else None
 
     if invalid is not None and not live and not suspend_requested and not b.get("podName"):
@@ -538,7 +569,7 @@ def decide(obs: Observed, settings: OperatorSettings) -> Decision:
     if b.cond_is(ConditionType.SUSPENDED) and not _resume(b, live):
         return b.finish()
 
-    current_hash = api.spec_hash(spec) if spec is not None else None
+    current_hash = parsed.hash
     if live:
         _check_spec_change(b, invalid, current_hash)
         _stale_pods(b, live)
@@ -574,11 +605,7 @@ def _finished(b: _Builder) -> None:
     """A Succeeded/Failed job: nothing runs any more; reject edits, honour the TTL."""
     live = [p for p in b.obs.pods if is_live(p) and not _is_terminating(p)]
     _stop_live_pods(b, live, Reason.COMPLETED)
-    spec = b.obs.job.get("spec") or {}
-    try:
-        current = api.spec_hash(api.parse_spec(spec))
-    except api.InvalidSpecError:
-        current = None
+    current = b.parsed().hash
     if b.generation != b.status_in.get("observedGeneration") and current != b.get("specHash"):
         b.condition(
             ConditionType.ACCEPTED,
@@ -895,13 +922,12 @@ def _suspend(b: _Builder, live: Sequence[Mapping[str, Any]]) -> None:
     if not live:
         b.set("podName", None)
     # While suspended every (valid) spec is accepted; the next attempt uses it.
-    try:
-        spec = api.parse_spec(b.obs.job.get("spec") or {})
-    except api.InvalidSpecError as err:
-        b.condition(
-            ConditionType.ACCEPTED, False, Reason.INVALID_SPEC, err.message, event="Warning"
-        )
+    parsed = b.parsed()
+    if parsed.spec is None:
+        message = parsed.error.message if parsed.error else "the spec is invalid"
+        b.condition(ConditionType.ACCEPTED, False, Reason.INVALID_SPEC, message, event="Warning")
         return
+    spec = parsed.spec
     problems = policy.check_policy(spec, b.namespace, b.settings.policy, b.settings)
     if problems:
         b.condition(

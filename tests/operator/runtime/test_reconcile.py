@@ -669,3 +669,23 @@ def test_pod_refused_for_good_fails_the_job() -> None:
     assert "PodSecurity" in w.status["failureMessage"]
     assert w.status.get("attempts", 0) == 0
     assert ("Warning", Reason.CONTAINER_CONFIG_ERROR) in [(e.type, e.reason) for e in d.events]
+
+
+@pytest.mark.parametrize("spec", [SPEC, {**SPEC, "training": {"maxSteps": -1}}])
+def test_a_spec_parsed_before_decides_like_one_parsed_in_decide(
+    spec: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The handlers hand decide() the spec they parsed once per generation."""
+    body = job(spec=spec)
+    fresh = reconcile.decide(reconcile.Observed(body, [], T0), SETTINGS)
+    parsed = reconcile.parse_job_spec(body["spec"])
+    assert (parsed.spec is None) == (parsed.error is not None)
+
+    def no_parsing(spec: Any) -> api.LoRAJobSpec:
+        raise AssertionError(f"decide() parsed the spec again: {spec}")
+
+    monkeypatch.setattr(api, "parse_spec", no_parsing)
+    cached = reconcile.decide(reconcile.Observed(body, [], T0, parsed=parsed), SETTINGS)
+    assert cached.status == fresh.status
+    assert cached.phase == fresh.phase
+    assert (cached.create and cached.create.body) == (fresh.create and fresh.create.body)

@@ -168,16 +168,29 @@ def test_only_routine_pod_events_are_debounced() -> None:
     assert handlers._is_stopping(pod(1, "Failed", exit_code=1))
     evicted = pod(1, conditions=[{"type": "DisruptionTarget", "status": "True"}])
     assert handlers._is_stopping(evicted)
-    rt = runtime(FakeKube(job()))
-    key = (NAMESPACE, NAME)
-    rt.wake(key, urgent=False)
-    assert rt.wakeup(key).is_set()
-    assert not rt.urgent_wakeup(key).is_set()
-    rt.wake(key)
-    assert rt.urgent_wakeup(key).is_set()
-    rt.forget_wakeups(key)
-    assert key not in rt.wakeups
-    assert key not in rt.urgent
+
+    async def check() -> None:
+        rt = runtime(FakeKube(job()))
+        key = (NAMESPACE, NAME)
+        rt.wake(key)  # not listed yet: nothing to queue
+        assert len(rt.queue) == 0
+        rt.watch_job(key, job())  # first sight: queued at once
+        assert len(rt.queue) == 1
+        assert await rt.queue.get() == key
+        rt.jobs[key].last = handlers.Reconciled(job=job(), pod_ip=None, requeue_after=None)
+        rt.jobs[key].dirty = False
+        rt.queue.done(key)
+        rt.wake(key, urgent=False)  # routine: later, with the rest of the burst
+        assert rt.jobs[key].dirty
+        assert len(rt.queue) == 0
+        assert rt.queue.scheduled(key) is not None
+        rt.wake(key)  # urgent: now
+        assert len(rt.queue) == 1
+        rt.forget_job_key(key)
+        assert key not in rt.jobs
+        assert rt.queue.scheduled(key) is None
+
+    asyncio.run(check())
 
 
 def test_the_written_job_gives_way_to_the_watched_one_once_caught_up() -> None:
@@ -193,3 +206,97 @@ def test_the_written_job_gives_way_to_the_watched_one_once_caught_up() -> None:
     assert shared.job["metadata"] is watched["metadata"]  # no second copy
     assert shared.pod_ip == "10.0.0.1"
     assert handlers._share_watched(watched, shared) is shared
+
+
+def _turn(rt: handlers.Runtime) -> None:
+    """One turn of the work queue for the test job, as a worker takes it."""
+    key = (NAMESPACE, NAME)
+
+    async def turn() -> None:
+        if len(rt.queue) == 0:
+            rt.queue.add(key)
+        assert await rt.queue.get() == key
+        try:
+            await handlers.process(rt, key)
+        finally:
+            rt.queue.done(key)
+
+    asyncio.run(turn())
+
+
+def test_queue_passes_act_reschedule_and_parse_the_spec_once_per_generation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    parses: list[Any] = []
+    real_parse = reconcile.parse_job_spec
+
+    def counting_parse(spec: Any) -> reconcile.ParsedSpec:
+        parses.append(spec)
+        return real_parse(spec)
+
+    monkeypatch.setattr(reconcile, "parse_job_spec", counting_parse)
+    kube = FakeKube(job(resourceVersion="1"))
+    rt = runtime(kube)
+    key = (NAMESPACE, NAME)
+    assert kube.body is not None
+    rt.watch_job(key, kube.body)
+    _turn(rt)  # the first pass reads the API and creates attempt 1
+    assert kube.calls[:3] == ["get_job", "list_job_pods", "create_pod"]
+    state = rt.jobs[key]
+    assert state.last is not None
+    assert not state.dirty
+    assert len(parses) == 1
+    kube.calls.clear()
+    _turn(rt)  # a stale timer: nothing is due, nothing is done
+    assert kube.calls == []
+    rt.watch_job(key, kube.body)
+    state.dirty = True  # an event asked for a pass: from the watch cache, no re-parse
+    _turn(rt)
+    assert "get_job" not in kube.calls
+    assert len(parses) == 1
+    edited = copy.deepcopy(kube.body)
+    edited["metadata"]["generation"] = 2
+    edited["spec"]["training"]["maxSteps"] = 40
+    rt.watch_job(key, edited)
+    state.dirty = True
+    _turn(rt)
+    assert parses[-1] == edited["spec"]  # a new generation is parsed again
+    assert len(parses) == 2
+
+
+def test_a_failed_pass_backs_off_and_rereads_the_api() -> None:
+    kube = FakeKube(job(resourceVersion="1"))
+    rt = runtime(kube)
+    key = (NAMESPACE, NAME)
+    assert kube.body is not None
+    rt.watch_job(key, kube.body)
+    _turn(rt)
+
+    async def unreachable(namespace: str, name: str) -> None:
+        raise OSError(f"connection refused: GET {namespace}/{name}")
+
+    kube.get_job = unreachable  # type: ignore[method-assign]
+    rt.jobs[key].next_resync = 0.0  # this pass reads the API
+    rt.jobs[key].dirty = True
+    _turn(rt)
+    state = rt.jobs[key]
+    assert state.errors == 1
+    assert state.last is None
+    assert state.next_resync == 0.0
+
+
+def test_a_job_gone_from_the_api_gets_no_more_passes() -> None:
+    kube = FakeKube(job(resourceVersion="1"))
+    rt = runtime(kube)
+    key = (NAMESPACE, NAME)
+    assert kube.body is not None
+    rt.watch_job(key, kube.body)
+    kube.body = None
+    _turn(rt)
+    assert rt.jobs[key].gone
+    kube.calls.clear()
+    rt.wake(key)
+    _turn(rt)
+    assert kube.calls == []
+    rt.forget_job_key(key)  # its DELETED event
+    assert key not in rt.jobs
