@@ -3,6 +3,7 @@
 * A key is queued at most once however often it is added (a burst of watch events
   costs one pass), and is never handed to two workers at once: a key added while a
   worker holds it is queued again when that worker is done with it.
+* Keys added as `new` are taken only when no other key is waiting.
 * `add_after` queues a key later (a requeue time, a progress poll, a backoff); of
   several pending delays the earliest wins, and taking the key from the queue
   cancels its pending delay (the pass that follows sets the next one).
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
@@ -26,8 +28,11 @@ class WorkQueue(Generic[K]):
     """Deduplicated, per-key serialized work with delayed re-adds (see the module)."""
 
     def __init__(self) -> None:
-        self._ready: asyncio.Queue[K] = asyncio.Queue()
-        self._queued: set[K] = set()  # in _ready, not yet taken
+        # Two lanes: keys seen before (follow-ups) are taken before new keys.
+        self._ready: deque[K] = deque()
+        self._new: deque[K] = deque()
+        self._items = asyncio.Semaphore(0)  # keys in the two lanes
+        self._queued: set[K] = set()  # in a lane, not yet taken
         self._active: set[K] = set()  # held by a worker
         self._again: set[K] = set()  # added while held: queue once released
         self._timers: dict[K, tuple[float, asyncio.TimerHandle]] = {}
@@ -37,13 +42,19 @@ class WorkQueue(Generic[K]):
         """Keys waiting to be worked on now (not the delayed ones)."""
         return len(self._queued)
 
-    def add(self, key: K) -> None:
-        """Work on `key` as soon as a worker is free (once, however often added)."""
+    def add(self, key: K, *, new: bool = False) -> None:
+        """Work on `key` as soon as a worker is free (once, however often added).
+
+        `new`: a key never worked on; it waits until no follow-up of a known key is
+        queued, so in a burst the known keys' passes (e.g. a status update) do not
+        queue behind every new key's first pass.
+        """
         if key in self._active:
             self._again.add(key)
         elif key not in self._queued:
             self._queued.add(key)
-            self._ready.put_nowait(key)
+            (self._new if new else self._ready).append(key)
+            self._items.release()
 
     def add_after(self, key: K, delay: float) -> None:
         """Add `key` in `delay` seconds, unless it is already due sooner."""
@@ -77,7 +88,8 @@ class WorkQueue(Generic[K]):
 
     async def get(self) -> K:
         """The next key; the caller holds it until `done(key)`."""
-        key = await self._ready.get()
+        await self._items.acquire()
+        key = self._ready.popleft() if self._ready else self._new.popleft()
         self._queued.discard(key)
         self._active.add(key)
         pending = self._timers.pop(key, None)

@@ -101,3 +101,19 @@ def test_workers_serialize_each_key_and_survive_a_failing_handler() -> None:
         assert queue.scheduled("c") is None
 
     asyncio.run(check())
+
+
+def test_known_keys_are_taken_before_new_ones() -> None:
+    """In a burst a known job's follow-up (e.g. its pod went Running) does not wait
+    behind every new job's first pass."""
+
+    async def check() -> None:
+        queue: WorkQueue[str] = WorkQueue()
+        queue.add("new-1", new=True)
+        queue.add("new-2", new=True)
+        queue.add("known")
+        queue.add("new-1")  # already queued: stays where it is
+        assert len(queue) == 3
+        assert [await queue.get() for _ in range(3)] == ["known", "new-1", "new-2"]
+
+    asyncio.run(check())
