@@ -18,7 +18,7 @@ import aiohttp
 from lora_trainer.protocol import PROGRESS_PATH, Progress
 from pydantic import ValidationError
 
-__all__ = ["ProgressError", "ProgressReader", "status_progress"]
+__all__ = ["ProgressError", "ProgressReader", "rounded", "status_progress"]
 
 # Fields of status.progress that count as "changed" (lastUpdated does not).
 _COMPARED = ("stage", "step", "totalSteps", "percent", "epoch", "loss", "evalLoss")
@@ -31,7 +31,8 @@ class ProgressError(Exception):
     """The pod's progress endpoint could not be read (yet)."""
 
 
-def _finite(value: float | None, digits: int) -> float | None:
+def rounded(value: float | None, digits: int) -> float | None:
+    """`value` rounded for status (what `kubectl get lj` prints), None if not finite."""
     if value is None or not math.isfinite(value):
         return None
     return round(value, digits)
@@ -49,11 +50,11 @@ def _as_status(progress: Progress) -> dict[str, Any]:
         "step": max(0, progress.step),
         "totalSteps": total,
         "percent": percent,
-        "epoch": _finite(progress.epoch, 3),
-        "loss": _finite(progress.loss, 4),
-        "evalLoss": _finite(progress.eval_loss, 4),
-        "tokensPerSecond": _finite(progress.tokens_per_second, 1),
-        "etaSeconds": _finite(progress.eta_seconds, 0),
+        "epoch": rounded(progress.epoch, 3),
+        "loss": rounded(progress.loss, 4),
+        "evalLoss": rounded(progress.eval_loss, 4),
+        "tokensPerSecond": rounded(progress.tokens_per_second, 1),
+        "etaSeconds": rounded(progress.eta_seconds, 0),
     }
     return {k: v for k, v in out.items() if v is not None}
 

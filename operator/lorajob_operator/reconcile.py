@@ -39,7 +39,6 @@ The order of `decide()`, each step a section below:
 from __future__ import annotations
 
 import copy
-import math
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -802,13 +801,14 @@ def _succeeded(b: _Builder, attempt: int, pod: Mapping[str, Any], outcome: PodOu
         "etaSeconds": 0.0,
         "lastUpdated": _fmt_time(b.now),
     }
-    for key, value in (
-        ("loss", term.train_loss),
-        ("evalLoss", term.eval_loss),
-        ("tokensPerSecond", term.tokens_per_second),
+    # Rounded as the live progress is, so the LOSS column stays readable.
+    for key, value, digits in (
+        ("loss", term.train_loss, 4),
+        ("evalLoss", term.eval_loss, 4),
+        ("tokensPerSecond", term.tokens_per_second, 1),
     ):
-        if value is not None and math.isfinite(value):
-            final[key] = value
+        if (shown := progress.rounded(value, digits)) is not None:
+            final[key] = shown
     b.set("progress", final)
     for key in ("failureReason", "failureMessage", "hint"):
         b.set(key, None)

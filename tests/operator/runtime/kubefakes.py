@@ -84,6 +84,8 @@ def termination(
     message: str = "",
     retryable: bool = False,
     with_adapter: bool = True,
+    *,
+    train_loss: float = 1.25,
 ) -> str:
     adapter = (
         AdapterInfo(
@@ -103,7 +105,7 @@ def termination(
         retryable=retryable,
         adapter=adapter,
         steps=20,
-        train_loss=1.25,
+        train_loss=train_loss,
         last_checkpoint="s3://adapters/tune/checkpoints/checkpoint-20",
     ).to_json()
 

@@ -231,6 +231,15 @@ def test_success_records_adapter_and_completion() -> None:
     assert w.step(at(200)).status == {}
 
 
+def test_final_loss_is_rounded_like_live_progress() -> None:
+    w = World()
+    w.started()
+    message = termination(train_loss=5.7508934815724695)
+    w.replace_pod(pod(1, "Succeeded", exit_code=0, message=message, finished=at(100)))
+    w.step(at(101))
+    assert w.status["progress"]["loss"] == 5.7509
+
+
 def test_exit_zero_without_adapter_is_not_success() -> None:
     w = World()
     w.started()
