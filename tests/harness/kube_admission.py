@@ -22,7 +22,12 @@ import aiohttp
 import jsonpatch
 
 from tests.harness import kube_errors as errors
-from tests.harness.kube_quantity import QuantityError, format_quantity, parse_quantity
+from tests.harness.kube_quantity import (
+    QuantityError,
+    format_quantity,
+    parse_quantity,
+    sum_containers,
+)
 from tests.harness.kube_resources import ResourceType
 from tests.harness.kube_store import TERMINAL_POD_PHASES, Obj, Store
 
@@ -31,15 +36,7 @@ _COMPUTE = ("cpu", "memory", "ephemeral-storage")
 
 # ------------------------------------------------------------------------ quota
 def _container_amounts(pod: Obj, section: str) -> dict[str, Fraction]:
-    totals: dict[str, Fraction] = {}
-    for container in (pod.get("spec") or {}).get("containers") or []:
-        values = (container.get("resources") or {}).get(section) or {}
-        for key, value in values.items():
-            try:
-                totals[key] = totals.get(key, Fraction(0)) + parse_quantity(value)
-            except QuantityError:
-                continue
-    return totals
+    return sum_containers(pod, lambda res: res.get(section) or {})
 
 
 def pod_usage(pod: Obj, key: str) -> Fraction:

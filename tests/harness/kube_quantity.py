@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
@@ -57,20 +58,27 @@ def _parse_string(value: str) -> Fraction:
     raise QuantityError(f"unknown quantity suffix {suffix!r} in {value!r}")
 
 
-def pod_requests(pod: dict[str, Any]) -> dict[str, Fraction]:
-    """What a pod's containers ask for, summed per resource (a request, or the limit
-    when no request is given, as the scheduler and quota count them); invalid
-    quantities are skipped (the API server rejects them at create)."""
+def sum_containers(
+    pod: dict[str, Any], pick: Callable[[dict[str, Any]], dict[str, Any]]
+) -> dict[str, Fraction]:
+    """The quantities `pick` returns for each container of `pod`, summed per resource;
+    invalid quantities are skipped (the API server rejects them at create)."""
     totals: dict[str, Fraction] = {}
     for container in (pod.get("spec") or {}).get("containers") or []:
-        resources = container.get("resources") or {}
-        values = {**(resources.get("limits") or {}), **(resources.get("requests") or {})}
-        for key, value in values.items():
+        for key, value in pick(container.get("resources") or {}).items():
             try:
                 totals[key] = totals.get(key, Fraction(0)) + parse_quantity(value)
             except QuantityError:
                 continue
     return totals
+
+
+def pod_requests(pod: dict[str, Any]) -> dict[str, Fraction]:
+    """What a pod's containers ask for, summed per resource: a request, or the limit
+    when no request is given, as the scheduler counts them."""
+    return sum_containers(
+        pod, lambda res: {**(res.get("limits") or {}), **(res.get("requests") or {})}
+    )
 
 
 def format_quantity(value: Fraction) -> str:
