@@ -40,6 +40,7 @@ __all__ = [
     "compare_recipes",
     "main",
     "mixed_length_records",
+    "run_both",
     "run_worker",
     "table",
 ]
@@ -169,6 +170,36 @@ MEMORY_ROWS: dict[str, dict[str, int]] = {
 }
 
 
+def run_both(
+    model_dir: Path,
+    rows: list[dict[str, str]],
+    work: Path,
+    args: argparse.Namespace,
+    *,
+    steps: int,
+    timeout_s: float,
+) -> dict[str, dict[str, Any]]:
+    """Write `rows` as JSONL, then train the plain recipe and ours on them, each in
+    its own worker process (so each memory peak is its own); results by recipe."""
+    data_path = work / "train.jsonl"
+    data_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs = {}
+    for recipe in ("plain", "ours"):
+        job = Job(
+            recipe=recipe,
+            model_dir=str(model_dir),
+            data_path=str(data_path),
+            work_dir=str(work / recipe),
+            max_seq_length=args.max_seq_length,
+            batch_size=args.batch_size,
+            grad_accum=args.grad_accum,
+            steps=steps,
+        )
+        print(f"running {recipe} ({work.name}) ...", file=sys.stderr, flush=True)
+        runs[recipe] = run_worker(job, timeout_s=timeout_s)
+    return runs
+
+
 def compare_recipes(
     tmp: Path, args: argparse.Namespace, *, hidden_size: int, layers: int, records: int, steps: int
 ) -> dict[str, Any]:
@@ -177,24 +208,9 @@ def compare_recipes(
 
     tmp.mkdir(parents=True, exist_ok=True)
     model_dir = build_tiny_model(tmp / "model", hidden_size=hidden_size, layers=layers)
-    data_path = tmp / "train.jsonl"
     # ~1.3 tokens per word with the tiny tokenizer: the longest records reach the limit.
     rows = mixed_length_records(records, max_words=int(args.max_seq_length * 0.8))
-    data_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    runs = {}
-    for recipe in ("plain", "ours"):
-        job = Job(
-            recipe=recipe,
-            model_dir=str(model_dir),
-            data_path=str(data_path),
-            work_dir=str(tmp / recipe),
-            max_seq_length=args.max_seq_length,
-            batch_size=args.batch_size,
-            grad_accum=args.grad_accum,
-            steps=steps,
-        )
-        print(f"running {recipe} ({tmp.name}) ...", file=sys.stderr, flush=True)
-        runs[recipe] = run_worker(job, timeout_s=900)
+    runs = run_both(model_dir, rows, tmp, args, steps=steps, timeout_s=900)
     return {
         "model": f"tiny Llama, hidden {hidden_size}, {layers} layers, NF4 (bitsandbytes)",
         "records": records,

@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import add_common_args, write_results
-from bench.trainer import compare, mixed_length_records, run_worker, table
-from bench.trainer_worker import Job
+from bench.trainer import compare, mixed_length_records, run_both, table
 
 __all__ = ["LLAMA3_8B", "main", "write_random_llama"]
 
@@ -157,23 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-trainer-gpu-") as tmp_name:
         tmp = Path(tmp_name)
         model_dir = write_random_llama(args.model_dir or tmp / "model", arch)
-        data_path = tmp / "train.jsonl"
         records = mixed_length_records(args.records, max_words=int(args.max_seq_length * 0.8))
-        data_path.write_text("".join(json.dumps(r) + "\n" for r in records))
-        runs = {}
-        for recipe in ("plain", "ours"):
-            job = Job(
-                recipe=recipe,
-                model_dir=str(model_dir),
-                data_path=str(data_path),
-                work_dir=str(tmp / recipe),
-                max_seq_length=args.max_seq_length,
-                batch_size=args.batch_size,
-                grad_accum=args.grad_accum,
-                steps=args.steps,
-            )
-            print(f"running {recipe} ...", file=sys.stderr, flush=True)
-            runs[recipe] = run_worker(job, timeout_s=3600)
+        runs = run_both(model_dir, records, tmp, args, steps=args.steps, timeout_s=3600)
     mem_key = "cuda_max_allocated_bytes"
     ours_gib = runs["ours"][mem_key] / 2**30
     result = {
