@@ -3,7 +3,10 @@
 * A key is queued at most once however often it is added (a burst of watch events
   costs one pass), and is never handed to two workers at once: a key added while a
   worker holds it is queued again when that worker is done with it.
-* Keys added as `new` are taken only when no other key is waiting.
+* Keys added as `new` wait behind the other keys, but not forever: while both
+  lanes hold keys, every NEW_KEY_EVERY-th key taken is a new one, so a steady
+  stream of follow-ups (progress polls of thousands of running jobs) cannot keep a
+  new job from ever starting.
 * `add_after` queues a key later (a requeue time, a progress poll, a backoff); of
   several pending delays the earliest wins, and taking the key from the queue
   cancels its pending delay (the pass that follows sets the next one).
@@ -21,6 +24,9 @@ from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 
+# While follow-ups and new keys both wait, one take in this many goes to a new key.
+NEW_KEY_EVERY = 4
+
 log = logging.getLogger("lorajob_operator.workqueue")
 
 
@@ -37,6 +43,7 @@ class WorkQueue(Generic[K]):
         self._again: set[K] = set()  # added while held: queue once released
         self._timers: dict[K, tuple[float, asyncio.TimerHandle]] = {}
         self._workers: list[asyncio.Task[None]] = []
+        self._ready_streak = 0  # follow-ups taken in a row while new keys waited
 
     def __len__(self) -> int:
         """Keys waiting to be worked on now (not the delayed ones)."""
@@ -89,7 +96,12 @@ class WorkQueue(Generic[K]):
     async def get(self) -> K:
         """The next key; the caller holds it until `done(key)`."""
         await self._items.acquire()
-        key = self._ready.popleft() if self._ready else self._new.popleft()
+        if self._ready and (not self._new or self._ready_streak < NEW_KEY_EVERY - 1):
+            key = self._ready.popleft()
+            self._ready_streak = self._ready_streak + 1 if self._new else 0
+        else:
+            key = self._new.popleft()
+            self._ready_streak = 0
         self._queued.discard(key)
         self._active.add(key)
         pending = self._timers.pop(key, None)

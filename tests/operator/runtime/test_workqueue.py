@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from lorajob_operator.workqueue import WorkQueue
+from lorajob_operator.workqueue import NEW_KEY_EVERY, WorkQueue
 
 WAIT = 10.0  # generous upper bound for something that must happen (not a timing check)
 
@@ -115,5 +115,29 @@ def test_known_keys_are_taken_before_new_ones() -> None:
         queue.add("new-1")  # already queued: stays where it is
         assert len(queue) == 3
         assert [await queue.get() for _ in range(3)] == ["known", "new-1", "new-2"]
+
+    asyncio.run(check())
+
+
+def test_new_keys_are_not_starved_by_a_stream_of_follow_ups() -> None:
+    """Thousands of running jobs re-queue themselves for progress polls; a new job
+    still gets one take in every NEW_KEY_EVERY while both lanes are busy."""
+
+    async def check() -> None:
+        queue: WorkQueue[str] = WorkQueue()
+        queue.add("new-1", new=True)
+        queue.add("new-2", new=True)
+        for i in range(20):
+            queue.add(f"known-{i}")
+        taken: list[str] = []
+        for _ in range(2 * NEW_KEY_EVERY):
+            key = await queue.get()
+            taken.append(key)
+            queue.done(key)
+            if key.startswith("known"):
+                queue.add(key)  # the follow-up re-queues itself at once
+        assert taken.index("new-1") == NEW_KEY_EVERY - 1
+        assert taken.index("new-2") == 2 * NEW_KEY_EVERY - 1
+        assert all(k.startswith("known") for k in taken if not k.startswith("new"))
 
     asyncio.run(check())
