@@ -13,8 +13,9 @@ one job happen in order. Each pass queues the job's next turn: at the decision's
 requeue time, at the next progress read while the trainer runs (every
 `progress_interval_seconds`), after a backoff when it failed, and every
 RESYNC_SECONDS at the latest. Routine pod events queue it DEBOUNCE_SECONDS later.
-A new job's first pass is taken only when no known job's pass is waiting, so in a
-burst of new jobs the running ones' status stays current.
+A new job's first pass waits behind known jobs' passes (one turn in
+workqueue.NEW_KEY_EVERY while both wait), so in a burst of new jobs the running
+ones' status stays current and a new job is never starved.
 
 A pass reads the job and its pods from what the watches delivered (the job's
 latest watched body, kept per job in `JobState`; a cache of slimmed pod bodies
