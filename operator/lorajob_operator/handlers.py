@@ -168,10 +168,11 @@ class Runtime:
             state.watched = snapshot
         return state
 
-    def forget_job_key(self, key: JobKey) -> None:
-        """The job is gone from the API: no more passes, no more timers."""
+    def forget_job(self, key: JobKey, job_uid: str) -> None:
+        """The job is gone from the API: no more passes, no timers, no cached pods."""
         self.jobs.pop(key, None)
         self.queue.forget(key)
+        self.pods.pop(job_uid, None)
 
     def wake(self, key: JobKey, *, urgent: bool = True) -> None:
         """Ask for a full pass of a known job: now, or (not urgent) after
@@ -232,9 +233,6 @@ class Runtime:
             self.pods[job_uid] = fresh
         else:
             self.pods.pop(job_uid, None)
-
-    def forget_job(self, job_uid: str) -> None:
-        self.pods.pop(job_uid, None)
 
 
 def _uid(body: Mapping[str, Any]) -> str:
@@ -386,10 +384,9 @@ async def job_event(type: str, body: kopf.Body, name: str, namespace: str | None
         return
     key = (namespace, name)
     if type == "DELETED":
-        RUNTIME.forget_job_key(key)
+        RUNTIME.forget_job(key, _uid(body))
         RUNTIME.queued[namespace].discard(name)
         RUNTIME.metrics.forget(namespace, name)
-        RUNTIME.forget_job(_uid(body))
         return
     known = key in RUNTIME.jobs
     RUNTIME.watch_job(key, body)
@@ -542,9 +539,8 @@ def _cached_view(
     if last is None and (status.get("attempts") or status.get("podName")):
         return None
     pod_name = status.get("podName")
-    uid = str((job.get("metadata") or {}).get("uid", ""))
     if pod_name and all(
-        (p.get("metadata") or {}).get("name") != pod_name for p in rt.job_pods(uid)
+        (p.get("metadata") or {}).get("name") != pod_name for p in rt.job_pods(_uid(job))
     ):
         return None
     return job

@@ -186,7 +186,7 @@ def test_only_routine_pod_events_are_debounced() -> None:
         assert rt.queue.scheduled(key) is not None
         rt.wake(key)  # urgent: now
         assert len(rt.queue) == 1
-        rt.forget_job_key(key)
+        rt.forget_job(key, job()["metadata"]["uid"])
         assert key not in rt.jobs
         assert rt.queue.scheduled(key) is None
 
@@ -298,5 +298,5 @@ def test_a_job_gone_from_the_api_gets_no_more_passes() -> None:
     rt.wake(key)
     _turn(rt)
     assert kube.calls == []
-    rt.forget_job_key(key)  # its DELETED event
+    rt.forget_job(key, job()["metadata"]["uid"])  # its DELETED event
     assert key not in rt.jobs
