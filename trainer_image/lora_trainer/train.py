@@ -204,12 +204,10 @@ def _train(
     steps, max_steps = trainer.state.global_step, trainer.state.max_steps
     # Phase first, then the flag: a signal from here on interrupts at once, and one that
     # came before is seen below.
-    rt.stop.finishing(f"step {steps}/{max_steps}; checkpoint {saver.last_uri or 'none'}")
+    where = f"step {steps}/{max_steps}; checkpoint {saver.last_uri or 'none'}"
+    rt.stop.finishing(where)
     if rt.stop.requested:
-        raise Interrupted(
-            f"stopped by {rt.stop.signal_name} at step {steps}/{max_steps}; "
-            f"checkpoint {saver.last_uri or 'none'}"
-        )
+        raise Interrupted(f"stopped by {rt.stop.signal_name} at {where}")
     return TrainOutcome(
         steps=steps,
         max_steps=max_steps,
