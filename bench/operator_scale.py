@@ -3,8 +3,10 @@
 For each size N: a fresh control plane (tests/harness/controlplane.py: API
 server, test kubelet with SimulatedRuntime so pods start no process, and the
 real `kopf run` operator as a subprocess). N LoRAJobs are created over HTTPS
-(16 requests in flight); a watch on pods and on LoRAJobs timestamps what
-happens. Reported per size:
+(16 requests in flight), as fast as the API server takes them (a burst) or, for
+a size written `N@R`, at R jobs per second (a steady arrival rate: the latency
+of a system that is not saturated); a watch on pods and on LoRAJobs timestamps
+what happens. Reported per size:
 
 * create -> pod-created latency (job's create response to the pod's ADDED event)
   p50 / p99 / max, and the time until every job has its pod;
@@ -16,7 +18,7 @@ happens. Reported per size:
 * the ceiling: raw writes/s (create + merge-patch) of the same API server
   (tests.harness.apiserver.measure_write_throughput), before the jobs exist.
 
-    python -m bench.operator_scale --sizes 100,1000,5000
+    python -m bench.operator_scale --sizes 100,1000,5000,1000@40
 """
 
 from __future__ import annotations
@@ -137,8 +139,11 @@ async def _watch(
                     on_event(event["type"], event["object"])
 
 
-async def _burst(cp: ControlPlane, n: int, timeout: float, tl: Timeline) -> float:
-    """Create n jobs, wait until each is Running; returns the first create's send time."""
+async def _burst(
+    cp: ControlPlane, n: int, timeout: float, tl: Timeline, rate: float | None = None
+) -> float:
+    """Create n jobs (at `rate` per second, or as fast as they are taken), wait until
+    each is Running; returns the first create's send time."""
     ssl_ctx = ssl.create_default_context(cafile=str(cp.api.tls.ca_cert))
     headers = {"Authorization": f"Bearer {cp.api.token}"}
     connector = aiohttp.TCPConnector(limit=IN_FLIGHT + 4, ssl=ssl_ctx)
@@ -172,7 +177,10 @@ async def _burst(cp: ControlPlane, n: int, timeout: float, tl: Timeline) -> floa
 
         async def creator() -> None:
             while not queue.empty():
-                name = f"bench-{queue.get_nowait():05d}"
+                i = queue.get_nowait()
+                if rate is not None:  # job i is due i / rate seconds after the first
+                    await asyncio.sleep(first + i / rate - time.perf_counter())
+                name = f"bench-{i:05d}"
                 async with session.post(jobs_path, json=job_manifest(name)) as r:
                     if r.status != 201:
                         raise RuntimeError(f"create {name}: {r.status} {await r.text()}")
@@ -215,7 +223,7 @@ def _stats(values: list[float]) -> dict[str, float | None]:
     }
 
 
-def run_size(n: int, timeout: float, log_level: str) -> dict[str, Any]:
+def run_size(n: int, timeout: float, log_level: str, rate: float | None = None) -> dict[str, Any]:
     node = NodeConfig(
         name="bench-node",
         capacity={"cpu": "100000", "memory": "100000Ti", "nvidia.com/gpu": "8", "pods": "100000"},
@@ -233,7 +241,7 @@ def run_size(n: int, timeout: float, log_level: str) -> dict[str, Any]:
         harness = psutil.Process()  # API server, kubelet and the watch client live here
         harness_cpu = sum(harness.cpu_times()[:2])
         sampler.start()
-        first = asyncio.run(_burst(cp, n, timeout, tl))
+        first = asyncio.run(_burst(cp, n, timeout, tl, rate))
         sampler.stop()
         harness_cpu = sum(harness.cpu_times()[:2]) - harness_cpu
         end = max(tl.job_running.values(), default=time.perf_counter())
@@ -242,6 +250,7 @@ def run_size(n: int, timeout: float, log_level: str) -> dict[str, Any]:
     all_pods = max(tl.pod_added.values()) - first if len(tl.pod_added) == n else None
     return {
         "jobs": n,
+        "rate_per_s": rate,  # None: a burst
         "jobs_with_pod": len(tl.pod_added),
         "jobs_running": len(tl.job_running),
         "create_s": max(tl.created.values()) - first,
@@ -267,6 +276,7 @@ def table(sizes: list[dict[str, Any]], writes_per_s: float) -> str:
     rows = [
         [
             s["jobs"],
+            "burst" if s.get("rate_per_s") is None else f"{s['rate_per_s']:g}/s",
             s["create_s"],
             s["create_to_pod"]["p50_s"],
             s["create_to_pod"]["p99_s"],
@@ -282,6 +292,7 @@ def table(sizes: list[dict[str, Any]], writes_per_s: float) -> str:
     ]
     headers = [
         "jobs",
+        "arrival",
         "create s",
         "pod p50 s",
         "pod p99 s",
@@ -299,6 +310,20 @@ def table(sizes: list[dict[str, Any]], writes_per_s: float) -> str:
     )
 
 
+def parse_size(text: str) -> tuple[int, float | None]:
+    """`N` (a burst of N jobs) or `N@R` (N jobs at R per second)."""
+    count, at, rate = text.strip().partition("@")
+    try:
+        n, r = int(count), float(rate) if at else None
+    except ValueError:
+        raise ValueError(
+            f"--sizes: {text!r} is not a job count N or N@R (R jobs per second)"
+        ) from None
+    if n < 1 or (r is not None and r <= 0):
+        raise ValueError(f"--sizes: {text!r}: N and R must be positive")
+    return n, r
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.operator_scale",
@@ -307,24 +332,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_common_args(parser)
     parser.add_argument(
-        "--sizes", default="100,1000", help="comma-separated job counts (README: 100,1000,5000)"
+        "--sizes",
+        default="100,1000,1000@40",
+        help="comma-separated job counts, each a burst or N@R: R jobs per second "
+        "(README: 100,1000,5000,1000@40)",
     )
     parser.add_argument("--timeout", type=float, default=900, help="seconds per size")
     parser.add_argument("--ceiling-writes", type=int, default=2000)
     parser.add_argument("--log-level", default="", help="LORAJOB_LOG_LEVEL for the operator")
     args = parser.parse_args(argv)
-    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    try:
+        sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.quick:
-        sizes, args.ceiling_writes, args.timeout = [5], 100, 120
+        sizes, args.ceiling_writes, args.timeout = [(5, None), (5, 50.0)], 100, 120
 
     writes_per_s = ceiling(args.ceiling_writes)
     results = []
-    for n in sizes:
-        print(f"{n} jobs ...", file=sys.stderr, flush=True)
-        results.append(run_size(n, args.timeout, args.log_level))
+    for n, rate in sizes:
+        print(f"{n} jobs at {rate or 'once'}/s ...", file=sys.stderr, flush=True)
+        results.append(run_size(n, args.timeout, args.log_level, rate))
     result = {
         "quick": args.quick,
-        "params": {"sizes": sizes, "in_flight_creates": IN_FLIGHT, "timeout_s": args.timeout},
+        "params": {"sizes": args.sizes, "in_flight_creates": IN_FLIGHT, "timeout_s": args.timeout},
         "api_server_writes_per_s": writes_per_s,
         "sizes": results,
         "targets": {"p99_create_to_pod_s_at_1000": 1.0, "operator_rss_mib_at_5000": 300},

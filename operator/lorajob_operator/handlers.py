@@ -22,8 +22,8 @@ latest watched body, kept per job in `JobState`; a cache of slimmed pod bodies
 filled by the pod watch and by our own creates), not from the API, except where
 that view may be incomplete: see `_cached_view`. All of this is only a copy:
 kopf's initial listing at startup delivers every existing job, which queues it,
-and its first pass reads the API; that is how an operator restart resumes: from
-the objects, not from memory. Deletion is kopf's finalizer (`job_deleted`); the
+and the first pass of a job that has had an attempt reads the API; that is how an
+operator restart resumes: from the objects, not from memory. Deletion is kopf's finalizer (`job_deleted`); the
 queue drops a job when its DELETED event arrives.
 """
 
@@ -163,6 +163,11 @@ class Runtime:
         state = self.jobs.get(key)
         if state is None or _uid(state.watched) != _uid(snapshot):
             state = self.jobs[key] = JobState(watched=snapshot)
+            if not _has_attempts(snapshot):
+                # No attempt yet: its only pods are the ones its passes create (a
+                # create replayed after a crash finds its pod by name, 409), so its
+                # first pass can trust the watch instead of a GET and a LIST.
+                state.next_resync = time.monotonic() + RESYNC_SECONDS
             self.queue.add(key, new=True)
         else:
             state.watched = snapshot
@@ -237,6 +242,12 @@ class Runtime:
 
 def _uid(body: Mapping[str, Any]) -> str:
     return str((body.get("metadata") or {}).get("uid", ""))
+
+
+def _has_attempts(job: Mapping[str, Any]) -> bool:
+    """Whether the job's status records a trainer pod (it may have pods we did not see)."""
+    status = job.get("status") or {}
+    return bool(status.get("attempts") or status.get("podName"))
 
 
 def _pod_keys(pod: Mapping[str, Any]) -> tuple[str | None, str]:
@@ -535,10 +546,9 @@ def _cached_view(
             job = last.job
         elif _resource_version(job) is None or _resource_version(last.job) is None:
             return None
-    status = job.get("status") or {}
-    if last is None and (status.get("attempts") or status.get("podName")):
+    if last is None and _has_attempts(job):
         return None
-    pod_name = status.get("podName")
+    pod_name = (job.get("status") or {}).get("podName")
     if pod_name and all(
         (p.get("metadata") or {}).get("name") != pod_name for p in rt.job_pods(_uid(job))
     ):

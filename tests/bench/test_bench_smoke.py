@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from bench import trainer_gpu
 from bench.common import REPO_ROOT, format_table, percentile, ratio
+from bench.operator_scale import parse_size
 from bench.trainer import mixed_length_records
 
 
@@ -161,11 +162,26 @@ def test_operator_scale_quick(tmp_path: Path) -> None:
     assert "ceiling" in out
     doc = _load(tmp_path, "operator_scale")
     assert doc["api_server_writes_per_s"] > 0
-    (size,) = doc["sizes"]
-    assert size["jobs_with_pod"] == size["jobs_running"] == size["jobs"]
-    assert size["create_to_pod"]["p99_s"] > 0
-    assert size["operator_peak_rss_mib"] > 10
-    assert size["operator_cpu_s"] > 0
+    burst, paced = doc["sizes"]
+    for size in (burst, paced):
+        assert size["jobs_with_pod"] == size["jobs_running"] == size["jobs"]
+        assert size["create_to_pod"]["p99_s"] > 0
+        assert size["operator_peak_rss_mib"] > 10
+        assert size["operator_cpu_s"] > 0
+    assert burst["rate_per_s"] is None
+    assert paced["rate_per_s"] == 50
+    # 5 jobs at 50/s: the last is created 4/50 s after the first, not at once.
+    assert paced["create_s"] >= 4 / 50
+    assert "50/s" in out
+    assert "burst" in out
+
+
+def test_operator_scale_sizes_are_bursts_or_rates() -> None:
+    assert parse_size("1000") == (1000, None)
+    assert parse_size(" 1000@40 ") == (1000, 40.0)
+    for bad in ("many", "1000@", "0", "10@-1", "10@x"):
+        with pytest.raises(ValueError, match="--sizes"):
+            parse_size(bad)
 
 
 @pytest.mark.slow

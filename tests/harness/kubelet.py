@@ -217,6 +217,40 @@ def unschedulable_reasons(pod: Obj, node: Obj, used: dict[str, Fraction]) -> lis
     return reasons
 
 
+class NodeUsage:
+    """What the pods bound to each node use: the requests of the unfinished ones and
+    a count of all of them ("pods"). Kept up to date one pod change at a time, so a
+    scheduling pass costs O(pending x nodes), not a scan of every pod."""
+
+    def __init__(self) -> None:
+        self._by_pod: dict[str, tuple[str, dict[str, Fraction]]] = {}
+        self._by_node: dict[str, dict[str, Fraction]] = {}
+
+    def update(self, uid: str, pod: Obj | None) -> None:
+        """Count `pod` (its latest version) instead of what `uid` counted before;
+        None: the pod is gone."""
+        old = self._by_pod.pop(uid, None)
+        if old is not None:
+            node, amounts = old
+            per_node = self._by_node[node]
+            for key, value in amounts.items():
+                per_node[key] -= value
+        if pod is None or not (pod.get("spec") or {}).get("nodeName"):
+            return
+        node = str(pod["spec"]["nodeName"])
+        amounts = {"pods": Fraction(1)}
+        if (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
+            amounts.update(pod_requests(pod))
+        per_node = self.on(node)
+        for key, value in amounts.items():
+            per_node[key] = per_node.get(key, Fraction(0)) + value
+        self._by_pod[uid] = (node, amounts)
+
+    def on(self, node: str) -> dict[str, Fraction]:
+        """The node's usage (live: it changes as pods are counted)."""
+        return self._by_node.setdefault(node, {"pods": Fraction(0)})
+
+
 def unschedulable_message(per_node: dict[str, list[str]]) -> str:
     counts: dict[str, int] = {}
     for reasons in per_node.values():
@@ -316,8 +350,10 @@ class Kubelet:
         self._runner: web.AppRunner | None = None
         self._log_port = 0
         self.pods: dict[str, Obj] = {}  # uid -> latest pod object seen
+        self._usage = NodeUsage()  # of the pods in self.pods
         self.runs: dict[str, PodRun] = {}  # uid -> running pod
         self._ips_in_use: set[str] = set()
+        self._next_ip = 2  # where the search for a free pod IP starts (round robin)
         self._ip_block = 0
         self._ip_lock: IO[str] | None = None
         self._stopping = False
@@ -453,7 +489,7 @@ class Kubelet:
             and isinstance(body, dict)
             and body["metadata"].get("uid") == meta.get("uid")
         ):
-            self.pods[meta["uid"]] = body
+            self._set_pod(meta["uid"], body)
 
     async def _event(
         self, pod: Obj, type_: str, reason: str, message: str, component: str = "kubelet"
@@ -583,7 +619,7 @@ class Kubelet:
         meta = pod.get("metadata") or {}
         uid = meta.get("uid", "")
         if kind == "DELETED":
-            self.pods.pop(uid, None)
+            self._set_pod(uid, None)
             run = self.runs.get(uid)
             if run is not None and run.finished.is_set():
                 self._forget(run)
@@ -591,7 +627,7 @@ class Kubelet:
                 run.terminating.set()
             self._wake_scheduler()
             return
-        self.pods[uid] = pod
+        self._set_pod(uid, pod)
         spec = pod.get("spec") or {}
         node = spec.get("nodeName")
         if not node:
@@ -616,6 +652,14 @@ class Kubelet:
             self.runs[uid] = run
             run.task = self._spawn(self._run_pod(run))
 
+    def _set_pod(self, uid: str, pod: Obj | None) -> None:
+        """The pod's latest version (None: gone), counted in its node's usage."""
+        if pod is None:
+            self.pods.pop(uid, None)
+        else:
+            self.pods[uid] = pod
+        self._usage.update(uid, pod)
+
     def _wake_scheduler(self) -> None:
         if self._schedule_wakeup is not None:
             self._schedule_wakeup.set()
@@ -639,29 +683,12 @@ class Kubelet:
             if not pending:
                 continue
             nodes = await self._node_objects()
-            # Usage per node once per pass, then updated as pods bind: a pass costs
-            # O(pods + pending x nodes), even with thousands of pending pods.
-            used = self._usage_by_node(nodes)
+            used = {name: self._usage.on(name) for name in nodes}
             for pod in sorted(pending, key=lambda p: p["metadata"].get("creationTimestamp", "")):
                 try:
                     await self._schedule(pod, nodes, used, reported)
                 except (TimeoutError, aiohttp.ClientError):
                     continue
-
-    def _usage_by_node(self, nodes: Iterable[str]) -> dict[str, dict[str, Fraction]]:
-        """What the pods bound to each node use: requests of the unfinished ones, and
-        a count of all of them ("pods"), in one scan of the pods."""
-        used: dict[str, dict[str, Fraction]] = {name: {"pods": Fraction(0)} for name in nodes}
-        for pod in self.pods.values():
-            per_node = used.get((pod.get("spec") or {}).get("nodeName") or "")
-            if per_node is None:
-                continue
-            per_node["pods"] += 1
-            if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
-                continue
-            for key, value in pod_requests(pod).items():
-                per_node[key] = per_node.get(key, Fraction(0)) + value
-        return used
 
     async def _schedule(
         self,
@@ -700,10 +727,9 @@ class Kubelet:
                         },
                     )
                     if code == 201:
-                        # Count it until the watch catches up.
+                        # Count it on the node now: the watch may not show it bound yet.
                         pod.setdefault("spec", {})["nodeName"] = name
-                        for key, value in pod_requests(pod).items():
-                            used[name][key] = used[name].get(key, Fraction(0)) + value
+                        self._usage.update(uid, pod)
                         reported.pop(uid, None)
                         await self._event(
                             pod,
@@ -741,11 +767,18 @@ class Kubelet:
 
     # ----------------------------------------------------------------- pods
     def _allocate_ip(self) -> str:
-        """Next free IP in this kubelet's 127.<block>.0.0/16 (see _claim_ip_block)."""
-        for n in range(2, 256 * 256 - 1):
+        """Next free IP in this kubelet's 127.<block>.0.0/16 (see _claim_ip_block),
+        searched from after the last one handed out, as a CNI's allocator does: a
+        freed IP is not reused at once, and allocating is O(1) while few are in use."""
+        size = 256 * 256
+        for step in range(size):
+            n = (self._next_ip + step) % size
+            if n % 256 in (0, 255) or n < 2:
+                continue
             ip = f"127.{self._ip_block}.{n // 256}.{n % 256}"
-            if ip not in self._ips_in_use and n % 256 not in (0, 255):
+            if ip not in self._ips_in_use:
                 self._ips_in_use.add(ip)
+                self._next_ip = n + 1
                 return ip
         raise RuntimeError("out of pod IPs")
 

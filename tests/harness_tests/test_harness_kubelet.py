@@ -19,6 +19,7 @@ from tests.harness.kubelet import (
     SIMULATE_ANNOTATION,
     Kubelet,
     NodeConfig,
+    NodeUsage,
     SimulatedRuntime,
     cpu_node,
 )
@@ -494,6 +495,17 @@ def test_concurrent_kubelets_get_disjoint_pod_ip_blocks(api: ApiServer, tmp_path
         assert first._allocate_ip().split(".")[1] != second._allocate_ip().split(".")[1]
 
 
+def test_pod_ips_are_unique_and_a_freed_one_is_not_reused_at_once(tmp_path: Path) -> None:
+    kubelet = Kubelet(tmp_path / "kubeconfig", tmp_path, nodes=[cpu_node("a")])
+    kubelet._ip_block = 7  # as _claim_ip_block would set it
+    ips = [kubelet._allocate_ip() for _ in range(300)]
+    assert len(set(ips)) == 300
+    assert all(ip.startswith("127.7.") for ip in ips)
+    assert not any(ip.endswith((".0", ".255")) for ip in ips)  # network and broadcast
+    kubelet._ips_in_use.discard(ips[0])
+    assert kubelet._allocate_ip() not in ips
+
+
 def test_simulated_runtime_runs_no_processes(api: ApiServer, tmp_path: Path) -> None:
     http = Http(api)
     runtime = SimulatedRuntime(
@@ -670,3 +682,22 @@ def test_existing_host_paths_under_a_mount_are_kept(
     # The script (a host file) ran from where it is, while DATA (no such host path)
     # and the mount path itself were mapped onto the pod's volume.
     assert kubelet.pod_log("default", "hostpath").strip() == "hello True"
+
+
+def test_node_usage_follows_each_pod_change() -> None:
+    """The scheduler's per-node usage: one pod counted once across its updates, its
+    requests freed (but the pod still counted) once it finished, all of it gone with it."""
+    usage = NodeUsage()
+    body = pod("p", "pass", gpus=1)
+    usage.update("u1", body)  # not bound yet: counts nowhere
+    assert usage.on("gpu-node-1") == {"pods": 0}
+    bound = {**body, "spec": {**body["spec"], "nodeName": "gpu-node-1"}}
+    usage.update("u1", bound)
+    usage.update("u1", {**bound, "status": {"phase": "Running"}})
+    assert usage.on("gpu-node-1")["pods"] == 1
+    assert usage.on("gpu-node-1")["nvidia.com/gpu"] == 1
+    usage.update("u1", {**bound, "status": {"phase": "Succeeded"}})
+    assert usage.on("gpu-node-1")["pods"] == 1
+    assert usage.on("gpu-node-1")["nvidia.com/gpu"] == 0
+    usage.update("u1", None)
+    assert usage.on("gpu-node-1")["pods"] == 0

@@ -240,8 +240,10 @@ def test_queue_passes_act_reschedule_and_parse_the_spec_once_per_generation(
     key = (NAMESPACE, NAME)
     assert kube.body is not None
     rt.watch_job(key, kube.body)
-    _turn(rt)  # the first pass reads the API and creates attempt 1
-    assert kube.calls[:3] == ["get_job", "list_job_pods", "create_pod"]
+    _turn(rt)  # a new job's first pass trusts the watch and creates attempt 1
+    assert kube.calls[:1] == ["create_pod"]
+    assert "get_job" not in kube.calls
+    assert "list_job_pods" not in kube.calls
     state = rt.jobs[key]
     assert state.last is not None
     assert not state.dirty
@@ -285,8 +287,19 @@ def test_a_failed_pass_backs_off_and_rereads_the_api() -> None:
     assert state.next_resync == 0.0
 
 
+def test_a_job_with_attempts_is_read_from_the_api_on_its_first_pass() -> None:
+    """After a restart the watch lists a job whose pods it may not have shown yet."""
+    kube = FakeKube(_written({"phase": "Running"}))
+    rt = runtime(kube)
+    key = (NAMESPACE, NAME)
+    assert kube.body is not None
+    rt.watch_job(key, kube.body)
+    _turn(rt)
+    assert kube.calls[:2] == ["get_job", "list_job_pods"]
+
+
 def test_a_job_gone_from_the_api_gets_no_more_passes() -> None:
-    kube = FakeKube(job(resourceVersion="1"))
+    kube = FakeKube(_written({"phase": "Running"}))
     rt = runtime(kube)
     key = (NAMESPACE, NAME)
     assert kube.body is not None
