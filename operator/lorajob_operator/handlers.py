@@ -4,8 +4,9 @@ Run with `kopf run --standalone --all-namespaces -m lorajob_operator.handlers`
 (or `python -m lorajob_operator`).
 
 LoRAJobs are reconciled from a shared work queue (workqueue.WorkQueue, in the
-manner of controller-runtime), not one task per job: watch events on a job and on
-its trainer pods (kopf on.event handlers) put the job's key in the queue; a fixed
+manner of controller-runtime), not one task per job: watch events on a job (a
+kopf on.event handler) and on its trainer pods (podwatch.follow_pods, a plain
+list + watch; see there why not kopf) put the job's key in the queue; a fixed
 pool of WORKERS takes keys and runs one pass each (`process`): decide what to do
 with `reconcile.decide()` and do it via kube.py. A key is queued once however
 many events arrive, and one job never has two passes at once, so all writes for
@@ -19,11 +20,12 @@ ones' status stays current and a new job is never starved.
 
 A pass reads the job and its pods from what the watches delivered (the job's
 latest watched body, kept per job in `JobState`; a cache of slimmed pod bodies
-filled by the pod watch and by our own creates), not from the API, except where
-that view may be incomplete: see `_cached_view`. All of this is only a copy:
-kopf's initial listing at startup delivers every existing job, which queues it,
-and the first pass of a job that has had an attempt reads the API; that is how an
-operator restart resumes: from the objects, not from memory. Deletion is kopf's finalizer (`job_deleted`); the
+filled by the pod watch, replaced by each of its listings, and by our own
+creates), not from the API, except where that view may be incomplete: see
+`_cached_view`. All of this is only a copy: kopf's initial listing at startup
+delivers every existing job, which queues it, and the first pass of a job that
+has had an attempt reads the API; that is how an operator restart resumes: from
+the objects, not from memory. Deletion is kopf's finalizer (`job_deleted`); the
 queue drops a job when its DELETED event arrives.
 """
 
@@ -43,7 +45,7 @@ from typing import Any
 import kopf
 from lora_trainer.protocol import Progress
 
-from lorajob_operator import api, objects, policy, reconcile, webhook
+from lorajob_operator import api, objects, podwatch, policy, reconcile, webhook
 from lorajob_operator.conditions import scrub
 from lorajob_operator.events import build_event
 from lorajob_operator.kube import Kube, PodRejected, QuotaExceeded, load_config
@@ -155,6 +157,7 @@ class Runtime:
     # listing them; see _cached_view for when they still ask the API.
     pods: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     deleted_pods: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    pod_watches: list[asyncio.Task[None]] = field(default_factory=list)
 
     def watch_job(self, key: JobKey, body: Mapping[str, Any]) -> JobState:
         """Record the job as the watch shows it; a job seen for the first time (the
@@ -223,6 +226,43 @@ class Runtime:
             if not pods:
                 del self.pods[job_uid or ""]
 
+    # -- podwatch.PodSink: what the pod watch delivers
+
+    def pod_changed(self, type: str, pod: Mapping[str, Any]) -> None:
+        """A trainer pod changed: cache it, wake its job; a pod that ended may free a
+        queue slot."""
+        if type == "DELETED":
+            self.forget_pod(pod)
+        else:
+            self.remember_pod(pod)
+        key = reconcile.job_key_of_pod(pod)
+        if key is not None:
+            self.wake(key, urgent=type == "DELETED" or _is_stopping(pod))
+        if type == "DELETED" or not reconcile.is_live(pod):
+            namespace = (pod.get("metadata") or {}).get("namespace")
+            if namespace:
+                self.wake_queued(str(namespace))
+
+    def pods_listed(self, namespace: str | None, listed: list[dict[str, Any]]) -> None:
+        """The watch listed every trainer pod of `namespace` (None: all): the cache
+        becomes that listing. A cached pod missing from it was deleted while no
+        watch ran (no DELETED event will come): it is dropped and its job woken,
+        as are the jobs whose pods changed meanwhile."""
+        fresh: dict[str, dict[str, Any]] = {}
+        for pod in listed:
+            job_uid, key = _pod_keys(pod)
+            if job_uid is not None and key not in self.deleted_pods:
+                fresh[key] = pod
+        for cached in list(self.pods.values()):
+            for key, view in list(cached.items()):
+                in_scope = namespace is None or _namespace(view) == namespace
+                if in_scope and key not in fresh:
+                    self.pod_changed("DELETED", view)
+        for key, pod in fresh.items():
+            known = self.pods.get(_pod_keys(pod)[0] or "", {}).get(key)
+            if known is None or _is_newer(pod, known):
+                self.pod_changed("MODIFIED" if known else "ADDED", pod)
+
     def replace_pods(self, job_uid: str, listed: list[dict[str, Any]]) -> None:
         """Cache the job's pods as an API listing shows them (pods gone since the
         last watch event are dropped; a version the watch already superseded is not)."""
@@ -238,6 +278,10 @@ class Runtime:
             self.pods[job_uid] = fresh
         else:
             self.pods.pop(job_uid, None)
+
+
+def _namespace(body: Mapping[str, Any]) -> str:
+    return str((body.get("metadata") or {}).get("namespace", ""))
 
 
 def _uid(body: Mapping[str, Any]) -> str:
@@ -357,6 +401,10 @@ async def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: A
     )
     # Before kopf's first listing is processed: its events queue every existing job.
     rt.queue.start(lambda key: process(rt, key), WORKERS)
+    rt.pod_watches = [
+        asyncio.create_task(podwatch.follow_pods(rt.kube, rt, namespace), name="pod-watch")
+        for namespace in _pod_watch_scopes(SETTINGS)
+    ]
     # What is loaded by now (modules, kopf, the API client) lives as long as the
     # process: keep it out of the collector's full passes, which otherwise walk
     # it again every time the heap has grown by a quarter.
@@ -368,9 +416,18 @@ async def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: A
     )
 
 
+def _pod_watch_scopes(settings: OperatorSettings) -> list[str | None]:
+    """One pod watch per watched namespace (what namespaced RBAC allows), or one
+    for all of them."""
+    return list(settings.namespaces) if settings.namespaces else [None]
+
+
 @kopf.on.cleanup()
 async def cleanup(**_: Any) -> None:
     if RUNTIME is not None:
+        for task in RUNTIME.pod_watches:
+            task.cancel()
+        await asyncio.gather(*RUNTIME.pod_watches, return_exceptions=True)
         await RUNTIME.queue.stop()
         await RUNTIME.reader.close()
         await RUNTIME.kube.close()
@@ -406,32 +463,6 @@ async def job_event(type: str, body: kopf.Body, name: str, namespace: str | None
     changed = meta.get("generation") != status.get("observedGeneration")
     if known and (changed or meta.get("deletionTimestamp")):
         RUNTIME.wake(key)
-
-
-@kopf.on.event(
-    "",
-    "v1",
-    "pods",
-    labels={
-        objects.LABEL_JOB_UID: kopf.PRESENT,
-        "app.kubernetes.io/managed-by": objects.MANAGED_BY,
-    },
-)
-async def pod_event(type: str, body: kopf.Body, **_: Any) -> None:
-    """A trainer pod changed: cache it, wake its job; a pod that ended may free a queue slot."""
-    if RUNTIME is None:
-        return
-    if type == "DELETED":
-        RUNTIME.forget_pod(body)
-    else:
-        RUNTIME.remember_pod(body)
-    key = reconcile.job_key_of_pod(body)
-    if key is not None:
-        RUNTIME.wake(key, urgent=type == "DELETED" or _is_stopping(body))
-    if type == "DELETED" or not reconcile.is_live(body):
-        namespace = (body.get("metadata") or {}).get("namespace")
-        if namespace:
-            RUNTIME.wake_queued(str(namespace))
 
 
 def _is_stopping(pod: Mapping[str, Any]) -> bool:

@@ -20,7 +20,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -43,6 +43,13 @@ MAX_CONNECTIONS = 32
 # asked again (the official client re-reads a service-account token once a minute
 # too; asking costs an environment scan for proxy settings per call).
 TOKEN_REUSE_SECONDS = 60.0
+# Seconds a pod watch stream lasts before the server ends it (it is then resumed);
+# the client gives up on a stream silent for WATCH_SECONDS + WATCH_SLACK (bookmarks
+# and events keep a healthy one busy).
+WATCH_SECONDS = 300
+WATCH_SLACK = 30
+# Every trainer pod this operator manages (the jobs' pods carry their job's uid).
+TRAINER_PODS = f"app.kubernetes.io/managed-by={MANAGED_BY},{LABEL_JOB_UID}"
 _JOBS = f"/apis/{api.GROUP}/{api.VERSION}/namespaces/{{ns}}/{api.PLURAL}"
 
 
@@ -97,6 +104,14 @@ def _ssl_context(cfg: client.Configuration) -> ssl.SSLContext | bool:
 
 def _q(segment: str) -> str:
     return quote(segment, safe="")
+
+
+def _pods_path(namespace: str | None) -> str:
+    return "/api/v1/pods" if namespace is None else f"/api/v1/namespaces/{_q(namespace)}/pods"
+
+
+def _scope(namespace: str | None) -> str:
+    return "all namespaces" if namespace is None else f"namespace {namespace}"
 
 
 class Kube:
@@ -230,9 +245,59 @@ class Kube:
 
     async def list_trainer_pods(self, namespace: str) -> list[dict[str, Any]]:
         """Every LoRAJob trainer pod of the namespace."""
-        return await self._list_pods(
-            namespace, f"app.kubernetes.io/managed-by={MANAGED_BY},{LABEL_JOB_UID}"
+        return await self._list_pods(namespace, TRAINER_PODS)
+
+    async def list_trainer_pods_at(self, namespace: str | None) -> tuple[list[dict[str, Any]], str]:
+        """Every trainer pod of `namespace` (all namespaces for None), and the
+        resourceVersion of the listing (where a watch picks up)."""
+        try:
+            result = await self._request(
+                "GET", _pods_path(namespace), params={"labelSelector": TRAINER_PODS}
+            )
+        except _ApiStatus as exc:
+            raise KubeError(f"list trainer pods in {_scope(namespace)}: {exc.message}") from exc
+        items: list[dict[str, Any]] = result.get("items") or []
+        return items, str((result.get("metadata") or {}).get("resourceVersion") or "")
+
+    async def watch_trainer_pods(
+        self, namespace: str | None, resource_version: str
+    ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """The watch events on trainer pods after `resource_version`, as (type, object),
+        until the server ends the stream. A version too old to resume from comes as
+        an ERROR event (HTTP 410 Gone), as Kubernetes itself sends it in the stream."""
+        params = {
+            "labelSelector": TRAINER_PODS,
+            "watch": "true",
+            "resourceVersion": resource_version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(WATCH_SECONDS),
+        }
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=REQUEST_TIMEOUT, sock_read=WATCH_SECONDS + WATCH_SLACK
         )
+        path = _pods_path(namespace)
+        try:
+            async with self._get_session().get(
+                self._host + path, params=params, headers=self._headers(), timeout=timeout
+            ) as resp:
+                if resp.status == 410:
+                    message = _message(resp.status, resp.reason or "", await resp.read())
+                    yield "ERROR", {"code": 410, "reason": "Expired", "message": message}
+                    return
+                if resp.status >= 300:
+                    message = _message(resp.status, resp.reason or "", await resp.read())
+                    raise KubeError(f"watch trainer pods in {_scope(namespace)}: {message}")
+                buffer = b""
+                async for chunk in resp.content.iter_any():
+                    # Lines may be longer than aiohttp's line limit (big pods): split here.
+                    buffer += chunk
+                    *lines, buffer = buffer.split(b"\n")
+                    for line in lines:
+                        if line.strip():
+                            event = json.loads(line)
+                            yield str(event.get("type")), event.get("object") or {}
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise KubeError(f"watch {path}: {type(exc).__name__}: {exc}") from exc
 
     async def _list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         try:

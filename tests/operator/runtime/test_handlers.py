@@ -269,7 +269,16 @@ def test_startup_keeps_kopf_state_out_of_status_and_runs_standalone(
     settings = kopf.OperatorSettings()
     # kopf's decorator types the function as its ActivityFn protocol; call it plainly.
     configure = cast(Callable[..., Coroutine[Any, Any, None]], handlers.configure)
-    asyncio.run(configure(settings=settings, logger=handlers.log))
+    cleanup = cast(Callable[..., Coroutine[Any, Any, None]], handlers.cleanup)
+
+    async def start_and_stop() -> None:
+        await configure(settings=settings, logger=handlers.log)
+        assert handlers.RUNTIME is not None
+        assert [t.get_name() for t in handlers.RUNTIME.pod_watches] == ["pod-watch"]
+        await cleanup()
+        assert all(t.done() for t in handlers.RUNTIME.pod_watches)
+
+    asyncio.run(start_and_stop())
     progress = settings.persistence.progress_storage
     diffbase = settings.persistence.diffbase_storage
     assert isinstance(progress, kopf.AnnotationsProgressStorage)

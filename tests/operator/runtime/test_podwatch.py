@@ -1,0 +1,161 @@
+"""The pod reflector (podwatch.follow_pods) and the cache it fills (Runtime.pods_listed /
+pod_changed): list, watch, resume, list again after 410, and pods deleted unseen."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import pytest
+from lorajob_operator import handlers, podwatch
+from lorajob_operator.kube import KubeError
+from lorajob_operator.settings import load_settings
+
+from tests.operator.runtime.kubefakes import NAME, NAMESPACE, job, pod
+from tests.operator.runtime.test_handlers import FakeKube, runtime
+
+Event = tuple[str, dict[str, Any]]
+
+
+def _at(body: dict[str, Any], version: int) -> dict[str, Any]:
+    body["metadata"]["resourceVersion"] = str(version)
+    return body
+
+
+class ScriptedSource:
+    """Listings and watch streams handed out in order; the test ends when both run out."""
+
+    def __init__(
+        self, listings: list[list[dict[str, Any]]], streams: list[list[Event] | Exception]
+    ):
+        self.listings = listings
+        self.streams = streams
+        self.calls: list[tuple[str, str | None, str]] = []
+        self.done = asyncio.Event()
+
+    async def list_trainer_pods_at(self, namespace: str | None) -> tuple[list[dict[str, Any]], str]:
+        listed = self.listings.pop(0)
+        version = str(len(self.calls) * 100 + 100)
+        self.calls.append(("list", namespace, version))
+        return listed, version
+
+    async def watch_trainer_pods(
+        self, namespace: str | None, resource_version: str
+    ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        self.calls.append(("watch", namespace, resource_version))
+        if not self.streams:
+            self.done.set()
+            await asyncio.Event().wait()  # a quiet stream, until cancelled
+        stream = self.streams.pop(0)
+        if isinstance(stream, Exception):
+            raise stream
+        for event in stream:
+            yield event
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, Any]] = []
+
+    def pods_listed(self, namespace: str | None, pods: list[dict[str, Any]]) -> None:
+        self.seen.append(("listed", [namespace, *(p["metadata"]["name"] for p in pods)]))
+
+    def pod_changed(self, type: str, pod: Mapping[str, Any]) -> None:
+        self.seen.append((type, pod["metadata"]["name"]))
+
+
+def _follow(source: ScriptedSource, sink: RecordingSink, namespace: str | None = None) -> None:
+    async def main() -> None:
+        task = asyncio.create_task(podwatch.follow_pods(source, sink, namespace))
+        await asyncio.wait_for(source.done.wait(), 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+
+
+def test_lists_then_watches_and_resumes_from_the_last_version(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(podwatch, "RETRY_SECONDS", 0.01)
+    bookmark = {"kind": "Pod", "metadata": {"resourceVersion": "130"}}
+    source = ScriptedSource(
+        [[pod(1)]],
+        [
+            [("MODIFIED", _at(pod(1), 110)), ("BOOKMARK", bookmark)],  # the server's timeout
+            KubeError("connection reset"),  # a broken stream: resumed, not listed again
+            [("DELETED", _at(pod(1), 140))],
+        ],
+    )
+    sink = RecordingSink()
+    _follow(source, sink, NAMESPACE)
+    assert source.calls == [
+        ("list", NAMESPACE, "100"),
+        ("watch", NAMESPACE, "100"),
+        ("watch", NAMESPACE, "130"),
+        ("watch", NAMESPACE, "130"),
+        ("watch", NAMESPACE, "140"),
+    ]
+    assert sink.seen == [
+        ("listed", [NAMESPACE, f"{NAME}-1"]),
+        ("MODIFIED", f"{NAME}-1"),
+        ("DELETED", f"{NAME}-1"),
+    ]
+
+
+def test_an_expired_watch_lists_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(podwatch, "RETRY_SECONDS", 0.01)
+    gone = {"code": 410, "reason": "Expired", "message": "too old resource version: 100"}
+    source = ScriptedSource([[pod(1)], []], [[("ERROR", gone)]])
+    sink = RecordingSink()
+    _follow(source, sink)
+    assert [c[0] for c in source.calls] == ["list", "watch", "list", "watch"]
+    assert sink.seen == [("listed", [None, f"{NAME}-1"]), ("listed", [None])]
+
+
+def test_a_listing_drops_pods_deleted_while_no_watch_ran() -> None:
+    """No DELETED event comes for a pod deleted between two watches: the listing
+    itself says it is gone, and its job is woken to act on it at once."""
+    rt = runtime(FakeKube(job()))
+    key = (NAMESPACE, NAME)
+    uid = job()["metadata"]["uid"]
+    rt.watch_job(key, job())
+    running = _at(pod(1), 20)
+    rt.pods_listed(None, [running])
+    assert [p["metadata"]["name"] for p in rt.job_pods(uid)] == [f"{NAME}-1"]
+
+    async def drain() -> None:
+        while len(rt.queue):
+            rt.queue.done(await rt.queue.get())
+
+    asyncio.run(drain())
+    rt.jobs[key].last = handlers.Reconciled(job=job(), pod_ip=None, requeue_after=None)
+    rt.jobs[key].dirty = False
+    rt.pods_listed(NAMESPACE, [running])  # unchanged: nothing to do
+    assert not rt.jobs[key].dirty
+    rt.pods_listed("elsewhere", [])  # another namespace's listing leaves ours alone
+    assert rt.job_pods(uid) != []
+    rt.pods_listed(NAMESPACE, [])
+    assert rt.job_pods(uid) == []
+    assert rt.jobs[key].dirty
+    assert len(rt.queue) == 1  # woken at once, not debounced
+
+
+def test_a_listing_updates_changed_pods_but_never_goes_back() -> None:
+    rt = runtime(FakeKube(job()))
+    uid = job()["metadata"]["uid"]
+    rt.pod_changed("ADDED", _at(pod(1, "Pending"), 20))
+    rt.pods_listed(None, [_at(pod(1), 30)])
+    assert rt.job_pods(uid)[0]["status"]["phase"] == "Running"
+    rt.pods_listed(None, [_at(pod(1, "Pending"), 25)])  # older than the cache: kept
+    assert rt.job_pods(uid)[0]["status"]["phase"] == "Running"
+
+
+def test_one_pod_watch_per_watched_namespace_or_one_for_all() -> None:
+    """Namespaced RBAC (the chart's watchNamespaces) allows no cluster-wide watch."""
+    settings = load_settings()
+    scoped = settings.model_copy(update={"namespaces": ["team-a", "team-b"]})
+    assert handlers._pod_watch_scopes(scoped) == ["team-a", "team-b"]
+    assert handlers._pod_watch_scopes(settings.model_copy(update={"namespaces": []})) == [None]
