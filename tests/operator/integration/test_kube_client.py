@@ -172,3 +172,37 @@ def test_status_merge_patch_job_delete_and_events(kube: tuple[Kube, ControlPlane
     _run(k, scenario())
     events = json.loads(cp.kubectl("get", "events", "-n", NS, "-o", "json").stdout)["items"]
     assert any(e["reason"] == "Test" for e in events)
+
+
+def test_trainer_pods_are_listed_and_watched_from_the_listing(
+    kube: tuple[Kube, ControlPlane],
+) -> None:
+    k, cp = kube
+
+    async def next_event(namespace: str | None, version: str) -> tuple[str, dict[str, Any]]:
+        async for event in k.watch_trainer_pods(namespace, version):
+            if event[0] != "BOOKMARK":
+                return event
+        raise AssertionError("the watch ended without an event")
+
+    async def scenario() -> None:
+        await k.create_pod(NS, _pod("watched-1", uid="watched-uid"))
+        listed, version = await k.list_trainer_pods_at(None)
+        assert "watched-1" in [p["metadata"]["name"] for p in listed]
+        assert version.isdigit()
+        stranger = _pod("not-ours")
+        stranger["metadata"]["labels"] = {"app": "else"}
+        await k.create_pod(NS, stranger)  # no trainer labels: never in the watch
+        await k.create_pod(NS, _pod("watched-2", uid="watched-uid"))
+        kind, pod = await asyncio.wait_for(next_event(NS, version), 10)
+        assert (kind, pod["metadata"]["name"]) == ("ADDED", "watched-2")
+        # History compacted past our version: an ERROR event (410), as in the stream.
+        store = cp.api.store
+        cp.api.call(lambda: store.history_floor.update(dict.fromkeys(store.history, store.rv)))
+        try:
+            kind, status = await asyncio.wait_for(next_event(None, version), 10)
+        finally:
+            cp.api.call(store.history_floor.clear)
+        assert (kind, status["code"]) == ("ERROR", 410)
+
+    _run(k, scenario())
