@@ -198,6 +198,7 @@ def test_trainer_pods_are_listed_and_watched_from_the_listing(
         assert (kind, pod["metadata"]["name"]) == ("ADDED", "watched-2")
         # History compacted past our version: an ERROR event (410), as in the stream.
         store = cp.api.store
+        assert store is not None
         cp.api.call(lambda: store.history_floor.update(dict.fromkeys(store.history, store.rv)))
         try:
             kind, status = await asyncio.wait_for(next_event(None, version), 10)
