@@ -351,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     writes_per_s = ceiling(args.ceiling_writes)
     results = []
     for n, rate in sizes:
-        print(f"{n} jobs at {rate or 'once'}/s ...", file=sys.stderr, flush=True)
+        arrival = "at once" if rate is None else f"at {rate:g}/s"
+        print(f"{n} jobs {arrival} ...", file=sys.stderr, flush=True)
         results.append(run_size(n, args.timeout, args.log_level, rate))
     result = {
         "quick": args.quick,
