@@ -243,11 +243,16 @@ class Runtime:
             if namespace:
                 self.wake_queued(str(namespace))
 
-    def pods_listed(self, namespace: str | None, listed: list[dict[str, Any]]) -> None:
-        """The watch listed every trainer pod of `namespace` (None: all): the cache
-        becomes that listing. A cached pod missing from it was deleted while no
-        watch ran (no DELETED event will come): it is dropped and its job woken,
-        as are the jobs whose pods changed meanwhile."""
+    def pods_listed(
+        self, namespace: str | None, listed: list[dict[str, Any]], resource_version: str
+    ) -> None:
+        """The watch listed every trainer pod of `namespace` (None: all) at
+        `resource_version`: the cache becomes that listing. A cached pod missing
+        from it was deleted while no watch ran (no DELETED event will come): it is
+        dropped and its job woken, as are the jobs whose pods changed meanwhile.
+        A pod newer than the listing (created by a pass while the listing was on
+        its way) is kept: its ADDED event is still to come."""
+        at = int(resource_version) if resource_version.isdigit() else None
         fresh: dict[str, dict[str, Any]] = {}
         for pod in listed:
             job_uid, key = _pod_keys(pod)
@@ -256,7 +261,9 @@ class Runtime:
         for cached in list(self.pods.values()):
             for key, view in list(cached.items()):
                 in_scope = namespace is None or _namespace(view) == namespace
-                if in_scope and key not in fresh:
+                version = _resource_version(view)
+                older_than_listing = at is not None and version is not None and version <= at
+                if in_scope and key not in fresh and older_than_listing:
                     self.pod_changed("DELETED", view)
         for key, pod in fresh.items():
             known = self.pods.get(_pod_keys(pod)[0] or "", {}).get(key)

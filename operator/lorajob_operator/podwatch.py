@@ -48,8 +48,11 @@ class PodSource(Protocol):
 class PodSink(Protocol):
     """Where the pods go (handlers.Runtime)."""
 
-    def pods_listed(self, namespace: str | None, pods: list[dict[str, Any]]) -> None:
-        """Every trainer pod of the scope (a namespace, or all for None), as listed."""
+    def pods_listed(
+        self, namespace: str | None, pods: list[dict[str, Any]], resource_version: str
+    ) -> None:
+        """Every trainer pod of the scope (a namespace, or all for None), as listed
+        at `resource_version`."""
 
     def pod_changed(self, type: str, pod: Mapping[str, Any]) -> None:
         """One watch event: ADDED, MODIFIED or DELETED."""
@@ -73,7 +76,7 @@ async def follow_pods(source: PodSource, sink: PodSink, namespace: str | None) -
         try:
             if version is None:
                 pods, version = await source.list_trainer_pods_at(namespace)
-                sink.pods_listed(namespace, pods)
+                sink.pods_listed(namespace, pods, version)
             async for kind, obj in source.watch_trainer_pods(namespace, version):
                 if kind == "ERROR":
                     raise Gone(str(obj.get("message") or obj))

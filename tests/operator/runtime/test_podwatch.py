@@ -58,7 +58,10 @@ class RecordingSink:
     def __init__(self) -> None:
         self.seen: list[tuple[str, Any]] = []
 
-    def pods_listed(self, namespace: str | None, pods: list[dict[str, Any]]) -> None:
+    def pods_listed(
+        self, namespace: str | None, pods: list[dict[str, Any]], resource_version: str
+    ) -> None:
+        assert resource_version.isdigit()
         self.seen.append(("listed", [namespace, *(p["metadata"]["name"] for p in pods)]))
 
     def pod_changed(self, type: str, pod: Mapping[str, Any]) -> None:
@@ -123,7 +126,7 @@ def test_a_listing_drops_pods_deleted_while_no_watch_ran() -> None:
     uid = job()["metadata"]["uid"]
     rt.watch_job(key, job())
     running = _at(pod(1), 20)
-    rt.pods_listed(None, [running])
+    rt.pods_listed(None, [running], "30")
     assert [p["metadata"]["name"] for p in rt.job_pods(uid)] == [f"{NAME}-1"]
 
     async def drain() -> None:
@@ -133,23 +136,37 @@ def test_a_listing_drops_pods_deleted_while_no_watch_ran() -> None:
     asyncio.run(drain())
     rt.jobs[key].last = handlers.Reconciled(job=job(), pod_ip=None, requeue_after=None)
     rt.jobs[key].dirty = False
-    rt.pods_listed(NAMESPACE, [running])  # unchanged: nothing to do
+    rt.pods_listed(NAMESPACE, [running], "40")  # unchanged: nothing to do
     assert not rt.jobs[key].dirty
-    rt.pods_listed("elsewhere", [])  # another namespace's listing leaves ours alone
+    rt.pods_listed("elsewhere", [], "50")  # another namespace's listing leaves ours alone
     assert rt.job_pods(uid) != []
-    rt.pods_listed(NAMESPACE, [])
+    rt.pods_listed(NAMESPACE, [], "60")
     assert rt.job_pods(uid) == []
     assert rt.jobs[key].dirty
     assert len(rt.queue) == 1  # woken at once, not debounced
+
+
+def test_a_pod_created_after_the_listing_was_taken_is_kept() -> None:
+    """A pass creates a pod while the listing is on its way: the listing does not
+    hold it, and the watch that follows will deliver its ADDED event."""
+    rt = runtime(FakeKube(job()))
+    uid = job()["metadata"]["uid"]
+    rt.remember_pod(_at(pod(1, "Pending"), 150), newer=False)  # the create's response
+    rt.pods_listed(None, [], "100")
+    assert [p["metadata"]["name"] for p in rt.job_pods(uid)] == [f"{NAME}-1"]
+    rt.pod_changed("ADDED", _at(pod(1, "Pending"), 150))
+    assert rt.job_pods(uid) != []
+    rt.pods_listed(None, [], "160")  # a later listing without it: deleted meanwhile
+    assert rt.job_pods(uid) == []
 
 
 def test_a_listing_updates_changed_pods_but_never_goes_back() -> None:
     rt = runtime(FakeKube(job()))
     uid = job()["metadata"]["uid"]
     rt.pod_changed("ADDED", _at(pod(1, "Pending"), 20))
-    rt.pods_listed(None, [_at(pod(1), 30)])
+    rt.pods_listed(None, [_at(pod(1), 30)], "35")
     assert rt.job_pods(uid)[0]["status"]["phase"] == "Running"
-    rt.pods_listed(None, [_at(pod(1, "Pending"), 25)])  # older than the cache: kept
+    rt.pods_listed(None, [_at(pod(1, "Pending"), 25)], "35")  # older than the cache: kept
     assert rt.job_pods(uid)[0]["status"]["phase"] == "Running"
 
 
