@@ -270,6 +270,9 @@ class Runtime:
             if known is None or _is_newer(pod, known):
                 self.pod_changed("MODIFIED" if known else "ADDED", pod)
 
+    def pod_watch_restarted(self, reason: str) -> None:
+        self.metrics.pod_watch_restarts.labels(reason=reason).inc()
+
     def replace_pods(self, job_uid: str, listed: list[dict[str, Any]]) -> None:
         """Cache the job's pods as an API listing shows them (pods gone since the
         last watch event are dropped; a version the watch already superseded is not)."""

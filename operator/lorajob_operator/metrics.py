@@ -92,6 +92,13 @@ class Metrics:
             "Reconciliations that raised and will be retried",
             registry=self.registry,
         )
+        self.pod_watch_restarts = Counter(
+            "lorajob_pod_watch_restarts",
+            "Trainer-pod watches started again, by reason (expired: history gone, "
+            "listed again; error: resumed after a failure)",
+            ["reason"],
+            registry=self.registry,
+        )
         self.progress_poll_errors = Counter(
             "lorajob_progress_poll_errors",
             "Failed reads of a trainer pod's progress endpoint",

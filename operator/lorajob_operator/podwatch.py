@@ -57,6 +57,9 @@ class PodSink(Protocol):
     def pod_changed(self, type: str, pod: Mapping[str, Any]) -> None:
         """One watch event: ADDED, MODIFIED or DELETED."""
 
+    def pod_watch_restarted(self, reason: str) -> None:
+        """The watch starts again: `expired` (it lists again) or `error` (it resumes)."""
+
 
 class Gone(Exception):
     """The watch cannot resume from its resourceVersion (410): list again."""
@@ -87,9 +90,11 @@ async def follow_pods(source: PodSource, sink: PodSink, namespace: str | None) -
             raise
         except Gone as exc:
             log.info("pod watch of %s lists again: %s", scope, exc)
+            sink.pod_watch_restarted("expired")
             version = None
         except Exception as exc:  # API unreachable, a broken stream: retry, never stop
             log.warning("pod watch of %s failed (%s); retrying in %gs", scope, exc, RETRY_SECONDS)
+            sink.pod_watch_restarted("error")
             await asyncio.sleep(RETRY_SECONDS)
             continue
         # The server ended the stream (its timeout, or 410). One that ends at once,

@@ -67,6 +67,9 @@ class RecordingSink:
     def pod_changed(self, type: str, pod: Mapping[str, Any]) -> None:
         self.seen.append((type, pod["metadata"]["name"]))
 
+    def pod_watch_restarted(self, reason: str) -> None:
+        self.seen.append(("restarted", reason))
+
 
 def _follow(source: ScriptedSource, sink: RecordingSink, namespace: str | None = None) -> None:
     async def main() -> None:
@@ -104,6 +107,7 @@ def test_lists_then_watches_and_resumes_from_the_last_version(
     assert sink.seen == [
         ("listed", [NAMESPACE, f"{NAME}-1"]),
         ("MODIFIED", f"{NAME}-1"),
+        ("restarted", "error"),
         ("DELETED", f"{NAME}-1"),
     ]
 
@@ -115,7 +119,11 @@ def test_an_expired_watch_lists_again(monkeypatch: pytest.MonkeyPatch) -> None:
     sink = RecordingSink()
     _follow(source, sink)
     assert [c[0] for c in source.calls] == ["list", "watch", "list", "watch"]
-    assert sink.seen == [("listed", [None, f"{NAME}-1"]), ("listed", [None])]
+    assert sink.seen == [
+        ("listed", [None, f"{NAME}-1"]),
+        ("restarted", "expired"),
+        ("listed", [None]),
+    ]
 
 
 def test_a_listing_drops_pods_deleted_while_no_watch_ran() -> None:
@@ -142,6 +150,8 @@ def test_a_listing_drops_pods_deleted_while_no_watch_ran() -> None:
     assert rt.job_pods(uid) != []
     rt.pods_listed(NAMESPACE, [], "60")
     assert rt.job_pods(uid) == []
+    rt.pod_watch_restarted("expired")
+    assert rt.metrics.pod_watch_restarts.labels(reason="expired")._value.get() == 1
     assert rt.jobs[key].dirty
     assert len(rt.queue) == 1  # woken at once, not debounced
 
