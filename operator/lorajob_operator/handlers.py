@@ -70,8 +70,9 @@ POD_GONE_RECHECK = 10.0
 # API, not from the watch cache, so a missed watch event is repaired within this time.
 RESYNC_SECONDS = 300.0
 # A job queued by a routine pod event (created, bound, started) gets its pass this
-# long later, so such a burst costs one pass and one status write instead
-# of one each. Not on a job's first pass (pod creation), and cut short by an urgent
+# long later, so such a burst costs one pass and one status write instead of one
+# each (the pod's ADDED event, which comes while the pass that created it still
+# runs, included). Not a job's first pass (pod creation), and cut short by an urgent
 # wake-up: a pod that stops or is being stopped must be seen before it is gone
 # (its last state says why, e.g. Evicted), and spec edits or deletion are acted on at once.
 DEBOUNCE_SECONDS = 0.25
@@ -111,6 +112,9 @@ class JobState:
     last: Reconciled | None = None  # the last pass's outcome; None: read the API next
     # An event asked for a full pass (a job edit, a pod change, a queue slot freed).
     dirty: bool = True
+    # A pass has begun: routine pod events are debounced from then on (the pod the
+    # first pass creates shows up while that pass still runs).
+    started: bool = False
     errors: int = 0  # consecutive failed passes (the backoff grows with them)
     # time.monotonic() deadlines: next full pass without an event, next progress
     # read, next pass that reads the API instead of the watch cache.
@@ -121,6 +125,11 @@ class JobState:
     # parsed at: a spec changes only with the generation.
     parsed: tuple[tuple[str, Any], reconcile.ParsedSpec] | None = None
     gone: bool = False  # deleted (or being deleted after its TTL): no more passes
+
+    @property
+    def parsed_generation(self) -> Any:
+        """The generation a pass has parsed (and so is handling or has handled)."""
+        return self.parsed[0][1] if self.parsed else None
 
     def parsed_spec(self, job: Mapping[str, Any]) -> reconcile.ParsedSpec | None:
         """The cached parse of `job`'s spec, (re)parsed when its generation moved;
@@ -190,7 +199,7 @@ class Runtime:
         if state is None or state.gone:
             return  # not listed yet: its first pass comes with its watch event
         state.dirty = True
-        if urgent or state.last is None:
+        if urgent or not state.started:
             self.queue.add(key)
         else:
             self.queue.add_after(key, DEBOUNCE_SECONDS)
@@ -467,10 +476,14 @@ async def job_event(type: str, body: kopf.Body, name: str, namespace: str | None
         RUNTIME.metrics.forget(namespace, name)
         return
     known = key in RUNTIME.jobs
-    RUNTIME.watch_job(key, body)
+    state = RUNTIME.watch_job(key, body)
     status = body.get("status") or {}
     meta = body.get("metadata") or {}
-    changed = meta.get("generation") != status.get("observedGeneration")
+    generation = meta.get("generation")
+    # A spec no pass has taken up yet: not written back as observedGeneration, nor
+    # parsed by a pass under way (kopf's finalizer write, which has no status yet,
+    # comes back while the job's first pass runs: no second pass for it).
+    changed = generation not in (status.get("observedGeneration"), state.parsed_generation)
     if known and (changed or meta.get("deletionTimestamp")):
         RUNTIME.wake(key)
 
@@ -517,6 +530,7 @@ async def process(rt: Runtime, key: JobKey) -> None:
         return  # deleted while queued
     namespace, name = key
     jlog = job_logger(namespace, name)
+    state.started = True
     woken, state.dirty = state.dirty, False
     now = time.monotonic()
     poll = now >= state.next_poll

@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+from collections.abc import Callable, Coroutine
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from lorajob_operator import handlers, reconcile
@@ -177,7 +178,11 @@ def test_only_routine_pod_events_are_debounced() -> None:
         rt.watch_job(key, job())  # first sight: queued at once
         assert len(rt.queue) == 1
         assert await rt.queue.get() == key
-        rt.jobs[key].last = handlers.Reconciled(job=job(), pod_ip=None, requeue_after=None)
+        rt.wake(key, urgent=False)  # no pass has begun yet: the first is never delayed
+        rt.queue.done(key)
+        assert len(rt.queue) == 1
+        assert await rt.queue.get() == key
+        rt.jobs[key].started = True  # the first pass runs: its pod's events can wait
         rt.jobs[key].dirty = False
         rt.queue.done(key)
         rt.wake(key, urgent=False)  # routine: later, with the rest of the burst
@@ -313,3 +318,36 @@ def test_a_job_gone_from_the_api_gets_no_more_passes() -> None:
     assert kube.calls == []
     rt.forget_job(key, job()["metadata"]["uid"])  # its DELETED event
     assert key not in rt.jobs
+
+
+def test_job_events_wake_a_known_job_only_for_what_no_pass_has_taken_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """kopf's finalizer write comes back (no status yet) while the first pass runs:
+    that pass has the generation already, so no second pass follows at once."""
+
+    async def check() -> None:
+        rt = runtime(FakeKube(job()))
+        monkeypatch.setattr(handlers, "RUNTIME", rt)
+        key = (NAMESPACE, NAME)
+        event = cast(Callable[..., Coroutine[Any, Any, None]], handlers.job_event)
+
+        async def deliver(body: dict[str, Any]) -> bool:
+            """Deliver a MODIFIED event; whether it queued the job."""
+            await event(type="MODIFIED", body=body, name=NAME, namespace=NAMESPACE)
+            queued = len(rt.queue) > 0
+            while len(rt.queue):
+                rt.queue.done(await rt.queue.get())
+            return queued
+
+        assert await deliver(job())  # first sight: queued as new
+        state = rt.jobs[key]
+        state.started = True
+        state.parsed_spec(job())  # the first pass has parsed generation 1
+        assert not await deliver(job(finalizers=["finetune.loraops.dev/finalizer"]))
+        assert await deliver(job(generation=2))  # a spec edit
+        assert await deliver(
+            job(status={"observedGeneration": 1}, deletionTimestamp="2026-01-01T00:00:00Z")
+        )
+
+    asyncio.run(check())
