@@ -127,6 +127,9 @@ class Kube:
         )
         self._host = str(self.configuration.host).rstrip("/")
         self._session: aiohttp.ClientSession | None = None
+        # Watch streams hold a connection for minutes each: they get their own pool,
+        # so a watch per namespace can never take every connection calls need.
+        self._watch_session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._token: str | None = None
         self._token_until = 0.0  # time.monotonic()
@@ -144,10 +147,20 @@ class Kube:
             self._loop = loop
         return self._session
 
+    def _get_watch_session(self) -> aiohttp.ClientSession:
+        """The session for watch streams (no connection limit: one stream per watch)."""
+        loop = asyncio.get_running_loop()
+        session = self._watch_session
+        if session is None or session.closed or session.loop is not loop:
+            connector = aiohttp.TCPConnector(limit=0, ssl=_ssl_context(self.configuration))
+            session = self._watch_session = aiohttp.ClientSession(connector=connector)
+        return session
+
     async def close(self) -> None:
-        if self._session is not None and not self._session.closed:
-            await self._session.close()
-        self._session = None
+        for session in (self._session, self._watch_session):
+            if session is not None and not session.closed:
+                await session.close()
+        self._session = self._watch_session = None
 
     def _headers(self) -> dict[str, str]:
         headers = {"Accept": "application/json"}
@@ -277,7 +290,7 @@ class Kube:
         )
         path = _pods_path(namespace)
         try:
-            async with self._get_session().get(
+            async with self._get_watch_session().get(
                 self._host + path, params=params, headers=self._headers(), timeout=timeout
             ) as resp:
                 if resp.status == 410:

@@ -25,12 +25,15 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
-__all__ = ["PodSink", "PodSource", "follow_pods", "resource_version"]
+__all__ = ["PodSink", "PodSource", "follow_pods"]
 
 log = logging.getLogger("lorajob_operator.podwatch")
 
-# Seconds between attempts after a failed listing or a stream that broke.
+# Seconds before the next attempt after a failed listing or a stream that broke,
+# doubled after each failure in a row up to RETRY_MAX_SECONDS (a watch the RBAC
+# forbids, an API server that is down: a warning a minute, not one a second).
 RETRY_SECONDS = 1.0
+RETRY_MAX_SECONDS = 60.0
 
 
 class PodSource(Protocol):
@@ -65,7 +68,7 @@ class Gone(Exception):
     """The watch cannot resume from its resourceVersion (410): list again."""
 
 
-def resource_version(obj: Mapping[str, Any]) -> str:
+def _version(obj: Mapping[str, Any]) -> str:
     return str((obj.get("metadata") or {}).get("resourceVersion") or "")
 
 
@@ -74,16 +77,19 @@ async def follow_pods(source: PodSource, sink: PodSink, namespace: str | None) -
     scope = namespace or "all namespaces"
     loop = asyncio.get_running_loop()
     version: str | None = None  # None: list (again) before watching
+    failures = 0  # in a row
     while True:
         started = loop.time()
         try:
             if version is None:
                 pods, version = await source.list_trainer_pods_at(namespace)
                 sink.pods_listed(namespace, pods, version)
+                failures = 0
             async for kind, obj in source.watch_trainer_pods(namespace, version):
                 if kind == "ERROR":
                     raise Gone(str(obj.get("message") or obj))
-                version = resource_version(obj) or version
+                version = _version(obj) or version
+                failures = 0
                 if kind != "BOOKMARK":
                     sink.pod_changed(kind, obj)
         except asyncio.CancelledError:
@@ -93,9 +99,11 @@ async def follow_pods(source: PodSource, sink: PodSink, namespace: str | None) -
             sink.pod_watch_restarted("expired")
             version = None
         except Exception as exc:  # API unreachable, a broken stream: retry, never stop
-            log.warning("pod watch of %s failed (%s); retrying in %gs", scope, exc, RETRY_SECONDS)
+            delay = min(RETRY_MAX_SECONDS, RETRY_SECONDS * 2**failures)
+            failures += 1
+            log.warning("pod watch of %s failed (%s); retrying in %gs", scope, exc, delay)
             sink.pod_watch_restarted("error")
-            await asyncio.sleep(RETRY_SECONDS)
+            await asyncio.sleep(delay)
             continue
         # The server ended the stream (its timeout, or 410). One that ends at once,
         # again and again, must not spin: wait a little before the next.

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from kubernetes import config
 from lorajob_operator import api
+from lorajob_operator import kube as kube_module
 from lorajob_operator.kube import Kube, PodRejected, QuotaExceeded
 from lorajob_operator.objects import JobRef
 
@@ -205,5 +206,36 @@ def test_trainer_pods_are_listed_and_watched_from_the_listing(
         finally:
             cp.api.call(store.history_floor.clear)
         assert (kind, status["code"]) == ("ERROR", 410)
+
+    _run(k, scenario())
+
+
+def test_an_open_watch_never_holds_a_connection_api_calls_need(
+    kube: tuple[Kube, ControlPlane], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A watch per namespace must not take the call pool's connections (here: one)."""
+    k, _ = kube
+    monkeypatch.setattr(kube_module, "MAX_CONNECTIONS", 1)
+
+    async def scenario() -> None:
+        _, version = await k.list_trainer_pods_at(NS)
+        opened = asyncio.Event()
+
+        async def watch() -> None:
+            stream = k.watch_trainer_pods(NS, version)
+            opened.set()
+            async for _ in stream:
+                pass
+
+        watching = asyncio.create_task(watch())
+        await opened.wait()
+        await asyncio.sleep(0.2)  # the stream is open and waits for events
+        try:
+            pods = await asyncio.wait_for(k.list_trainer_pods(NS), 5)
+            assert isinstance(pods, list)
+        finally:
+            watching.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await watching
 
     _run(k, scenario())

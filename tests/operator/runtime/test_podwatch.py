@@ -186,3 +186,23 @@ def test_one_pod_watch_per_watched_namespace_or_one_for_all() -> None:
     scoped = settings.model_copy(update={"namespaces": ["team-a", "team-b"]})
     assert handlers._pod_watch_scopes(scoped) == ["team-a", "team-b"]
     assert handlers._pod_watch_scopes(settings.model_copy(update={"namespaces": []})) == [None]
+
+
+def test_failures_in_a_row_back_off_and_a_delivered_event_resets_that(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    delays: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def record(delay: float) -> None:
+        delays.append(delay)
+        await real_sleep(0)
+
+    monkeypatch.setattr(asyncio, "sleep", record)
+    monkeypatch.setattr(podwatch, "RETRY_MAX_SECONDS", 3.0)
+    down = KubeError("connection refused")
+    source = ScriptedSource([[]], [down, down, down, [("MODIFIED", _at(pod(1), 110))], down])
+    _follow(source, RecordingSink())
+    # 1, 2, then 4 capped at 3; the stream that delivered an event ended at once
+    # (a pause of 1 before the next), and the failure after it starts from 1 again.
+    assert delays == [1.0, 2.0, 3.0, 1.0, 1.0]
