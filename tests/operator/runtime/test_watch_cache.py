@@ -229,6 +229,15 @@ def _turn(rt: handlers.Runtime) -> None:
     asyncio.run(turn())
 
 
+def _watched(body: dict[str, Any]) -> tuple[FakeKube, handlers.Runtime, handlers.JobKey]:
+    """A runtime whose job watch has shown `body` (the API holds it too)."""
+    kube = FakeKube(body)
+    rt = runtime(kube)
+    key = (NAMESPACE, NAME)
+    rt.watch_job(key, body)
+    return kube, rt, key
+
+
 def test_queue_passes_act_reschedule_and_parse_the_spec_once_per_generation(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -240,11 +249,8 @@ def test_queue_passes_act_reschedule_and_parse_the_spec_once_per_generation(
         return real_parse(spec)
 
     monkeypatch.setattr(reconcile, "parse_job_spec", counting_parse)
-    kube = FakeKube(job(resourceVersion="1"))
-    rt = runtime(kube)
-    key = (NAMESPACE, NAME)
+    kube, rt, key = _watched(job(resourceVersion="1"))
     assert kube.body is not None
-    rt.watch_job(key, kube.body)
     _turn(rt)  # a new job's first pass trusts the watch and creates attempt 1
     assert kube.calls[:1] == ["create_pod"]
     assert "get_job" not in kube.calls
@@ -272,11 +278,7 @@ def test_queue_passes_act_reschedule_and_parse_the_spec_once_per_generation(
 
 
 def test_a_failed_pass_backs_off_and_rereads_the_api() -> None:
-    kube = FakeKube(job(resourceVersion="1"))
-    rt = runtime(kube)
-    key = (NAMESPACE, NAME)
-    assert kube.body is not None
-    rt.watch_job(key, kube.body)
+    kube, rt, key = _watched(job(resourceVersion="1"))
     _turn(rt)
 
     async def unreachable(namespace: str, name: str) -> None:
@@ -294,21 +296,13 @@ def test_a_failed_pass_backs_off_and_rereads_the_api() -> None:
 
 def test_a_job_with_attempts_is_read_from_the_api_on_its_first_pass() -> None:
     """After a restart the watch lists a job whose pods it may not have shown yet."""
-    kube = FakeKube(_written({"phase": "Running"}))
-    rt = runtime(kube)
-    key = (NAMESPACE, NAME)
-    assert kube.body is not None
-    rt.watch_job(key, kube.body)
+    kube, rt, _ = _watched(_written({"phase": "Running"}))
     _turn(rt)
     assert kube.calls[:2] == ["get_job", "list_job_pods"]
 
 
 def test_a_job_gone_from_the_api_gets_no_more_passes() -> None:
-    kube = FakeKube(_written({"phase": "Running"}))
-    rt = runtime(kube)
-    key = (NAMESPACE, NAME)
-    assert kube.body is not None
-    rt.watch_job(key, kube.body)
+    kube, rt, key = _watched(_written({"phase": "Running"}))
     kube.body = None
     _turn(rt)
     assert rt.jobs[key].gone
