@@ -167,6 +167,9 @@ class Runtime:
     pods: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     deleted_pods: OrderedDict[str, None] = field(default_factory=OrderedDict)
     pod_watches: list[asyncio.Task[None]] = field(default_factory=list)
+    # Scopes (a namespace, or None: all) the pod watch has listed: from then on the
+    # cache holds every trainer pod there (the watch adds what comes after).
+    listed_scopes: set[str | None] = field(default_factory=set)
 
     def watch_job(self, key: JobKey, body: Mapping[str, Any]) -> JobState:
         """Record the job as the watch shows it; a job seen for the first time (the
@@ -261,6 +264,7 @@ class Runtime:
         dropped and its job woken, as are the jobs whose pods changed meanwhile.
         A pod newer than the listing (created by a pass while the listing was on
         its way) is kept: its ADDED event is still to come."""
+        self.listed_scopes.add(namespace)
         at = int(resource_version) if resource_version.isdigit() else None
         fresh: dict[str, dict[str, Any]] = {}
         for pod in listed:
@@ -728,15 +732,30 @@ async def reconcile_job(
 
 
 async def _active_jobs(rt: Runtime, namespace: str, *, exclude: str) -> int:
-    """Other LoRAJobs of the namespace with a live trainer pod."""
+    """Other LoRAJobs of the namespace with a live trainer pod.
+
+    Counted from the pod cache once the pod watch has listed the namespace (a
+    queue of jobs waiting for a slot would otherwise list every pod of the
+    namespace once per job, each time a slot frees), from the API before that.
+    The count stays exact under the namespace lock either way: a pass caches the
+    pod it creates before it lets go of the lock. A pod that ended but whose
+    event is still on its way is counted a moment too long: a job waits, never
+    one too many runs."""
     if policy.concurrency_limit(rt.settings.policy, namespace) is None:
         return 0
-    pods = await rt.kube.list_trainer_pods(namespace)
-    uids = {
-        (p.get("metadata") or {}).get("labels", {}).get(objects.LABEL_JOB_UID)
-        for p in pods
-        if reconcile.is_live(p)
-    }
+    uids: set[str | None]
+    if None in rt.listed_scopes or namespace in rt.listed_scopes:
+        uids = {
+            job_uid
+            for job_uid, pods in rt.pods.items()
+            if any(_namespace(p) == namespace and reconcile.is_live(p) for p in pods.values())
+        }
+    else:
+        uids = {
+            (p.get("metadata") or {}).get("labels", {}).get(objects.LABEL_JOB_UID)
+            for p in await rt.kube.list_trainer_pods(namespace)
+            if reconcile.is_live(p)
+        }
     uids.discard(exclude)
     uids.discard(None)
     return len(uids)

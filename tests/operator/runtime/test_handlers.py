@@ -182,6 +182,29 @@ def test_concurrency_limit_counts_other_jobs_live_pods() -> None:
     assert queued["reason"] == "ConcurrencyLimit"
 
 
+def test_concurrency_limit_counts_from_the_pod_cache_once_the_watch_has_listed() -> None:
+    """A queue of jobs waiting for a slot must not list the namespace's pods once
+    per job every time a slot frees: after the watch's listing, the cache counts."""
+    kube = FakeKube(job())
+    rt = runtime(kube, policy=Policy(max_concurrent_jobs_default=1))
+    other = pod(1)
+    other["metadata"]["labels"]["finetune.loraops.dev/job-uid"] = "someone-else"
+    other["metadata"]["resourceVersion"] = "5"
+    elsewhere = copy.deepcopy(other)
+    elsewhere["metadata"].update(namespace="team-b", uid="pod-b")
+    elsewhere["metadata"]["labels"]["finetune.loraops.dev/job-uid"] = "team-b-job"
+    rt.pods_listed(None, [other, elsewhere], "10")
+    run(rt)
+    assert "list_trainer_pods" not in kube.calls
+    assert "create_pod" not in kube.calls
+    queued = next(c for c in kube.status["conditions"] if c["type"] == "Queued")
+    assert queued["reason"] == "ConcurrencyLimit"
+    rt.pod_changed("DELETED", other)  # the slot frees up (the other namespace's pod stays)
+    run(rt)
+    assert "list_trainer_pods" not in kube.calls
+    assert kube.created  # one job of this namespace runs: its own
+
+
 def test_running_pod_progress_is_read_and_copied() -> None:
     kube = FakeKube(job(), [])
     run(runtime(kube))  # creates attempt 1
