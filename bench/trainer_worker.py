@@ -132,15 +132,9 @@ def _build_ours(job: Job, cuda: bool) -> Any:
     from lora_trainer import data
     from lora_trainer.config import TrainerConfig
     from lora_trainer.inputs import Inputs
-    from lora_trainer.train import build_trainer, tokenize_inputs
-    from lora_trainer.translate import (
-        Device,
-        linear_layer_names,
-        model_load_kwargs,
-        resolve_target_modules,
-        to_lora_config,
-    )
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from lora_trainer.train import build_trainer, load_model, tokenize_inputs
+    from lora_trainer.translate import Device
+    from transformers import AutoTokenizer
 
     cfg = TrainerConfig.model_validate(
         {
@@ -166,14 +160,13 @@ def _build_ours(job: Job, cuda: bool) -> Any:
     tokenizer = AutoTokenizer.from_pretrained(job.model_dir)
     inputs = Inputs(model_dir=Path(job.model_dir), format=fmt, train=train, eval=[])
     train_ds, _ = tokenize_inputs(cfg, tokenizer, inputs)
-    model = AutoModelForCausalLM.from_pretrained(job.model_dir, **model_load_kwargs(cfg, device))
-    targets = resolve_target_modules(cfg.lora, linear_layer_names(model))
+    model, peft_config = load_model(cfg, Path(job.model_dir), device)
     return build_trainer(
         cfg,
         model,
         tokenizer,
         device=device,
-        peft_config=to_lora_config(cfg.lora, targets),
+        peft_config=peft_config,
         datasets=(train_ds, None),
         ckpt_dir=Path(job.work_dir) / "ckpt",
     )

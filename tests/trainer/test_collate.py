@@ -13,14 +13,8 @@ from lora_trainer import data
 from lora_trainer.collate import PackedRowsCollator, has_varlen_attention, use_packed_rows
 from lora_trainer.config import TrainerConfig
 from lora_trainer.inputs import Inputs
-from lora_trainer.train import build_trainer, tokenize_inputs
-from lora_trainer.translate import (
-    Device,
-    linear_layer_names,
-    model_load_kwargs,
-    resolve_target_modules,
-    to_lora_config,
-)
+from lora_trainer.train import build_trainer, load_model, tokenize_inputs
+from lora_trainer.translate import Device
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -155,14 +149,13 @@ def test_trainer_batches_are_rows_with_completion_only_labels(
     inputs = Inputs(model_dir=tiny_model_dir, format=fmt, train=train, eval=[])
     train_ds, _ = tokenize_inputs(cfg, tokenizer, inputs)
     device = Device(cuda=False)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, **model_load_kwargs(cfg, device))
-    targets = resolve_target_modules(cfg.lora, linear_layer_names(model))
+    model, peft_config = load_model(cfg, tiny_model_dir, device)
     trainer = build_trainer(
         cfg,
         model,
         tokenizer,
         device=device,
-        peft_config=to_lora_config(cfg.lora, targets),
+        peft_config=peft_config,
         datasets=(train_ds, None),
         ckpt_dir=tmp_path / "ckpt",
     )

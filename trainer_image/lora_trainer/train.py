@@ -27,7 +27,7 @@ import datasets
 import safetensors.torch
 import torch
 import transformers
-from peft import PeftModel, set_peft_model_state_dict
+from peft import LoraConfig, PeftModel, set_peft_model_state_dict
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -58,7 +58,15 @@ from lora_trainer.translate import (
     to_sft_config,
 )
 
-__all__ = ["Runtime", "TrainOutcome", "build_trainer", "run", "run_mean_loss", "tokenize_inputs"]
+__all__ = [
+    "Runtime",
+    "TrainOutcome",
+    "build_trainer",
+    "load_model",
+    "run",
+    "run_mean_loss",
+    "tokenize_inputs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +101,7 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
     inputs.eval.clear()
 
     # 2. Model, target modules, adapter config.
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **model_load_kwargs(cfg, device))
-    targets = resolve_target_modules(cfg.lora, linear_layer_names(model))
-    peft_config = to_lora_config(cfg.lora, targets)
+    model, peft_config = load_model(cfg, model_dir, device)
 
     # 3. Resume from the newest complete checkpoint, if an earlier attempt left one.
     ckpt_dir = rt.work_dir / "checkpoints"
@@ -292,6 +298,15 @@ def build_trainer(
     if use_packed_rows(trainer):
         log.info("packed rows: one row per pack of at most %d tokens", cfg.training.max_seq_length)
     return trainer
+
+
+def load_model(cfg: TrainerConfig, model_dir: Path, device: Device) -> tuple[Any, LoraConfig]:
+    """The base model, loaded (and quantized) as `cfg` says for `device`, and the
+    LoRA config for its layers (`all-linear` or the named target modules, checked
+    against the model's own linear layers)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **model_load_kwargs(cfg, device))
+    targets = resolve_target_modules(cfg.lora, linear_layer_names(model))
+    return model, to_lora_config(cfg.lora, targets)
 
 
 def tokenize_inputs(cfg: TrainerConfig, tokenizer: Any, inputs: Inputs) -> tuple[Any, Any | None]:
