@@ -251,9 +251,9 @@ class Runtime:
         if key is not None:
             self.wake(key, urgent=type == "DELETED" or _is_stopping(pod))
         if type == "DELETED" or not reconcile.is_live(pod):
-            namespace = (pod.get("metadata") or {}).get("namespace")
+            namespace = _namespace(pod)
             if namespace:
-                self.wake_queued(str(namespace))
+                self.wake_queued(namespace)
 
     def pods_listed(
         self, namespace: str | None, listed: list[dict[str, Any]], resource_version: str
@@ -266,11 +266,11 @@ class Runtime:
         its way) is kept: its ADDED event is still to come."""
         self.listed_scopes.add(namespace)
         at = int(resource_version) if resource_version.isdigit() else None
-        fresh: dict[str, dict[str, Any]] = {}
+        fresh: dict[str, tuple[str, dict[str, Any]]] = {}  # pod key -> (job uid, pod)
         for pod in listed:
             job_uid, key = _pod_keys(pod)
             if job_uid is not None and key not in self.deleted_pods:
-                fresh[key] = pod
+                fresh[key] = (job_uid, pod)
         for cached in list(self.pods.values()):
             for key, view in list(cached.items()):
                 in_scope = namespace is None or _namespace(view) == namespace
@@ -278,8 +278,8 @@ class Runtime:
                 older_than_listing = at is not None and version is not None and version <= at
                 if in_scope and key not in fresh and older_than_listing:
                     self.pod_changed("DELETED", view)
-        for key, pod in fresh.items():
-            known = self.pods.get(_pod_keys(pod)[0] or "", {}).get(key)
+        for key, (job_uid, pod) in fresh.items():
+            known = self.pods.get(job_uid, {}).get(key)
             if known is None or _is_newer(pod, known):
                 self.pod_changed("MODIFIED" if known else "ADDED", pod)
 
