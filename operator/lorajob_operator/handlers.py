@@ -563,7 +563,7 @@ async def process(rt: Runtime, key: JobKey) -> None:
     except Exception as exc:
         state.errors += 1
         rt.metrics.reconcile_errors.inc()
-        delay = min(ERROR_BACKOFF_MAX, ERROR_BACKOFF_MIN * 2 ** min(state.errors - 1, 10))
+        delay = reconcile.retry_delay(state.errors, ERROR_BACKOFF_MIN, ERROR_BACKOFF_MAX)
         jlog.warning("reconciliation failed (%s); retrying in %gs", exc, delay)
         state.last = None
         state.next_resync = 0.0  # after a failure, read everything from the API again

@@ -25,6 +25,8 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
+from lorajob_operator.reconcile import retry_delay
+
 __all__ = ["PodSink", "PodSource", "follow_pods"]
 
 log = logging.getLogger("lorajob_operator.podwatch")
@@ -99,8 +101,8 @@ async def follow_pods(source: PodSource, sink: PodSink, namespace: str | None) -
             sink.pod_watch_restarted("expired")
             version = None
         except Exception as exc:  # API unreachable, a broken stream: retry, never stop
-            delay = min(RETRY_MAX_SECONDS, RETRY_SECONDS * 2**failures)
             failures += 1
+            delay = retry_delay(failures, RETRY_SECONDS, RETRY_MAX_SECONDS)
             log.warning("pod watch of %s failed (%s); retrying in %gs", scope, exc, delay)
             sink.pod_watch_restarted("error")
             await asyncio.sleep(delay)
