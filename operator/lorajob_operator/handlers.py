@@ -48,7 +48,7 @@ from lora_trainer.protocol import Progress
 from lorajob_operator import api, objects, podwatch, policy, reconcile, webhook
 from lorajob_operator.conditions import scrub
 from lorajob_operator.events import build_event
-from lorajob_operator.kube import Kube, PodRejected, QuotaExceeded, load_config
+from lorajob_operator.kube import Kube, PodRejected, QuotaExceeded, TokenBucket, load_config
 from lorajob_operator.metrics import Metrics
 from lorajob_operator.progress import ProgressError, ProgressReader
 from lorajob_operator.settings import OperatorSettings, load_settings
@@ -418,7 +418,7 @@ async def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: A
         logger.error("cannot serve metrics on :%d: %s", SETTINGS.metrics_port, exc)
     rt = RUNTIME = Runtime(
         settings=SETTINGS,
-        kube=Kube(),
+        kube=Kube(limiter=TokenBucket(SETTINGS.api_qps, SETTINGS.api_burst), metrics=metrics),
         metrics=metrics,
         reader=ProgressReader(SETTINGS.progress_port),
     )

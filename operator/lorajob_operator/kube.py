@@ -11,17 +11,28 @@ camelCase dicts kopf hands to handlers.
 API errors become a few exceptions that mean something to the reconciler:
 AlreadyExists is success, exceeded quota is a wait, other 4xx on create is a
 refusal. Secret *values* are never read into memory beyond the HTTP response.
+
+Like client-go, every request first takes a token from a client-side token
+bucket (`TokenBucket`: `LORAJOB_API_QPS` / `LORAJOB_API_BURST`), and an answer
+that means "too many requests" (429, or 503 with Retry-After, which API Priority
+and Fairness and a shutting-down server send *before* handling the request) is
+retried after the server's Retry-After, which also pauses every other request of
+this client until then. Watch streams take a token to open, not while they run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import math
 import ssl
 import time
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import aiohttp
@@ -30,7 +41,18 @@ from kubernetes import client, config
 from lorajob_operator import api
 from lorajob_operator.objects import LABEL_JOB_UID, MANAGED_BY, JobRef, selector_string
 
-__all__ = ["Kube", "KubeError", "PodRejected", "QuotaExceeded", "load_config"]
+if TYPE_CHECKING:
+    from lorajob_operator.metrics import Metrics
+
+__all__ = [
+    "Kube",
+    "KubeError",
+    "PodRejected",
+    "QuotaExceeded",
+    "TokenBucket",
+    "load_config",
+    "retry_after_seconds",
+]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +73,26 @@ WATCH_SLACK = 30
 # Every trainer pod this operator manages (the jobs' pods carry their job's uid).
 TRAINER_PODS = f"app.kubernetes.io/managed-by={MANAGED_BY},{LABEL_JOB_UID}"
 _JOBS = f"/apis/{api.GROUP}/{api.VERSION}/namespaces/{{ns}}/{api.PLURAL}"
+# A throttled request (see _throttle_delay) is sent again after the server's
+# Retry-After, read as RETRY_AFTER_DEFAULT seconds when missing or unreadable and
+# capped at RETRY_AFTER_MAX; it is given up (the caller gets the 429 as an error, and
+# the reconciler its own backoff) after THROTTLE_MAX_TRIES tries or when the next
+# try would start more than THROTTLE_DEADLINE seconds after the first.
+RETRY_AFTER_DEFAULT = 1.0
+RETRY_AFTER_MAX = 60.0
+THROTTLE_MAX_TRIES = 10
+THROTTLE_DEADLINE = 60.0
+# A wait for the client-side limiter this long is logged (at DEBUG, as client-go does
+# at its verbosity 1); shorter ones are routine under load.
+THROTTLE_LOG_SECONDS = 1.0
+# Least seconds between two INFO messages about the server throttling this client.
+THROTTLE_LOG_INTERVAL = 60.0
+
+# Seconds of float rounding (and of an early wake-up) below which no wait is a wait.
+_CLOCK_SLACK = 1e-6
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
 
 
 class KubeError(Exception):
@@ -102,6 +144,102 @@ def _ssl_context(cfg: client.Configuration) -> ssl.SSLContext | bool:
     return ctx
 
 
+def retry_after_seconds(value: str | None, now: datetime | None = None) -> float:
+    """The wait a Retry-After header asks for: delay-seconds or an HTTP date (RFC 9110),
+    RETRY_AFTER_DEFAULT when missing or unreadable, within 0..RETRY_AFTER_MAX."""
+    text = (value or "").strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return RETRY_AFTER_DEFAULT
+        if when.tzinfo is None:  # "-0000": UTC by the RFC
+            when = when.replace(tzinfo=UTC)
+        # A date already past means "now".
+        seconds = max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+    if not (math.isfinite(seconds) and seconds >= 0):
+        return RETRY_AFTER_DEFAULT
+    return min(RETRY_AFTER_MAX, seconds)
+
+
+def _throttle_delay(status: int, headers: Mapping[str, str]) -> float | None:
+    """Seconds to wait before sending the request again, or None: not a throttle answer.
+
+    Retrying is safe for every request this client makes, POST creates included:
+    a 429 comes from API Priority and Fairness (or max-in-flight), which rejects the
+    request before any handler ran, and the server sends 503 *with* Retry-After only
+    from filters that equally never ran it (shutting down, not ready). A 503 without
+    Retry-After (an unavailable aggregated API) and every other status are answers.
+    (Even a create that had run would be safe here: a repeated create is a 409, which
+    create_pod takes as "already there" after checking the owner.)
+    """
+    if status == 429:
+        return retry_after_seconds(headers.get("Retry-After"))
+    if status == 503 and "Retry-After" in headers:
+        return retry_after_seconds(headers.get("Retry-After"))
+    return None
+
+
+class TokenBucket:
+    """Client-side rate limit, client-go's token bucket (rest.Config QPS / Burst).
+
+    `qps` requests a second on average, up to `burst` at once after a quiet spell
+    (math.inf: no limit). Kept as a theoretical arrival time (GCRA), so a request
+    reserves its slot when it arrives and waiters go in arrival order without a
+    lock. `pause()` holds every request until the server's Retry-After point and
+    restarts from an empty bucket there, so the requests that piled up meanwhile
+    do not hit the server as one burst. `clock` and `sleep` are injectable (tests).
+    """
+
+    def __init__(
+        self,
+        qps: float,
+        burst: int,
+        *,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        if not qps > 0 or burst < 1:
+            raise ValueError(f"need qps > 0 and burst >= 1, not qps={qps} burst={burst}")
+        self.qps = qps
+        self.burst = burst
+        self.clock = clock
+        self.sleep = sleep
+        self._interval = 1.0 / qps  # seconds per token (0 for no limit)
+        self._tat = clock()  # a full bucket
+        self._paused_until = -math.inf
+
+    def reserve(self) -> float:
+        """Take a token: the seconds until it may be used (0: now)."""
+        now = self.clock()
+        self._tat = max(self._tat, now) + self._interval
+        delay = max(self._tat - now - self.burst * self._interval, self._paused_until - now)
+        return delay if delay > _CLOCK_SLACK else 0.0
+
+    async def acquire(self) -> float:
+        """Wait for a token, and for the end of any pause (also one that starts while
+        waiting); the seconds waited (0: none)."""
+        delay = self.reserve()
+        if not delay:
+            return 0.0
+        start = self.clock()
+        while delay > _CLOCK_SLACK:
+            await self.sleep(delay)
+            delay = self._paused_until - self.clock()
+        return self.clock() - start
+
+    def pause(self, seconds: float) -> None:
+        """No request starts within `seconds` from now (an earlier end of a pause already
+        running is extended, never shortened); after it, requests start at `qps` from an
+        empty bucket."""
+        until = self.clock() + seconds
+        if until > self._paused_until:
+            self._paused_until = until
+            self._tat = max(self._tat, until + (self.burst - 1) * self._interval)
+
+
 def _q(segment: str) -> str:
     return quote(segment, safe="")
 
@@ -118,10 +256,22 @@ class Kube:
     """Typed async calls for the few things the operator does.
 
     `api_client` only supplies the configuration (server, CA, credentials); by
-    default the one `load_config()` set up.
+    default the one `load_config()` set up. `limiter` is the client-side rate limit
+    (none by default: the operator passes one built from its settings); `metrics`,
+    when given, counts throttled requests (lorajob_api_throttled_total).
     """
 
-    def __init__(self, api_client: client.ApiClient | None = None) -> None:
+    def __init__(
+        self,
+        api_client: client.ApiClient | None = None,
+        *,
+        limiter: TokenBucket | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.limiter = limiter or TokenBucket(math.inf, 1)
+        self.metrics = metrics
+        self._throttle_logged_at = -math.inf  # limiter.clock()
+        self._throttled_unlogged = 0
         self.configuration: client.Configuration = (
             api_client.configuration if api_client else client.Configuration.get_default_copy()
         )
@@ -187,14 +337,10 @@ class Kube:
     ) -> Any:
         """The decoded JSON answer (None with keep_body=False); _ApiStatus for non-2xx,
         KubeError when the server cannot be reached or does not answer in time."""
-        headers = self._headers()
-        data = None
-        if body is not None:
-            headers["Content-Type"] = content_type
-            data = json.dumps(body)
+        data = None if body is None else json.dumps(body)
         try:
-            async with self._get_session().request(
-                method, self._host + path, params=params, data=data, headers=headers
+            async with self._response(
+                method, path, params=params, data=data, content_type=content_type
             ) as resp:
                 if resp.status >= 300:
                     payload = await resp.read()
@@ -207,6 +353,93 @@ class Kube:
                 return json.loads(await resp.read())
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise KubeError(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+
+    @contextlib.asynccontextmanager
+    async def _response(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        data: str | None = None,
+        content_type: str = "application/json",
+        watch_timeout: aiohttp.ClientTimeout | None = None,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """The server's answer to the request, sent when the rate limit allows and sent
+        again while the server answers "too many requests" (up to THROTTLE_MAX_TRIES /
+        THROTTLE_DEADLINE; then that answer is the one returned). `watch_timeout`: a
+        watch stream, on the watch session."""
+        deadline = self.limiter.clock() + THROTTLE_DEADLINE
+        tries = 0
+        while True:
+            await self._wait_for_limiter(method, path)
+            tries += 1
+            headers = self._headers()
+            if data is not None:
+                headers["Content-Type"] = content_type
+            if watch_timeout is None:
+                request = self._get_session().request(
+                    method, self._host + path, params=params, data=data, headers=headers
+                )
+            else:
+                request = self._get_watch_session().request(
+                    method, self._host + path, params=params, headers=headers, timeout=watch_timeout
+                )
+            async with request as resp:
+                delay = _throttle_delay(resp.status, resp.headers)
+                if delay is None:
+                    yield resp
+                    return
+                self._server_throttled(resp.status, delay)
+                if tries >= THROTTLE_MAX_TRIES or self.limiter.clock() + delay > deadline:
+                    log.info(
+                        "%s %s: API server still throttling (HTTP %d) after %d tries; giving up",
+                        method,
+                        path,
+                        resp.status,
+                        tries,
+                    )
+                    yield resp
+                    return
+                log.debug(
+                    "%s %s: HTTP %d, retrying in %gs (try %d)",
+                    method,
+                    path,
+                    resp.status,
+                    delay,
+                    tries + 1,
+                )
+                await resp.read()  # so the connection is reused
+
+    async def _wait_for_limiter(self, method: str, path: str) -> None:
+        waited = await self.limiter.acquire()
+        if waited <= 0:
+            return
+        if self.metrics is not None:
+            self.metrics.api_throttled.labels(reason="client").inc()
+            self.metrics.api_throttle_wait.inc(waited)
+        if waited >= THROTTLE_LOG_SECONDS:
+            log.debug("%s %s waited %.2fs for the client-side rate limit", method, path, waited)
+
+    def _server_throttled(self, status: int, delay: float) -> None:
+        """The server said "too many requests": hold every request of this client until
+        its Retry-After point (the retry included). Logged at INFO at most once per
+        THROTTLE_LOG_INTERVAL, with the count since; each answer at DEBUG."""
+        if self.metrics is not None:
+            self.metrics.api_throttled.labels(reason="server").inc()
+        self.limiter.pause(delay)
+        self._throttled_unlogged += 1
+        now = self.limiter.clock()
+        if now >= self._throttle_logged_at + THROTTLE_LOG_INTERVAL:
+            log.info(
+                "API server throttles this client (HTTP %d, Retry-After %gs; %d such "
+                "answer(s) since the last message): requests are paused and retried",
+                status,
+                delay,
+                self._throttled_unlogged,
+            )
+            self._throttle_logged_at = now
+            self._throttled_unlogged = 0
 
     # -- LoRAJobs
 
@@ -290,9 +523,7 @@ class Kube:
         )
         path = _pods_path(namespace)
         try:
-            async with self._get_watch_session().get(
-                self._host + path, params=params, headers=self._headers(), timeout=timeout
-            ) as resp:
+            async with self._response("GET", path, params=params, watch_timeout=timeout) as resp:
                 if resp.status == 410:
                     message = _message(resp.status, resp.reason or "", await resp.read())
                     yield "ERROR", {"code": 410, "reason": "Expired", "message": message}

@@ -99,6 +99,21 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.api_throttled = Counter(
+            "lorajob_api_throttled",
+            "Kubernetes API requests throttled, by reason (client: waited for the "
+            "client-side rate limit LORAJOB_API_QPS/BURST or a server-requested pause; "
+            "server: answered 429, or 503 with Retry-After, and sent again after it)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.api_throttle_wait = Counter(
+            "lorajob_api_throttle_wait_seconds",
+            "Seconds Kubernetes API requests waited in the client-side rate limiter",
+            registry=self.registry,
+        )
+        for reason in ("client", "server"):
+            self.api_throttled.labels(reason=reason)  # exported as 0 before the first
         self.progress_poll_errors = Counter(
             "lorajob_progress_poll_errors",
             "Failed reads of a trainer pod's progress endpoint",

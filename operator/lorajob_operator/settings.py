@@ -126,6 +126,19 @@ class OperatorSettings(BaseSettings):
     namespaces: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Namespaces to watch; empty = all."
     )
+    api_qps: float = Field(
+        default=50,
+        gt=0,
+        description="Client-side rate limit of Kubernetes API requests (requests per second "
+        "on average; client-go's rest.Config QPS). Watch streams count when opened. The API "
+        "server's own throttling (429 with Retry-After) is honoured on top of it.",
+    )
+    api_burst: int = Field(
+        default=100,
+        gt=0,
+        description="Kubernetes API requests allowed at once above api_qps after a quiet "
+        "spell (client-go's rest.Config Burst).",
+    )
     metrics_port: int = Field(default=8000, ge=1, le=65535)
     health_port: int = Field(default=8081, ge=1, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -128,6 +128,8 @@ def test_namespaced_objects_land_in_the_release_or_watched_namespace(scenario: S
         ({"policy.maxGpusPerJob": "-1"}, "/policy/maxGpusPerJob"),
         ({"trainer.extraEnv.1BAD": "x"}, "invalid propertyName '1BAD'"),
         ({"logLevel": "verbose"}, "/logLevel"),
+        ({"apiClient.qps": "0"}, "/apiClient/qps"),
+        ({"apiClient.burst": "0"}, "/apiClient/burst"),
     ],
 )
 def test_values_schema_rejects_bad_values(values: dict[str, str], error: str) -> None:

@@ -72,6 +72,10 @@ here is a settings field and that the rendered values parse.
   value: {{ .Values.kueue.namespaceQueues | toJson | quote }}
 - name: LORAJOB_NAMESPACES
   value: {{ .Values.watchNamespaces | toJson | quote }}
+- name: LORAJOB_API_QPS
+  value: {{ .Values.apiClient.qps | quote }}
+- name: LORAJOB_API_BURST
+  value: {{ .Values.apiClient.burst | quote }}
 - name: LORAJOB_METRICS_PORT
   value: {{ .Values.metrics.port | quote }}
 - name: LORAJOB_HEALTH_PORT

@@ -29,6 +29,7 @@ def test_defaults() -> None:
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     ]
     assert s.policy.allow_hf_sources is False
+    assert (s.api_qps, s.api_burst) == (50, 100)
 
 
 def test_scalars_lists_and_policy_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -75,6 +76,10 @@ def test_namespaces_as_json(monkeypatch: pytest.MonkeyPatch) -> None:
         ("LORAJOB_POLICY", "{not json", "LORAJOB_POLICY: not valid JSON"),
         ("LORAJOB_TRAINER_EXTRA_ENV", '{"AWS_SECRET_ACCESS_KEY": "x"}', "Secrets"),
         ("LORAJOB_KUEUE_DEFAULT_QUEUE", "Bad Queue", "LORAJOB_KUEUE_DEFAULT_QUEUE"),
+        ("LORAJOB_API_QPS", "0", "LORAJOB_API_QPS"),
+        ("LORAJOB_API_QPS", "nan", "LORAJOB_API_QPS"),
+        ("LORAJOB_API_BURST", "0", "LORAJOB_API_BURST"),
+        ("LORAJOB_API_BURST", "1.5", "LORAJOB_API_BURST"),
     ],
 )
 def test_bad_env_names_the_variable(
@@ -101,6 +106,13 @@ def test_retry_settings_and_trainer_command(monkeypatch: pytest.MonkeyPatch) -> 
     assert s.max_disruptions == 2
     assert s.retry_backoff_seconds <= s.retry_backoff_max_seconds
     assert s.wait_backoff_seconds <= s.wait_backoff_max_seconds
+
+
+def test_api_rate_limit_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORAJOB_API_QPS", "12.5")
+    monkeypatch.setenv("LORAJOB_API_BURST", "25")
+    s = load_settings()
+    assert (s.api_qps, s.api_burst) == (12.5, 25)
 
 
 def test_unknown_variable_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
