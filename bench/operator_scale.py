@@ -40,8 +40,8 @@ from lorajob_operator.objects import LABEL_JOB
 
 from bench.common import add_common_args, format_table, percentile, write_results
 from tests.harness.apiserver import measure_write_throughput
-from tests.harness.controlplane import ControlPlane
-from tests.harness.kubelet import NodeConfig, SimulatedRuntime
+from devcluster.controlplane import ControlPlane
+from devcluster.kubelet import NodeConfig, SimulatedRuntime
 
 __all__ = ["job_manifest", "main", "run_size"]
 

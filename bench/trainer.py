@@ -204,7 +204,7 @@ def compare_recipes(
     tmp: Path, args: argparse.Namespace, *, hidden_size: int, layers: int, records: int, steps: int
 ) -> dict[str, Any]:
     """Both recipes on one model and record set; their results and the comparison."""
-    from tests.harness.tiny_model import build_tiny_model  # noqa: PLC0415 - imports torch
+    from devcluster.tiny_model import build_tiny_model  # noqa: PLC0415 - imports torch
 
     tmp.mkdir(parents=True, exist_ok=True)
     model_dir = build_tiny_model(tmp / "model", hidden_size=hidden_size, layers=layers)

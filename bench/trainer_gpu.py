@@ -53,7 +53,7 @@ def write_random_llama(out_dir: Path, arch: dict[str, Any], seed: int = 0) -> Pa
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tests.harness.tiny_model import build_tokenizer
+    from devcluster.tiny_model import build_tokenizer
 
     if (out_dir / "model.safetensors.index.json").is_file():
         return out_dir  # reuse a model written by an earlier run

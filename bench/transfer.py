@@ -1,6 +1,6 @@
 """Transfer benchmark: the trainer's S3 I/O (lora_trainer.storage) vs single-stream boto3.
 
-Against the local SeaweedFS server (tests/harness/s3.py) it measures, for one
+Against the local SeaweedFS server (devcluster/s3.py) it measures, for one
 generated base-model-sized file:
 
 * download: `Storage.fetch` (parallel ranged GETs into the cache) vs one
@@ -41,7 +41,7 @@ from lora_trainer.storage import CONCURRENCY, PART_SIZE, Storage
 
 from bench.common import add_common_args, format_table, ratio, timed, write_results
 from bench.throttle import throttled_proxy
-from tests.harness.s3 import s3_server
+from devcluster.s3 import s3_server
 
 __all__ = ["main", "run"]
 
@@ -110,7 +110,7 @@ def run(
             "repeats": repeats,
             "part_size_bytes": PART_SIZE,
             "concurrency": CONCURRENCY,
-            "server": "SeaweedFS on 127.0.0.1 (tests/harness/s3.py)",
+            "server": "SeaweedFS on 127.0.0.1 (devcluster/s3.py)",
         }
     }
     with s3_server(buckets=[BUCKET, "adapters"]) as s3:

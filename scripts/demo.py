@@ -37,9 +37,9 @@ sys.path[:0] = [str(REPO), str(REPO / "operator"), str(REPO / "trainer_image")]
 # Imported after sys.path is set: the demo runs from a plain checkout too.
 import yaml  # noqa: E402
 
-from tests.harness.controlplane import ControlPlane  # noqa: E402
-from tests.harness.kubelet import cpu_node  # noqa: E402
-from tests.harness.tiny_model import build_tiny_model, write_dataset  # noqa: E402
+from devcluster.controlplane import ControlPlane  # noqa: E402
+from devcluster.kubelet import cpu_node  # noqa: E402
+from devcluster.tiny_model import build_tiny_model, write_dataset  # noqa: E402
 
 EXAMPLE = REPO / "examples" / "lorajob-tiny.yaml"
 BUCKET = "lorajob-demo"

@@ -2,7 +2,7 @@
 
 Every test here gets its own ControlPlane (S3 + API server + kubelet + `kopf run`
 operator); the trainer pods run `python -m lora_trainer` on the CPU, fine-tuning the
-tiny Llama from tests/harness/tiny_model.py with QLoRA.
+tiny Llama from devcluster/tiny_model.py with QLoRA.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.harness.controlplane import ControlPlane
-from tests.harness.kubelet import cpu_node
-from tests.harness.tiny_model import build_tiny_model, write_dataset
+from devcluster.controlplane import ControlPlane
+from devcluster.kubelet import cpu_node
+from devcluster.tiny_model import build_tiny_model, write_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "lorajob-tiny.yaml"

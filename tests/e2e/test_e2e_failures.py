@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.e2e.conftest import SECRET, Cluster
-from tests.harness.controlplane import free_port
+from devcluster.controlplane import free_port
 
 WRONG_SECRET_KEY = "wrong-secret-key-ABCDEFGHIJ0123456789"
 

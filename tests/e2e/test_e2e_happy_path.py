@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 from tests.e2e.conftest import BUCKET, JOB_TIMEOUT_S, Cluster, sha256
-from tests.harness.tools import kubectl
+from devcluster.tools import kubectl
 
 
 def test_job_succeeds_and_the_adapter_loads_with_peft(cluster: Cluster, tmp_path: Path) -> None:

@@ -2,63 +2,37 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import yaml
+from devcluster.chart import (
+    CHART,
+    NAMESPACE,
+    RELEASE,
+    HelmError,
+    Manifest,
+    render,
+    run_helm,
+    set_args,
+)
 
-from tests.harness.tools import helm
+__all__ = [
+    "CHART",
+    "NAMESPACE",
+    "RELEASE",
+    "SCENARIOS",
+    "HelmError",
+    "Manifest",
+    "Scenario",
+    "by_kind",
+    "one",
+    "render",
+    "run_helm",
+    "set_args",
+]
 
 REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "helm" / "lorajob-operator"
-RELEASE = "lorajob"
-NAMESPACE = "lorajob-system"
-
-Manifest = dict[str, Any]
-
-
-class HelmError(Exception):
-    """helm exited non-zero; the message is its stderr."""
-
-
-def run_helm(*args: str) -> str:
-    proc = subprocess.run(
-        [str(helm()), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        # Keep helm away from any user config, cache or kube context on the machine.
-        env={
-            "HOME": str(REPO / ".tools"),
-            "HELM_CACHE_HOME": str(REPO / ".tools" / "helm-cache"),
-            "HELM_CONFIG_HOME": str(REPO / ".tools" / "helm-config"),
-            "HELM_DATA_HOME": str(REPO / ".tools" / "helm-data"),
-            "KUBECONFIG": "/dev/null",
-            "PATH": "/usr/bin:/bin",
-        },
-    )
-    if proc.returncode != 0:
-        raise HelmError(proc.stderr.strip())
-    return proc.stdout
-
-
-def set_args(values: dict[str, str]) -> list[str]:
-    out: list[str] = []
-    for key, value in values.items():
-        out += ["--set", f"{key}={value}"]
-    return out
-
-
-def render(values: dict[str, str] | None = None, *, include_crds: bool = False) -> list[Manifest]:
-    args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE]
-    if include_crds:
-        args.append("--include-crds")
-    docs = yaml.safe_load_all(run_helm(*args, *set_args(values or {})))
-    return [d for d in docs if d]
 
 
 @dataclass(frozen=True)

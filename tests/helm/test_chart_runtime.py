@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness.controlplane import ControlPlane, free_port
+from devcluster.controlplane import ControlPlane, free_port
 from tests.helm.chart import one, render
 from tests.packaging.dockerfile import parse_dockerfile
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.s3 import S3Server, s3_server
-from tests.harness.tiny_model import build_tiny_model
+from devcluster.s3 import S3Server, s3_server
+from devcluster.tiny_model import build_tiny_model
 
 
 @pytest.fixture(scope="session")

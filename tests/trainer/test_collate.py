@@ -18,7 +18,7 @@ from lora_trainer.translate import Device
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from tests.harness.tiny_model import write_dataset
+from devcluster.tiny_model import write_dataset
 
 PAD = 1
 # Two packed rows: three records, then one record that leaves the row's tail padded.

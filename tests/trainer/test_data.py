@@ -21,7 +21,7 @@ from lora_trainer.data import (
 )
 from lora_trainer.errors import DatasetError
 
-from tests.harness.tiny_model import build_tokenizer, make_records, write_dataset
+from devcluster.tiny_model import build_tokenizer, make_records, write_dataset
 
 FORMATS = ["text", "alpaca", "messages", "prompt_completion"]
 SUFFIXES = [".jsonl", ".json", ".parquet"]

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from lora_trainer.protocol import ExitCode
 
-from tests.harness.s3 import S3Server
-from tests.harness.tiny_model import make_records, write_dataset
+from devcluster.s3 import S3Server
+from devcluster.tiny_model import make_records, write_dataset
 from tests.trainer.trainer_proc import reaped, start_trainer
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from lora_trainer.protocol import ExitCode
 
-from tests.harness.tiny_model import write_dataset
+from devcluster.tiny_model import write_dataset
 from tests.trainer.trainer_proc import reaped, start_trainer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]

@@ -146,21 +146,21 @@ def test_checkpoint_publish_find_restore_prune(tmp_path: Path) -> None:
         local.mkdir(parents=True)
         (local / "adapter_model.safetensors").write_bytes(b"w" * step)
         (local / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-        publish(storage, local, out, "fp")
+        publish(storage, local, out, "fp", attempt=1)
     # Only the newest REMOTE_KEPT survive.
     assert [c.step for c in list_complete(storage, out)] == [4, 6]
     # A checkpoint without its marker (an interrupted upload) is never picked.
-    partial = tmp_path / "out" / "checkpoints" / "checkpoint-8"
+    partial = tmp_path / "out" / "checkpoints" / "attempt-1" / "checkpoint-8"
     partial.mkdir()
     (partial / "adapter_model.safetensors").write_bytes(b"partial")
-    latest = find_latest(storage, out)
+    latest = find_latest(storage, out, attempt=2)
     assert latest is not None
     assert latest.step == 6
     restored = restore(storage, latest, tmp_path / "restore")
     assert restored.name == "checkpoint-6"
     assert (restored / "adapter_model.safetensors").read_bytes() == b"w" * 6
     assert not (restored / "COMPLETE").exists()
-    assert find_latest(storage, str(tmp_path / "nothing")) is None
+    assert find_latest(storage, str(tmp_path / "nothing"), attempt=1) is None
 
 
 def test_sigterm_before_training_interrupts_at_once() -> None:
@@ -244,7 +244,7 @@ def test_checkpoints_of_a_different_job_are_refused(tmp_path: Path) -> None:
     local = tmp_path / "local" / "checkpoint-3"
     local.mkdir(parents=True)
     (local / "adapter_model.safetensors").write_bytes(b"w")
-    ckpt = publish(storage, local, cfg.output.uri, fingerprint(cfg))
+    ckpt = publish(storage, local, cfg.output.uri, fingerprint(cfg), attempt=1)
     check_compatible(storage, ckpt, cadence)  # same job: fine
     with pytest.raises(ConfigError, match="different model, dataset, lora"):
         check_compatible(storage, ckpt, changed)

@@ -27,8 +27,8 @@ from lora_trainer.storage import Storage
 from lora_trainer.train import Runtime, run
 from transformers import TrainerCallback, TrainerControl, TrainerState
 
-from tests.harness.s3 import S3Server
-from tests.harness.tiny_model import write_dataset
+from devcluster.s3 import S3Server
+from devcluster.tiny_model import write_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -151,7 +151,7 @@ def test_resumed_run_trains_only_the_steps_left(
     _attempt(cfg, s3, tmp_path / "first")
     assert _complete_steps(s3, prefix) == [resume_at, MAX_STEPS]
     # Killed while checkpoint-8 was being uploaded (no COMPLETE marker), before publishing.
-    _delete(s3, [f"{prefix}/checkpoints/checkpoint-{MAX_STEPS}/COMPLETE"])
+    _delete(s3, [f"{prefix}/checkpoints/attempt-1/checkpoint-{MAX_STEPS}/COMPLETE"])
     _delete(s3, _published_outputs(s3, prefix))
 
     second, progress = _attempt(cfg, s3, tmp_path / "second")
@@ -222,7 +222,7 @@ def test_resumed_run_keeps_the_adapter_dtype_of_a_fresh_run(
     fresh = _adapter_dtypes(s3, prefix)
     assert fresh, "the published adapter holds no tensors"
     # Killed while checkpoint-8 was being uploaded: the next attempt resumes at step 4.
-    _delete(s3, [f"{prefix}/checkpoints/checkpoint-{MAX_STEPS}/COMPLETE"])
+    _delete(s3, [f"{prefix}/checkpoints/attempt-1/checkpoint-{MAX_STEPS}/COMPLETE"])
     _delete(s3, _published_outputs(s3, prefix))
 
     second, _ = _attempt(cfg, s3, tmp_path / "second")

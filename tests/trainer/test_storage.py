@@ -12,7 +12,7 @@ from botocore.exceptions import ClientError
 from lora_trainer.errors import CredentialsError, SourceNotFound, StorageError
 from lora_trainer.storage import PART_SIZE, Storage
 
-from tests.harness.s3 import S3Server, free_port, s3_server
+from devcluster.s3 import S3Server, free_port, s3_server
 
 
 def test_harness_rejects_wrong_credentials(s3: S3Server) -> None:

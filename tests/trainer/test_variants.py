@@ -17,7 +17,7 @@ from lora_trainer.train import Runtime, run
 from transformers import AutoModelForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from tests.harness.tiny_model import write_dataset
+from devcluster.tiny_model import write_dataset
 
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "int8": ("alpaca", {"quantization": {"mode": "int8"}}),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.harness.s3 import free_port
+from devcluster.s3 import free_port
 
 
 @dataclass

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from tests.harness.controlplane import ControlPlane, free_port
-from tests.harness.kubelet import NodeConfig
+from devcluster.controlplane import ControlPlane, free_port
+from devcluster.kubelet import NodeConfig
 
 HERE = Path(__file__).parent
 REPO = HERE.parents[2]

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from tests.harness.controlplane import ControlPlane, free_port
+from devcluster.controlplane import ControlPlane, free_port
 from tests.operator.integration.conftest import BASE_SPEC, GROUP, HERE, REPO
 
 # Each module starts a whole control plane (API server, kubelet, operator).

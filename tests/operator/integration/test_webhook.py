@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.harness.controlplane import ControlPlane, free_port
+from devcluster.controlplane import ControlPlane, free_port
 from tests.operator.integration.conftest import BASE_SPEC, GROUP, HERE, REPO, Cluster
 
 # Each module starts a whole control plane (API server, kubelet, operator).

@@ -1,14 +1,14 @@
-"""The test kubelet: a scheduler plus a node agent that runs pods as local processes.
+"""The process kubelet: a node agent that runs pods as local processes.
 
-It is an ordinary API client (HTTPS + bearer token, like a real kubelet):
+It is an ordinary API client (HTTPS with a client certificate or a bearer token),
+doing the kubelet's part of a real cluster and nothing more (kube-scheduler binds
+the pods, kube-controller-manager does node lifecycle, eviction and garbage
+collection):
 
-* registers fake Nodes (default: one GPU node `gpu-node-1`, 8x H100, tainted
-  `nvidia.com/gpu=present:NoSchedule`);
-* schedules pods the way kube-scheduler's basic filters do: scheduling gates,
-  nodeSelector, required node affinity, taints vs tolerations, resource fit
-  (incl. extended resources). A pod that fits nowhere gets `PodScheduled=False`,
-  reason `Unschedulable`, message "0/N nodes are available: ..."; binding goes
-  through the pods/binding subresource;
+* registers Nodes (default: one GPU node `gpu-node-1`, 8x H100, tainted
+  `nvidia.com/gpu=present:NoSchedule`), renews their Leases in kube-node-lease and
+  re-posts their Ready status, so the node lifecycle controller treats them as a
+  cluster would;
 * runs each bound pod's containers as process groups: `python`/`python3` is the
   current interpreter; env from values, Secret/ConfigMap keys (missing ->
   `CreateContainerConfigError`), fieldRefs, resourceFieldRefs; emptyDir mounts
@@ -21,7 +21,8 @@ It is an ordinary API client (HTTPS + bearer token, like a real kubelet):
   SIGKILL after the grace period, then deletes the pod with grace 0;
 * simulations: annotation `harness.loraops.dev/simulate: OOMKilled` (+
   `harness.loraops.dev/simulate-after-seconds`) or `ImagePullBackOff`, image pull
-  errors for images matching a pattern, `evict()` (Eviction API), `lose_node()`;
+  errors for images matching a pattern, `evict()` (Eviction API), `lose_node()`
+  (heartbeats stop; the controllers do the rest);
 * honours `spec.activeDeadlineSeconds` (pod Failed, reason DeadlineExceeded);
 * probes: liveness (failure -> the container is stopped, then restarted per policy) and
   readiness (containerStatuses[].ready and the Ready condition), via httpGet,
@@ -32,7 +33,7 @@ It is an ordinary API client (HTTPS + bearer token, like a real kubelet):
   fails the pod);
 * `SimulatedRuntime`: optionally run no processes at all (operator benchmarks);
 * serves container logs at /containerLogs/<ns>/<pod>/<container> for `kubectl logs`;
-* not emulated: startup/grpc probes, init-container restarts, preemption, resource
+* not done: startup/grpc probes, init-container restarts, resource
   limits enforcement, and mount paths *inside* a string (a `-c` script): pass paths
   through env values or whole arguments, which are rewritten (paths that already
   exist on the host are kept: they are files a test handed to the pod).
@@ -58,7 +59,6 @@ import tempfile
 import threading
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, TypeVar
@@ -67,7 +67,7 @@ import aiohttp
 import yaml
 from aiohttp import web
 
-from tests.harness.kube_quantity import parse_quantity, pod_requests
+from devcluster.quantity import parse_quantity
 
 T = TypeVar("T")
 Obj = dict[str, Any]
@@ -79,6 +79,12 @@ RETRY_INTERVAL = 0.5  # seconds between retries of image pulls / missing Secrets
 # Container restart back-off: doubling from 0.5s to 5s (the real kubelet: 10s to 5min).
 RESTART_BACKOFF_SECONDS = 0.5
 RESTART_BACKOFF_MAX_SECONDS = 5.0
+# Node heartbeats, as a kubelet's defaults (renew every 10 s of a 40 s lease) scaled
+# down so the node lifecycle controller (grace period: see devcluster.cluster.Timings)
+# notices a lost node within seconds.
+LEASE_DURATION_SECONDS = 10
+LEASE_RENEW_SECONDS = 1.0
+STATUS_REPORT_SECONDS = 10.0
 _MERGE = {"Content-Type": "application/merge-patch+json"}
 _STRATEGIC = {"Content-Type": "application/strategic-merge-patch+json"}
 _LIVE_GROUPS: set[int] = set()  # process groups still running, for the atexit net
@@ -95,6 +101,31 @@ atexit.register(_kill_leftovers)
 
 def now_rfc3339() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _session_args(config: Obj) -> tuple[str, dict[str, Any]]:
+    """aiohttp ClientSession arguments from a one-context kubeconfig document: the
+    server, its CA, and a bearer token or a client certificate."""
+    cluster = config["clusters"][0]["cluster"]
+    user = config["users"][0]["user"]
+    ssl_context = ssl.create_default_context()
+    if cluster.get("certificate-authority-data"):
+        ssl_context = ssl.create_default_context(
+            cadata=base64.b64decode(cluster["certificate-authority-data"]).decode()
+        )
+    headers = {}
+    if user.get("token"):
+        headers["Authorization"] = f"Bearer {user['token']}"
+    if user.get("client-certificate-data"):
+        with tempfile.TemporaryDirectory() as tmp:
+            cert, key = Path(tmp) / "tls.crt", Path(tmp) / "tls.key"
+            cert.write_bytes(base64.b64decode(user["client-certificate-data"]))
+            key.write_bytes(base64.b64decode(user["client-key-data"]))
+            ssl_context.load_cert_chain(cert, key)
+    return cluster["server"], {
+        "headers": headers,
+        "connector": aiohttp.TCPConnector(ssl=ssl_context, limit=32),
+    }
 
 
 @dataclass(frozen=True)
@@ -144,127 +175,6 @@ def cpu_node(name: str = "cpu-node-1") -> NodeConfig:
 
 
 # ----------------------------------------------------------------- scheduling
-def _tolerates(tolerations: list[Obj], taint: Obj) -> bool:
-    for toleration in tolerations:
-        if toleration.get("effect") and toleration["effect"] != taint.get("effect"):
-            continue
-        if toleration.get("operator") == "Exists":
-            if not toleration.get("key") or toleration["key"] == taint.get("key"):
-                return True
-        elif toleration.get("key") == taint.get("key") and toleration.get("value", "") == taint.get(
-            "value", ""
-        ):
-            return True
-    return False
-
-
-def _expression_matches(expr: Obj, labels: dict[str, str]) -> bool:
-    key, op, values = expr.get("key", ""), expr.get("operator"), expr.get("values") or []
-    present = key in labels
-    if op == "In":
-        return present and labels[key] in values
-    if op == "NotIn":
-        return not present or labels[key] not in values
-    if op == "Exists":
-        return present
-    if op == "DoesNotExist":
-        return not present
-    if op in ("Gt", "Lt") and present and values:
-        try:
-            left, right = int(labels[key]), int(values[0])
-        except ValueError:
-            return False
-        return left > right if op == "Gt" else left < right
-    return False
-
-
-def _affinity_matches(pod: Obj, labels: dict[str, str]) -> bool:
-    required = (((pod.get("spec") or {}).get("affinity") or {}).get("nodeAffinity") or {}).get(
-        "requiredDuringSchedulingIgnoredDuringExecution"
-    ) or {}
-    terms = required.get("nodeSelectorTerms") or []
-    if not terms:
-        return True
-    return any(
-        all(_expression_matches(e, labels) for e in term.get("matchExpressions") or [])
-        for term in terms
-    )
-
-
-def unschedulable_reasons(pod: Obj, node: Obj, used: dict[str, Fraction]) -> list[str]:
-    """Why `pod` cannot go to `node` (empty list: it fits). Wording as kube-scheduler's."""
-    spec = pod.get("spec") or {}
-    labels = (node.get("metadata") or {}).get("labels") or {}
-    reasons = []
-    selector = spec.get("nodeSelector") or {}
-    if any(labels.get(k) != v for k, v in selector.items()) or not _affinity_matches(pod, labels):
-        reasons.append("node(s) didn't match Pod's node affinity/selector")
-    for taint in (node.get("spec") or {}).get("taints") or []:
-        if taint.get("effect") in ("NoSchedule", "NoExecute") and not _tolerates(
-            spec.get("tolerations") or [], taint
-        ):
-            value = f": {taint['value']}" if taint.get("value") else ""
-            reasons.append(f"node(s) had untolerated taint {{{taint.get('key')}{value}}}")
-    if (node.get("spec") or {}).get("unschedulable"):
-        reasons.append("node(s) were unschedulable")
-    allocatable = (node.get("status") or {}).get("allocatable") or {}
-    for key, amount in sorted(pod_requests(pod).items()):
-        if amount <= 0:
-            continue
-        available = parse_quantity(allocatable.get(key, "0"))
-        if used.get(key, Fraction(0)) + amount > available:
-            reasons.append(f"Insufficient {key}")
-    return reasons
-
-
-class NodeUsage:
-    """What the pods bound to each node use: the requests of the unfinished ones and
-    a count of all of them ("pods"). Kept up to date one pod change at a time, so a
-    scheduling pass costs O(pending x nodes), not a scan of every pod."""
-
-    def __init__(self) -> None:
-        self._by_pod: dict[str, tuple[str, dict[str, Fraction]]] = {}
-        self._by_node: dict[str, dict[str, Fraction]] = {}
-
-    def update(self, uid: str, pod: Obj | None) -> None:
-        """Count `pod` (its latest version) instead of what `uid` counted before;
-        None: the pod is gone."""
-        old = self._by_pod.pop(uid, None)
-        if old is not None:
-            node, amounts = old
-            per_node = self._by_node[node]
-            for key, value in amounts.items():
-                per_node[key] -= value
-        if pod is None or not (pod.get("spec") or {}).get("nodeName"):
-            return
-        node = str(pod["spec"]["nodeName"])
-        amounts = {"pods": Fraction(1)}
-        if (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
-            amounts.update(pod_requests(pod))
-        per_node = self.on(node)
-        for key, value in amounts.items():
-            per_node[key] = per_node.get(key, Fraction(0)) + value
-        self._by_pod[uid] = (node, amounts)
-
-    def on(self, node: str) -> dict[str, Fraction]:
-        """The node's usage (live: it changes as pods are counted)."""
-        return self._by_node.setdefault(node, {"pods": Fraction(0)})
-
-
-def unschedulable_message(per_node: dict[str, list[str]]) -> str:
-    counts: dict[str, int] = {}
-    for reasons in per_node.values():
-        for reason in reasons:
-            counts[reason] = counts.get(reason, 0) + 1
-    total = len(per_node)
-    detail = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
-    return (
-        f"0/{total} nodes are available: {detail}. preemption: 0/{total} nodes are available: "
-        f"{total} Preemption is not helpful for scheduling."
-    )
-
-
-# ------------------------------------------------------------------ running
 @dataclass(frozen=True)
 class SimulatedRuntime:
     """Containers that start no process: each is Running for `seconds`, then exits
@@ -350,7 +260,6 @@ class Kubelet:
         self._runner: web.AppRunner | None = None
         self._log_port = 0
         self.pods: dict[str, Obj] = {}  # uid -> latest pod object seen
-        self._usage = NodeUsage()  # of the pods in self.pods
         self.runs: dict[str, PodRun] = {}  # uid -> running pod
         self._ips_in_use: set[str] = set()
         self._next_ip = 2  # where the search for a free pod IP starts (round robin)
@@ -358,7 +267,7 @@ class Kubelet:
         self._ip_lock: IO[str] | None = None
         self._stopping = False
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._schedule_wakeup: asyncio.Event | None = None
+        self._ready_since: dict[str, str] = {}  # node -> when it last became Ready
         self._lost_nodes: set[str] = set()
 
     # ------------------------------------------------------------- lifecycle
@@ -419,25 +328,14 @@ class Kubelet:
         return task
 
     async def _start_async(self) -> None:
-        config = yaml.safe_load(self.kubeconfig.read_text())
-        cluster = config["clusters"][0]["cluster"]
-        token = config["users"][0]["user"]["token"]
-        ssl_context = ssl.create_default_context()
-        if cluster.get("certificate-authority-data"):
-            ssl_context = ssl.create_default_context(
-                cadata=base64.b64decode(cluster["certificate-authority-data"]).decode()
-            )
-        self._session = aiohttp.ClientSession(
-            cluster["server"],
-            headers={"Authorization": f"Bearer {token}"},
-            connector=aiohttp.TCPConnector(ssl=ssl_context, limit=32),
-        )
-        self._schedule_wakeup = asyncio.Event()
+        api_server, options = _session_args(yaml.safe_load(self.kubeconfig.read_text()))
+        self._session = aiohttp.ClientSession(api_server, **options)
         app = web.Application()
         app.router.add_get("/containerLogs/{namespace}/{pod}/{container}", self._serve_logs)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        # Served over TLS: the API server proxies `kubectl logs` to the kubelet over HTTPS.
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self._serving_ssl())
         await site.start()
         server = site._server
         assert server is not None
@@ -446,7 +344,20 @@ class Kubelet:
             await self._register(node)
         rv = await self._initial_list()
         self._spawn(self._watch_pods(rv))
-        self._spawn(self._scheduler_loop())
+        for node in self.nodes.values():
+            self._spawn(self._heartbeat(node))
+
+    def _serving_ssl(self) -> ssl.SSLContext:
+        """A self-signed certificate for the log endpoint (the API server does not
+        verify kubelet certificates unless told to, and a real kubelet's are often
+        self-signed too)."""
+        from devcluster.pki import CertificateAuthority  # noqa: PLC0415 - start-up only
+
+        return (
+            CertificateAuthority(self.workdir / "pki")
+            .serving("kubelet", ("127.0.0.1",))
+            .server_context()
+        )
 
     async def _stop_async(self) -> None:
         self._stopping = True
@@ -526,10 +437,13 @@ class Kubelet:
         code, body = await self._request("POST", "/api/v1/nodes", node.node_object())
         if code not in (201, 409):
             raise RuntimeError(f"registering node {node.name} failed: {code} {body}")
-        await self._set_node_status(node, ready=True)
+        await self._set_node_status(node)
+        await self._renew_lease(node)
 
-    async def _set_node_status(self, node: NodeConfig, *, ready: bool) -> None:
+    async def _set_node_status(self, node: NodeConfig) -> None:
+        """Post the node's status with a fresh Ready heartbeat, as a kubelet does."""
         now = now_rfc3339()
+        since = self._ready_since.setdefault(node.name, now)
         status = {
             "capacity": dict(node.capacity),
             "allocatable": dict(node.capacity),
@@ -539,37 +453,64 @@ class Kubelet:
             ],
             "daemonEndpoints": {"kubeletEndpoint": {"Port": self._log_port}},
             "nodeInfo": {
-                "kubeletVersion": "v1.35.0-harness",
-                "containerRuntimeVersion": "harness://local-process",
+                "kubeletVersion": "v1.35.4-devcluster",
+                "containerRuntimeVersion": "devcluster://local-process",
                 "operatingSystem": "linux",
                 "architecture": "amd64",
             },
             "conditions": [
                 {
                     "type": "Ready",
-                    "status": "True" if ready else "Unknown",
-                    "reason": "KubeletReady" if ready else "NodeStatusUnknown",
-                    "message": "kubelet is posting ready status"
-                    if ready
-                    else "Kubelet stopped posting node status.",
+                    "status": "True",
+                    "reason": "KubeletReady",
+                    "message": "kubelet is posting ready status",
                     "lastHeartbeatTime": now,
-                    "lastTransitionTime": now,
+                    "lastTransitionTime": since,
                 }
             ],
         }
         code, body = await self._request(
-            "PATCH", f"/api/v1/nodes/{node.name}/status", {"status": status}, _MERGE
+            "PATCH", f"/api/v1/nodes/{node.name}/status", {"status": status}, _STRATEGIC
         )
         if code != 200:
             raise RuntimeError(f"node status for {node.name} failed: {code} {body}")
 
-    async def _node_objects(self) -> dict[str, Obj]:
-        result = {}
-        for name in self.nodes:
-            code, body = await self._request("GET", f"/api/v1/nodes/{name}")
-            if code == 200:
-                result[name] = body
-        return result
+    async def _renew_lease(self, node: NodeConfig) -> None:
+        """The node's Lease in kube-node-lease: what the node lifecycle controller
+        watches to tell a live kubelet from a lost one."""
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        path = f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{node.name}"
+        spec = {
+            "holderIdentity": node.name,
+            "leaseDurationSeconds": LEASE_DURATION_SECONDS,
+            "renewTime": now,
+        }
+        code, _ = await self._request("PATCH", path, {"spec": spec}, _MERGE)
+        if code == 404:
+            lease = {
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": {"name": node.name, "namespace": "kube-node-lease"},
+                "spec": spec,
+            }
+            await self._request("POST", path.rsplit("/", 1)[0], lease)
+
+    async def _heartbeat(self, node: NodeConfig) -> None:
+        """Renew the Lease every LEASE_RENEW_SECONDS and re-post the status every
+        STATUS_REPORT_SECONDS, until the node is lost."""
+        last_status = asyncio.get_running_loop().time()
+        while not self._stopping:
+            await asyncio.sleep(LEASE_RENEW_SECONDS)
+            if node.name in self._lost_nodes:
+                continue
+            try:
+                await self._renew_lease(node)
+                now = asyncio.get_running_loop().time()
+                if now - last_status >= STATUS_REPORT_SECONDS:
+                    await self._set_node_status(node)
+                    last_status = now
+            except (TimeoutError, aiohttp.ClientError, RuntimeError):
+                continue  # the API server is busy; the next beat tries again
 
     # ---------------------------------------------------------------- watch
     async def _initial_list(self) -> str:
@@ -625,19 +566,13 @@ class Kubelet:
                 self._forget(run)
             elif run is not None:
                 run.terminating.set()
-            self._wake_scheduler()
             return
         self._set_pod(uid, pod)
         spec = pod.get("spec") or {}
         node = spec.get("nodeName")
-        if not node:
-            self._wake_scheduler()
-            return
-        if node not in self.nodes or node in self._lost_nodes:
-            return
+        if not node or node not in self.nodes or node in self._lost_nodes:
+            return  # not bound yet (kube-scheduler binds), or not one of ours
         phase = (pod.get("status") or {}).get("phase")
-        if phase in ("Succeeded", "Failed"):
-            self._wake_scheduler()  # its resources are free again
         run = self.runs.get(uid)
         if meta.get("deletionTimestamp"):
             if run is None:
@@ -653,117 +588,11 @@ class Kubelet:
             run.task = self._spawn(self._run_pod(run))
 
     def _set_pod(self, uid: str, pod: Obj | None) -> None:
-        """The pod's latest version (None: gone), counted in its node's usage."""
+        """The pod's latest version (None: gone)."""
         if pod is None:
             self.pods.pop(uid, None)
         else:
             self.pods[uid] = pod
-        self._usage.update(uid, pod)
-
-    def _wake_scheduler(self) -> None:
-        if self._schedule_wakeup is not None:
-            self._schedule_wakeup.set()
-
-    # ------------------------------------------------------------- scheduler
-    async def _scheduler_loop(self) -> None:
-        assert self._schedule_wakeup is not None
-        reported: dict[str, str] = {}  # uid -> last reason/message we wrote
-        while not self._stopping:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._schedule_wakeup.wait(), timeout=1.0)
-            self._schedule_wakeup.clear()
-            pending = [
-                p
-                for p in list(self.pods.values())
-                if not (p.get("spec") or {}).get("nodeName")
-                and not p["metadata"].get("deletionTimestamp")
-                and (p.get("spec") or {}).get("schedulerName", "default-scheduler")
-                == "default-scheduler"
-            ]
-            if not pending:
-                continue
-            nodes = await self._node_objects()
-            used = {name: self._usage.on(name) for name in nodes}
-            for pod in sorted(pending, key=lambda p: p["metadata"].get("creationTimestamp", "")):
-                try:
-                    await self._schedule(pod, nodes, used, reported)
-                except (TimeoutError, aiohttp.ClientError):
-                    continue
-
-    async def _schedule(
-        self,
-        pod: Obj,
-        nodes: dict[str, Obj],
-        used: dict[str, dict[str, Fraction]],
-        reported: dict[str, str],
-    ) -> None:
-        uid = pod["metadata"]["uid"]
-        if (pod.get("spec") or {}).get("schedulingGates"):
-            condition = {
-                "type": "PodScheduled",
-                "status": "False",
-                "reason": "SchedulingGated",
-                "message": "Scheduling is blocked due to non-empty scheduling gates",
-            }
-        else:
-            per_node: dict[str, list[str]] = {}
-            for name, node in nodes.items():
-                if name in self._lost_nodes:
-                    per_node[name] = [
-                        "node(s) had untolerated taint {node.kubernetes.io/unreachable: }"
-                    ]
-                    continue
-                reasons = unschedulable_reasons(pod, node, used[name])
-                if not reasons:
-                    meta = pod["metadata"]
-                    code, _ = await self._request(
-                        "POST",
-                        f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/binding",
-                        {
-                            "apiVersion": "v1",
-                            "kind": "Binding",
-                            "metadata": {"name": meta["name"]},
-                            "target": {"apiVersion": "v1", "kind": "Node", "name": name},
-                        },
-                    )
-                    if code == 201:
-                        # Count it on the node now: the watch may not show it bound yet.
-                        pod.setdefault("spec", {})["nodeName"] = name
-                        self._usage.update(uid, pod)
-                        reported.pop(uid, None)
-                        await self._event(
-                            pod,
-                            "Normal",
-                            "Scheduled",
-                            f"Successfully assigned {meta['namespace']}/{meta['name']} to {name}",
-                            "default-scheduler",
-                        )
-                        return
-                per_node[name] = reasons
-            condition = {
-                "type": "PodScheduled",
-                "status": "False",
-                "reason": "Unschedulable",
-                "message": unschedulable_message(per_node)
-                if per_node
-                else "no nodes available to schedule pods",
-            }
-        key = f"{condition['reason']}|{condition['message']}"
-        if reported.get(uid) == key:
-            return
-        reported[uid] = key
-        if condition["reason"] == "Unschedulable":
-            await self._event(
-                pod, "Warning", "FailedScheduling", condition["message"], "default-scheduler"
-            )
-        await self._patch_status(
-            pod,
-            {
-                "conditions": [
-                    {**condition, "lastTransitionTime": now_rfc3339(), "lastProbeTime": None}
-                ]
-            },
-        )
 
     # ----------------------------------------------------------------- pods
     def _allocate_ip(self) -> str:
@@ -1584,7 +1413,6 @@ class Kubelet:
         pod = self.pods.get(run.uid)
         if pod is not None and pod["metadata"].get("deletionTimestamp"):
             await self._finish_deletion(pod)
-        self._wake_scheduler()
 
     # ---------------------------------------------------------- simulations
     def evict(self, namespace: str, name: str) -> None:
@@ -1605,100 +1433,38 @@ class Kubelet:
 
         self.run(evict())
 
-    def lose_node(self, node: str) -> None:
-        """The node dies: its processes vanish, the node goes NotReady + unreachable
-        taint, and its pods are failed as the node lifecycle controller does."""
+    def lose_node(self, node: str, *, keep_processes: bool = False) -> None:
+        """The node is lost: its kubelet stops renewing the Lease and posting status,
+        and stops acting on the node's pods. What follows is the real control plane's
+        doing: the node lifecycle controller marks it Unknown and taints it
+        unreachable, the taint-eviction controller deletes its pods once their
+        tolerations run out, and the pods stay Terminating (nobody confirms) until the
+        Node is deleted or tainted out-of-service.
+
+        The processes die with the node (a power loss) unless `keep_processes` (a
+        network partition: the trainer runs on, unseen)."""
 
         async def lose() -> None:
             self._lost_nodes.add(node)
-            await self._set_node_status(self.nodes[node], ready=False)
-            await self._request(
-                "PATCH",
-                f"/api/v1/nodes/{node}",
-                {
-                    "spec": {
-                        "taints": [
-                            *[dict(t) for t in self.nodes[node].taints],
-                            {
-                                "key": "node.kubernetes.io/unreachable",
-                                "effect": "NoExecute",
-                                "timeAdded": now_rfc3339(),
-                            },
-                        ]
-                    }
-                },
-                _MERGE,
-            )
+            if keep_processes:
+                return
             for run in [r for r in self.runs.values() if r.node == node]:
                 run.killed_for_node_loss = run.no_restart = True
                 for container in run.containers.values():
                     self._signal(container, signal.SIGKILL)
-                pod = self.pods.get(run.uid)
-                if pod is None:
-                    continue
-                now = now_rfc3339()
-                await self._patch_status(
-                    pod,
-                    {
-                        "phase": "Failed",
-                        "reason": "NodeLost",
-                        "message": f"Node {node} which was running pod {run.name} is unresponsive",
-                        "conditions": [
-                            {
-                                "type": "DisruptionTarget",
-                                "status": "True",
-                                "reason": "DeletionByTaintManager",
-                                "message": "Taint manager: deleting due to NoExecute taint",
-                                "lastTransitionTime": now,
-                                "lastProbeTime": None,
-                            },
-                            {
-                                "type": "Ready",
-                                "status": "False",
-                                "reason": "NodeLost",
-                                "message": "",
-                                "lastTransitionTime": now,
-                                "lastProbeTime": None,
-                            },
-                        ],
-                        "containerStatuses": [
-                            {
-                                "name": c["name"],
-                                "image": c.get("image", ""),
-                                "imageID": "",
-                                "ready": False,
-                                "started": False,
-                                "restartCount": 0,
-                                "state": {
-                                    "terminated": {
-                                        "exitCode": 137,
-                                        "reason": "ContainerStatusUnknown",
-                                        "message": "The container could not be located when the pod was terminated",
-                                        "finishedAt": now,
-                                        "startedAt": now,
-                                    }
-                                },
-                            }
-                            for c in (pod.get("spec") or {}).get("containers") or []
-                        ],
-                    },
-                )
 
         self.run(lose())
 
     def restore_node(self, node: str) -> None:
-        """Bring a lost node back (Ready, unreachable taint removed)."""
+        """The node's kubelet comes back: heartbeats resume (the node lifecycle
+        controller lifts the taints) and it acts on its pods again."""
 
         async def restore() -> None:
             self._lost_nodes.discard(node)
-            await self._request(
-                "PATCH",
-                f"/api/v1/nodes/{node}",
-                {"spec": {"taints": [dict(t) for t in self.nodes[node].taints]}},
-                _MERGE,
-            )
-            await self._set_node_status(self.nodes[node], ready=True)
-            self._wake_scheduler()
+            self._ready_since.pop(node, None)
+            await self._set_node_status(self.nodes[node])
+            await self._renew_lease(self.nodes[node])
+            await self._initial_list()
 
         self.run(restore())
 

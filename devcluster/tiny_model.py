@@ -2,7 +2,7 @@
 
 Everything here runs in seconds on a laptop CPU without network access:
 
-    from tests.harness.tiny_model import build_tiny_model, write_dataset
+    from devcluster.tiny_model import build_tiny_model, write_dataset
 
     model_dir = build_tiny_model(tmp / "model")            # HF model dir (safetensors)
     data = write_dataset(tmp / "train.jsonl", "alpaca", n=64)

