@@ -91,14 +91,22 @@ def _short(v: float | None) -> str:
 
 
 class CheckpointCallback(TrainerCallback):
-    """Publishes every local checkpoint to <output>/checkpoints/ as soon as it is saved."""
+    """Publishes every local checkpoint to <output>/checkpoints/attempt-<attempt>/ as
+    soon as it is saved."""
 
     def __init__(
-        self, storage: Storage, output_uri: str, board: ProgressBoard, job_fingerprint: str
+        self,
+        storage: Storage,
+        output_uri: str,
+        board: ProgressBoard,
+        job_fingerprint: str,
+        *,
+        attempt: int,
     ) -> None:
         self.storage = storage
         self.output_uri = output_uri
         self.fingerprint = job_fingerprint
+        self.attempt = attempt
         self.board = board
         self.last_uri: str | None = None
 
@@ -106,7 +114,9 @@ class CheckpointCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         local = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
-        remote = publish(self.storage, local, self.output_uri, self.fingerprint)
+        remote = publish(
+            self.storage, local, self.output_uri, self.fingerprint, attempt=self.attempt
+        )
         self.last_uri = remote.uri
         self.board.update(last_checkpoint=remote.uri)
 

@@ -216,6 +216,16 @@ def _work_dir(env: dict[str, str], local: bool) -> tuple[Path, bool]:
     return path, False
 
 
+def _attempt(env: dict[str, str]) -> int | None:
+    """The operator's attempt number (it fences the checkpoints); None when unset."""
+    value = env.get(ENV_ATTEMPT, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"{ENV_ATTEMPT}={value!r} is not an attempt number (1, 2, ...)")
+    return int(value)
+
+
 def _cache_dir(env: dict[str, str], work_dir: Path, local: bool) -> Path:
     if env.get(ENV_CACHE_DIR):
         return Path(env[ENV_CACHE_DIR])
@@ -239,7 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(loaded.config.to_wire(), indent=2))
             return ExitCode.OK
         local = args.job is not None or args.config is not None
-        log.info("config from %s (attempt %s)", loaded.source, env.get(ENV_ATTEMPT, "1"))
+        attempt = _attempt(env)
+        log.info("config from %s (attempt %s)", loaded.source, attempt or "not numbered")
         server = _start_progress_server(board, env, local)
         work_dir, is_temp = _work_dir(env, local)
         temp_work = work_dir if is_temp else None
@@ -259,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             board=board,
             stop=stop,
             job_name=env.get(ENV_JOB_NAME) or loaded.job_name,
+            attempt=attempt,
         )
         write_termination_message(run(loaded.config, inputs, rt))
         return ExitCode.OK

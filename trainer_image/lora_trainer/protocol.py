@@ -25,7 +25,7 @@ ENV_CACHE_DIR = "LORA_TRAINER_CACHE_DIR"  # download cache shared by jobs on a n
 ENV_PROGRESS_HOST = "LORA_TRAINER_PROGRESS_HOST"  # bind address; pods pass status.podIP
 ENV_PROGRESS_PORT = "LORA_TRAINER_PROGRESS_PORT"
 ENV_TERMINATION_LOG = "LORA_TRAINER_TERMINATION_LOG"  # default /dev/termination-log
-ENV_ATTEMPT = "LORA_TRAINER_ATTEMPT"  # 1-based attempt number, informational
+ENV_ATTEMPT = "LORA_TRAINER_ATTEMPT"  # 1-based attempt number; fences the checkpoints
 ENV_JOB_NAME = "LORA_TRAINER_JOB_NAME"  # "<namespace>/<name>", for the model card
 # Standard names boto3 and huggingface_hub read themselves.
 ENV_S3_ENDPOINT = "AWS_ENDPOINT_URL"
@@ -47,6 +47,7 @@ TERMINATION_MESSAGE_LIMIT = 4000
 # Object names under the output prefix.
 MANIFEST_NAME = "manifest.json"  # written last: its presence means "complete"
 CHECKPOINTS_DIR = "checkpoints"
+# Checkpoints: <output>/checkpoints/attempt-<N>/checkpoint-<step>/, one prefix per attempt.
 CHECKPOINT_COMPLETE_MARKER = "COMPLETE"  # written last inside each checkpoint
 
 

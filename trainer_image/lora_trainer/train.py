@@ -80,6 +80,9 @@ class Runtime:
     board: ProgressBoard
     stop: StopRequest
     job_name: str | None = None
+    # The operator's attempt number (LORA_TRAINER_ATTEMPT); checkpoints are written under
+    # checkpoints/attempt-<attempt>/. None (a local run): one past the attempts there.
+    attempt: int | None = None
 
 
 def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
@@ -105,7 +108,13 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
 
     # 3. Resume from the newest complete checkpoint, if an earlier attempt left one.
     ckpt_dir = rt.work_dir / "checkpoints"
-    resume = checkpoints.find_latest(rt.storage, cfg.output.uri)
+    attempt = rt.attempt or checkpoints.next_attempt(rt.storage, cfg.output.uri)
+    log.info(
+        "attempt %d: checkpoints go to %s",
+        attempt,
+        checkpoints.attempt_uri(cfg.output.uri, attempt),
+    )
+    resume = checkpoints.find_latest(rt.storage, cfg.output.uri, attempt)
     if resume:
         checkpoints.check_compatible(rt.storage, resume, cfg)
     resume_path = checkpoints.restore(rt.storage, resume, ckpt_dir) if resume else None
@@ -120,7 +129,9 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
     # 4. Train; a checkpoint of the last step is only loaded (training it again would
     # add a step).
     progress = ProgressCallback(rt.board)
-    saver = CheckpointCallback(rt.storage, cfg.output.uri, rt.board, checkpoints.fingerprint(cfg))
+    saver = CheckpointCallback(
+        rt.storage, cfg.output.uri, rt.board, checkpoints.fingerprint(cfg), attempt=attempt
+    )
     trainer = build_trainer(
         cfg,
         model,
