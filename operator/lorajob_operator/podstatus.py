@@ -17,12 +17,14 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
 from lora_trainer.protocol import PERMANENT_EXIT_CODES, ExitCode, TerminationMessage
 from pydantic import ValidationError
 
 from lorajob_operator.conditions import HINTS, Reason, reason_from_trainer, scrub
+from lorajob_operator.nodeloss import node_lost
 from lorajob_operator.objects import CONTAINER_NAME
 
 __all__ = ["OutcomeKind", "PodOutcome", "classify_pod", "parse_termination"]
@@ -299,8 +301,12 @@ def _waiting(pod: Mapping[str, Any], waiting: Mapping[str, Any]) -> PodOutcome |
     return None
 
 
-def classify_pod(pod: Mapping[str, Any]) -> PodOutcome:
-    """What a trainer pod's current state means for its LoRAJob."""
+def classify_pod(pod: Mapping[str, Any], now: datetime | None = None) -> PodOutcome:
+    """What a trainer pod's current state means for its LoRAJob.
+
+    With `now`, a pod still not terminal well past its deletion grace period counts
+    as lost with its node (nodeloss.node_lost); without it only a taint eviction does.
+    """
     status = pod.get("status") or {}
     phase = status.get("phase") or "Pending"
     container = _trainer_status(pod)
@@ -332,6 +338,10 @@ def classify_pod(pod: Mapping[str, Any]) -> PodOutcome:
             str(status.get("message") or status.get("reason") or "the trainer pod failed"),
             retryable=True,
         )
+
+    # Terminating on a node that is gone: it never finishes, whatever it still reports.
+    if (lost := node_lost(pod, now)) is not None:
+        return _outcome("disrupted", Reason.NODE_LOST, lost, retryable=True)
 
     if phase == "Unknown":
         return _outcome(

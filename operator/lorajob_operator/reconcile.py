@@ -18,7 +18,15 @@ State lives only in the resources, never in memory:
   accounted, so a failed pod left for `kubectl logs` is never counted twice.
   Finished jobs keep `podName` so people can find the last pod.
 * A new attempt starts only when no pod of the job is alive (not even one that
-  is still terminating), so two trainers never write checkpoints at once.
+  is still terminating): a trainer stopped by SIGTERM saves a checkpoint within its
+  grace period, and the next attempt resumes from it. The one exception is a pod
+  whose node was lost (`nodeloss.node_lost`): it stays terminating, still
+  "Running", until PodGC removes it, so it counts as a NodeLost disruption and the
+  next attempt starts beside it. Its trainer may still run (a partitioned node);
+  that is safe because each attempt writes its checkpoints under its own prefix
+  (`<output>/checkpoints/attempt-<N>/`) and prunes only its own. Such a pod is of
+  an older attempt than `status.attempts`, so it never holds up (nor is mistaken
+  for) the attempt that replaced it.
 
 The order of `decide()`, each step a section below:
 
@@ -57,6 +65,7 @@ from lorajob_operator.conditions import (
     get_condition,
     set_condition,
 )
+from lorajob_operator.nodeloss import node_lost
 from lorajob_operator.podstatus import PodOutcome, classify_pod
 from lorajob_operator.settings import OperatorSettings
 
@@ -357,7 +366,11 @@ def _is_finished(job: Mapping[str, Any]) -> bool:
 
 def needs_new_attempt(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> bool:
     """Whether `decide()` may create a pod now, so the handler should look up the
-    Secrets and the namespace's running jobs first (they cost API calls)."""
+    Secrets and the namespace's running jobs first (they cost API calls).
+
+    A terminating pod does not rule it out: decide() may find its node lost (that
+    depends on the time of the decision) and start the next attempt beside it.
+    """
     meta = job.get("metadata") or {}
     spec = job.get("spec") or {}
     status = _status(job)
@@ -367,7 +380,12 @@ def needs_new_attempt(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]])
         return False
     if status.get("phase") == Phase.FAILED and _int(status.get("attempts")):
         return False
-    return not any(is_live(p) for p in pods)
+    return not any(is_live(p) and not _is_terminating(p) for p in pods)
+
+
+def _blocking(pods: Sequence[Mapping[str, Any]], now: datetime) -> list[Mapping[str, Any]]:
+    """The live pods the next attempt must wait for: all but those whose node is lost."""
+    return [p for p in pods if is_live(p) and node_lost(p, now) is None]
 
 
 def progress_pod_ip(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> str | None:
@@ -538,7 +556,9 @@ def decide(obs: Observed, settings: OperatorSettings) -> Decision:
 
     spec_in = obs.job.get("spec") or {}
     suspend_requested = isinstance(spec_in, Mapping) and spec_in.get("suspend") is True
-    live = [p for p in obs.pods if is_live(p)]
+    # Pods of lost nodes never finish terminating: they are left to PodGC and hold
+    # nothing up (nodeloss.py says why, and why they are not force-deleted).
+    live = _blocking(obs.pods, obs.now)
     parsed = b.parsed()
     spec = parsed.spec
     invalid: tuple[Reason, str] | None = None
@@ -694,7 +714,7 @@ def _account_current_pod(b: _Builder, spec: api.LoRAJobSpec | None) -> None:
             return
         _disrupted(b, attempt, Reason.DISRUPTED, f"pod {name} was deleted")
         return
-    outcome = classify_pod(current)
+    outcome = classify_pod(current, obs.now)
     suspending = (obs.job.get("spec") or {}).get("suspend") is True or b.cond_is(
         ConditionType.SUSPENDED
     )
@@ -1033,6 +1053,9 @@ def _maybe_create(b: _Builder, spec: api.LoRAJobSpec, current_hash: str) -> None
     name = _pod_name(body) or objects.pod_name(b.name, attempt)
     resume = " (resumes from the last checkpoint)" if attempt > 1 else ""
     message = f"created pod {name} for attempt {attempt}{resume}"
+    for pod in obs.pods:
+        if pod_attempt(pod) == attempt - 1 and (lost := node_lost(pod, b.now)):
+            message += f" beside pod {_pod_name(pod)} of attempt {attempt - 1}: {lost}"
     b.set("attempts", attempt)
     b.set("podName", name)
     b.set("nodeName", None)

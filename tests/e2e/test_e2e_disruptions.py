@@ -64,12 +64,18 @@ def test_evicted_trainer_resumes_from_its_checkpoint(cluster: Cluster) -> None:
     # Every checkpoint that exists is complete, and the adapter is published.
     objects = cluster.s3_objects("adapters/evicted/")
     assert "adapters/evicted/manifest.json" in objects
+    # Each attempt wrote under its own prefix (checkpoints/attempt-<N>/checkpoint-<step>/).
     checkpoints = {
-        k.split("/")[3] for k in objects if k.startswith("adapters/evicted/checkpoints/")
+        "/".join(k.split("/")[3:5])
+        for k in objects
+        if k.startswith("adapters/evicted/checkpoints/")
     }
     assert checkpoints
+    assert {c.split("/")[0] for c in checkpoints} <= {"attempt-1", "attempt-2"}, checkpoints
+    assert any(c.startswith("attempt-1/") for c in checkpoints), checkpoints
     for checkpoint in checkpoints:
         assert f"adapters/evicted/checkpoints/{checkpoint}/COMPLETE" in objects, checkpoint
+    assert f"/checkpoints/attempt-1/checkpoint-{stopped[1]}" in resumed[0], resumed[0]
     assert status["adapter"]["uri"] == f"s3://{BUCKET}/adapters/evicted"
 
 

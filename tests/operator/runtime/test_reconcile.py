@@ -698,3 +698,174 @@ def test_a_spec_parsed_before_decides_like_one_parsed_in_decide(
     assert cached.status == fresh.status
     assert cached.phase == fresh.phase
     assert (cached.create and cached.create.body) == (fresh.create and fresh.create.body)
+
+
+# --------------------------------------------------------------------------- node loss
+
+# The pod's grace period (terminationGracePeriodSeconds): the API server sets
+# deletionTimestamp to the time of the delete request plus this much.
+GRACE = 120
+
+
+def _terminating(
+    attempt: int, deleted: float, *, taint_eviction: bool = False, **kwargs: Any
+) -> dict[str, Any]:
+    """A pod of `attempt` whose deletion was requested `deleted` seconds after T0 and
+    that still reports Running: its kubelet has not (or cannot) stop it.
+
+    With `taint_eviction` it has the shape a real cluster gives a pod on a node that
+    stopped heartbeating: the node lifecycle controller marked it not Ready, and the
+    taint-eviction controller deleted it once its toleration of
+    node.kubernetes.io/unreachable:NoExecute ran out.
+    """
+    conditions: list[dict[str, Any]] = kwargs.pop("conditions", None) or []
+    if taint_eviction:
+        conditions = [
+            {"type": "Ready", "status": "False", "lastTransitionTime": stamp(at(deleted - 300))},
+            {
+                "type": "DisruptionTarget",
+                "status": "True",
+                "reason": "DeletionByTaintManager",
+                "message": "Taint manager: deleting due to NoExecute taint",
+                "lastTransitionTime": stamp(at(deleted)),
+            },
+        ]
+    body = pod(attempt, "Running", conditions=conditions, **kwargs)
+    body["metadata"]["deletionTimestamp"] = stamp(at(deleted + GRACE))
+    body["metadata"]["deletionGracePeriodSeconds"] = GRACE
+    return body
+
+
+def _running_second_attempt_after_a_failure(w: World) -> None:
+    """Attempt 1 failed (retryable, counted); attempt 2 runs."""
+    w.started()
+    msg = termination("Failed", reason="StorageError", message="S3 503", retryable=True)
+    w.replace_pod(pod(1, "Failed", exit_code=ExitCode.TRANSIENT, message=msg, finished=at(50)))
+    w.step(at(51))
+    assert w.step(at(61)).create is not None
+    w.pods.append(pod(2))
+    w.step(at(62))
+    assert w.status["phase"] == "Running"
+    assert w.status["failedAttempts"] == 1
+
+
+def test_pod_of_a_lost_node_starts_the_next_attempt_at_once() -> None:
+    w = World()
+    _running_second_attempt_after_a_failure(w)
+    # The node stopped heartbeating; 300s later the taint-eviction controller deleted the
+    # pod. Its kubelet is gone: the pod stays Running and terminating until PodGC.
+    w.replace_pod(_terminating(2, 900, taint_eviction=True))
+    d = w.step(at(901))
+    # A disruption: no backoff (attempt 1's failure would impose one), nothing counted.
+    assert d.create is not None
+    assert d.create.attempt == 3
+    assert w.status["attempts"] == 3
+    assert w.status["podName"] == f"{NAME}-3"
+    assert w.status["disruptions"] == 1
+    assert w.status["failedAttempts"] == 1
+    assert ("disruption", Reason.NODE_LOST) in [(t.kind, t.reason) for t in d.tallies]
+    assert d.delete == []  # left for PodGC, never force-deleted
+    lost = [e for e in d.events if e.reason == Reason.NODE_LOST]
+    assert [e.type for e in lost] == ["Warning"]
+    assert "node gpu-node-1 was lost" in lost[0].message
+    assert "a new attempt resumes from the last checkpoint" in lost[0].message
+    assert "not counted against backoffLimit" in lost[0].message
+    created = [e.message for e in d.events if e.reason == Reason.POD_CREATED]
+    assert len(created) == 1
+    assert created[0].startswith(
+        f"created pod {NAME}-3 for attempt 3 (resumes from the last checkpoint) beside pod "
+        f"{NAME}-2 of attempt 2: node gpu-node-1 was lost"
+    )
+    # The new attempt learns its number, which fences its checkpoints.
+    env = {e["name"]: e.get("value") for e in d.create.body["spec"]["containers"][0]["env"]}
+    assert env["LORA_TRAINER_ATTEMPT"] == "3"
+
+
+def test_lost_old_pod_beside_the_new_attempt_makes_no_third_attempt() -> None:
+    w = World()
+    w.started()
+    w.replace_pod(_terminating(1, 900, taint_eviction=True))
+    assert w.step(at(901)).create is not None
+    # While the new pod starts and once it runs: the lost pod holds nothing up, and it
+    # is recognised as an older attempt's.
+    w.pods.append(pod(2, "Pending"))
+    for now in (902, 960, 5000):
+        d = w.step(at(now))
+        assert d.create is None
+        assert d.delete == []
+        w.replace_pod(pod(2))
+    assert w.status["attempts"] == 2
+    assert w.status["podName"] == f"{NAME}-2"
+    assert w.status["phase"] == "Running"
+    assert w.status["disruptions"] == 1
+    assert not reconcile.needs_new_attempt(w.job, w.pods)
+    # Attempt 2 fails: its retry waits for the backoff only, not for the lost pod.
+    msg = termination("Failed", reason="StorageError", message="S3 503", retryable=True)
+    w.replace_pod(pod(2, "Failed", exit_code=ExitCode.TRANSIENT, message=msg, finished=at(6000)))
+    assert w.step(at(6001)).create is None
+    d = w.step(at(6011))
+    assert d.create is not None
+    assert d.create.attempt == 3
+
+
+def test_terminating_pod_within_its_grace_period_is_waited_for() -> None:
+    w = World()
+    w.started()
+    eviction = {
+        "type": "DisruptionTarget",
+        "status": "True",
+        "reason": "EvictionByEvictionAPI",
+        "message": "Eviction API: evicting",
+    }
+    w.replace_pod(_terminating(1, 100, conditions=[eviction]))
+    # The trainer got SIGTERM and is saving a checkpoint: the next attempt waits for it.
+    d = w.step(at(101))
+    assert d.create is None
+    assert w.status["disruptions"] == 1
+    assert d.requeue_after == pytest.approx(reconcile.TERMINATING_RECHECK_SECONDS)
+    # Still waiting at the end of the grace period and a little past it.
+    assert w.step(at(100 + GRACE)).create is None
+    assert w.step(at(100 + GRACE + 29)).create is None
+    assert reconcile.needs_new_attempt(w.job, w.pods)  # the handler gathers the facts
+    # 30s past its deletionTimestamp the pod still reports Running: the kubelet never
+    # confirmed, the node is lost.
+    d = w.step(at(100 + GRACE + 30))
+    assert d.create is not None
+    assert d.create.attempt == 2
+    assert w.status["disruptions"] == 1  # counted once, when the eviction began
+    assert d.delete == []
+
+
+def test_pod_deleted_without_reason_on_a_lost_node_is_node_lost() -> None:
+    w = World()
+    w.started()
+    w.replace_pod(_terminating(1, 100))  # e.g. kubectl delete, node gone meanwhile
+    assert w.step(at(101)).create is None
+    d = w.step(at(100 + GRACE + 31))
+    assert d.create is not None
+    # Counted as a disruption when the deletion began; the new attempt's message says
+    # why it did not wait any longer.
+    assert w.status["disruptions"] == 1
+    message = w.cond(ConditionType.RUNNING)["message"]
+    assert message.startswith(
+        f"created pod {NAME}-2 for attempt 2 (resumes from the last checkpoint) beside pod "
+        f"{NAME}-1 of attempt 1: node gpu-node-1 was lost"
+    )
+    assert "still reports Running 30s after its deletion grace period ended" in message
+    assert [e.message for e in d.events if e.reason == Reason.POD_CREATED] == [message]
+
+
+def test_suspended_job_is_not_held_up_by_a_lost_pod() -> None:
+    w = World()
+    w.started()
+    w.job["spec"]["suspend"] = True
+    w.job["metadata"]["generation"] = 2
+    w.step(at(10))
+    w.replace_pod(_terminating(1, 10, taint_eviction=True))
+    w.step(at(11))
+    assert w.status["phase"] == "Suspended"
+    w.job["spec"]["suspend"] = False
+    w.job["metadata"]["generation"] = 3
+    d = w.step(at(20))
+    assert d.create is not None
+    assert d.create.attempt == 2

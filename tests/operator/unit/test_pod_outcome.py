@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from lora_trainer.protocol import (
     TerminationMessage,
 )
 from lorajob_operator.conditions import Reason
+from lorajob_operator.nodeloss import NODE_LOST_MARGIN_SECONDS, node_lost
 from lorajob_operator.podstatus import PodOutcome, classify_pod, parse_termination
 
 IMAGE = "ghcr.io/loraops/lora-trainer:0.1.0"
@@ -487,3 +489,99 @@ def test_long_log_tail_is_truncated() -> None:
     )
     assert len(outcome.message) <= 1024
     assert outcome.message.endswith("RuntimeError: boom")
+
+
+# --------------------------------------------------------------------------- node loss
+
+DELETED_AT = datetime(2026, 1, 1, tzinfo=UTC)  # pod(deleting=True)'s deletionTimestamp
+TAINT_EVICTION = {
+    "type": "DisruptionTarget",
+    "status": "True",
+    "reason": "DeletionByTaintManager",
+    "message": "Taint manager: deleting due to NoExecute taint",
+}
+NOT_READY = {"type": "Ready", "status": "False"}
+
+
+def on_node(p: dict[str, Any]) -> dict[str, Any]:
+    p["spec"]["nodeName"] = "gpu-7"
+    return p
+
+
+def after(seconds: float) -> datetime:
+    return DELETED_AT + timedelta(seconds=seconds)
+
+
+def test_pod_evicted_from_an_unreachable_node_is_node_lost() -> None:
+    """What a real cluster shows once the kubelet stopped heartbeating: the pod stays
+    Running (nobody can stop its containers) while terminating, for good."""
+    p = on_node(
+        pod(
+            "Running",
+            state={"running": {}},
+            conditions=[NOT_READY, TAINT_EVICTION],
+            deleting=True,
+        )
+    )
+    for now in (None, after(-100), after(3600)):
+        outcome = classify_pod(p, now)
+        check(outcome, "disrupted", Reason.NODE_LOST, True)
+        assert outcome.message.startswith("node gpu-7 was lost: the taint-eviction controller")
+        assert "left for the pod garbage collector" in outcome.message
+    assert node_lost(p, None) == classify_pod(p).message
+
+
+@pytest.mark.parametrize(
+    ("conditions", "in_grace"),
+    [
+        ([], Reason.POD_DELETED),
+        (
+            [{"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}],
+            Reason.PREEMPTED,
+        ),
+    ],
+)
+def test_pod_never_confirmed_deleted_is_node_lost_past_the_margin(
+    conditions: list[dict[str, Any]], in_grace: Reason
+) -> None:
+    p = on_node(pod("Running", state={"running": {}}, conditions=conditions, deleting=True))
+    # deletionTimestamp already includes the grace period: until it has passed by
+    # NODE_LOST_MARGIN_SECONDS the trainer may still be saving its checkpoint.
+    check(classify_pod(p), "disrupted", in_grace, True)
+    check(classify_pod(p, after(-60)), "disrupted", in_grace, True)
+    check(classify_pod(p, after(NODE_LOST_MARGIN_SECONDS - 1)), "disrupted", in_grace, True)
+    outcome = classify_pod(p, after(NODE_LOST_MARGIN_SECONDS))
+    check(outcome, "disrupted", Reason.NODE_LOST, True)
+    assert outcome.message == (
+        "node gpu-7 was lost: the trainer pod still reports Running 30s after its deletion "
+        "grace period ended, so its kubelet is not responding; the pod is left for the pod "
+        "garbage collector"
+    )
+
+
+def test_pending_pod_stuck_terminating_is_node_lost() -> None:
+    p = pod("Pending", state={"waiting": {"reason": "ContainerCreating"}}, deleting=True)
+    outcome = classify_pod(p, after(3600))
+    check(outcome, "disrupted", Reason.NODE_LOST, True)
+    assert outcome.message.startswith(
+        "the pod's node was lost: the trainer pod still reports Pending"
+    )
+
+
+def test_pods_the_kubelet_answered_for_are_not_node_lost() -> None:
+    late = after(3600)
+    # Not being deleted: running, however long.
+    check(
+        classify_pod(pod("Running", state={"running": {}}), late),
+        "running",
+        Reason.TRAINER_RUNNING,
+        True,
+    )
+    # The kubelet reported the trainer's exit (checkpoint saved on SIGTERM).
+    stopped = pod("Running", state=terminated(ExitCode.INTERRUPTED), deleting=True)
+    check(classify_pod(stopped, late), "disrupted", Reason.POD_DELETED, True)
+    # Terminal phases are final: node_lost() is only about pods that never end.
+    for phase in ("Failed", "Succeeded"):
+        ended = pod(phase, conditions=[TAINT_EVICTION], deleting=True)
+        assert node_lost(ended, late) is None
+    assert node_lost(pod("Running", conditions=[TAINT_EVICTION]), late) is None
