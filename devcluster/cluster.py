@@ -384,6 +384,18 @@ class Cluster:
         assert self.ca is not None
         return kubeconfig_dict(self.url, self.ca.pem, token=token, cert=cert, namespace=namespace)
 
+    @property
+    def admin_cert(self) -> CertFiles:
+        """The admin's client certificate and key (`system:masters`) and the CA, as PEM
+        files (for a client in another process)."""
+        assert self._admin is not None, "the cluster was never started"
+        return self._admin
+
+    def admin_ssl_context(self) -> ssl.SSLContext:
+        """A new context that trusts the cluster's CA and presents the admin's client
+        certificate (for an HTTP client of one's own, e.g. aiohttp)."""
+        return self.admin_cert.client_context()
+
     def service_account_token(self, namespace: str, name: str, *, seconds: int = 24 * 3600) -> str:
         """A token for the ServiceAccount from the TokenRequest API (as the kubelet
         mounts them into pods)."""
@@ -541,8 +553,25 @@ class Cluster:
 
         wait_for(established, timeout=timeout, message=f"CRD {crd_name} Established")
 
+    def compact_etcd(self) -> int:
+        """Compact etcd's history up to now (what the API server does every 5 minutes);
+        returns the revision. Watches from an older resourceVersion that are served by
+        etcd (not the watch cache) then end with 410 Gone."""
+        status = _etcd_call(self.etcd_url, "/v3/kv/range", {"key": "AA==", "limit": 1})
+        revision = int(status["header"]["revision"])
+        _etcd_call(self.etcd_url, "/v3/kv/compaction", {"revision": revision, "physical": True})
+        return revision
+
     def log_files(self) -> Mapping[str, Path]:
         return {name: process.log for name, process in self.processes.items()}
+
+
+def _etcd_call(base: str, path: str, body: Obj) -> Obj:
+    """One call to etcd's JSON gateway (its gRPC API over HTTP)."""
+    request = urllib.request.Request(base + path, data=json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        result: Obj = json.loads(response.read())
+    return result
 
 
 def _http_ok(url: str) -> bool:
