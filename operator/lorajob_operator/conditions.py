@@ -134,9 +134,11 @@ HINTS: dict[Reason, str] = {
     "/ epochs",
     Reason.BACKOFF_LIMIT_EXCEEDED: "every attempt failed; fix the cause in the last "
     "failure message, or raise spec.backoffLimit for flaky infrastructure",
-    Reason.EVICTED: "the pod was evicted; the job resumes from its last checkpoint",
-    Reason.PREEMPTED: "a higher-priority workload took the GPU; the job resumes from its "
-    "last checkpoint when capacity returns",
+    Reason.EVICTED: "the pod was evicted (the message says by whom: the node, the eviction "
+    "API or Kueue); the job resumes from its last checkpoint",
+    Reason.PREEMPTED: "a higher-priority workload (or, with Kueue, a queue reclaiming the "
+    "quota it lent) took the resources; the job resumes from its last checkpoint when "
+    "capacity returns",
     Reason.NODE_LOST: "the node went away; the job resumes from its last checkpoint",
     Reason.DISRUPTED: "the pod was stopped from outside; the job resumes from its last checkpoint",
     Reason.SUSPENDED_BY_USER: "set spec.suspend: false to resume from the last checkpoint",

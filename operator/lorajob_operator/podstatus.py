@@ -7,8 +7,8 @@ The kinds and what the operator does with them:
   succeeded  exit 0 with a termination message; record the adapter
   failed     the attempt failed; `retryable` says whether a new attempt may help
              (and counts toward backoffLimit) or the job fails now
-  disrupted  stopped from outside (eviction, preemption, node loss, SIGTERM);
-             start a new attempt that resumes from the last checkpoint, not counted
+  disrupted  stopped from outside (eviction, preemption, Kueue stopping it, node loss,
+             SIGTERM); start a new attempt that resumes from the last checkpoint, not counted
   unknown    the node stopped reporting; wait for the pod to resolve
 """
 
@@ -34,8 +34,7 @@ OutcomeKind = Literal["pending", "queued", "running", "succeeded", "failed", "di
 SIGKILL_EXIT = 137
 SIGTERM_EXIT = 143
 
-# Reasons on a pod's DisruptionTarget condition (Kubernetes) or TerminationTarget
-# condition (Kueue's plain-pod integration) and what they mean for the job.
+# Reasons on a pod's DisruptionTarget condition (Kubernetes) and what they mean for the job.
 _DISRUPTION_REASONS: dict[str, Reason] = {
     "EvictionByEvictionAPI": Reason.EVICTED,
     "PreemptionByScheduler": Reason.PREEMPTED,
@@ -43,7 +42,34 @@ _DISRUPTION_REASONS: dict[str, Reason] = {
     "DeletionByTaintManager": Reason.NODE_LOST,
     "DeletionByPodGC": Reason.NODE_LOST,
     "TerminationByKubelet": Reason.EVICTED,
-    "StoppedByKueue": Reason.PREEMPTED,
+}
+# Kueue's plain-pod integration (v0.17) stops a pod it admitted by setting the pod
+# condition TerminationTarget=True and deleting the pod (pkg/controller/jobs/pod Stop).
+# The reason is jobframework's StopReason; an eviction of the pod's Workload reads
+# "WorkloadEvictedDueTo" + the Workload's Evicted reason (jobframework stopJob), e.g.
+# WorkloadEvictedDueToPreempted. None of them is the trainer's doing, so every one is a
+# disruption: the next attempt (a new pod, hence a new Workload that queues again)
+# resumes from the last checkpoint and backoffLimit is untouched.
+_KUEUE_EVICTED = "WorkloadEvictedDueTo"
+_KUEUE_STOP_REASONS: dict[str, Reason] = {
+    # Preempted for a higher-priority workload, a cohort reclaiming its lent quota, or
+    # fair sharing (the Workload's Preempted condition says which).
+    f"{_KUEUE_EVICTED}Preempted": Reason.PREEMPTED,
+    # Topology-aware scheduling found no replacement for the pod's failed node.
+    f"{_KUEUE_EVICTED}NodeFailures": Reason.NODE_LOST,
+    # Any other WorkloadEvictedDueTo<X> (PodsReadyTimeout, AdmissionCheck,
+    # ClusterQueueStopped, LocalQueueStopped, Deactivated, EvictedOnManagerCluster) and
+    # a bare WorkloadEvicted (no Evicted condition left to name why) map to EVICTED. A
+    # Deactivated Workload does not stop the job for good: its pod is gone, and the
+    # next attempt's pod gets a new, active Workload (spec.suspend stops a LoRAJob).
+    "WorkloadEvicted": Reason.EVICTED,
+    # Someone deleted the running pod's Workload; Kueue deletes the pod with it.
+    "WorkloadDeleted": Reason.DISRUPTED,
+    # The pod ran without a Workload that matches it (deleted before Kueue saw it, or
+    # the pod no longer matches its spec); Kueue stops it rather than run it unaccounted.
+    "NoMatchingWorkload": Reason.DISRUPTED,
+    # The pod ran (its gate removed) while its Workload was not admitted.
+    "NotAdmitted": Reason.DISRUPTED,
 }
 # Pod-level status.reason values set by the kubelet or node lifecycle controller.
 _POD_REASONS: dict[str, Reason] = {
@@ -137,10 +163,21 @@ def _image(pod: Mapping[str, Any]) -> str:
     return "?"
 
 
+def _kueue_stop(kueue_reason: str, message: str) -> tuple[Reason, str]:
+    """What Kueue's TerminationTarget condition means: the Reason and a message that
+    says Kueue stopped the pod and why (its reason, then its message)."""
+    reason = _KUEUE_STOP_REASONS.get(kueue_reason)
+    if reason is None:
+        reason = Reason.EVICTED if kueue_reason.startswith(_KUEUE_EVICTED) else Reason.DISRUPTED
+    why = f"stopped by Kueue ({kueue_reason or 'no reason given'})"
+    return reason, f"{why}: {message}" if message else why
+
+
 def _disruption(pod: Mapping[str, Any]) -> tuple[Reason, str] | None:
     """Why the pod was stopped from outside, if it was."""
-    condition = _condition(pod, "DisruptionTarget", "TerminationTarget")
-    if condition:
+    if condition := _condition(pod, "TerminationTarget"):
+        return _kueue_stop(str(condition.get("reason") or ""), str(condition.get("message") or ""))
+    if condition := _condition(pod, "DisruptionTarget"):
         reason = _DISRUPTION_REASONS.get(str(condition.get("reason")), Reason.DISRUPTED)
         return reason, str(condition.get("message") or condition.get("reason") or "")
     status = pod.get("status") or {}

@@ -348,15 +348,17 @@ def test_eviction_starts_new_attempt_without_counting_a_failure() -> None:
 def test_kueue_preemption_is_a_disruption() -> None:
     w = World()
     w.started()
+    # What Kueue v0.17 writes on the pod before deleting it.
     target = {
-        "type": "DisruptionTarget",
+        "type": "TerminationTarget",
         "status": "True",
-        "reason": "PreemptionByScheduler",
-        "message": "Preempted by Kueue",
+        "reason": "WorkloadEvictedDueToPreempted",
+        "message": "Preempted to accommodate a workload due to prioritization in the ClusterQueue",
     }
     w.replace_pod(pod(1, "Running", conditions=[target], deleting=True))
     d = w.step(at(21))
     assert w.status["disruptions"] == 1
+    assert ("disruption", Reason.PREEMPTED) in [(t.kind, t.reason) for t in d.tallies]
     assert d.create is None  # the old trainer is still checkpointing
     assert d.delete == []
     w.pods = []

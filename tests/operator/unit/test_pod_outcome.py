@@ -17,7 +17,7 @@ from lora_trainer.protocol import (
 )
 from lorajob_operator.conditions import Reason
 from lorajob_operator.nodeloss import NODE_LOST_MARGIN_SECONDS, node_lost
-from lorajob_operator.podstatus import PodOutcome, classify_pod, parse_termination
+from lorajob_operator.podstatus import SIGTERM_EXIT, PodOutcome, classify_pod, parse_termination
 
 IMAGE = "ghcr.io/loraops/lora-trainer:0.1.0"
 
@@ -369,20 +369,80 @@ def test_disruption_target(condition_reason: str, reason: Reason) -> None:
     check(killed, "disrupted", reason, True)
 
 
+# What Kueue v0.17 writes on TerminationTarget when it stops a pod it manages
+# (jobframework StopReason; evictions as "WorkloadEvictedDueTo" + the Evicted reason).
+_PREEMPTED_MESSAGE = (
+    "Preempted to accommodate a workload (UID: 1f2e, JobUID: 3d4c) due to prioritization "
+    "in the ClusterQueue; preemptor path: /gpus; preemptee path: /gpus"
+)
+
+
+def kueue_stopped(reason: str, message: str = "why") -> list[dict[str, Any]]:
+    return [{"type": "TerminationTarget", "status": "True", "reason": reason, "message": message}]
+
+
 def test_kueue_preemption() -> None:
-    conditions = [
-        {
-            "type": "TerminationTarget",
-            "status": "True",
-            "reason": "StoppedByKueue",
-            "message": "Preempted to accommodate a higher priority Workload",
-        }
-    ]
+    conditions = kueue_stopped("WorkloadEvictedDueToPreempted", _PREEMPTED_MESSAGE)
     outcome = classify_pod(
         pod("Failed", state=terminated(ExitCode.INTERRUPTED), conditions=conditions)
     )
     check(outcome, "disrupted", Reason.PREEMPTED, True)
-    assert "higher priority" in outcome.message
+    assert not outcome.counts_toward_backoff
+    assert "stopped by Kueue (WorkloadEvictedDueToPreempted)" in outcome.message
+    assert "prioritization in the ClusterQueue" in outcome.message
+
+
+def test_kueue_preemption_while_terminating() -> None:
+    """Kueue sets the condition and deletes the pod: the trainer still checkpoints."""
+    running = {"running": {"startedAt": "2026-01-01T00:00:00Z"}}
+    conditions = kueue_stopped("WorkloadEvictedDueToPreempted", _PREEMPTED_MESSAGE)
+    outcome = classify_pod(pod("Running", state=running, conditions=conditions, deleting=True))
+    check(outcome, "disrupted", Reason.PREEMPTED, True)
+    # Admitted but not started yet (still Pending) when preempted.
+    pending = classify_pod(pod("Pending", conditions=conditions, deleting=True))
+    check(pending, "disrupted", Reason.PREEMPTED, True)
+
+
+@pytest.mark.parametrize(
+    ("kueue_reason", "reason"),
+    [
+        ("WorkloadEvictedDueToPreempted", Reason.PREEMPTED),
+        ("WorkloadEvictedDueToNodeFailures", Reason.NODE_LOST),
+        ("WorkloadEvictedDueToPodsReadyTimeout", Reason.EVICTED),
+        ("WorkloadEvictedDueToAdmissionCheck", Reason.EVICTED),
+        ("WorkloadEvictedDueToClusterQueueStopped", Reason.EVICTED),
+        ("WorkloadEvictedDueToLocalQueueStopped", Reason.EVICTED),
+        ("WorkloadEvictedDueToDeactivated", Reason.EVICTED),
+        ("WorkloadEvictedDueToEvictedOnManagerCluster", Reason.EVICTED),
+        ("WorkloadEvictedDueToSomethingNew", Reason.EVICTED),
+        ("WorkloadEvicted", Reason.EVICTED),
+        ("WorkloadDeleted", Reason.DISRUPTED),
+        ("NoMatchingWorkload", Reason.DISRUPTED),
+        ("NotAdmitted", Reason.DISRUPTED),
+        ("", Reason.DISRUPTED),
+    ],
+)
+def test_kueue_stop_reasons_are_disruptions(kueue_reason: str, reason: Reason) -> None:
+    conditions = kueue_stopped(kueue_reason, "Kueue's message")
+    for state in (terminated(ExitCode.INTERRUPTED), terminated(SIGTERM_EXIT), terminated(137)):
+        outcome = classify_pod(pod("Failed", state=state, conditions=conditions))
+        check(outcome, "disrupted", reason, True)
+        assert not outcome.counts_toward_backoff
+        assert outcome.message.startswith("stopped by Kueue")
+        assert "Kueue's message" in outcome.message
+    # Without container statuses (deleted before it started).
+    check(classify_pod(pod("Failed", conditions=conditions)), "disrupted", reason, True)
+
+
+def test_kueue_stop_without_message_names_the_reason() -> None:
+    outcome = classify_pod(pod("Failed", conditions=kueue_stopped("NotAdmitted", "")))
+    assert outcome.message == "stopped by Kueue (NotAdmitted)"
+
+
+def test_kueue_condition_false_is_ignored() -> None:
+    conditions = [{"type": "TerminationTarget", "status": "False", "reason": "NotAdmitted"}]
+    outcome = classify_pod(pod("Failed", state=terminated(1, "boom"), conditions=conditions))
+    check(outcome, "failed", Reason.TRAINER_ERROR, True)
 
 
 def test_kubelet_eviction_for_memory_pressure() -> None:
