@@ -2,9 +2,11 @@
 
 What runs, all on 127.0.0.1 and all stopped at the end:
   * an S3 server (SeaweedFS) that enforces credentials,
-  * a Kubernetes API emulator that the real kubectl 1.35 talks to,
-  * a test kubelet that runs trainer pods as local processes,
-  * the real operator (`kopf run -m lorajob_operator.handlers`),
+  * a real Kubernetes control plane: etcd, kube-apiserver, kube-controller-manager
+    and kube-scheduler v1.35 (built once by `make cluster-tools`), with RBAC,
+  * a process kubelet that runs trainer pods as local processes,
+  * the real operator (`kopf run -m lorajob_operator.handlers`), as the Helm chart's
+    ServiceAccount with the chart's RBAC,
   * the real trainer (`python -m lora_trainer`), fine-tuning a tiny Llama with QLoRA
     (bitsandbytes NF4) on the CPU.
 
@@ -158,7 +160,11 @@ def show_adapter(cp: ControlPlane, status: dict[str, Any]) -> None:
 def run(keep: bool) -> int:
     with tempfile.TemporaryDirectory(prefix="lorajob-demo-") as tmp:
         workdir = Path(tmp)
-        say("Starting a local control plane: S3, Kubernetes API, test kubelet, operator")
+        say(
+            "Starting a local cluster: etcd, kube-apiserver, kube-controller-manager, "
+            "kube-scheduler, a process kubelet, S3 and the operator"
+        )
+        started = time.monotonic()
         plane = ControlPlane(
             nodes=[cpu_node()],
             s3_buckets=[BUCKET],
@@ -172,6 +178,8 @@ def run(keep: bool) -> int:
             },
         )
         with plane as cp:
+            version = cp.cluster.request("GET", "/version")["gitVersion"]
+            detail(f"Kubernetes {version} up in {time.monotonic() - started:.1f}s")
             detail(f"KUBECONFIG={cp.kubeconfig}")
             detail(f"S3 endpoint {cp.s3.endpoint}")
             manifest = manifest_for(cp.s3.endpoint)
