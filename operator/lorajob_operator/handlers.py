@@ -381,6 +381,18 @@ class NoDiffBase(kopf.DiffBaseStorage):
         del body, patch, essence  # nothing to keep (see the class docstring)
 
 
+def _throttled_retries_are_warnings(record: logging.LogRecord) -> bool:
+    """Log kopf's "Request attempt N failed; will retry: ... 429" at WARNING, not ERROR:
+    the server asked for a pause and kopf takes it. A final failure stays an ERROR."""
+    if (
+        record.levelno == logging.ERROR
+        and "will retry" in str(record.msg)
+        and "APITooManyRequestsError" in record.getMessage()
+    ):
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+    return True
+
+
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) -> None:
     global RUNTIME  # noqa: PLW0603 - one runtime per operator process
@@ -409,6 +421,10 @@ async def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: A
     # kopf logs every successful handler call at INFO; with a watch handler on
     # every trainer pod that drowns what matters. Our own messages keep INFO.
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    # API Priority and Fairness answers 429 with Retry-After under load: kopf obeys
+    # it (as kube.py does) and logs the retry, which is flow control, not an error.
+    settings.networking.enforce_retry_after = True
+    logging.getLogger("kopf.objects").addFilter(_throttled_retries_are_warnings)
 
     load_config()
     metrics = METRICS

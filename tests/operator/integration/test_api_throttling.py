@@ -97,3 +97,6 @@ spec:
     assert _server_throttles(throttled.metrics()) > 0, throttled.metrics()
     for name in names:
         assert throttled.status(name)["attempts"] == 1
+    # Flow control is not an error: nothing the operator (or kopf in it) logged is one.
+    log = throttled.cp.operator_log.read_text(errors="replace")
+    assert "[ERROR" not in log, throttled.cp.operator_log_tail(80)
