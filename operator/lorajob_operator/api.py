@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import ipaddress
 import json
 import re
 import types
@@ -19,6 +18,7 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
+from lora_trainer import endpoints
 from lora_trainer.config import SpecModel, TrainerConfig, parse_uri
 from pydantic import (
     AfterValidator,
@@ -53,9 +53,9 @@ __all__ = [
     "SchedulingSpec",
     "StorageSpec",
     "Toleration",
-    "is_private_endpoint",
     "parse_spec",
     "parse_status",
+    "private_endpoint_refusal",
     "spec_hash",
     "trainer_config",
 ]
@@ -224,6 +224,12 @@ class SchedulingSpec(SpecModel):
         return None if v is None else names.check_dns_label(v, "LocalQueue name")
 
 
+# A URL host as every client reads it alike: an ASCII DNS name or IPv4 in any
+# inet_aton spelling (the policy normalises those), or an IPv6 literal with an optional
+# zone (urlsplit's hostname drops the brackets).
+_ENDPOINT_HOST = re.compile(r"^(?:[a-z0-9_.-]+|[0-9a-f.]*:[0-9a-f:.]*(?:%[a-z0-9_.%-]+)?)$")
+
+
 class StorageSpec(SpecModel):
     """S3 endpoint and the Secrets holding credentials (never the credentials themselves)."""
 
@@ -252,6 +258,14 @@ class StorageSpec(SpecModel):
             raise ValueError(
                 f"{v!r} is not an http(s) URL; use e.g. https://s3.example.com or "
                 "http://minio.storage.svc:9000"
+            )
+        if not _ENDPOINT_HOST.match(parts.hostname):
+            # Percent-escapes and non-ASCII characters are decoded differently by
+            # different clients, so the host the policy checks might not be the one
+            # the trainer reaches.
+            raise ValueError(
+                f"{parts.hostname!r} is not a host name or IP address; use ASCII letters, "
+                "digits, '-' and '.' (or an IPv6 address in brackets)"
             )
         if parts.username or parts.password:
             raise ValueError(
@@ -447,17 +461,6 @@ def _problems(err: ValidationError) -> list[str]:
     return lines
 
 
-def _is_private_host(host: str) -> bool:
-    host = host.strip("[]").lower()
-    if host in ("localhost", "metadata", "metadata.google.internal") or host.endswith(".localhost"):
-        return True
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return ip.is_loopback or ip.is_link_local or ip.is_unspecified
-
-
 def _cross_field_problems(spec: LoRAJobSpec) -> list[str]:
     """Rules that need more than one section of the spec."""
     problems = []
@@ -537,10 +540,11 @@ def spec_hash(spec: LoRAJobSpec) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def is_private_endpoint(url: str) -> bool:
-    """True for loopback, link-local (cloud metadata) and unspecified hosts."""
+def private_endpoint_refusal(url: str) -> str | None:
+    """Why `url`'s host is a private endpoint (loopback, link-local/metadata, ... in
+    any spelling: lora_trainer.endpoints), or None."""
     host = urlsplit(url).hostname
-    return bool(host) and _is_private_host(host or "")
+    return endpoints.host_refusal(host) if host else None
 
 
 # --------------------------------------------------------------------------- status

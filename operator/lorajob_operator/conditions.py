@@ -146,6 +146,7 @@ HINTS: dict[Reason, str] = {
 
 _TRAINER_REASONS: dict[str, Reason] = {
     FailureReason.INVALID_SPEC: Reason.INVALID_SPEC,
+    FailureReason.POLICY_VIOLATION: Reason.POLICY_VIOLATION,
     FailureReason.INVALID_DATASET: Reason.INVALID_DATASET,
     FailureReason.TARGET_MODULES_NOT_FOUND: Reason.TARGET_MODULES_NOT_FOUND,
     FailureReason.CREDENTIALS_ERROR: Reason.CREDENTIALS_ERROR,

@@ -146,7 +146,13 @@ def _env(
         {"name": protocol.ENV_S3_REGION, "value": spec.storage.region},
     ]
     if spec.storage.endpoint:
-        env.append({"name": protocol.ENV_S3_ENDPOINT, "value": spec.storage.endpoint})
+        # The policy checked how the endpoint is spelled; the trainer checks what its
+        # name resolves to when it connects (AWS's own endpoints need no check).
+        allowed = settings.policy.allow_private_endpoints
+        env += [
+            {"name": protocol.ENV_S3_ENDPOINT, "value": spec.storage.endpoint},
+            {"name": protocol.ENV_ALLOW_PRIVATE_ENDPOINTS, "value": str(allowed).lower()},
+        ]
     if spec.storage.credentials_secret:
         # Only references: the values stay in the Secret and never pass through the
         # operator, its logs, the pod spec or the LoRAJob.

@@ -11,10 +11,10 @@ import fnmatch
 from typing import TYPE_CHECKING
 
 from lora_trainer.config import parse_uri
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
-from lorajob_operator.api import DEFAULT_GPU_RESOURCE, LoRAJobSpec, is_private_endpoint
+from lorajob_operator.api import DEFAULT_GPU_RESOURCE, LoRAJobSpec, private_endpoint_refusal
 
 if TYPE_CHECKING:
     from lorajob_operator.settings import OperatorSettings
@@ -75,9 +75,22 @@ class Policy(BaseModel):
     )
     allow_private_endpoints: bool = Field(
         default=False,
-        description="Allow loopback/link-local (cloud metadata) S3 endpoints and local "
-        "paths for model, dataset and output (for single-node and test clusters).",
+        description="Allow loopback, link-local (cloud metadata), unspecified, multicast "
+        "and reserved S3 endpoints in any spelling (the trainer also checks the address "
+        "a name resolves to) and local paths for model, dataset and output (for "
+        "single-node and test clusters). Private ranges (10/8, ...) are always allowed.",
     )
+
+    @field_validator("allowed_output_prefixes", "allowed_output_prefixes_by_namespace")
+    @classmethod
+    def _prefixes(
+        cls, v: list[str] | dict[str, list[str]] | None
+    ) -> list[str] | dict[str, list[str]] | None:
+        lists = v.values() if isinstance(v, dict) else [v or []]
+        for prefix in (p for prefixes in lists for p in prefixes):
+            # A prefix that names no place would silently allow nothing.
+            parse_uri(prefix.replace("{namespace}", "namespace"))
+        return v
 
 
 def concurrency_limit(policy: Policy, namespace: str) -> int | None:
@@ -91,10 +104,24 @@ def _origin(url: str) -> str:
     return url.lower().rstrip("/")
 
 
+def _segments(uri: str) -> tuple[str, ...] | None:
+    """`uri` as (scheme, bucket or first directory, key segments...), None if invalid.
+
+    parse_uri refuses '.', '..' and empty segments, so equal tuples mean the same place
+    to S3 and to the file system."""
+    try:
+        scheme, location, key = parse_uri(uri)
+    except ValueError:
+        return None
+    parts = location.split("/") if scheme == "file" else [location, *key.split("/")]
+    return (scheme, *(p for p in parts if p))
+
+
 def _under_prefix(uri: str, prefix: str) -> bool:
-    if prefix.endswith("/"):
-        return uri.startswith(prefix)
-    return uri == prefix or uri.startswith(prefix + "/")
+    """Whether `uri` is `prefix` or below it, segment by segment: s3://a/team-a covers
+    s3://a/team-a/x, never s3://a/team-ab/x (with or without a trailing slash)."""
+    path, base = _segments(uri), _segments(prefix)
+    return path is not None and base is not None and path[: len(base)] == base
 
 
 def _image_allowed(image: str, patterns: list[str]) -> bool:
@@ -209,11 +236,12 @@ def _endpoint_violations(spec: LoRAJobSpec, namespace: str, policy: Policy) -> l
     if not endpoint:
         return []
     out = []
-    if is_private_endpoint(endpoint) and not policy.allow_private_endpoints:
+    refusal = private_endpoint_refusal(endpoint)
+    if refusal and not policy.allow_private_endpoints:
         out.append(
-            f"spec.storage.endpoint: {endpoint} is a loopback or link-local address, blocked by "
-            "the cluster policy allowPrivateEndpoints=false; use the storage service's "
-            "cluster DNS name or public URL"
+            f"spec.storage.endpoint: {endpoint}: {refusal}, blocked by the cluster policy "
+            "allowPrivateEndpoints=false; use the storage service's cluster DNS name or "
+            "public URL"
         )
     allowed = policy.allowed_s3_endpoints_by_namespace.get(namespace, policy.allowed_s3_endpoints)
     if allowed is not None and not any(

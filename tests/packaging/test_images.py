@@ -164,6 +164,7 @@ def test_operator_image_copies_only_the_torch_free_trainer_modules(
     assert trainer_sources == [
         "trainer_image/lora_trainer/__init__.py",
         "trainer_image/lora_trainer/config.py",
+        "trainer_image/lora_trainer/endpoints.py",
         "trainer_image/lora_trainer/protocol.py",
     ]
 

@@ -77,7 +77,7 @@ def parse_uri(uri: str) -> tuple[str, str, str]:
                 f"{uri!r} is not a valid S3 URI; use s3://<bucket>/<prefix> with a "
                 "lowercase bucket name of 3-63 characters"
             )
-        return "s3", m["bucket"], (m["key"] or "").strip("/")
+        return "s3", m["bucket"], _plain_segments(uri, m["key"] or "").strip("/")
     if uri.startswith("hf://"):
         m = _HF_RE.match(uri)
         if not m:
@@ -94,7 +94,26 @@ def parse_uri(uri: str) -> tuple[str, str, str]:
             f"{uri!r} is a relative path; use an absolute path (e.g. /data/train.jsonl), "
             "s3://bucket/key or hf://org/name"
         )
+    _plain_segments(uri, uri[1:])
     return "file", uri, ""
+
+
+def _plain_segments(uri: str, path: str) -> str:
+    """`path` (an S3 key or a local path without its leading /) when every segment is a
+    plain name: "." and ".." would let `s3://adapters/team-a/../team-b` pass a policy
+    prefix of team-a and then mean another place to S3 or the file system, and an empty
+    segment ("a//b") is another key than "a/b" on S3. One trailing "/" is allowed.
+    `path` is returned unchanged."""
+    segments = path.removesuffix("/").split("/") if path else []
+    # Some stores also read "\" as a separator (SeaweedFS does): "a\..\b" is "a/../b".
+    dots = [p for s in segments for p in s.split("\\") if p in (".", "..")]
+    if "" in segments or dots:
+        what = "an empty segment (//)" if "" in segments else f"a {dots[0]!r} segment"
+        raise ValueError(
+            f"{uri!r} has {what}; write the path without '.', '..' or '//' segments "
+            "(e.g. s3://bucket/team-a/run-1)"
+        )
+    return path
 
 
 def _check_uri(value: str, *, allow_hf: bool = True) -> str:

@@ -30,6 +30,7 @@ __all__ = [
     "DatasetError",
     "Interrupted",
     "OutOfMemory",
+    "PolicyViolation",
     "SourceNotFound",
     "StorageError",
     "TargetModulesNotFound",
@@ -84,6 +85,14 @@ class TrainerError(Exception):
 class ConfigError(TrainerError):
     reason = FailureReason.INVALID_SPEC
     default_hint = "Fix the named field(s) in the LoRAJob spec and resubmit."
+
+
+class PolicyViolation(TrainerError):
+    """The spec breaks the cluster admin's policy in a way only the trainer can see
+    (e.g. a storage endpoint whose name resolves to a private address)."""
+
+    reason = FailureReason.POLICY_VIOLATION
+    default_hint = "Change the named field to fit the cluster policy, or ask your admin."
 
 
 class DatasetError(TrainerError):

@@ -27,6 +27,11 @@ ENV_PROGRESS_PORT = "LORA_TRAINER_PROGRESS_PORT"
 ENV_TERMINATION_LOG = "LORA_TRAINER_TERMINATION_LOG"  # default /dev/termination-log
 ENV_ATTEMPT = "LORA_TRAINER_ATTEMPT"  # 1-based attempt number; fences the checkpoints
 ENV_JOB_NAME = "LORA_TRAINER_JOB_NAME"  # "<namespace>/<name>", for the model card
+# The admin policy's allowPrivateEndpoints: "false" makes the trainer refuse, at connect
+# time, an S3 endpoint that resolves to a loopback, link-local (metadata), unspecified,
+# multicast or reserved address (lora_trainer.endpoints). Unset (a trainer run outside
+# the operator, under no admin policy) = "true".
+ENV_ALLOW_PRIVATE_ENDPOINTS = "LORA_TRAINER_ALLOW_PRIVATE_ENDPOINTS"
 # Standard names boto3 and huggingface_hub read themselves.
 ENV_S3_ENDPOINT = "AWS_ENDPOINT_URL"
 ENV_S3_REGION = "AWS_DEFAULT_REGION"
@@ -82,6 +87,7 @@ class FailureReason(StrEnum):
     """Reasons the trainer reports; the operator copies them into status."""
 
     INVALID_SPEC = "InvalidSpec"
+    POLICY_VIOLATION = "PolicyViolation"  # e.g. the endpoint resolved to a private address
     INVALID_DATASET = "InvalidDataset"
     TARGET_MODULES_NOT_FOUND = "TargetModulesNotFound"
     CREDENTIALS_ERROR = "CredentialsError"
@@ -94,6 +100,7 @@ class FailureReason(StrEnum):
 
 REASON_EXIT_CODES: dict[FailureReason, ExitCode] = {
     FailureReason.INVALID_SPEC: ExitCode.INVALID_CONFIG,
+    FailureReason.POLICY_VIOLATION: ExitCode.INVALID_CONFIG,
     FailureReason.INVALID_DATASET: ExitCode.INVALID_DATASET,
     FailureReason.TARGET_MODULES_NOT_FOUND: ExitCode.TARGET_MODULES_NOT_FOUND,
     FailureReason.CREDENTIALS_ERROR: ExitCode.CREDENTIALS,

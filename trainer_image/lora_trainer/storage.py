@@ -13,8 +13,13 @@ Destinations (adapter, checkpoints, manifest) go out through `put_file` /
 `put_bytes`; local destinations are written atomically (temp file + rename).
 
 Every storage failure is turned into a `TrainerError` with the reason the
-operator needs: bad credentials and missing sources are permanent, network
-trouble and 5xx are retryable.
+operator needs: bad credentials, missing sources and keys the store refuses are
+permanent, network trouble and 5xx are retryable.
+
+Under an admin policy with allowPrivateEndpoints=false (ENV_ALLOW_PRIVATE_ENDPOINTS)
+every S3 request first resolves its host and is refused, permanently, when any address
+is loopback, link-local (cloud metadata), unspecified, multicast or reserved: the
+operator's check sees only how the endpoint is spelled, not what a DNS name resolves to.
 """
 
 # Heavy clients (boto3, huggingface_hub) are imported where used, keeping startup fast.
@@ -25,23 +30,30 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import ipaddress
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
 
+from lora_trainer import endpoints
 from lora_trainer.config import parse_uri
 from lora_trainer.errors import (
+    ConfigError,
     CredentialsError,
+    PolicyViolation,
     SourceNotFound,
     StorageError,
     TrainerError,
 )
 from lora_trainer.protocol import (
+    ENV_ALLOW_PRIVATE_ENDPOINTS,
     ENV_HF_TOKEN,
     ENV_S3_ACCESS_KEY,
     ENV_S3_ENDPOINT,
@@ -75,6 +87,17 @@ _CREDENTIAL_CODES = frozenset(
     }
 )
 _NOT_FOUND_CODES = frozenset({"NoSuchBucket", "NoSuchKey", "404", "NotFound"})
+# The store refuses the bucket or key itself (e.g. SeaweedFS answers InvalidRequest to a
+# key with '..'): the same request fails the same way every time.
+_INVALID_NAME_CODES = frozenset(
+    {
+        "InvalidRequest",
+        "InvalidArgument",
+        "InvalidBucketName",
+        "InvalidObjectName",
+        "KeyTooLongError",
+    }
+)
 
 
 def join_uri(base: str, *parts: str) -> str:
@@ -107,6 +130,9 @@ class Storage:
         self._env = dict(os.environ if env is None else env)
         self._endpoint = self._env.get(ENV_S3_ENDPOINT) or default_endpoint
         self._region = self._env.get(ENV_S3_REGION) or default_region or "us-east-1"
+        self._private_endpoints_allowed = (
+            self._env.get(ENV_ALLOW_PRIVATE_ENDPOINTS, "true").strip().lower() != "false"
+        )
         self._client: S3Client | None = None
 
     # --- sources ------------------------------------------------------------
@@ -230,7 +256,30 @@ class Storage:
                     read_timeout=60,
                 ),
             )
+            if not self._private_endpoints_allowed:
+                self._client.meta.events.register("before-send.s3", self._refuse_private_peer)
         return self._client
+
+    def _refuse_private_peer(self, request: Any, **_: Any) -> None:
+        """botocore's before-send hook: refuse the request when its host is, or resolves
+        to, a private address (the policy's allowPrivateEndpoints=false).
+
+        Every request resolves the name again, so a record that changes between jobs or
+        attempts is caught; a DNS server answering two lookups a moment apart
+        differently could still slip by, which an egress NetworkPolicy closes.
+        """
+        url = urlsplit(str(request.url))
+        host = url.hostname or ""
+        refusal = endpoints.host_refusal(host) or _resolved_refusal(
+            host, url.port or (443 if url.scheme == "https" else 80)
+        )
+        if refusal:
+            raise PolicyViolation(
+                f"spec.storage.endpoint: {self._endpoint or url.netloc}: {refusal}, which the "
+                "cluster policy allowPrivateEndpoints=false forbids; nothing was sent to it",
+                hint="Use the storage service's cluster DNS name or public URL (one that "
+                "resolves to neither loopback nor link-local addresses), or ask your admin.",
+            )
 
     def _list_s3(self, bucket: str, prefix: str) -> list[RemoteObject]:
         base = f"{prefix}/" if prefix else ""
@@ -288,25 +337,29 @@ class Storage:
     @contextlib.contextmanager
     def _s3_errors(self, uri: str) -> Iterator[None]:
         """Translate botocore/boto3 exceptions into TrainerErrors with a reason."""
+        from boto3 import exceptions as b3e
         from botocore import exceptions as bce
 
         try:
             yield
         except TrainerError:
             raise
+        except b3e.S3UploadFailedError as e:
+            # upload_file wraps the ClientError of the failed request in this; the reason
+            # (AccessDenied, InvalidRequest, 503, ...) is in there.
+            cause = e.__context__
+            if isinstance(cause, bce.ClientError):
+                raise _client_error(cause, uri) from e
+            raise StorageError(f"upload to {uri} failed: {e}") from e
+        except b3e.Boto3Error as e:  # e.g. RetriesExceededError of a download
+            raise StorageError(f"S3 transfer of {uri} failed: {e}") from e
         except bce.NoCredentialsError as e:
             raise CredentialsError(
                 f"no S3 credentials for {uri}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
                 "(spec.storage.credentialsSecret)"
             ) from e
         except bce.ClientError as e:
-            code = str(e.response.get("Error", {}).get("Code", ""))
-            status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-            if code in _CREDENTIAL_CODES or status == 403:
-                raise CredentialsError(f"S3 rejected the credentials for {uri} ({code})") from e
-            if code in _NOT_FOUND_CODES or status == 404:
-                raise SourceNotFound(f"{uri} not found ({code or status})") from e
-            raise StorageError(f"S3 error for {uri}: {code or status}") from e
+            raise _client_error(e, uri) from e
         except (bce.EndpointConnectionError, bce.ConnectionError, bce.HTTPClientError) as e:
             raise StorageError(f"cannot reach S3 endpoint for {uri}: {e}") from e
         except bce.BotoCoreError as e:
@@ -350,6 +403,41 @@ class Storage:
         except OSError as e:
             raise StorageError(f"cannot download {uri}: {e}") from e
         return Path(str(path))
+
+
+def _client_error(e: Any, uri: str) -> TrainerError:
+    """What an S3 error answer means: permanent for credentials, missing objects and
+    refused names, retryable for the rest (5xx, throttling, timeouts)."""
+    error = e.response.get("Error", {})
+    code = str(error.get("Code", ""))
+    status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    if code in _CREDENTIAL_CODES or status == 403:
+        return CredentialsError(f"S3 rejected the credentials for {uri} ({code})")
+    if code in _NOT_FOUND_CODES or status == 404:
+        return SourceNotFound(f"{uri} not found ({code or status})")
+    if code in _INVALID_NAME_CODES:
+        said = str(error.get("Message") or "").strip()
+        return ConfigError(
+            f"S3 refused {uri} ({code}{': ' + said if said else ''}): the store does not "
+            "accept this bucket or key",
+            hint="Change the URI in the spec (spec.output.uri, spec.model.uri or "
+            "spec.dataset.uri) to plain path segments: letters, digits, '-', '_' and '.'.",
+        )
+    return StorageError(f"S3 error for {uri}: {code or status}")
+
+
+def _resolved_refusal(host: str, port: int) -> str | None:
+    """Why some address `host` resolves to is private, or None (also when it does not
+    resolve: the connection then fails as unreachable, which is retried)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return None
+    for *_, sockaddr in infos:
+        ip = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+        if why := endpoints.address_refusal(ip):
+            return f"{host} resolves to {ip}, {why}"
+    return None
 
 
 def _transfer_config() -> Any:

@@ -11,9 +11,9 @@ from lorajob_operator.api import (
     InvalidSpecError,
     LoRAJobSpec,
     Phase,
-    is_private_endpoint,
     parse_spec,
     parse_status,
+    private_endpoint_refusal,
     spec_hash,
     trainer_config,
 )
@@ -491,7 +491,7 @@ def test_spec_model_is_lorajob_spec() -> None:
     ],
 )
 def test_private_endpoints(url: str, private: bool) -> None:
-    assert is_private_endpoint(url) is private
+    assert (private_endpoint_refusal(url) is not None) is private
 
 
 def test_status_parses_garbage_without_failing() -> None:
