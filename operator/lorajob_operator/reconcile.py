@@ -891,13 +891,22 @@ def _failed(
     delay = retry_delay(
         failed, b.settings.retry_backoff_seconds, b.settings.retry_backoff_max_seconds
     )
+    checkpoint = _recorded_checkpoint(b)
+    resuming = f", resuming from checkpoint {checkpoint}" if checkpoint else ""
     b.condition(
         ConditionType.RUNNING,
         False,
         reason,
-        f"{text}; retry {failed} of {limit} in {delay:g}s, resuming from the last checkpoint",
+        f"{text}; retry {failed} of {limit} in {delay:g}s{resuming}",
         event="Warning",
     )
+
+
+def _recorded_checkpoint(b: _Builder) -> str | None:
+    """The checkpoint status knows of, for messages: they say an attempt resumes only
+    when there is one to resume from."""
+    checkpoint = b.get("lastCheckpoint")
+    return str(checkpoint) if checkpoint else None
 
 
 def _backoff_limit(job: Mapping[str, Any]) -> int:
@@ -1051,7 +1060,8 @@ def _maybe_create(b: _Builder, spec: api.LoRAJobSpec, current_hash: str) -> None
     )
     body = objects.build_trainer_pod(job_ref, spec, settings, attempt)
     name = _pod_name(body) or objects.pod_name(b.name, attempt)
-    resume = " (resumes from the last checkpoint)" if attempt > 1 else ""
+    checkpoint = _recorded_checkpoint(b) if attempt > 1 else None
+    resume = f" (resumes from checkpoint {checkpoint})" if checkpoint else ""
     message = f"created pod {name} for attempt {attempt}{resume}"
     for pod in obs.pods:
         if pod_attempt(pod) == attempt - 1 and (lost := node_lost(pod, b.now)):

@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any
 
 import pytest
-from lora_trainer.protocol import ExitCode, Progress
+from lora_trainer.protocol import ExitCode, Progress, TerminationMessage
 from lorajob_operator import api, reconcile
 from lorajob_operator.conditions import ConditionType, Reason, get_condition
 from lorajob_operator.policy import Policy
@@ -775,7 +775,8 @@ def test_pod_of_a_lost_node_starts_the_next_attempt_at_once() -> None:
     created = [e.message for e in d.events if e.reason == Reason.POD_CREATED]
     assert len(created) == 1
     assert created[0].startswith(
-        f"created pod {NAME}-3 for attempt 3 (resumes from the last checkpoint) beside pod "
+        f"created pod {NAME}-3 for attempt 3 (resumes from checkpoint "
+        f"s3://adapters/tune/checkpoints/checkpoint-20) beside pod "
         f"{NAME}-2 of attempt 2: node gpu-node-1 was lost"
     )
     # The new attempt learns its number, which fences its checkpoints.
@@ -850,11 +851,44 @@ def test_pod_deleted_without_reason_on_a_lost_node_is_node_lost() -> None:
     assert w.status["disruptions"] == 1
     message = w.cond(ConditionType.RUNNING)["message"]
     assert message.startswith(
-        f"created pod {NAME}-2 for attempt 2 (resumes from the last checkpoint) beside pod "
+        f"created pod {NAME}-2 for attempt 2 beside pod "
         f"{NAME}-1 of attempt 1: node gpu-node-1 was lost"
     )
     assert "still reports Running 30s after its deletion grace period ended" in message
     assert [e.message for e in d.events if e.reason == Reason.POD_CREATED] == [message]
+
+
+def test_an_attempt_says_it_resumes_only_from_a_recorded_checkpoint() -> None:
+    def messages(d: reconcile.Decision, reason: str) -> list[str]:
+        return [e.message for e in d.events if e.reason == reason]
+
+    w = World()
+    w.started()
+    # Attempt 1 fails before its first checkpoint: nothing to resume from, so no claim.
+    msg = TerminationMessage(
+        outcome="Failed", reason="StorageError", message="S3 503", retryable=True
+    ).to_json()
+    w.replace_pod(pod(1, "Failed", exit_code=ExitCode.TRANSIENT, message=msg, finished=at(50)))
+    (retry,) = messages(w.step(at(51)), Reason.STORAGE_ERROR)
+    assert retry.endswith("retry 1 of 3 in 10s"), retry
+    d = w.step(at(61))
+    assert messages(d, Reason.POD_CREATED) == [f"created pod {NAME}-2 for attempt 2"]
+    w.pods.append(pod(2))
+    w.step(at(62))
+
+    # Attempt 2 fails after a checkpoint: the retry and attempt 3 name it.
+    ckpt = "s3://adapters/tune/checkpoints/attempt-2/checkpoint-40"
+    report = TerminationMessage(
+        outcome="Failed", reason="StorageError", message="S3 503", retryable=True,
+        last_checkpoint=ckpt,
+    ).to_json()  # fmt: skip
+    w.replace_pod(pod(2, "Failed", exit_code=ExitCode.TRANSIENT, message=report, finished=at(100)))
+    (retry,) = messages(w.step(at(101)), Reason.STORAGE_ERROR)
+    assert retry.endswith(f"retry 2 of 3 in 20s, resuming from checkpoint {ckpt}"), retry
+    d = w.step(at(200))
+    assert messages(d, Reason.POD_CREATED) == [
+        f"created pod {NAME}-3 for attempt 3 (resumes from checkpoint {ckpt})"
+    ]
 
 
 def test_suspended_job_is_not_held_up_by_a_lost_pod() -> None:
