@@ -33,6 +33,8 @@ OutcomeKind = Literal["pending", "queued", "running", "succeeded", "failed", "di
 
 SIGKILL_EXIT = 137
 SIGTERM_EXIT = 143
+# Characters of the container log quoted after the cause of a failure without a report.
+LOG_TAIL_LIMIT = 300
 
 # Reasons on a pod's DisruptionTarget condition (Kubernetes) and what they mean for the job.
 _DISRUPTION_REASONS: dict[str, Reason] = {
@@ -196,14 +198,31 @@ def _scratch_exceeded(message: str) -> bool:
     return "ephemeral" in text or ("emptydir" in text and "exceeds" in text)
 
 
+def _with_log_tail(cause: str, log: str) -> str:
+    """`cause`, then the end of `log`, shortened, on one line and set apart: a log tail
+    of up to 2 KiB used to be the whole message and hid why the attempt ended."""
+    lines = [line.strip() for line in log.strip().splitlines() if line.strip()]
+    if not lines:
+        return cause
+    tail = " | ".join(lines)
+    if len(tail) > LOG_TAIL_LIMIT:
+        tail = "..." + tail[-(LOG_TAIL_LIMIT - 3) :]
+    return f"{cause}; last log lines: {tail}"
+
+
 def _terminated(pod: Mapping[str, Any], terminated: Mapping[str, Any]) -> PodOutcome:
     code = terminated.get("exitCode")
     exit_code = code if isinstance(code, int) else None
     raw = str(terminated.get("message") or "")
     term = parse_termination(raw)
-    # Without a JSON report the message is the log tail (FallbackToLogsOnError).
-    detail = term.message if term and term.message else raw
+    detail = term.message if term and term.message else ""
     hint = term.hint if term else None
+
+    def explained(cause: str) -> str:
+        """The trainer's own report, else `cause` with the log tail Kubernetes kept in
+        its place (FallbackToLogsOnError) quoted after it."""
+        return detail or _with_log_tail(cause, "" if term else raw)
+
     k8s_reason = str(terminated.get("reason") or "")
 
     if exit_code == ExitCode.OK:
@@ -280,27 +299,25 @@ def _terminated(pod: Mapping[str, Any], terminated: Mapping[str, Any]) -> PodOut
         return _outcome(
             "failed",
             reason,
-            detail or f"the trainer failed with exit code {exit_code}",
+            explained(f"the trainer failed with exit code {exit_code} ({reason})"),
             retryable=False,
             hint=hint,
             exit_code=exit_code,
             termination=term,
         )
 
-    if exit_code == ExitCode.TRANSIENT:
-        default = Reason.STORAGE_ERROR
-    elif exit_code == SIGKILL_EXIT:
-        detail = detail or (
-            "the trainer was killed (SIGKILL): it did not stop within the grace period or "
-            "failed its liveness probe"
+    default = Reason.STORAGE_ERROR if exit_code == ExitCode.TRANSIENT else Reason.TRAINER_ERROR
+    cause = f"the trainer exited with code {exit_code} ({k8s_reason or 'Error'})"
+    if exit_code == SIGKILL_EXIT:
+        cause = (
+            f"the trainer was killed (SIGKILL, exit {SIGKILL_EXIT}): it did not stop within "
+            "its grace period, failed its liveness probe, or one of its processes was "
+            "killed for memory"
         )
-        default = Reason.TRAINER_ERROR
-    else:
-        default = Reason.TRAINER_ERROR
     return _outcome(
         "failed",
         reason_from_trainer(term.reason if term else None, default),
-        detail or f"the trainer exited with code {exit_code} ({k8s_reason or 'Error'})",
+        explained(cause),
         retryable=True,
         hint=hint,
         exit_code=exit_code,

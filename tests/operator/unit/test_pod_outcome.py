@@ -338,6 +338,40 @@ def test_sigkill_without_disruption_is_a_retryable_failure() -> None:
     assert "SIGKILL" in outcome.message
 
 
+def _log(lines: int) -> str:
+    """A FallbackToLogsOnError message: the last 2 KiB of a training log."""
+    text = "\n".join(f"step {i}: loss=1.{i:04d} lr=2e-4 tokens/s=5120" for i in range(lines))
+    return text[-2048:]
+
+
+def test_sigkill_says_the_cause_first_and_keeps_the_log_tail_apart() -> None:
+    log = _log(200)
+    outcome = classify_pod(pod("Failed", state=terminated(137, log)))
+    check(outcome, "failed", Reason.TRAINER_ERROR, True)
+    assert outcome.message.startswith("the trainer was killed (SIGKILL, exit 137): "), outcome
+    cause, sep, tail = outcome.message.partition("; last log lines: ")
+    assert "grace period" in cause
+    assert sep
+    assert "\n" not in outcome.message
+    assert len(tail) <= 300
+    assert tail.endswith("step 199: loss=1.0199 lr=2e-4 tokens/s=5120")
+    assert "step 150" not in tail  # shortened from the front
+
+
+@pytest.mark.parametrize(
+    ("code", "cause"),
+    [
+        (1, "the trainer exited with code 1 (Error)"),
+        (ExitCode.TRANSIENT, "the trainer exited with code 20 (Error)"),
+        (ExitCode.INVALID_DATASET, "the trainer failed with exit code 11 (InvalidDataset)"),
+    ],
+)
+def test_an_exit_without_a_report_gives_the_cause_before_the_log(code: int, cause: str) -> None:
+    outcome = classify_pod(pod("Failed", state=terminated(code, _log(200))))
+    assert outcome.message.startswith(f"{cause}; last log lines: ..."), outcome.message
+    assert len(outcome.message) < len(cause) + 330
+
+
 def test_start_error() -> None:
     msg = 'exec: "python": executable file not found in $PATH'
     outcome = classify_pod(pod("Failed", state=terminated(128, msg, reason="StartError")))
