@@ -64,15 +64,18 @@ def test_evicted_trainer_resumes_from_its_checkpoint(cluster: Cluster) -> None:
     # Every checkpoint that exists is complete, and the adapter is published.
     objects = cluster.s3_objects("adapters/evicted/")
     assert "adapters/evicted/manifest.json" in objects
-    # Each attempt wrote under its own prefix (checkpoints/attempt-<N>/checkpoint-<step>/).
+    # Each attempt wrote under its own prefix of the one run (checkpoints/run-<run>/
+    # attempt-<N>/checkpoint-<step>/).
+    runs = {k.split("/")[3] for k in objects if k.startswith("adapters/evicted/checkpoints/")}
+    assert len(runs) == 1, runs
     checkpoints = {
-        "/".join(k.split("/")[3:5])
+        "/".join(k.split("/")[3:6])
         for k in objects
         if k.startswith("adapters/evicted/checkpoints/")
     }
     assert checkpoints
-    assert {c.split("/")[0] for c in checkpoints} <= {"attempt-1", "attempt-2"}, checkpoints
-    assert any(c.startswith("attempt-1/") for c in checkpoints), checkpoints
+    assert {c.split("/")[1] for c in checkpoints} <= {"attempt-1", "attempt-2"}, checkpoints
+    assert any("/attempt-1/" in c for c in checkpoints), checkpoints
     for checkpoint in checkpoints:
         assert f"adapters/evicted/checkpoints/{checkpoint}/COMPLETE" in objects, checkpoint
     assert f"/checkpoints/attempt-1/checkpoint-{stopped[1]}" in resumed[0], resumed[0]

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 from lora_trainer.checkpoints import (
+    Run,
     TrainedState,
-    check_compatible,
     find_latest,
-    fingerprint,
     list_complete,
     publish,
     read_state,
@@ -141,26 +140,31 @@ def test_scrub(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_checkpoint_publish_find_restore_prune(tmp_path: Path) -> None:
     storage = Storage(tmp_path / "cache", {})
     out = str(tmp_path / "out")
+    run = Run.of(
+        TrainerConfig.model_validate(
+            {"model": {"uri": "/m"}, "dataset": {"uri": "/d.jsonl"}, "output": {"uri": out}}
+        )
+    )
     for step in (2, 4, 6):
         local = tmp_path / "local" / f"checkpoint-{step}"
         local.mkdir(parents=True)
         (local / "adapter_model.safetensors").write_bytes(b"w" * step)
         (local / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-        publish(storage, local, out, "fp", attempt=1)
+        publish(storage, local, out, run, attempt=1)
     # Only the newest REMOTE_KEPT survive.
-    assert [c.step for c in list_complete(storage, out)] == [4, 6]
+    assert [c.step for c in list_complete(storage, out, run)] == [4, 6]
     # A checkpoint without its marker (an interrupted upload) is never picked.
-    partial = tmp_path / "out" / "checkpoints" / "attempt-1" / "checkpoint-8"
+    partial = tmp_path / "out" / "checkpoints" / f"run-{run.id}" / "attempt-1" / "checkpoint-8"
     partial.mkdir()
     (partial / "adapter_model.safetensors").write_bytes(b"partial")
-    latest = find_latest(storage, out, attempt=2)
+    latest = find_latest(storage, out, run, attempt=2)
     assert latest is not None
     assert latest.step == 6
-    restored = restore(storage, latest, tmp_path / "restore")
+    restored = restore(storage, latest, tmp_path / "restore").path
     assert restored.name == "checkpoint-6"
     assert (restored / "adapter_model.safetensors").read_bytes() == b"w" * 6
     assert not (restored / "COMPLETE").exists()
-    assert find_latest(storage, str(tmp_path / "nothing"), attempt=1) is None
+    assert find_latest(storage, str(tmp_path / "nothing"), run, attempt=1) is None
 
 
 def test_sigterm_before_training_interrupts_at_once() -> None:
@@ -211,8 +215,9 @@ def test_trained_state_of_a_checkpoint(tmp_path: Path) -> None:
     assert read_state(ckpt) is None  # no trainer_state.json
     (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 7, "max_steps": 8}))
     assert read_state(ckpt) == TrainedState(7, 8)
-    assert not TrainedState(7, 8).finished
-    assert TrainedState(8, 8).finished
+    run = Run("r", max_steps=None, epochs=1.0, legacy_fingerprint="")
+    assert not TrainedState(7, 8).finished(run)
+    assert TrainedState(8, 8).finished(run)
 
 
 def test_run_mean_loss_weights_each_log_by_its_steps() -> None:
@@ -224,27 +229,3 @@ def test_run_mean_loss_weights_each_log_by_its_steps() -> None:
     ]
     assert run_mean_loss(history) == pytest.approx((4.0 + 2.0 * 3) / 4)
     assert run_mean_loss([{"eval_loss": 1.0, "step": 2}]) is None
-
-
-def test_checkpoints_of_a_different_job_are_refused(tmp_path: Path) -> None:
-    base = {
-        "model": {"uri": "/models/m"},
-        "dataset": {"uri": "/data/d.jsonl"},
-        "output": {"uri": str(tmp_path / "out")},
-    }
-    cfg = TrainerConfig.model_validate(base)
-    cadence = TrainerConfig.model_validate(
-        base | {"training": {"checkpointEverySteps": 7, "logging_steps": 3}}
-    )
-    changed = TrainerConfig.model_validate(base | {"training": {"learningRate": 1e-3}})
-    assert fingerprint(cfg) == fingerprint(cadence)
-    assert fingerprint(cfg) != fingerprint(changed)
-
-    storage = Storage(tmp_path / "cache", {})
-    local = tmp_path / "local" / "checkpoint-3"
-    local.mkdir(parents=True)
-    (local / "adapter_model.safetensors").write_bytes(b"w")
-    ckpt = publish(storage, local, cfg.output.uri, fingerprint(cfg), attempt=1)
-    check_compatible(storage, ckpt, cadence)  # same job: fine
-    with pytest.raises(ConfigError, match="different model, dataset, lora"):
-        check_compatible(storage, ckpt, changed)

@@ -17,7 +17,7 @@ import pytest
 import safetensors.torch
 import torch
 from lora_trainer import train
-from lora_trainer.config import TrainerConfig
+from lora_trainer.config import TrainerConfig, run_id
 from lora_trainer.inputs import prepare_inputs
 from lora_trainer.progress import ProgressBoard
 from lora_trainer.protocol import Progress, TerminationMessage
@@ -151,7 +151,9 @@ def test_resumed_run_trains_only_the_steps_left(
     _attempt(cfg, s3, tmp_path / "first")
     assert _complete_steps(s3, prefix) == [resume_at, MAX_STEPS]
     # Killed while checkpoint-8 was being uploaded (no COMPLETE marker), before publishing.
-    _delete(s3, [f"{prefix}/checkpoints/attempt-1/checkpoint-{MAX_STEPS}/COMPLETE"])
+    _delete(
+        s3, [f"{prefix}/checkpoints/run-{run_id(cfg)}/attempt-1/checkpoint-{MAX_STEPS}/COMPLETE"]
+    )
     _delete(s3, _published_outputs(s3, prefix))
 
     second, progress = _attempt(cfg, s3, tmp_path / "second")
@@ -222,7 +224,9 @@ def test_resumed_run_keeps_the_adapter_dtype_of_a_fresh_run(
     fresh = _adapter_dtypes(s3, prefix)
     assert fresh, "the published adapter holds no tensors"
     # Killed while checkpoint-8 was being uploaded: the next attempt resumes at step 4.
-    _delete(s3, [f"{prefix}/checkpoints/attempt-1/checkpoint-{MAX_STEPS}/COMPLETE"])
+    _delete(
+        s3, [f"{prefix}/checkpoints/run-{run_id(cfg)}/attempt-1/checkpoint-{MAX_STEPS}/COMPLETE"]
+    )
     _delete(s3, _published_outputs(s3, prefix))
 
     second, _ = _attempt(cfg, s3, tmp_path / "second")
@@ -234,3 +238,39 @@ def test_resumed_run_keeps_the_adapter_dtype_of_a_fresh_run(
     assert fresh_run.optimizer_state, "the fresh run's optimizer holds no state"
     assert resumed_run.optimizer_state == fresh_run.optimizer_state
     assert _adapter_dtypes(s3, prefix) == fresh
+
+
+def test_more_steps_continue_the_run_and_another_learning_rate_starts_a_new_one(
+    s3: S3Server, tiny_model_dir: Path, dataset: Path, tmp_path: Path
+) -> None:
+    prefix = "resume-steps/runs"
+    cfg = _config(dataset, tiny_model_dir, prefix, interval=4)
+    first, _ = _attempt(cfg, s3, tmp_path / "first")
+    assert first.steps == MAX_STEPS
+
+    # More steps after it finished: the same run, resumed from its last checkpoint.
+    longer = cfg.model_copy(
+        update={"training": cfg.training.model_copy(update={"max_steps": 2 * MAX_STEPS})}
+    )
+    assert run_id(longer) == run_id(cfg)
+    second, progress = _attempt(longer, s3, tmp_path / "second")
+    assert progress.resumed_from_step == MAX_STEPS
+    assert (second.steps, progress.total_steps) == (2 * MAX_STEPS, 2 * MAX_STEPS)
+    trained = [step for step, _ in _metrics(s3, prefix)["loss_history"]]
+    assert trained == list(range(MAX_STEPS + 1, 2 * MAX_STEPS + 1))
+
+    # Another learning rate: a new run, from step 0, in its own namespace; the old
+    # run's checkpoints go once the new run has one of its own.
+    faster = longer.model_copy(
+        update={"training": longer.training.model_copy(update={"learning_rate": 1e-3})}
+    )
+    assert run_id(faster) != run_id(cfg)
+    third, progress = _attempt(faster, s3, tmp_path / "third")
+    assert progress.resumed_from_step is None
+    assert third.steps == 2 * MAX_STEPS
+    trained = [step for step, _ in _metrics(s3, prefix)["loss_history"]]
+    assert trained == list(range(1, 2 * MAX_STEPS + 1))
+    runs = {key.split("/")[3] for key in _keys(s3, f"{prefix}/checkpoints")}
+    assert runs == {f"run-{run_id(faster)}"}
+    assert third.last_checkpoint is not None
+    assert f"/checkpoints/run-{run_id(faster)}/attempt-3/" in third.last_checkpoint

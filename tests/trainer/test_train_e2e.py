@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from lora_trainer.config import TrainerConfig, run_id
 from lora_trainer.protocol import ExitCode
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -141,9 +142,15 @@ def test_qlora_on_s3_end_to_end(s3: S3Server, tiny_model_dir: Path, tmp_path: Pa
         for o in client.list_objects_v2(Bucket="out", Prefix="e2e/adapter/checkpoints/")["Contents"]
     ]
     markers = sorted(k for k in keys if k.endswith("/COMPLETE"))
-    assert markers == [  # a local run: the first attempt in this output
-        "e2e/adapter/checkpoints/attempt-1/checkpoint-10/COMPLETE",
-        "e2e/adapter/checkpoints/attempt-1/checkpoint-12/COMPLETE",
+    # A local run: the first attempt in this output, under its run's namespace.
+    spec = _job(s3)["spec"]
+    cfg = TrainerConfig.model_validate(
+        {k: spec[k] for k in TrainerConfig.model_fields if k in spec}
+    )
+    run_prefix = f"e2e/adapter/checkpoints/run-{run_id(cfg)}"
+    assert markers == [
+        f"{run_prefix}/attempt-1/checkpoint-10/COMPLETE",
+        f"{run_prefix}/attempt-1/checkpoint-12/COMPLETE",
     ]
 
     # The loss went down.

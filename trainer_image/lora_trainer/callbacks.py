@@ -12,7 +12,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from lora_trainer.checkpoints import publish
+from lora_trainer.checkpoints import Run, publish
 from lora_trainer.progress import ProgressBoard, Throughput
 from lora_trainer.signals import StopRequest
 from lora_trainer.storage import Storage
@@ -91,21 +91,21 @@ def _short(v: float | None) -> str:
 
 
 class CheckpointCallback(TrainerCallback):
-    """Publishes every local checkpoint to <output>/checkpoints/attempt-<attempt>/ as
-    soon as it is saved."""
+    """Publishes every local checkpoint to <output>/checkpoints/run-<run>/attempt-<attempt>/
+    as soon as it is saved."""
 
     def __init__(
         self,
         storage: Storage,
         output_uri: str,
         board: ProgressBoard,
-        job_fingerprint: str,
+        run: Run,
         *,
         attempt: int,
     ) -> None:
         self.storage = storage
         self.output_uri = output_uri
-        self.fingerprint = job_fingerprint
+        self.run = run
         self.attempt = attempt
         self.board = board
         self.last_uri: str | None = None
@@ -114,9 +114,7 @@ class CheckpointCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         local = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
-        remote = publish(
-            self.storage, local, self.output_uri, self.fingerprint, attempt=self.attempt
-        )
+        remote = publish(self.storage, local, self.output_uri, self.run, attempt=self.attempt)
         self.last_uri = remote.uri
         self.board.update(last_checkpoint=remote.uri)
 

@@ -10,6 +10,8 @@ snake_case in Python; both spellings are accepted when parsing.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from typing import Any, Literal
 
@@ -25,6 +27,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 __all__ = [
+    "RESUMABLE_FIELDS",
     "DatasetSpec",
     "LoraSpec",
     "ModelSpec",
@@ -35,6 +38,9 @@ __all__ = [
     "TrainingSpec",
     "format_validation_error",
     "parse_uri",
+    "run_config",
+    "run_defining_changes",
+    "run_id",
 ]
 
 # Sources and destinations the trainer knows how to read and write.
@@ -332,6 +338,89 @@ class TrainerConfig(SpecModel):
                 "lora.useDora is not supported with quantization.mode=int8; use nf4 or none"
             )
         return self
+
+
+# --------------------------------------------------------------------------- runs
+
+# The fields a checkpoint carries across (snake_case paths into TrainerConfig; a section
+# name covers every field in it). When only these change between attempts, the next
+# attempt resumes the run from its last checkpoint: how long to train (more steps or
+# epochs continue where the run is), how often to checkpoint, evaluate and log, whether
+# activations are recomputed (the same arithmetic), and where and how the result is
+# written. Every other field defines the run: the model, the data, the LoRA shape, the
+# quantization and the optimisation (learning rate, schedule, batch shape, sequence
+# length, seed, ...). A checkpoint written under other values of those is never resumed
+# (the optimizer state and the adapter belong to another run), so a change starts a new
+# run from step 0 in a checkpoint namespace of its own. A field added later defines the
+# run unless it is listed here: resuming across a change nobody classified could mix runs.
+# The Kubernetes-only fields of a LoRAJob (resources, scheduling, storage, image,
+# deadlines, backoff, suspend, ttl) are not part of TrainerConfig and never define it.
+RESUMABLE_FIELDS: frozenset[str] = frozenset(
+    {
+        "training.epochs",
+        "training.max_steps",
+        "training.gradient_checkpointing",
+        "training.checkpoint_every_steps",
+        "training.eval_every_steps",
+        "training.logging_steps",
+        "output",
+    }
+)
+# Hex digits of a run's identity (checkpoints/run-<id>/): 48 bits, no collision in practice.
+RUN_ID_LENGTH = 12
+
+
+def _resumable(path: tuple[str, ...]) -> bool:
+    return any(".".join(path[:depth]) in RESUMABLE_FIELDS for depth in range(1, len(path) + 1))
+
+
+def _run_part(values: dict[str, Any], path: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`values` without the resumable fields (and the sections they leave empty)."""
+    kept: dict[str, Any] = {}
+    for key, value in values.items():
+        here = (*path, key)
+        if _resumable(here):
+            continue
+        part = _run_part(value, here) if isinstance(value, dict) else value
+        if part != {}:
+            kept[key] = part
+    return kept
+
+
+def run_config(cfg: TrainerConfig) -> dict[str, Any]:
+    """The values that define `cfg`'s training run (snake_case, JSON types).
+
+    Only values that differ from their field's default are included: a release that
+    adds a field (with a default) then leaves every run's identity as it was, and its
+    checkpoints resumable.
+    """
+    return _run_part(cfg.model_dump(mode="json", exclude_defaults=True))
+
+
+def run_id(cfg: TrainerConfig) -> str:
+    """The identity of `cfg`'s training run: checkpoints live under checkpoints/run-<id>/,
+    and an attempt resumes only checkpoints of its own run. Specs that differ only in
+    RESUMABLE_FIELDS (or in Kubernetes-only fields) share it."""
+    canonical = json.dumps(run_config(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:RUN_ID_LENGTH]
+
+
+def _leaves(values: Any, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    if not isinstance(values, dict):
+        return {path: values}
+    out: dict[tuple[str, ...], Any] = {}
+    for key, value in values.items():
+        out |= _leaves(value, (*path, key))
+    return out
+
+
+def run_defining_changes(old: TrainerConfig, new: TrainerConfig) -> list[str]:
+    """The camelCase paths (e.g. training.learningRate) of the run-defining fields whose
+    values differ between `old` and `new`: empty when a checkpoint of `old` resumes under
+    `new`."""
+    before, after = _leaves(run_config(old)), _leaves(run_config(new))
+    changed = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
+    return [".".join(to_camel(part) for part in path) for path in changed]
 
 
 def format_validation_error(err: ValidationError, *, prefix: str = "") -> str:

@@ -52,7 +52,8 @@ TERMINATION_MESSAGE_LIMIT = 4000
 # Object names under the output prefix.
 MANIFEST_NAME = "manifest.json"  # written last: its presence means "complete"
 CHECKPOINTS_DIR = "checkpoints"
-# Checkpoints: <output>/checkpoints/attempt-<N>/checkpoint-<step>/, one prefix per attempt.
+# Checkpoints: <output>/checkpoints/run-<run>/attempt-<N>/checkpoint-<step>/: one prefix per
+# training run (config.run_id) and, within it, per attempt (lora_trainer.checkpoints).
 CHECKPOINT_COMPLETE_MARKER = "COMPLETE"  # written last inside each checkpoint
 
 

@@ -109,29 +109,32 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
     # 3. Resume from the newest complete checkpoint, if an earlier attempt left one.
     ckpt_dir = rt.work_dir / "checkpoints"
     attempt = rt.attempt or checkpoints.next_attempt(rt.storage, cfg.output.uri)
+    this_run = checkpoints.Run.of(cfg)
     log.info(
-        "attempt %d: checkpoints go to %s",
+        "attempt %d of run %s: checkpoints go to %s",
         attempt,
-        checkpoints.attempt_uri(cfg.output.uri, attempt),
+        this_run.id,
+        checkpoints.attempt_uri(cfg.output.uri, this_run.id, attempt),
     )
-    resume = checkpoints.find_latest(rt.storage, cfg.output.uri, attempt)
-    if resume:
-        checkpoints.check_compatible(rt.storage, resume, cfg)
-    resume_path = checkpoints.restore(rt.storage, resume, ckpt_dir) if resume else None
-    saved = checkpoints.read_state(resume_path) if resume_path else None
+    # Only checkpoints of this run: a spec that changed the run starts it from step 0.
+    resume = checkpoints.find_latest(rt.storage, cfg.output.uri, this_run, attempt)
+    restored = checkpoints.restore(rt.storage, resume, ckpt_dir) if resume else None
+    resume_path = restored.path if restored else None
+    saved = restored.state if restored else None
     if resume:
         log.info("resuming from %s (step %d)", resume.uri, resume.step)
-        totals = {"total_steps": saved.max_steps} if saved else {}
+        total = this_run.max_steps or (saved.max_steps if saved else None)
+        totals = {"total_steps": total} if total else {}
         rt.board.update(
             resumed_from_step=resume.step, step=resume.step, last_checkpoint=resume.uri, **totals
         )
+    else:
+        log.info("no checkpoint of run %s to resume: training from step 0", this_run.id)
 
     # 4. Train; a checkpoint of the last step is only loaded (training it again would
     # add a step).
     progress = ProgressCallback(rt.board)
-    saver = CheckpointCallback(
-        rt.storage, cfg.output.uri, rt.board, checkpoints.fingerprint(cfg), attempt=attempt
-    )
+    saver = CheckpointCallback(rt.storage, cfg.output.uri, rt.board, this_run, attempt=attempt)
     trainer = build_trainer(
         cfg,
         model,
@@ -144,7 +147,7 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
     )
     # SFTTrainer trains on its own labelled (and packed) copies of the datasets.
     del train_ds, eval_ds
-    if resume_path and saved and saved.finished:
+    if resume_path and saved and saved.finished(this_run):
         outcome = _load_finished(trainer, resume_path, rt)
     else:
         outcome = _train(trainer, resume_path, rt, saver)
