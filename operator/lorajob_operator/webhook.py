@@ -11,6 +11,7 @@ MANAGED_CONFIGURATION, caBundle = the certificate) or the Helm chart's.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +23,9 @@ from lorajob_operator.settings import OperatorSettings
 __all__ = ["configure", "register", "review"]
 
 MANAGED_CONFIGURATION = f"lorajob-validation.{api.GROUP}"
+HANDLER_ID = "lorajob"  # kopf serves the webhook at /<HANDLER_ID>
+# How kopf logs the AdmissionError a denial raises (execution.py: PermanentError).
+_KOPF_DENIAL = f"Webhook {HANDLER_ID!r} failed permanently: "
 # Phases in which a pod may be running with the spec it started with.
 _ACTIVE_PHASES = frozenset({api.Phase.PENDING, api.Phase.QUEUED, api.Phase.RUNNING})
 
@@ -95,16 +99,28 @@ def register(settings: OperatorSettings, registry: kopf.OperatorRegistry | None 
         api.GROUP,
         api.VERSION,
         api.PLURAL,
-        id="lorajob",
+        id=HANDLER_ID,
         operations=["CREATE", "UPDATE"],
         registry=registry,
     )(validate_lorajob)
+
+
+def denials_are_info(record: logging.LogRecord) -> bool:
+    """Log kopf's line for a refused LoRAJob at INFO, not ERROR: the spec was the user's
+    mistake, answered with a clear message, not a fault of the operator. The line stays
+    one line (kopf logs no traceback for it) and keeps the message the user got."""
+    message = str(record.msg)
+    if record.levelno == logging.ERROR and message.startswith(_KOPF_DENIAL):
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.msg = "admission refused: " + message.removeprefix(_KOPF_DENIAL)
+    return True
 
 
 def configure(kopf_settings: kopf.OperatorSettings, settings: OperatorSettings) -> None:
     """Point kopf's admission server at our port (called from the startup handler)."""
     if not settings.webhook_enabled:
         return
+    logging.getLogger("kopf.objects").addFilter(denials_are_info)
     kopf_settings.admission.server = kopf.WebhookServer(
         addr="0.0.0.0",
         port=settings.webhook_port,

@@ -118,6 +118,25 @@ def test_policy_violation_is_refused(hooked: Cluster) -> None:
     assert hooked.job("greedy") is None
 
 
+def test_a_refused_spec_is_logged_at_info_not_as_an_operator_error(hooked: Cluster) -> None:
+    # A policy violation: only the webhook refuses it (the CRD schema cannot).
+    error = _apply_fails(hooked, _job("too-many-gpus", resources={"gpus": 3}))
+    assert "maxGpusPerJob" in error
+    log = hooked.cp.operator_log
+
+    def refusal_lines() -> list[str]:
+        lines = log.read_text(errors="replace").splitlines()
+        return [line for line in lines if "too-many-gpus" in line or "gpus: 3" in line]
+
+    (line,) = hooked.cp.wait_for(refusal_lines, timeout=15, message="the refusal logged")
+    assert "[INFO" in line, line
+    assert "[default/too-many-gpus] admission refused: " in line
+    assert "maxGpusPerJob" in line
+    # No refusal (of this or the other tests) reads as an operator error.
+    errors = [x for x in log.read_text(errors="replace").splitlines() if "[ERROR" in x]
+    assert not [x for x in errors if "Webhook 'lorajob'" in x or "refused" in x], errors
+
+
 def test_spec_change_of_running_job_is_refused_but_suspend_is_allowed(hooked: Cluster) -> None:
     hooked.create_job("guarded", script={"hold_at_step": 2})
     hooked.wait_phase("guarded", "Running")
