@@ -142,7 +142,9 @@ class ControlPlane:
         self._operator: Process | None = None
         self.operator_log = workdir / "operator.log"
         self.operator_kubeconfig: Path | None = None
+        # The operator's ports, chosen when it starts (operator_env may fix them).
         self.liveness_port = 0
+        self.metrics_port = 0
 
     @property
     def kubeconfig(self) -> Path:
@@ -283,8 +285,12 @@ class ControlPlane:
         if self.operator_running:
             raise RuntimeError("the operator is already running")
         kubeconfig = self._operator_identity()
-        self.liveness_port = free_port()
         env = {**os.environ, "KUBECONFIG": str(kubeconfig), **self.operator_env}
+        # Free ports unless the caller chose: the defaults (metrics 8000, health 8081)
+        # would collide between two control planes on one host, and the second
+        # operator would run without metrics.
+        self.metrics_port = int(env.setdefault("LORAJOB_METRICS_PORT", str(free_port())))
+        self.liveness_port = int(env.setdefault("LORAJOB_HEALTH_PORT", str(free_port())))
         if self.watch_namespaces:
             env.setdefault("LORAJOB_NAMESPACES", ",".join(self.watch_namespaces))
         pythonpath = [str(REPO_ROOT / "operator"), str(REPO_ROOT / "trainer_image"), str(REPO_ROOT)]
@@ -425,6 +431,7 @@ def main() -> None:
             print(f"S3 endpoint: {plane.s3.endpoint} (access key {plane.s3.access_key})")
         if plane.with_operator:
             print(f"operator log: {plane.operator_log}")
+            print(f"operator metrics: http://127.0.0.1:{plane.metrics_port}/metrics")
         print("Ctrl-C to stop.", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             while True:

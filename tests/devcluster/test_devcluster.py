@@ -9,7 +9,10 @@ whose kubelet stops heartbeating is handled by the real controllers.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,7 @@ from typing import Any
 import pytest
 
 from devcluster.cluster import ApiStatusError, Timings
-from devcluster.controlplane import ControlPlane
+from devcluster.controlplane import ControlPlane, free_port
 from devcluster.kubelet import cpu_node
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -156,3 +159,34 @@ def test_apiserver_answers_errors_as_the_real_thing(plane: ControlPlane) -> None
         plane.cluster.request("GET", "/api/v1/namespaces/default/pods/nope")
     assert raised.value.code == 404
     assert raised.value.reason == "NotFound"
+
+
+@contextlib.contextmanager
+def _taken(port: int) -> Iterator[None]:
+    """Hold `port` the way another control plane's operator would (if it is free)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        with contextlib.suppress(OSError):  # already taken: the same situation
+            sock.bind(("0.0.0.0", port))
+            sock.listen()
+        yield
+
+
+def test_an_operator_beside_another_control_plane_gets_free_ports(tmp_path: Path) -> None:
+    # The operator's default metrics port (8000) is taken, as by the operator of a second
+    # control plane on this host: this one gets free ports and serves metrics on its own.
+    with _taken(8000), ControlPlane(tmp_path, kubelet=False, operator=True) as cp:
+        assert cp.metrics_port not in (0, 8000)
+        assert cp.liveness_port not in (0, 8081, cp.metrics_port)
+        url = f"http://127.0.0.1:{cp.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            assert b"lorajob_jobs" in response.read()
+        assert "cannot serve metrics" not in cp.operator_log_tail(400)
+
+
+def test_the_callers_operator_ports_are_kept(tmp_path: Path) -> None:
+    metrics, health = free_port(), free_port()
+    env = {"LORAJOB_METRICS_PORT": str(metrics), "LORAJOB_HEALTH_PORT": str(health)}
+    with ControlPlane(tmp_path, kubelet=False, operator=True, operator_env=env) as cp:
+        assert (cp.metrics_port, cp.liveness_port) == (metrics, health)
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as r:
+            assert b"lorajob_jobs" in r.read()
