@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lora_trainer.errors import ConfigError, CredentialsError, PolicyViolation, classify
+from lora_trainer.errors import (
+    ConfigError,
+    CredentialsError,
+    PolicyViolation,
+    SourceNotFound,
+    classify,
+)
 from lora_trainer.protocol import ENV_ALLOW_PRIVATE_ENDPOINTS, ExitCode, FailureReason
 from lora_trainer.storage import Storage
 
@@ -134,3 +140,26 @@ def test_an_upload_with_wrong_credentials_is_a_credentials_error(
     assert not err.value.retryable
     assert "s3://out/denied/f.txt" in err.value.message
     assert "wrong-secret-value-456" not in err.value.message
+
+
+@pytest.mark.parametrize("name", ["../../escaped.bin", "/abs.bin", "a/./b.bin"])
+def test_a_listed_key_that_would_leave_the_download_directory_is_refused(
+    tmp_path: Path, name: str
+) -> None:
+    from botocore.stub import Stubber  # noqa: PLC0415 - test-only helper
+
+    # AWS S3 stores such keys (SeaweedFS refuses or normalises them), so the listing is
+    # stubbed: "ckpt/../../escaped.bin" would be written two levels above the target.
+    env = {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "secret"}
+    storage = Storage(tmp_path / "cache", env, default_endpoint="http://127.0.0.1:9")
+    with Stubber(storage.s3) as stub:
+        stub.add_response(
+            "list_objects_v2",
+            {"Contents": [{"Key": f"ckpt/{name}", "Size": 1, "ETag": '"e"'}]},
+            {"Bucket": "out", "Prefix": "ckpt/"},
+        )
+        with pytest.raises(SourceNotFound) as err:
+            storage.download_prefix("s3://out/ckpt", tmp_path / "a" / "b" / "dest")
+    assert not err.value.retryable
+    assert f"s3://out/ckpt/{name} cannot be downloaded" in err.value.message
+    assert sorted(p.name for p in tmp_path.rglob("*.bin")) == []

@@ -291,6 +291,7 @@ class Storage:
                     key = item["Key"]
                     if key.endswith("/"):  # directory placeholder objects
                         continue
+                    _check_local_name(bucket, key)
                     out.append(
                         RemoteObject(key[len(base) :], int(item["Size"]), str(item.get("ETag", "")))
                     )
@@ -424,6 +425,19 @@ def _client_error(e: Any, uri: str) -> TrainerError:
             "spec.dataset.uri) to plain path segments: letters, digits, '-', '_' and '.'.",
         )
     return StorageError(f"S3 error for {uri}: {code or status}")
+
+
+def _check_local_name(bucket: str, key: str) -> None:
+    """Refuse a listed key that cannot become a file under the download directory:
+    "a/../../x" would land outside it and "a//x" at /x (AWS S3 stores such keys)."""
+    try:
+        parse_uri(f"s3://{bucket}/{key}")
+    except ValueError as e:
+        raise SourceNotFound(
+            f"s3://{bucket}/{key} cannot be downloaded: {e}",
+            hint="Rename or remove that object: the keys under a source or checkpoint "
+            "prefix must be plain path segments (no '.', '..' or '//').",
+        ) from e
 
 
 def _resolved_refusal(host: str, port: int) -> str | None:
