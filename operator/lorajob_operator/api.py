@@ -15,19 +15,18 @@ import types
 import typing
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
-from lora_trainer import endpoints
-from lora_trainer.config import SpecModel, TrainerConfig, parse_uri
+from lora_trainer import endpoints, rules
+from lora_trainer.config import SpecModel, TrainerConfig
+from lora_trainer.rules import Rule
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
     field_validator,
-    model_validator,
 )
 from pydantic.alias_generators import to_camel
 
@@ -75,12 +74,15 @@ MAX_GPUS = 64
 _MAX_ECHO = 120
 
 
-def _secret_name(value: str) -> str:
-    return names.check_dns_subdomain(value, "Secret name")
-
-
-Quantity = Annotated[str, AfterValidator(names.check_quantity)]
-SecretName = Annotated[str, AfterValidator(_secret_name)]
+# Single-value syntax rules: pydantic and the CRD (CEL) enforce each with one message.
+Quantity = Annotated[str, *names.quantity_rules("quantity")]
+SecretName = Annotated[str, names.DNS_SUBDOMAIN.rule("Secret name")]
+LabelValue = Annotated[str, names.LABEL_VALUE.rule("label value")]
+# Bounds that keep the CRD's CEL rules within the API server's cost budget.
+MAX_TOLERATIONS = 64
+MAX_NODE_SELECTOR = 64
+MAX_URL_LENGTH = 2048
+_LABEL_KEY_CEL, _LABEL_KEY_OK = names.label_key_rule("k")
 
 
 # --------------------------------------------------------------------------- spec
@@ -89,11 +91,17 @@ SecretName = Annotated[str, AfterValidator(_secret_name)]
 class Toleration(SpecModel):
     """A pod toleration (core/v1 Toleration)."""
 
-    key: str | None = Field(default=None, description="Taint key; empty with Exists matches all.")
+    key: Annotated[str, names.LABEL_KEY.rule("taint key")] | None = Field(
+        default=None,
+        max_length=names.LABEL_KEY.max_length,
+        description="Taint key; empty with Exists matches all.",
+    )
     operator: Literal["Exists", "Equal"] | None = Field(
         default=None, description="Exists or Equal (Kubernetes default: Equal)."
     )
-    value: str | None = Field(default=None, description="Taint value for operator Equal.")
+    value: LabelValue | None = Field(
+        default=None, max_length=63, description="Taint value for operator Equal."
+    )
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         default=None, description="Taint effect to tolerate; empty matches all effects."
     )
@@ -101,20 +109,28 @@ class Toleration(SpecModel):
         default=None, ge=0, description="For NoExecute: how long the pod stays bound."
     )
 
-    @field_validator("key")
-    @classmethod
-    def _key(cls, v: str | None) -> str | None:
-        return None if v is None else names.check_label_key(v, "taint key")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Toleration:
-        if self.operator == "Exists" and self.value:
-            raise ValueError("value must be empty when operator is Exists; drop value")
-        if self.key is None and self.operator != "Exists":
-            raise ValueError("a toleration without key must use operator: Exists")
-        if self.toleration_seconds is not None and self.effect != "NoExecute":
-            raise ValueError("tolerationSeconds only applies to effect: NoExecute")
-        return self
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            field="value",
+            cel="!has(self.operator) || self.operator != 'Exists' || !has(self.value) "
+            "|| self.value == ''",
+            message="must be empty when operator is Exists; drop value",
+            check=lambda t: not (t.operator == "Exists" and t.value),
+        ),
+        Rule(
+            field="operator",
+            cel="has(self.key) || (has(self.operator) && self.operator == 'Exists')",
+            message="a toleration without key must use operator: Exists",
+            check=lambda t: t.key is not None or t.operator == "Exists",
+        ),
+        Rule(
+            field="tolerationSeconds",
+            cel="!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+            message="only applies to effect: NoExecute; set effect: NoExecute or drop "
+            "tolerationSeconds",
+            check=lambda t: t.toleration_seconds is None or t.effect == "NoExecute",
+        ),
+    )
 
 
 class ResourcesSpec(SpecModel):
@@ -127,79 +143,104 @@ class ResourcesSpec(SpecModel):
         description="GPUs (devices of gpuResourceName) for the trainer; 0 runs on CPU "
         "(for tests and demos).",
     )
-    gpu_resource_name: str | None = Field(
+    gpu_resource_name: (
+        Annotated[str, *names.extended_resource_rules("extended resource name")] | None
+    ) = Field(
         default=None,
+        max_length=names.EXTENDED_RESOURCE.max_length,
         description="Device-plugin resource to request, e.g. nvidia.com/gpu or a MIG slice "
         "such as nvidia.com/mig-1g.10gb; default: the operator's setting (nvidia.com/gpu).",
     )
-    gpu_product: str | None = Field(
+    gpu_product: (
+        Annotated[
+            str,
+            Rule(
+                cel="size(self) > 0",
+                message="must not be empty; remove the field to run on any GPU model",
+                check=bool,
+            ),
+            names.LABEL_VALUE.rule("GPU product label value"),
+        ]
+        | None
+    ) = Field(
         default=None,
+        max_length=63,
         description="Run only on nodes whose nvidia.com/gpu.product label equals this "
         "(e.g. NVIDIA-A100-SXM4-80GB).",
     )
     cpu: Quantity | None = Field(
-        default=None, description="CPU request and limit (e.g. 8); default: operator setting."
+        default=None,
+        max_length=names.QUANTITY.max_length,
+        description="CPU request and limit (e.g. 8); default: operator setting.",
     )
     memory: Quantity | None = Field(
         default=None,
+        max_length=names.QUANTITY.max_length,
         description="Memory request and limit (e.g. 64Gi); default: operator setting.",
     )
 
-    @field_validator("gpu_resource_name")
-    @classmethod
-    def _gpu_resource(cls, v: str | None) -> str | None:
-        return None if v is None else names.check_extended_resource_name(v)
-
-    @field_validator("gpu_product")
-    @classmethod
-    def _gpu_product(cls, v: str | None) -> str | None:
-        if v is not None and not v:
-            raise ValueError("must not be empty; remove the field to run on any GPU model")
-        return None if v is None else names.check_label_value(v, "GPU product label value")
-
-    @model_validator(mode="after")
-    def _gpu_consistency(self) -> ResourcesSpec:
-        if self.gpus == 0 and self.gpu_product:
-            raise ValueError(
-                "gpuProduct selects a GPU model but gpus is 0; set gpus >= 1 or drop gpuProduct"
-            )
-        if self.gpu_resource_name and "/mig-" in self.gpu_resource_name and self.gpus > 1:
-            # CUDA shows a process only one MIG instance, so a second one is wasted.
-            raise ValueError(
-                f"gpus={self.gpus} with MIG resource {self.gpu_resource_name}: a CUDA process "
-                "can use only one MIG instance; set gpus: 1 or pick a larger MIG profile"
-            )
-        return self
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            field="gpuProduct",
+            cel="!has(self.gpuProduct) || self.gpus >= 1",
+            message="selects a GPU model but gpus is 0; set gpus >= 1 or drop gpuProduct",
+            check=lambda r: r.gpus >= 1 or not r.gpu_product,
+        ),
+        # CUDA shows a process only one MIG instance, so a second one is wasted.
+        Rule(
+            field="gpus",
+            cel="!has(self.gpuResourceName) || !self.gpuResourceName.contains('/mig-') "
+            "|| self.gpus <= 1",
+            message="more than 1 with a MIG resource (gpuResourceName nvidia.com/mig-...): a "
+            "CUDA process can use only one MIG instance; set gpus: 1 or pick a larger MIG "
+            "profile",
+            check=lambda r: r.gpus <= 1 or "/mig-" not in (r.gpu_resource_name or ""),
+        ),
+    )
 
 
 class SchedulingSpec(SpecModel):
     """Where and when the trainer pod may run."""
 
-    node_selector: dict[str, str] = Field(
-        default_factory=dict, description="Extra node labels the pod requires."
+    node_selector: Annotated[
+        dict[str, Annotated[str, Field(max_length=63), names.LABEL_VALUE.rule("node label value")]],
+        Rule(
+            cel=f"self.all(k, {_LABEL_KEY_CEL})",
+            message=f"has a key that is not a valid node label key; {names.LABEL_KEY.fix}",
+            check=lambda v: all(_LABEL_KEY_OK(k) for k in v),
+        ),
+    ] = Field(
+        default_factory=dict,
+        max_length=MAX_NODE_SELECTOR,
+        description="Extra node labels the pod requires.",
     )
     tolerations: list[Toleration] = Field(
         default_factory=list,
+        max_length=MAX_TOLERATIONS,
         description="Extra tolerations (the operator adds its default GPU tolerations).",
     )
     affinity: dict[str, Any] | None = Field(
-        default=None, description="A core/v1 Affinity (nodeAffinity, podAffinity, podAntiAffinity)."
-    )
-    priority_class_name: str | None = Field(
-        default=None, description="PriorityClass of the trainer pod."
-    )
-    queue_name: str | None = Field(
         default=None,
+        description="A core/v1 Affinity (nodeAffinity, podAffinity, podAntiAffinity).",
+        # Its three parts are declared so that the API server refuses (or prunes) any
+        # other key; their contents are Kubernetes' own to validate at pod creation.
+        json_schema_extra={
+            "properties": {
+                part: {"type": "object", "additionalProperties": True}
+                for part in ("nodeAffinity", "podAffinity", "podAntiAffinity")
+            },
+            "additionalProperties": False,
+        },
+    )
+    priority_class_name: Annotated[str, names.DNS_SUBDOMAIN.rule("PriorityClass name")] | None = (
+        Field(default=None, max_length=253, description="PriorityClass of the trainer pod.")
+    )
+    # Used as a label value, so the stricter DNS label rule applies.
+    queue_name: Annotated[str, names.DNS_LABEL.rule("LocalQueue name")] | None = Field(
+        default=None,
+        max_length=63,
         description="Kueue LocalQueue to admit the job through (label kueue.x-k8s.io/queue-name).",
     )
-
-    @field_validator("node_selector")
-    @classmethod
-    def _node_selector(cls, v: dict[str, str]) -> dict[str, str]:
-        for key, value in v.items():
-            names.check_label_key(key, "node label key")
-            names.check_label_value(value, f"node label value for {key}")
-        return v
 
     @field_validator("affinity")
     @classmethod
@@ -212,17 +253,6 @@ class SchedulingSpec(SpecModel):
             )
         return v
 
-    @field_validator("priority_class_name")
-    @classmethod
-    def _priority(cls, v: str | None) -> str | None:
-        return None if v is None else names.check_dns_subdomain(v, "PriorityClass name")
-
-    @field_validator("queue_name")
-    @classmethod
-    def _queue(cls, v: str | None) -> str | None:
-        # Used as a label value, so the stricter DNS label rule applies.
-        return None if v is None else names.check_dns_label(v, "LocalQueue name")
-
 
 # A URL host as every client reads it alike: an ASCII DNS name or IPv4 in any
 # inet_aton spelling (the policy normalises those), or an IPv6 literal with an optional
@@ -230,21 +260,62 @@ class SchedulingSpec(SpecModel):
 _ENDPOINT_HOST = re.compile(r"^(?:[a-z0-9_.-]+|[0-9a-f.]*:[0-9a-f:.]*(?:%[a-z0-9_.%-]+)?)$")
 
 
+# The endpoint URL's shape, as rules the CRD enforces too. The Python-only checks of
+# StorageSpec._endpoint (the host's characters, urlsplit's reading) run after them.
+_HTTP_URL, _HTTP_URL_OK = rules.matches(
+    r"(?i:https?)://(?:[^/?#@]*@)?(?:\[[^\]/?#@]*\]|[^/?#@:\[\]]+)(?::[^/?#]*)?(?:[/?#].*)?"
+)
+_USERINFO_URL, _USERINFO_URL_OK = rules.matches(r"[^/]*//[^/?#]*@.*")
+_PORT = r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
+_PORT_URL, _PORT_URL_OK = rules.matches(
+    rf"[^/]*//(?:[^/?#]*@)?(?:\[[^\]/?#]*\]|[^/?#:\[\]]*)(?::{_PORT})?(?:[/?#].*)?"
+)
+_ENDPOINT_RULES = (
+    Rule(
+        cel=_HTTP_URL,
+        message="not an http(s) URL; use e.g. https://s3.example.com or "
+        "http://minio.storage.svc:9000",
+        check=_HTTP_URL_OK,
+    ),
+    Rule(
+        cel=f"!{_USERINFO_URL}",
+        message="credentials must not be put in the endpoint URL; remove them and name a "
+        "Secret in storage.credentialsSecret",
+        check=lambda v: not _USERINFO_URL_OK(v),
+    ),
+    Rule(
+        cel="!self.contains('?') && !self.contains('#')",
+        message="the endpoint URL must not have a query or fragment; remove it",
+        check=lambda v: "?" not in v and "#" not in v,
+    ),
+    Rule(
+        cel=_PORT_URL,
+        message="the endpoint URL has an invalid port; use a number 1-65535",
+        check=_PORT_URL_OK,
+    ),
+)
+
+
 class StorageSpec(SpecModel):
     """S3 endpoint and the Secrets holding credentials (never the credentials themselves)."""
 
-    endpoint: str | None = Field(
+    endpoint: Annotated[str, *_ENDPOINT_RULES] | None = Field(
         default=None,
+        max_length=MAX_URL_LENGTH,
         description="S3-compatible endpoint URL (e.g. https://minio.storage:9000); default: AWS.",
     )
-    region: str = Field(default="us-east-1", description="S3 region.")
+    region: Annotated[str, names.DNS_LABEL.rule("region")] = Field(
+        default="us-east-1", max_length=63, description="S3 region."
+    )
     credentials_secret: SecretName | None = Field(
         default=None,
+        max_length=253,
         description="Secret in the job's namespace with keys AWS_ACCESS_KEY_ID and "
         "AWS_SECRET_ACCESS_KEY (optional AWS_SESSION_TOKEN).",
     )
     hf_token_secret: SecretName | None = Field(
         default=None,
+        max_length=253,
         description="Secret in the job's namespace with key HF_TOKEN, for gated hf:// models.",
     )
 
@@ -280,11 +351,6 @@ class StorageSpec(SpecModel):
             raise ValueError(f"{v!r} has an invalid port; use a number 1-65535") from exc
         return v.rstrip("/")
 
-    @field_validator("region")
-    @classmethod
-    def _region(cls, v: str) -> str:
-        return names.check_dns_label(v, "region")
-
 
 class LoRAJobSpec(TrainerConfig):
     """A LoRA/QLoRA fine-tuning job: the trainer configuration plus Kubernetes settings."""
@@ -292,8 +358,9 @@ class LoRAJobSpec(TrainerConfig):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
-    image: str | None = Field(
+    image: Annotated[str, names.IMAGE.rule("container image reference")] | None = Field(
         default=None,
+        max_length=names.IMAGE.max_length,
         description="Trainer image; default: the operator's trainer image. Must speak the "
         "lora-trainer protocol.",
     )
@@ -319,10 +386,48 @@ class LoRAJobSpec(TrainerConfig):
         description="Delete the LoRAJob this many seconds after it succeeds or fails.",
     )
 
-    @field_validator("image")
-    @classmethod
-    def _image(cls, v: str | None) -> str | None:
-        return None if v is None else names.check_image(v)
+    # Rules across sections (see also TrainerConfig.RULES, which this extends).
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        *TrainerConfig.RULES,
+        # The pod holds no cloud identity for a non-AWS endpoint, so the upload would
+        # fail only after the whole training run.
+        Rule(
+            field="storage.credentialsSecret",
+            cel="!self.output.uri.startsWith('s3://') || !has(self.storage) "
+            "|| !has(self.storage.endpoint) || has(self.storage.credentialsSecret)",
+            message="required when spec.storage.endpoint is set and spec.output.uri is an "
+            "s3:// URI (a custom S3 endpoint has no ambient identity); create a Secret with "
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY and name it here",
+            check=lambda s: (
+                not (
+                    s.output.uri.startswith("s3://")
+                    and s.storage.endpoint
+                    and not s.storage.credentials_secret
+                )
+            ),
+            reason="FieldValueRequired",
+        ),
+        Rule(
+            field="training.optimizer",
+            cel="!has(self.training) || !self.training.optimizer.startsWith('paged_') "
+            "|| !has(self.resources) || self.resources.gpus >= 1",
+            message="the paged_* optimizers page optimizer state through CUDA memory and "
+            "need a GPU; use adamw_torch when spec.resources.gpus is 0",
+            check=lambda s: s.resources.gpus >= 1 or not s.training.optimizer.startswith("paged_"),
+        ),
+        Rule(
+            field="training.evalEverySteps",
+            cel="!has(self.training) || !has(self.training.evalEverySteps) "
+            "|| has(self.dataset.evalUri) || self.dataset.evalSplit > 0.0",
+            message="set but there is no evaluation data (spec.dataset.evalSplit is 0 and "
+            "spec.dataset.evalUri is unset); set one of them or drop evalEverySteps",
+            check=lambda s: (
+                s.training.eval_every_steps is None
+                or s.dataset.eval_uri is not None
+                or s.dataset.eval_split > 0
+            ),
+        ),
+    )
 
 
 # Fields that only steer the job controller: changing them does not change what a
@@ -451,7 +556,7 @@ def _problems(err: ValidationError) -> list[str]:
             msg += "; write it as a YAML list (- item)"
         tail = ""
         if (
-            kind not in ("missing", "extra_forbidden")
+            kind not in ("missing", "extra_forbidden", rules.RULE_ERROR)
             and not isinstance(got, dict | list)
             and repr(got) not in msg
         ):
@@ -459,47 +564,6 @@ def _problems(err: ValidationError) -> list[str]:
         msg = _USERINFO.sub("://***@", msg)
         lines.append(f"{path}: {msg}{tail}")
     return lines
-
-
-def _cross_field_problems(spec: LoRAJobSpec) -> list[str]:
-    """Rules that need more than one section of the spec."""
-    problems = []
-    uris = {
-        "spec.model.uri": spec.model.uri,
-        "spec.dataset.uri": spec.dataset.uri,
-        "spec.output.uri": spec.output.uri,
-    }
-    if spec.dataset.eval_uri:
-        uris["spec.dataset.evalUri"] = spec.dataset.eval_uri
-    schemes = {path: parse_uri(uri)[0] for path, uri in uris.items()}
-    if (
-        schemes["spec.output.uri"] == "s3"
-        and spec.storage.endpoint
-        and not spec.storage.credentials_secret
-    ):
-        # The pod holds no cloud identity for a non-AWS endpoint, so the upload would
-        # fail only after the whole training run.
-        problems.append(
-            "spec.storage.credentialsSecret: required when spec.storage.endpoint is set and "
-            "spec.output.uri is an s3:// URI (a custom S3 endpoint has no ambient identity); "
-            "create a Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY and name it here"
-        )
-    if spec.resources.gpus == 0 and spec.training.optimizer.startswith("paged_"):
-        problems.append(
-            f"spec.training.optimizer: {spec.training.optimizer} pages optimizer state through "
-            "CUDA memory and needs a GPU; use adamw_torch when spec.resources.gpus is 0"
-        )
-    if (
-        spec.training.eval_every_steps
-        and spec.dataset.eval_split == 0
-        and not spec.dataset.eval_uri
-    ):
-        problems.append(
-            "spec.training.evalEverySteps: set but there is no evaluation data "
-            "(spec.dataset.evalSplit is 0 and spec.dataset.evalUri is unset); set one of them "
-            "or drop evalEverySteps"
-        )
-    return problems
 
 
 def parse_spec(spec: Mapping[str, Any]) -> LoRAJobSpec:
@@ -513,13 +577,9 @@ def parse_spec(spec: Mapping[str, Any]) -> LoRAJobSpec:
             [f"spec: must be an object with model, dataset and output (got {_echo(spec)})"]
         )
     try:
-        parsed = LoRAJobSpec.model_validate(dict(spec))
+        return LoRAJobSpec.model_validate(dict(spec))
     except ValidationError as err:
         raise InvalidSpecError(_problems(err)) from None
-    problems = _cross_field_problems(parsed)
-    if problems:
-        raise InvalidSpecError(problems)
-    return parsed
 
 
 def trainer_config(spec: LoRAJobSpec) -> TrainerConfig:

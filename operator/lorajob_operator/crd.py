@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 import yaml
+from lora_trainer import rules
 
 from lorajob_operator.api import (
     CATEGORIES,
@@ -61,47 +62,51 @@ def _resolve(node: Schema, defs: dict[str, Schema]) -> Schema:
     return node
 
 
-def structural(node: Schema, defs: dict[str, Schema], *, keep_defaults: bool = True) -> Schema:
-    """Convert one pydantic JSON-schema node to a structural OpenAPI v3.0 node."""
+def structural(
+    node: Schema, defs: dict[str, Schema], *, keep_defaults: bool = True, nullable: bool = True
+) -> Schema:
+    """Convert one pydantic JSON-schema node to a structural OpenAPI v3.0 node.
+
+    nullable=False leaves `nullable` out: the API server then prunes a null, so the
+    field is simply unset (what None means in the models), and CEL's `has()` is true
+    exactly when a field has a value.
+    """
     node = _resolve(node, defs)
     out: Schema = {}
+
+    def sub(child: Schema) -> Schema:
+        return structural(child, defs, keep_defaults=keep_defaults, nullable=nullable)
+
     if "anyOf" in node:
         options = [_resolve(o, defs) for o in node["anyOf"]]
         non_null = [o for o in options if o.get("type") != "null"]
-        if len(non_null) < len(options):
+        if len(non_null) < len(options) and nullable:
             out["nullable"] = True
         if len(non_null) == 1:
             merged = {k: v for k, v in node.items() if k != "anyOf"}
-            inner = structural({**non_null[0], **merged}, defs, keep_defaults=keep_defaults)
+            inner = sub({**non_null[0], **merged})
             if "enum" in inner:
                 # OpenAPI 3.0: nullable does not extend an enum, so null would be rejected
                 # as "Unsupported value". Without nullable the API server prunes a null
                 # instead, which leaves the field unset: what None means here anyway.
                 return inner
             return {**inner, **out}
-        # A union of different types (e.g. lora.targetModules: string | [string]) has no
-        # structural form; accept any value here and let the admission webhook (the same
-        # pydantic model) validate it.
-        desc = {"description": node["description"]} if "description" in node else {}
-        return {**desc, "x-kubernetes-preserve-unknown-fields": True, **out}
+        return {**_untyped_union(node, [sub(o) for o in non_null]), **out}
 
     for key, value in node.items():
         if key in _DROP or key == "anyOf":
             continue
         if key == "properties":
-            out["properties"] = {
-                name: structural(sub, defs, keep_defaults=keep_defaults)
-                for name, sub in value.items()
-            }
+            out["properties"] = {name: sub(child) for name, child in value.items()}
         elif key == "items":
-            out["items"] = structural(value, defs, keep_defaults=keep_defaults)
+            out["items"] = sub(value)
         elif key == "additionalProperties":
             # `false` is implied by pruning (and may not sit next to `properties`);
             # `true` means "any object" which Kubernetes spells preserve-unknown-fields.
             if value is True or value == {}:
                 out["x-kubernetes-preserve-unknown-fields"] = True
             elif isinstance(value, dict):
-                out["additionalProperties"] = structural(value, defs, keep_defaults=keep_defaults)
+                out["additionalProperties"] = sub(value)
         elif key in ("exclusiveMinimum", "exclusiveMaximum"):
             # JSON Schema 2020-12 carries the bound here; OpenAPI 3.0 wants a boolean flag.
             bound = "minimum" if key == "exclusiveMinimum" else "maximum"
@@ -123,18 +128,85 @@ def structural(node: Schema, defs: dict[str, Schema], *, keep_defaults: bool = T
         and "additionalProperties" not in out
     ):
         out["x-kubernetes-preserve-unknown-fields"] = True
+    if out.get("type") == "number":
+        _fractional_bounds_to_cel(out)
     return out
 
 
-def _model_schema(model: type[Any], *, keep_defaults: bool) -> Schema:
+def _fractional_bounds_to_cel(node: Schema) -> None:
+    """Move a number's non-integer bounds (evalSplit < 0.5) into CEL rules.
+
+    The API server checks `maximum`/`minimum` in the type of the value, and decodes a
+    whole number (0, or 0.0) as an integer, so it truncates 0.5 to 0 and refuses
+    evalSplit: 0 as "should be less than 0". CEL compares numbers as doubles.
+    """
+    for bound, flag, strict, loose in (
+        ("maximum", "exclusiveMaximum", "<", "<="),
+        ("minimum", "exclusiveMinimum", ">", ">="),
+    ):
+        value = node.get(bound)
+        if value is None or float(value).is_integer():
+            continue
+        op = strict if node.pop(flag, False) else loose
+        del node[bound]
+        words = {"<": "less than", "<=": "less than or equal to", ">": "greater than"}
+        node.setdefault(rules.VALIDATIONS_KEY, []).append(
+            {
+                "rule": f"self {op} {float(value)!r}",
+                "message": f"should be {words.get(op, 'greater than or equal to')} {value}",
+            }
+        )
+
+
+# A value of any other JSON type fails one of these pairs: how a branch of a union says
+# "only my type" without `type`, which a structural schema forbids inside anyOf.
+_NOT_TYPE: dict[str, Schema] = {
+    "string": {"minLength": 1, "maxLength": 0},
+    "array": {"minItems": 1, "maxItems": 0},
+    "number": {"minimum": 1, "maximum": 0},
+    "object": {"minProperties": 1, "maxProperties": 0},
+    "boolean": {"not": {"enum": [True, False]}},
+}
+_TYPE_KEYS = frozenset({"type", "nullable", "description", "default", "title"})
+
+
+def _only(branch: Schema) -> Schema:
+    """A typed branch as value checks that only a value of its type passes."""
+    kind = "number" if branch.get("type") == "integer" else branch.get("type", "")
+    out = {k: v for k, v in branch.items() if k not in _TYPE_KEYS and k != "items"}
+    if "items" in branch:
+        out["items"] = _only(branch["items"])
+    if "enum" not in out:  # an enum already admits nothing of another type
+        for other, checks in _NOT_TYPE.items():
+            if other != kind:
+                out.update(copy.deepcopy(checks))
+    return out
+
+
+def _untyped_union(node: Schema, branches: list[Schema]) -> Schema:
+    """A union of different types (lora.targetModules: "all-linear" or [string]).
+
+    A structural schema has no such type, and CEL cannot see an untyped field, so the
+    field keeps any value (preserve-unknown-fields) and an anyOf of value checks, one
+    per branch, made exclusive to the branch's type: the strictest form the API server
+    allows. kubectl explain shows the description."""
+    desc = {"description": node["description"]} if "description" in node else {}
+    return {
+        **desc,
+        "x-kubernetes-preserve-unknown-fields": True,
+        "anyOf": [_only(branch) for branch in branches],
+    }
+
+
+def _model_schema(model: type[Any], *, keep_defaults: bool, nullable: bool) -> Schema:
     raw: Schema = model.model_json_schema(by_alias=True, mode="validation")
-    return structural(raw, raw.get("$defs", {}), keep_defaults=keep_defaults)
+    return structural(raw, raw.get("$defs", {}), keep_defaults=keep_defaults, nullable=nullable)
 
 
 def _status_schema() -> Schema:
     # No defaults in status: only the operator writes it, and defaults there would
     # make a freshly created object look like it had been observed.
-    schema = _model_schema(LoRAJobStatus, keep_defaults=False)
+    schema = _model_schema(LoRAJobStatus, keep_defaults=False, nullable=True)
     conditions = schema["properties"]["conditions"]
     conditions["x-kubernetes-list-type"] = "map"
     conditions["x-kubernetes-list-map-keys"] = ["type"]
@@ -166,7 +238,9 @@ def _printer_columns() -> list[Schema]:
 
 def build_crd() -> dict[str, Any]:
     """The apiextensions.k8s.io/v1 CustomResourceDefinition for LoRAJob."""
-    spec_schema = _model_schema(LoRAJobSpec, keep_defaults=True)
+    # No nullable in the spec: the CEL rules (x-kubernetes-validations, generated from the
+    # models' rules: lora_trainer.rules) read "has(field)" as "set", as pydantic does.
+    spec_schema = _model_schema(LoRAJobSpec, keep_defaults=True, nullable=False)
     root: Schema = {
         "type": "object",
         "description": "A LoRA/QLoRA fine-tuning job: trains an adapter for a base model on a "

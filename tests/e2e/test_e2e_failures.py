@@ -73,14 +73,15 @@ def test_invalid_specs_are_refused_at_apply_time_by_the_webhook(
         timeout=30,
         message="the operator's ValidatingWebhookConfiguration",
     )
-    # A rule only the operator knows (not expressible in the CRD schema).
+    # A cross-field rule: the CRD's CEL refuses it before the webhook is asked, with the
+    # message the webhook would give.
     dora_int8 = cluster.manifest(
         "dora-int8", {"spec": {"lora": {"useDora": True}, "quantization": {"mode": "int8"}}}
     )
     refused = cluster.apply(dora_int8, check=False)
     assert refused.returncode != 0
-    assert "lora.useDora is not supported with quantization.mode=int8" in refused.stderr
-    # The admin policy.
+    assert "spec.lora.useDora: Invalid value: DoRA is not supported with" in refused.stderr
+    # The admin policy: only the webhook knows it.
     greedy = cluster.manifest("greedy", {"spec": {"resources": {"gpus": 4}}})
     refused = cluster.apply(greedy, check=False)
     assert refused.returncode != 0
@@ -92,7 +93,8 @@ def test_invalid_specs_are_refused_at_apply_time_by_the_webhook(
 
 
 def test_schema_violations_are_refused_by_the_api_server(cluster: Cluster) -> None:
-    """The CRD's schema alone (no webhook) refuses typos and out-of-range values."""
+    """The CRD's schema alone (no webhook) refuses typos, out-of-range values and specs
+    that break a cross-field rule (CEL)."""
     typo = cluster.apply(
         cluster.manifest("typo", {"spec": {"training": {"learningrate": 0.1}}}), check=False
     )
@@ -103,21 +105,26 @@ def test_schema_violations_are_refused_by_the_api_server(cluster: Cluster) -> No
     )
     assert zero_rank.returncode != 0
     assert "spec.lora.r" in zero_rank.stderr
+    both = cluster.apply(
+        cluster.manifest("epochs-and-steps", {"spec": {"training": {"epochs": 3}}}), check=False
+    )
+    assert both.returncode != 0
+    assert "spec.training.epochs: Invalid value: set together with maxSteps" in both.stderr
     assert cluster.kubectl("get", "lj", "-o", "name").stdout.strip() == ""
 
 
-def test_invalid_spec_without_the_webhook_fails_the_job_without_a_pod(cluster: Cluster) -> None:
-    cluster.create_secret()
+def test_invalid_spec_without_the_webhook_is_refused_at_apply(cluster: Cluster) -> None:
+    """A cross-field rule the operator checks (InvalidSpec in status for a job stored
+    before the CRD had it: tests/operator/integration/test_operator.py) is refused
+    at `kubectl apply` by the CRD, naming the field and the fix."""
     bad = cluster.manifest(
         "dora-int8", {"spec": {"lora": {"useDora": True}, "quantization": {"mode": "int8"}}}
     )
-    cluster.apply(bad)
-    status = cluster.wait_phase("dora-int8", "Failed", timeout=30)
-    assert status["failureReason"] == "InvalidSpec"
-    assert "lora.useDora" in status["failureMessage"]
-    assert status["hint"]
-    assert cluster.pods("dora-int8") == []
-    assert status.get("attempts", 0) == 0
+    refused = cluster.apply(bad, check=False)
+    assert refused.returncode != 0
+    assert "spec.lora.useDora" in refused.stderr
+    assert "use quantization.mode nf4 or none" in refused.stderr
+    assert cluster.kubectl("get", "lj", "-o", "name").stdout.strip() == ""
 
 
 def test_missing_credentials_secret_waits_then_starts_once_created(cluster: Cluster) -> None:

@@ -300,7 +300,7 @@ def test_the_run_is_defined_by_model_data_lora_quantization_and_optimisation() -
     # A checkpoint carries across these: same run.
     for resumable in (
         {"training": {"maxSteps": 40}},
-        {"training": {"epochs": 3.0}},
+        {"training": {"maxSteps": None, "epochs": 3.0}},  # epochs instead of steps
         {"training": {"checkpointEverySteps": 7, "evalEverySteps": 3, "loggingSteps": 5}},
         {"training": {"gradientCheckpointing": False}},
         {"output": {"uri": "/elsewhere", "mergedModel": True}},

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import (
     AliasGenerator,
@@ -26,8 +26,12 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from lora_trainer import rules
+from lora_trainer.rules import Rule
+
 __all__ = [
     "RESUMABLE_FIELDS",
+    "SOURCE_URI_RULES",
     "DatasetSpec",
     "LoraSpec",
     "ModelSpec",
@@ -45,9 +49,12 @@ __all__ = [
 
 # Sources and destinations the trainer knows how to read and write.
 URI_SCHEMES = ("s3", "hf")
-_S3_RE = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(?P<key>.*))?$")
+# \Z, not $ (which also matches before a final newline), and ASCII \w: as RE2 reads the
+# same patterns in the CRD's CEL rules (SOURCE_URI_RULES).
+_S3_RE = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(?P<key>.*))?\Z")
 _HF_RE = re.compile(
-    r"^hf://(?P<repo>[A-Za-z0-9][\w.\-]*(?:/[A-Za-z0-9][\w.\-]*)?)(?:@(?P<rev>[\w.\-/]+))?$"
+    r"^hf://(?P<repo>[A-Za-z0-9][\w.\-]*(?:/[A-Za-z0-9][\w.\-]*)?)(?:@(?P<rev>[\w.\-/]+))?\Z",
+    re.ASCII,
 )
 
 
@@ -63,7 +70,16 @@ class SpecModel(BaseModel):
         populate_by_name=True,
         extra="forbid",
         frozen=True,
+        json_schema_extra=rules.model_rules_schema,
     )
+    # Rules over more than one field of the model: pydantic enforces them after the
+    # fields are valid, and the CRD carries them as CEL (lora_trainer.rules).
+    RULES: ClassVar[tuple[Rule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _model_rules(self) -> Self:
+        rules.enforce(self, type(self).RULES)
+        return self
 
     def to_wire(self) -> dict[str, Any]:
         """The camelCase dict form used in manifests and env vars (None fields omitted)."""
@@ -125,17 +141,76 @@ def _plain_segments(uri: str, path: str) -> str:
 def _check_uri(value: str, *, allow_hf: bool = True) -> str:
     scheme, _, _ = parse_uri(value)
     if scheme == "hf" and not allow_hf:
-        raise ValueError("the output cannot be a Hub repository; use s3://bucket/prefix or a path")
+        raise ValueError(_NO_HUB_OUTPUT)
     return value
+
+
+# The URI shapes parse_uri accepts, as rules the CRD enforces too (CEL). They run before
+# parse_uri (kept as the trainer's parser and a backstop), so pydantic and the API server
+# give the same message; a unit test checks the rules accept exactly what parse_uri does.
+MAX_URI_LENGTH = 2048
+# A path segment other than "", "." and ".." (no lookahead in RE2, so spelled out).
+_SEGMENT = r"(?:[^/.][^/]*|\.[^/.][^/]*|\.\.[^/]+)"
+# An S3 key or a local path after its leading "/": plain segments, one trailing "/" allowed.
+_PLAIN_PATH = rf"(?:s3://[^/]*)?(?:/(?:{_SEGMENT}(?:/{_SEGMENT})*/?)?)?"
+_S3_URI, _S3_URI_OK = rules.matches(r"s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](?:/.*)?")
+_HF_URI, _HF_URI_OK = rules.matches(
+    r"hf://[A-Za-z0-9][\w.\-]*(?:/[A-Za-z0-9][\w.\-]*)?(?:@[\w.\-/]+)?"
+)
+_PLAIN_URI, _PLAIN_URI_OK = rules.matches(_PLAIN_PATH)
+_NO_HUB_OUTPUT = "the output cannot be a Hub repository; use s3://bucket/prefix or a path"
+
+SOURCE_URI_RULES: tuple[Rule, ...] = (
+    Rule(
+        cel="self.startsWith('s3://') || self.startsWith('hf://') || !self.contains('://')",
+        message="this URI scheme is not supported; use s3://bucket/prefix, "
+        "hf://org/name[@revision] or an absolute path (e.g. a mounted PVC)",
+        check=lambda v: v.startswith(("s3://", "hf://")) or "://" not in v,
+    ),
+    Rule(
+        cel="self.contains('://') || self.startsWith('/')",
+        message="a relative path is not allowed; use an absolute path "
+        "(e.g. /data/train.jsonl), s3://bucket/key or hf://org/name",
+        check=lambda v: "://" in v or v.startswith("/"),
+    ),
+    Rule(
+        cel=f"!self.startsWith('s3://') || {_S3_URI}",
+        message="not a valid S3 URI; use s3://<bucket>/<prefix> with a lowercase bucket "
+        "name of 3-63 characters",
+        check=lambda v: not v.startswith("s3://") or _S3_URI_OK(v),
+    ),
+    Rule(
+        cel=f"!self.startsWith('hf://') || {_HF_URI}",
+        message="not a valid Hub URI; use hf://<org>/<name>[@<revision>]",
+        check=lambda v: not v.startswith("hf://") or _HF_URI_OK(v),
+    ),
+    Rule(
+        cel=f"!(self.startsWith('s3://') || self.startsWith('/')) || {_PLAIN_URI}",
+        message="the path has a '.', '..' or empty (//) segment; write it without them "
+        "(e.g. s3://bucket/team-a/run-1)",
+        check=lambda v: not v.startswith(("s3://", "/")) or _PLAIN_URI_OK(v),
+    ),
+)
+SourceUri = Annotated[str, *SOURCE_URI_RULES]
+OutputUri = Annotated[
+    str,
+    *SOURCE_URI_RULES,
+    Rule(
+        cel="!self.startsWith('hf://')",
+        message=_NO_HUB_OUTPUT,
+        check=lambda v: not v.startswith("hf://"),
+    ),
+]
 
 
 class ModelSpec(SpecModel):
     """The base model to fine-tune."""
 
-    uri: str = Field(
+    uri: SourceUri = Field(
         description="Base model: s3://bucket/prefix (a Hugging Face model directory), "
         "hf://org/name[@revision], or an absolute local/PVC path.",
         min_length=1,
+        max_length=MAX_URI_LENGTH,
     )
     trust_remote_code: bool = Field(
         default=False,
@@ -155,10 +230,11 @@ DatasetFormat = Literal["auto", "text", "alpaca", "messages", "prompt_completion
 class DatasetSpec(SpecModel):
     """Training data: JSONL, JSON or Parquet, in one of the common record formats."""
 
-    uri: str = Field(
+    uri: SourceUri = Field(
         description="Training data file (or a prefix/directory of files): .jsonl, .json or "
         ".parquet at s3://..., hf://org/name[@revision] or an absolute path.",
         min_length=1,
+        max_length=MAX_URI_LENGTH,
     )
     format: DatasetFormat = Field(
         default="auto",
@@ -166,8 +242,10 @@ class DatasetSpec(SpecModel):
         "messages ({messages:[{role,content}]}), prompt_completion ({prompt,completion}); "
         "auto detects it from the first record.",
     )
-    eval_uri: str | None = Field(
-        default=None, description="Optional separate evaluation file, same formats as uri."
+    eval_uri: SourceUri | None = Field(
+        default=None,
+        max_length=MAX_URI_LENGTH,
+        description="Optional separate evaluation file, same formats as uri.",
     )
     eval_split: float = Field(
         default=0.05,
@@ -186,6 +264,11 @@ class DatasetSpec(SpecModel):
         return None if v is None else _check_uri(v)
 
 
+ALL_LINEAR = "all-linear"
+MAX_TARGET_MODULES = 64
+MAX_MODULE_NAME = 128
+
+
 class LoraSpec(SpecModel):
     """LoRA adapter shape. Defaults follow "LoRA Without Regret": all linear layers."""
 
@@ -195,22 +278,46 @@ class LoraSpec(SpecModel):
         default=0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input."
     )
     target_modules: str | list[str] = Field(
-        default="all-linear",
+        default=ALL_LINEAR,
         description='Layers to adapt: "all-linear" (every linear layer but the output head) or '
         "a list of module name suffixes such as [q_proj, v_proj].",
+        # A string or a list has no structural schema: the CRD turns these typed branches
+        # into value checks on an untyped field (crd.py), the strictest form Kubernetes
+        # allows (CEL cannot see an untyped field).
+        json_schema_extra={
+            "anyOf": [
+                {"type": "string", "enum": [ALL_LINEAR]},
+                {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": MAX_TARGET_MODULES,
+                    "items": {
+                        "type": "string",
+                        "minLength": 1,
+                        "maxLength": MAX_MODULE_NAME,
+                        "pattern": r"\S",
+                    },
+                },
+            ]
+        },
     )
 
     @field_validator("target_modules")
     @classmethod
     def _targets(cls, v: str | list[str]) -> str | list[str]:
         if isinstance(v, str):
-            if v != "all-linear":
+            if v != ALL_LINEAR:
                 raise ValueError(
                     f'use "all-linear" or a list of module names such as [q_proj, v_proj], not {v!r}'
                 )
             return v
         if not v or any(not m.strip() for m in v):
             raise ValueError("list must name at least one module, with no empty names")
+        if len(v) > MAX_TARGET_MODULES or any(len(m) > MAX_MODULE_NAME for m in v):
+            raise ValueError(
+                f"list at most {MAX_TARGET_MODULES} module names of at most "
+                f"{MAX_MODULE_NAME} characters (name suffixes such as q_proj)"
+            )
         return v
 
     use_rslora: bool = Field(default=False, description="Rank-stabilised scaling alpha/sqrt(r).")
@@ -253,11 +360,24 @@ Scheduler = Literal["linear", "cosine", "cosine_with_min_lr", "constant", "const
 class TrainingSpec(SpecModel):
     """Optimisation hyper-parameters."""
 
+    # epochs: 1 is allowed beside maxSteps: it is the default, and the CRD wrote it into
+    # every stored job that left epochs out, so refusing it would fail those jobs.
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            field="epochs",
+            cel="!has(self.maxSteps) || self.epochs == 1.0",
+            message="set together with maxSteps, which alone decides how long the job "
+            "trains; remove epochs, or remove maxSteps to train by epochs",
+            check=lambda t: t.max_steps is None or t.epochs == 1.0,
+        ),
+    )
+
     epochs: float = Field(
         default=1.0,
         gt=0,
         le=1000,
-        description="Passes over the data (ignored when maxSteps is set).",
+        description="Passes over the data. Leave it unset (1) when maxSteps is set: "
+        "maxSteps alone then decides how long the job trains.",
     )
     max_steps: int | None = Field(
         default=None, gt=0, description="Stop after this many optimizer steps."
@@ -305,10 +425,11 @@ class TrainingSpec(SpecModel):
 class OutputSpec(SpecModel):
     """Where the adapter goes."""
 
-    uri: str = Field(
+    uri: OutputUri = Field(
         description="Destination prefix: s3://bucket/prefix or an absolute path. The adapter "
         "lands there with manifest.json written last; checkpoints go to <uri>/checkpoints/.",
         min_length=1,
+        max_length=MAX_URI_LENGTH,
     )
     merged_model: bool = Field(
         default=False,
@@ -331,13 +452,16 @@ class TrainerConfig(SpecModel):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     output: OutputSpec
 
-    @model_validator(mode="after")
-    def _cross_field(self) -> TrainerConfig:
-        if self.lora.use_dora and self.quantization.mode == "int8":
-            raise ValueError(
-                "lora.useDora is not supported with quantization.mode=int8; use nf4 or none"
-            )
-        return self
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            field="lora.useDora",
+            cel="!has(self.lora) || !self.lora.useDora || !has(self.quantization) "
+            "|| self.quantization.mode != 'int8'",
+            message="DoRA is not supported with quantization.mode int8; use quantization.mode "
+            "nf4 or none, or set useDora: false",
+            check=lambda c: not (c.lora.use_dora and c.quantization.mode == "int8"),
+        ),
+    )
 
 
 # --------------------------------------------------------------------------- runs
@@ -439,7 +563,9 @@ def format_validation_error(err: ValidationError, *, prefix: str = "") -> str:
             msg = "required field is missing"
         got = e.get("input")
         tail = ""
-        if e["type"] not in ("missing", "extra_forbidden") and not isinstance(got, dict | list):
+        if e["type"] not in ("missing", "extra_forbidden", rules.RULE_ERROR) and not isinstance(
+            got, dict | list
+        ):
             tail = f" (got {got!r})"
         lines.append(f"{path}: {msg}{tail}")
     return "; ".join(lines)

@@ -3,11 +3,15 @@ server emulator and the test kubelet, with the fake protocol trainer."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from lora_trainer.protocol import ExitCode
+from lora_trainer.rules import VALIDATIONS_KEY
+from lorajob_operator.crd import build_crd
 
 from tests.operator.integration.conftest import GROUP, LIMITED_NAMESPACE, PULL_ERROR_IMAGE, Cluster
 
@@ -203,9 +207,49 @@ def test_operator_restart_while_pod_vanishes(cluster: Cluster) -> None:
     assert [p["metadata"]["name"] for p in cluster.pods("orphaned")] == ["orphaned-2"]
 
 
+def _strip_rules(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _strip_rules(v) for k, v in node.items() if k != VALIDATIONS_KEY}
+    if isinstance(node, list):
+        return [_strip_rules(v) for v in node]
+    return node
+
+
+@contextlib.contextmanager
+def _crd_before_its_rules(cluster: Cluster, refused: dict[str, Any]) -> Iterator[None]:
+    """The CRD without its CEL rules while the block runs, as a release before them had
+    it: a job created meanwhile is stored as an older job was. `refused` is a job the
+    rules refuse, to tell when the API server has switched."""
+
+    def accepted() -> bool:
+        dry_run = cluster.cp.kubectl(
+            "apply", "--dry-run=server", "-f", "-", input=json.dumps(refused), check=False
+        )
+        return dry_run.returncode == 0
+
+    cluster.cp.cluster.apply([_strip_rules(build_crd())])
+    cluster.cp.wait_for(accepted, timeout=30, message="the CRD without its rules")
+    try:
+        yield
+    finally:
+        cluster.cp.cluster.apply([build_crd()])
+        cluster.cp.wait_for(lambda: not accepted(), timeout=30, message="the CRD's rules back")
+
+
 def test_invalid_spec_fails_without_pod(cluster: Cluster) -> None:
-    # Passes the CRD schema, fails the operator's cross-field rule.
-    cluster.create_job("invalid", storage={"endpoint": "https://s3.example.com"})
+    # The CRD refuses this spec at apply time now (its CEL rules); a job stored before
+    # those rules existed still reaches the operator, which fails it without a pod.
+    spec: dict[str, Any] = {"storage": {"endpoint": "https://s3.example.com"}}
+    job = {
+        "apiVersion": f"{GROUP}/v1alpha1",
+        "kind": "LoRAJob",
+        "metadata": {"name": "invalid-probe", "namespace": "default"},
+        "spec": {"model": {"uri": "s3://m/x"}, "dataset": {"uri": "s3://d/x"}}
+        | {"output": {"uri": "s3://o/x"}}
+        | spec,
+    }
+    with _crd_before_its_rules(cluster, job):
+        cluster.create_job("invalid", storage=spec["storage"])
     status = cluster.wait_phase("invalid", "Failed")
     assert status["failureReason"] == "InvalidSpec"
     assert "spec.storage.credentialsSecret" in status["failureMessage"]
