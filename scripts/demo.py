@@ -135,8 +135,8 @@ def show_adapter(cp: ControlPlane, status: dict[str, Any]) -> None:
         if key.startswith("checkpoints/"):
             continue
         detail(f"{obj['Size']:>10,d} B  {key}")
-    checkpoints = {  # checkpoints/attempt-<N>/checkpoint-<step>/...
-        "/".join(obj["Key"].removeprefix(prefix).split("/")[1:3])
+    checkpoints = {  # checkpoints/run-<run>/attempt-<N>/checkpoint-<step>/...
+        "/".join(obj["Key"].removeprefix(prefix).split("/")[1:4])
         for obj in listing.get("Contents", [])
         if obj["Key"].removeprefix(prefix).startswith("checkpoints/")
     }

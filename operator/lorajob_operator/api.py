@@ -14,12 +14,13 @@ import re
 import types
 import typing
 from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from lora_trainer import endpoints, rules
-from lora_trainer.config import SpecModel, TrainerConfig
+from lora_trainer.config import SpecModel, TrainerConfig, run_defining_changes
 from lora_trainer.rules import Rule
 from pydantic import (
     BaseModel,
@@ -50,11 +51,13 @@ __all__ = [
     "Progress",
     "ResourcesSpec",
     "SchedulingSpec",
+    "SpecChanges",
     "StorageSpec",
     "Toleration",
     "parse_spec",
     "parse_status",
     "private_endpoint_refusal",
+    "spec_changes",
     "spec_hash",
     "trainer_config",
 ]
@@ -600,6 +603,48 @@ def spec_hash(spec: LoRAJobSpec) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class SpecChanges:
+    """The fields (camelCase paths) that differ between two specs, by what a change of
+    them does to a job that has started."""
+
+    new_run: list[str]  # define the training run: the next attempt starts from step 0
+    resumable: list[str]  # a restart with the new spec resumes from the last checkpoint
+    live: list[str]  # CONTROL_FIELDS: honoured without touching the trainer
+
+    @property
+    def restarts(self) -> bool:
+        """A running trainer must be restarted for the change to apply."""
+        return bool(self.new_run or self.resumable)
+
+
+def _leaf_values(value: Any, path: str = "") -> dict[str, Any]:
+    if not isinstance(value, dict) or not value:
+        return {path: value}
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        out |= _leaf_values(item, f"{path}.{key}" if path else key)
+    return out
+
+
+def spec_changes(old: LoRAJobSpec, new: LoRAJobSpec) -> SpecChanges:
+    """Classify what differs between `old` and `new`: the run-defining fields are
+    lora_trainer.config's (the same rule the trainer's checkpoint namespaces and the
+    operator's run id follow), the control fields this module's, the rest resumable."""
+    before = _leaf_values(old.model_dump(by_alias=True, mode="json"))
+    after = _leaf_values(new.model_dump(by_alias=True, mode="json"))
+    changed = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
+    new_run = run_defining_changes(trainer_config(old), trainer_config(new))
+    control = {to_camel(name) for name in CONTROL_FIELDS}
+    live = [p for p in changed if p.split(".")[0] in control]
+    resumable = [
+        p
+        for p in changed
+        if p not in live and not any(p == f or p.startswith(f"{f}.") for f in new_run)
+    ]
+    return SpecChanges(new_run=new_run, resumable=resumable, live=live)
+
+
 def private_endpoint_refusal(url: str) -> str | None:
     """Why `url`'s host is a private endpoint (loopback, link-local/metadata, ... in
     any spelling: lora_trainer.endpoints), or None."""
@@ -687,7 +732,23 @@ class LoRAJobStatus(_StatusModel):
     failure_message: str | None = None
     hint: str | None = Field(default=None, description="What to change to make the job succeed.")
     spec_hash: str | None = Field(
-        default=None, description="Hash of the spec the current attempt runs."
+        default=None,
+        description="Hash of the spec the latest attempt runs (control fields excluded).",
+    )
+    run_generation: int | None = Field(
+        default=None,
+        description="metadata.generation of the spec the latest attempt runs (or ran).",
+    )
+    run_id: str | None = Field(
+        default=None,
+        description="The training run of the latest attempt, a hash of the fields that define "
+        "it (model, data, LoRA shape, quantization, optimisation); its checkpoints are under "
+        "<output.uri>/checkpoints/run-<runId>/. A spec change that keeps it resumes from them.",
+    )
+    completed_generation: int | None = Field(
+        default=None,
+        description="metadata.generation of the spec the adapter in status.adapter was trained "
+        "for; equal to metadata.generation once the declared spec has run to completion.",
     )
 
 

@@ -48,7 +48,11 @@ class Reason(StrEnum):
     SPEC_VALID = "SpecValid"
     INVALID_SPEC = "InvalidSpec"
     POLICY_VIOLATION = "PolicyViolation"
+    # Written by operators before spec changes were applied to started jobs; still read
+    # from their statuses (reconcile._ran_generation).
     SPEC_CHANGE_REJECTED = "SpecChangeRejected"
+    # The spec changed: the trainer restarts with it, or a finished job runs again.
+    SPEC_CHANGED = "SpecChanged"
     # waiting
     POD_CREATED = "PodCreated"
     POD_PENDING = "PodPending"
@@ -93,8 +97,6 @@ HINTS: dict[Reason, str] = {
     Reason.INVALID_SPEC: "fix the fields named in the message and apply the LoRAJob again",
     Reason.POLICY_VIOLATION: "change the fields named in the message to fit the cluster "
     "policy, or ask the cluster admin",
-    Reason.SPEC_CHANGE_REJECTED: "a running job's training spec cannot change; suspend it "
-    "first (spec.suspend: true) or create a new LoRAJob",
     Reason.UNSCHEDULABLE: "no node fits the pod now; it starts when one frees up. To start "
     "sooner, lower resources.gpus/cpu/memory or relax resources.gpuProduct and "
     "scheduling.nodeSelector",

@@ -21,8 +21,8 @@ lost. It does not force-delete them (grace period 0) either: that would remove t
 API object while a partitioned node may still run the trainer, and hide the pod
 from `kubectl`; PodGC removes it once the node is dealt with. The lost trainer may
 thus still run next to the new attempt's; that is safe because each attempt writes
-its checkpoints under its own prefix (`checkpoints/attempt-<N>/`, lora_trainer's
-checkpoints.py) and prunes only its own.
+its checkpoints under its own prefix (`checkpoints/run-<run>/attempt-<N>/`,
+lora_trainer's checkpoints.py) and prunes only its own.
 """
 
 from __future__ import annotations

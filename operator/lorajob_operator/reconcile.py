@@ -24,14 +24,15 @@ State lives only in the resources, never in memory:
   "Running", until PodGC removes it, so it counts as a NodeLost disruption and the
   next attempt starts beside it. Its trainer may still run (a partitioned node);
   that is safe because each attempt writes its checkpoints under its own prefix
-  (`<output>/checkpoints/attempt-<N>/`) and prunes only its own. Such a pod is of
+  (`<output>/checkpoints/run-<run>/attempt-<N>/`) and prunes only its own. Such a pod is of
   an older attempt than `status.attempts`, so it never holds up (nor is mistaken
   for) the attempt that replaced it.
 
 The order of `decide()`, each step a section below:
 
   deleted ............ nothing (the finalizer handler owns it)
-  finished ........... reject spec edits, TTL; an InvalidSpec failure is re-validated on edit
+  finished ........... TTL; runs again when its spec changed (or a limit that failed it
+                       was raised); an invalid edit is reported and changes nothing
   invalid spec ....... Failed/InvalidSpec or PolicyViolation, no pod (if none runs)
   current pod ........ pending/queued/running -> conditions + progress;
                        succeeded -> Succeeded + adapter; failed -> Failed (permanent) or
@@ -39,7 +40,16 @@ The order of `decide()`, each step a section below:
                        attempt at once (disruptions, capped)
   deadline ........... delete pods, Failed/DeadlineExceeded
   suspend / resume ... delete pods, Suspended; on resume a new attempt
-  pod alive .......... spec edits -> Accepted=False/SpecChangeRejected; stale pods deleted
+  pod alive .......... a spec change -> the pod is deleted (the trainer checkpoints) and
+                       the next attempt runs the new spec; stale pods deleted
+
+Spec changes: the declared spec is what eventually runs (GitOps). `status.runGeneration`,
+`specHash` and `runId` say what the latest attempt runs; a change of the pod-shaping part
+(api.spec_hash: all but the control fields, which apply live) stops it, not counted
+against backoffLimit, and the next attempt resumes from the checkpoint the trainer saves
+on SIGTERM, or trains a new run from step 0 when the run-defining fields changed
+(lora_trainer.config.RESUMABLE_FIELDS are the others; the trainer keeps each run's
+checkpoints apart). `completedGeneration` says which generation the adapter is for.
   no pod ............. wait Queued (Secret, concurrency), backoff, or create the next attempt;
                        a refused create becomes Queued/QuotaExceeded or Failed (create_rejected)
 """
@@ -53,6 +63,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from lora_trainer.config import run_id
 from lora_trainer.protocol import Progress
 
 from lorajob_operator import api, objects, policy, progress
@@ -138,6 +149,8 @@ class ParsedSpec:
     spec: api.LoRAJobSpec | None
     hash: str | None
     error: api.InvalidSpecError | None = None
+    # The training run the spec defines (lora_trainer.config.run_id).
+    run: str | None = None
 
 
 def parse_job_spec(spec: Any) -> ParsedSpec:
@@ -146,7 +159,16 @@ def parse_job_spec(spec: Any) -> ParsedSpec:
         parsed = api.parse_spec(spec)
     except api.InvalidSpecError as err:
         return ParsedSpec(None, None, err)
-    return ParsedSpec(parsed, api.spec_hash(parsed))
+    return ParsedSpec(parsed, api.spec_hash(parsed), run=run_id(api.trainer_config(parsed)))
+
+
+@dataclass(frozen=True)
+class SpecChange:
+    """A spec change the latest attempt has not applied (see _spec_change)."""
+
+    generation: int | None
+    # Fields that define the training run changed: the next attempt trains from step 0.
+    new_run: bool
 
 
 @dataclass(frozen=True)
@@ -376,9 +398,11 @@ def needs_new_attempt(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]])
     status = _status(job)
     if meta.get("deletionTimestamp") or spec.get("suspend") is True:
         return False
-    if status.get("phase") == Phase.SUCCEEDED:
+    edited = meta.get("generation") != status.get("observedGeneration")
+    # A finished job runs again only after an edit (decide() says whether it does).
+    if status.get("phase") == Phase.SUCCEEDED and not edited:
         return False
-    if status.get("phase") == Phase.FAILED and _int(status.get("attempts")):
+    if status.get("phase") == Phase.FAILED and _int(status.get("attempts")) and not edited:
         return False
     return not any(is_live(p) and not _is_terminating(p) for p in pods)
 
@@ -420,6 +444,11 @@ def progress_patch(
 
 
 # --------------------------------------------------------------------------- builder
+
+# The status fields a decision may write: LoRAJobStatus's, by their wire names.
+_STATUS_FIELDS = frozenset(
+    field.alias or name for name, field in api.LoRAJobStatus.model_fields.items()
+)
 
 
 class _Builder:
@@ -477,6 +506,9 @@ class _Builder:
 
     # -- writing
     def set(self, key: str, value: Any) -> None:
+        # The API server prunes status fields its schema (LoRAJobStatus) does not have.
+        if key not in _STATUS_FIELDS:
+            raise KeyError(f"status.{key} is not a field of api.LoRAJobStatus")
         self.fields[key] = value
 
     def condition(
@@ -550,15 +582,6 @@ def decide(obs: Observed, settings: OperatorSettings) -> Decision:
     meta = obs.job.get("metadata") or {}
     if meta.get("deletionTimestamp"):
         return Decision()  # the finalizer handler owns deleted jobs
-    if _is_finished(obs.job) and not _revalidate_after_invalid_spec(b):
-        _finished(b)
-        return b.finish()
-
-    spec_in = obs.job.get("spec") or {}
-    suspend_requested = isinstance(spec_in, Mapping) and spec_in.get("suspend") is True
-    # Pods of lost nodes never finish terminating: they are left to PodGC and hold
-    # nothing up (nodeloss.py says why, and why they are not force-deleted).
-    live = _blocking(obs.pods, obs.now)
     parsed = b.parsed()
     spec = parsed.spec
     invalid: tuple[Reason, str] | None = None
@@ -567,12 +590,21 @@ def decide(obs: Observed, settings: OperatorSettings) -> Decision:
     elif spec is not None:
         problems = policy.check_policy(spec, b.namespace, settings.policy, settings)
         invalid = (Reason.POLICY_VIOLATION, "; ".join(problems)) if problems else None
+    change = _spec_change(b, invalid)
+    if _is_finished(obs.job) and not _run_again(b, change):
+        _finished(b, invalid)
+        return b.finish()
 
+    spec_in = obs.job.get("spec") or {}
+    suspend_requested = isinstance(spec_in, Mapping) and spec_in.get("suspend") is True
+    # Pods of lost nodes never finish terminating: they are left to PodGC and hold
+    # nothing up (nodeloss.py says why, and why they are not force-deleted).
+    live = _blocking(obs.pods, obs.now)
     if invalid is not None and not live and not suspend_requested and not b.get("podName"):
         return _reject_spec(b, *invalid)
 
     # From here on a pod may run. Spec problems only block the *next* attempt.
-    _account_current_pod(b, spec)
+    _account_current_pod(b, spec, change)
     if _is_final(b):
         _stop_live_pods(b, live, Reason.COMPLETED)
         _ttl(b)
@@ -590,7 +622,10 @@ def decide(obs: Observed, settings: OperatorSettings) -> Decision:
 
     current_hash = parsed.hash
     if live:
-        _check_spec_change(b, invalid, current_hash)
+        if change is not None:
+            _restart_for_change(b, live, change)
+        else:
+            _check_spec(b, invalid)
         _stale_pods(b, live)
         return b.finish()
     if invalid is not None:
@@ -604,6 +639,44 @@ def decide(obs: Observed, settings: OperatorSettings) -> Decision:
 
 def _is_final(b: _Builder) -> bool:
     return b.cond_is(ConditionType.SUCCEEDED) or b.cond_is(ConditionType.FAILED)
+
+
+def _ran_generation(b: _Builder) -> int | None:
+    """The generation whose spec the latest attempt runs (or ran); None before any."""
+    status = b.status_in
+    if not status.get("specHash"):
+        return None
+    value = status.get("runGeneration")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    # Written by an operator before runGeneration: the attempt ran the generation that
+    # operator last observed, unless it refused to apply it (SpecChangeRejected).
+    observed = _int(status.get("observedGeneration"))
+    accepted = get_condition(b.conditions_in, ConditionType.ACCEPTED) or {}
+    if observed == b.generation and accepted.get("reason") != Reason.SPEC_CHANGE_REJECTED:
+        return observed
+    return (b.generation or 1) - 1
+
+
+def _spec_change(b: _Builder, invalid: tuple[Reason, str] | None) -> SpecChange | None:
+    """The spec change the latest attempt has not applied, or None: no attempt yet, a
+    spec that cannot run (reported instead), or nothing to apply, which this records:
+    the same spec (an operator upgrade may hash it differently: only a new generation
+    is a change), or a change of control fields only (they apply live)."""
+    parsed = b.parsed()
+    ran_generation = _ran_generation(b)
+    ran_hash = b.status_in.get("specHash")
+    if invalid is not None or parsed.hash is None or ran_generation is None:
+        return None
+    if ran_generation != b.generation and parsed.hash != ran_hash:
+        ran_run = b.status_in.get("runId")
+        return SpecChange(b.generation, new_run=bool(ran_run) and ran_run != parsed.run)
+    b.set("runGeneration", b.generation)
+    b.set("specHash", parsed.hash)
+    b.set("runId", parsed.run)
+    if b.cond_is(ConditionType.SUCCEEDED):
+        b.set("completedGeneration", b.generation)  # the adapter fulfils this spec too
+    return None
 
 
 def _revalidate_after_invalid_spec(b: _Builder) -> bool:
@@ -620,21 +693,93 @@ def _revalidate_after_invalid_spec(b: _Builder) -> bool:
     return True
 
 
-def _finished(b: _Builder) -> None:
-    """A Succeeded/Failed job: nothing runs any more; reject edits, honour the TTL."""
+def _run_again(b: _Builder, change: SpecChange | None) -> bool:
+    """Reopen a finished job whose spec changed, or whose edit raised the limit that
+    failed it; True when it runs again (this decision goes on to start it)."""
+    if _revalidate_after_invalid_spec(b):
+        return True
+    if change is not None:
+        how = _next_run_note(b, new_run=change.new_run)
+        _reopen(
+            b,
+            f"spec generation {change.generation} changed the spec of the finished job: "
+            f"it runs again, {how}",
+            fresh=True,
+        )
+        return True
+    lifted = _lifted_limit(b)
+    if lifted is not None:
+        how = _next_run_note(b, new_run=False)
+        _reopen(b, f"{lifted}: the job runs again, {how}", fresh=False)
+        return True
+    return False
+
+
+def _reopen(b: _Builder, message: str, *, fresh: bool) -> None:
+    """Turn a finished job into one about to start its next attempt.
+
+    `adapter` and `completedGeneration` stay: they describe the adapter still at
+    output.uri, until the new one replaces it (its manifest is removed first). A
+    changed spec (`fresh`) gets the whole backoffLimit and disruption budget again.
+    """
+    for ctype in (ConditionType.SUCCEEDED, ConditionType.FAILED):
+        if b.cond(ctype) is not None:
+            b.condition(ctype, False, Reason.SPEC_CHANGED, message)
+    b.condition(ConditionType.RUNNING, False, Reason.SPEC_CHANGED, message, event="Normal")
+    b.condition(ConditionType.QUEUED, False, Reason.SPEC_CHANGED, message)
+    for key in ("failureReason", "failureMessage", "hint", "completionTime", "startTime"):
+        b.set(key, None)
+    b.set("podName", None)
+    b.set("progress", None)
+    if fresh:
+        b.set("failedAttempts", None)
+        b.set("disruptions", None)
+
+
+def _lifted_limit(b: _Builder) -> str | None:
+    """What an edit of a job that failed on backoffLimit or activeDeadlineSeconds raised
+    past the point that failed it (None when it did not): the job can go on."""
+    spec = b.parsed().spec
+    if spec is None or _ran_generation(b) == b.generation:
+        return None
+    reason = b.status_in.get("failureReason")
+    failed = _int(b.status_in.get("failedAttempts"))
+    if reason == Reason.BACKOFF_LIMIT_EXCEEDED and spec.backoff_limit >= failed:
+        return f"spec.backoffLimit is now {spec.backoff_limit} ({failed} failed attempts so far)"
+    started = parse_time(b.status_in.get("startTime"))
+    done = parse_time(b.status_in.get("completionTime"))
+    deadline = spec.active_deadline_seconds
+    if reason == Reason.DEADLINE_EXCEEDED and started is not None and done is not None:
+        ran = (done - started).total_seconds()
+        if deadline is None or deadline > ran:
+            limit = f"{deadline}s" if deadline is not None else "unset"
+            return f"spec.activeDeadlineSeconds is now {limit} (the job had run {ran:g}s)"
+    return None
+
+
+def _finished(b: _Builder, invalid: tuple[Reason, str] | None) -> None:
+    """A Succeeded/Failed job that does not run again: nothing runs; an edit that cannot
+    run is reported (the job keeps its result); the TTL."""
     live = [p for p in b.obs.pods if is_live(p) and not _is_terminating(p)]
     _stop_live_pods(b, live, Reason.COMPLETED)
-    current = b.parsed().hash
-    if b.generation != b.status_in.get("observedGeneration") and current != b.get("specHash"):
+    # A pod stopped as the job failed (a deadline) reports its checkpoint as it ends.
+    last = next((p for p in b.obs.pods if _pod_name(p) == b.get("podName")), None)
+    if last is not None and not is_live(last):
+        _record_checkpoint(b, classify_pod(last, b.now))
+    edited = b.generation != b.status_in.get("observedGeneration")
+    if invalid is not None and edited:
+        reason, problem = invalid
         b.condition(
             ConditionType.ACCEPTED,
             False,
-            Reason.SPEC_CHANGE_REJECTED,
-            f"the job has finished ({b.status_in.get('phase')}); spec changes are not applied. "
-            "Create a new LoRAJob to train again",
+            reason,
+            f"spec generation {b.generation} cannot run, so the job keeps its result "
+            f"({b.status_in.get('phase')}): {problem}",
             event="Warning",
             per_generation=True,
         )
+    elif invalid is None and not b.cond_is(ConditionType.ACCEPTED):
+        b.condition(ConditionType.ACCEPTED, True, Reason.SPEC_VALID, "the spec is valid")
     _ttl(b)
 
 
@@ -689,7 +834,9 @@ def _reject_spec(b: _Builder, reason: Reason, message: str) -> Decision:
 # -- the current attempt's pod ------------------------------------------------------
 
 
-def _account_current_pod(b: _Builder, spec: api.LoRAJobSpec | None) -> None:
+def _account_current_pod(
+    b: _Builder, spec: api.LoRAJobSpec | None, change: SpecChange | None
+) -> None:
     """Fold the current attempt's pod state into status (once per outcome)."""
     obs = b.obs
     attempt = _current_attempt(obs.job, obs.pods)
@@ -701,29 +848,59 @@ def _account_current_pod(b: _Builder, spec: api.LoRAJobSpec | None) -> None:
         b.set("attempts", attempt)
         b.set("podName", _pod_name(pod))
         annotations = (pod.get("metadata") or {}).get("annotations") or {}
-        if annotations.get(objects.ANNOTATION_SPEC_HASH):
-            b.set("specHash", annotations[objects.ANNOTATION_SPEC_HASH])
+        ran = annotations.get(objects.ANNOTATION_SPEC_HASH)
+        if ran:
+            b.set("specHash", ran)
+        # Its spec hash tells whether it runs this generation's spec or an earlier one
+        # (then the next pass applies the change).
+        current_spec = ran == b.parsed().hash
+        b.set("runGeneration", b.generation if current_spec else (b.generation or 1) - 1)
         b.set("startTime", b.get("startTime") or _fmt_time(b.now))
     name = b.get("podName")
     if not name:
         return
     current = next((p for p in obs.pods if _pod_name(p) == name), None)
+    # Stopped (or about to be) to apply a spec change: its end is neither a failure nor
+    # a disruption, and whatever it reached was for a spec the job no longer declares.
+    restarting = change is not None or _restarting(b)
     if current is None:
         if b.cond_is(ConditionType.SUSPENDED) or (obs.job.get("spec") or {}).get("suspend"):
             b.set("podName", None)  # we deleted it to suspend; not a disruption
             return
+        if restarting:
+            b.set("podName", None)
+            return
         _disrupted(b, attempt, Reason.DISRUPTED, f"pod {name} was deleted")
         return
     outcome = classify_pod(current, obs.now)
+    if change is None or not change.new_run:  # a new run never resumes the old run's
+        _record_checkpoint(b, outcome)
     suspending = (obs.job.get("spec") or {}).get("suspend") is True or b.cond_is(
         ConditionType.SUSPENDED
     )
-    if suspending and outcome.kind != "succeeded":
+    if (suspending and outcome.kind != "succeeded") or restarting:
         # We stop this pod on purpose: its end is neither a failure nor a disruption.
         if not is_live(current):
             b.set("podName", None)
         return
     _apply_outcome(b, attempt, current, outcome, spec)
+
+
+def _restarting(b: _Builder) -> bool:
+    """The current attempt's pod was deleted to apply a spec change (_restart_for_change
+    marks it so on the Running condition, like Suspended marks a suspend)."""
+    running = b.cond(ConditionType.RUNNING) or {}
+    return running.get("reason") == Reason.SPEC_CHANGED and bool(b.get("podName"))
+
+
+def _record_checkpoint(b: _Builder, outcome: PodOutcome) -> None:
+    """The checkpoint an ended attempt reports, e.g. the one its trainer saved on SIGTERM
+    after the last progress read: status.lastCheckpoint must not lag behind what the next
+    attempt resumes from. A success's is _succeeded's (None once the trainer has deleted
+    its checkpoints)."""
+    term = outcome.termination
+    if outcome.kind != "succeeded" and term is not None and term.last_checkpoint:
+        b.set("lastCheckpoint", term.last_checkpoint[:MAX_URI_LENGTH])
 
 
 def _apply_outcome(
@@ -808,6 +985,7 @@ def _succeeded(b: _Builder, attempt: int, pod: Mapping[str, Any], outcome: PodOu
     )
     done = _finished_at(pod) or b.now
     b.set("completionTime", _fmt_time(done))
+    b.set("completedGeneration", b.get("runGeneration"))
     if term.last_checkpoint:
         b.set("lastCheckpoint", term.last_checkpoint)
     previous = b.status_in.get("progress") or {}
@@ -872,8 +1050,6 @@ def _failed(
         b.delete_pod(_pod_name(pod), reason)  # e.g. stuck in ImagePullBackOff
     code = f" (exit code {outcome.exit_code})" if outcome.exit_code is not None else ""
     text = f"attempt {attempt} (pod {_pod_name(pod)}) failed{code}: {outcome.message}"
-    if outcome.termination and outcome.termination.last_checkpoint:
-        b.set("lastCheckpoint", outcome.termination.last_checkpoint)
     if not outcome.retryable:
         _fail(b, reason, text, hint=outcome.hint)
         b.set("podName", _pod_name(pod))
@@ -975,7 +1151,8 @@ def _resume(b: _Builder, live: Sequence[Mapping[str, Any]]) -> bool:
     if live:
         b.requeue(TERMINATING_RECHECK_SECONDS)
         return False
-    message = "spec.suspend is false: a new attempt resumes from the last checkpoint"
+    new_run = _new_run(b)
+    message = f"spec.suspend is false: a new attempt {_next_run_note(b, new_run=new_run)}"
     b.condition(ConditionType.SUSPENDED, False, Reason.RESUMED, message, event="Normal")
     b.set("podName", None)
     # Like a Kubernetes Job, the deadline clock restarts on resume.
@@ -983,26 +1160,74 @@ def _resume(b: _Builder, live: Sequence[Mapping[str, Any]]) -> bool:
     return True
 
 
-def _check_spec_change(
-    b: _Builder, invalid: tuple[Reason, str] | None, current_hash: str | None
-) -> None:
-    """A spec edit while a pod runs is rejected, visibly; the attempt keeps its spec."""
-    running_hash = b.get("specHash")
-    if invalid is None and (running_hash is None or current_hash == running_hash):
+def _check_spec(b: _Builder, invalid: tuple[Reason, str] | None) -> None:
+    """No change to apply while a pod runs: the spec is valid (control fields apply
+    live), or it cannot run, and the attempt keeps the spec it started with."""
+    if invalid is None:
         if not b.cond_is(ConditionType.ACCEPTED):
             b.condition(ConditionType.ACCEPTED, True, Reason.SPEC_VALID, "the spec is valid")
         return
-    detail = f" ({invalid[1]})" if invalid is not None else ""
+    reason, problem = invalid
     b.condition(
         ConditionType.ACCEPTED,
         False,
-        Reason.SPEC_CHANGE_REJECTED,
-        f"spec generation {b.generation} was not applied{detail}: attempt "
-        f"{b.get('attempts')} keeps running the spec it started with. Suspend the job "
-        "(spec.suspend: true) to change its spec, or create a new job",
+        reason,
+        f"spec generation {b.generation} cannot run, so attempt {b.get('attempts')} keeps "
+        f"running the spec it started with: {problem}",
         event="Warning",
         per_generation=True,
     )
+
+
+def _restart_for_change(b: _Builder, live: Sequence[Mapping[str, Any]], change: SpecChange) -> None:
+    """Apply a spec change to a started attempt: delete its pod (the trainer saves a
+    checkpoint on SIGTERM) and let the next attempt run the declared spec. Not a
+    failure, nor a disruption of status.disruptions: a GitOps repository may change a
+    spec any number of times."""
+    how = (
+        _next_run_note(b, new_run=True)
+        if change.new_run
+        else "resuming from the checkpoint its trainer saves as it stops"
+    )
+    message = (
+        f"spec generation {change.generation} changed the spec: attempt {b.get('attempts')} "
+        f"stops and the next attempt runs the new spec, {how} (not counted against "
+        "backoffLimit)"
+    )
+    _stop_live_pods(b, live, Reason.SPEC_CHANGED)
+    if not b.cond_is(ConditionType.ACCEPTED):
+        b.condition(ConditionType.ACCEPTED, True, Reason.SPEC_VALID, "the spec is valid")
+    if b.condition(
+        ConditionType.RUNNING,
+        False,
+        Reason.SPEC_CHANGED,
+        message,
+        event="Normal",
+        per_generation=True,
+    ):
+        b.tally("disruption", Reason.SPEC_CHANGED)
+    b.condition(ConditionType.QUEUED, False, Reason.SPEC_CHANGED, message)
+    b.requeue(TERMINATING_RECHECK_SECONDS)
+
+
+def _new_run(b: _Builder) -> bool:
+    """The next attempt trains another run than the latest one did (from step 0)."""
+    ran = b.status_in.get("runId")
+    return bool(ran) and ran != b.parsed().run
+
+
+def _next_run_note(b: _Builder, *, new_run: bool) -> str:
+    """How the next attempt starts, for messages."""
+    if new_run:
+        return (
+            "as a new training run from step 0 (the change is to fields that define the run: "
+            "model, data, LoRA shape, quantization or optimisation); the old run's "
+            "checkpoints stay until the new run has one"
+        )
+    checkpoint = _recorded_checkpoint(b)
+    if checkpoint:
+        return f"resuming from checkpoint {checkpoint}"
+    return "from step 0 (no checkpoint to resume from)"
 
 
 def _stale_pods(b: _Builder, live: Sequence[Mapping[str, Any]]) -> None:
@@ -1059,10 +1284,17 @@ def _maybe_create(b: _Builder, spec: api.LoRAJobSpec, current_hash: str) -> None
         name=b.name, namespace=b.namespace, uid=str((obs.job.get("metadata") or {}).get("uid", ""))
     )
     body = objects.build_trainer_pod(job_ref, spec, settings, attempt)
+    new_run = _new_run(b)
+    if new_run:
+        # The old run's checkpoint and progress: this attempt never resumes them.
+        b.set("lastCheckpoint", None)
+        b.set("progress", None)
     name = _pod_name(body) or objects.pod_name(b.name, attempt)
     checkpoint = _recorded_checkpoint(b) if attempt > 1 else None
     resume = f" (resumes from checkpoint {checkpoint})" if checkpoint else ""
     message = f"created pod {name} for attempt {attempt}{resume}"
+    if new_run:
+        message += f"; a new training run (run {b.parsed().run}) from step 0"
     for pod in obs.pods:
         if pod_attempt(pod) == attempt - 1 and (lost := node_lost(pod, b.now)):
             message += f" beside pod {_pod_name(pod)} of attempt {attempt - 1}: {lost}"
@@ -1070,6 +1302,8 @@ def _maybe_create(b: _Builder, spec: api.LoRAJobSpec, current_hash: str) -> None
     b.set("podName", name)
     b.set("nodeName", None)
     b.set("specHash", current_hash)
+    b.set("runGeneration", b.generation)
+    b.set("runId", b.parsed().run)
     b.set("startTime", b.get("startTime") or _fmt_time(b.now))
     b.condition(ConditionType.QUEUED, False, Reason.POD_CREATED, message)
     b.condition(ConditionType.RUNNING, False, Reason.POD_CREATED, message)
@@ -1094,6 +1328,7 @@ _NO_BACKOFF_REASONS = frozenset(
         Reason.POD_PENDING,
         Reason.TRAINER_RUNNING,
         Reason.RESUMING,
+        Reason.SPEC_CHANGED,
     }
 )
 

@@ -1,8 +1,12 @@
 """Validating admission for LoRAJobs: bad specs are refused at `kubectl apply` time.
 
-The rules are the operator's own (api.parse_spec, policy.check_policy, the
-spec-change rule of reconcile.py), so the webhook and the operator never
-disagree; without the webhook the operator applies them when it reconciles.
+The rules are the operator's own (api.parse_spec, policy.check_policy), so the
+webhook and the operator never disagree; without the webhook the operator applies
+them when it reconciles. Every valid spec change is admitted, whatever the job's
+phase (a GitOps repository's spec is what eventually runs): the operator restarts a
+running trainer, or runs a finished job again, as reconcile.py says. The webhook
+only warns what an update will do (admission warnings: kubectl prints them), with
+the field classes of api.spec_changes, the rule the operator follows too.
 Enabled by LORAJOB_WEBHOOK_ENABLED; kopf's WebhookServer serves it at
 `/<handler id>` (`/lorajob`) with the certificate in LORAJOB_WEBHOOK_CERT_FILE/KEY_FILE.
 The ValidatingWebhookConfiguration is either kopf's (LORAJOB_WEBHOOK_MANAGED, named
@@ -20,14 +24,15 @@ import kopf
 from lorajob_operator import api, policy
 from lorajob_operator.settings import OperatorSettings
 
-__all__ = ["configure", "register", "review"]
+__all__ = ["change_warnings", "configure", "register", "review"]
 
 MANAGED_CONFIGURATION = f"lorajob-validation.{api.GROUP}"
 HANDLER_ID = "lorajob"  # kopf serves the webhook at /<HANDLER_ID>
 # How kopf logs the AdmissionError a denial raises (execution.py: PermanentError).
 _KOPF_DENIAL = f"Webhook {HANDLER_ID!r} failed permanently: "
-# Phases in which a pod may be running with the spec it started with.
-_ACTIVE_PHASES = frozenset({api.Phase.PENDING, api.Phase.QUEUED, api.Phase.RUNNING})
+_FINISHED = frozenset({api.Phase.SUCCEEDED, api.Phase.FAILED})
+# Fields named in a warning before "and N more".
+_NAMED = 3
 
 
 def review(
@@ -50,31 +55,47 @@ def review(
     problems = policy.check_policy(spec, namespace, settings.policy, settings)
     if problems:
         return "the LoRAJob violates the cluster policy: " + "; ".join(problems)
-    if operation == "UPDATE" and old is not None:
-        return _spec_change_problem(spec, old)
     return None
 
 
-def _spec_change_problem(spec: api.LoRAJobSpec, old: Mapping[str, Any]) -> str | None:
-    status = old.get("status") or {}
-    old_spec = old.get("spec") or {}
+def _named(paths: list[str]) -> str:
+    shown = ", ".join(f"spec.{p}" for p in paths[:_NAMED])
+    return shown + (f" and {len(paths) - _NAMED} more" if len(paths) > _NAMED else "")
+
+
+def change_warnings(new: Mapping[str, Any], old: Mapping[str, Any] | None) -> list[str]:
+    """What an admitted update does to a job that has started (for kubectl to print)."""
+    status = (old or {}).get("status") or {}
+    if old is None or not status.get("specHash"):
+        return []  # never started: the first attempt runs whatever the spec says
+    try:
+        changes = api.spec_changes(
+            api.parse_spec(old.get("spec") or {}), api.parse_spec(new.get("spec") or {})
+        )
+    except api.InvalidSpecError:
+        return []  # an old spec that no longer parses: nothing to compare with
+    if not changes.restarts:
+        return []
+    if changes.new_run:
+        effect = (
+            f"{_named(changes.new_run)} define the training run, so the job trains a new run "
+            "from step 0 (its checkpoints apart from the old run's, which are deleted once "
+            "the new run has one)"
+        )
+    else:
+        effect = (
+            f"{_named(changes.resumable)} changed; the job resumes from its last checkpoint "
+            "with them"
+        )
     phase = status.get("phase")
-    running_hash = status.get("specHash")
-    if not running_hash or api.spec_hash(spec) == running_hash:
-        return None  # never started, or only control fields (suspend, ...) changed
-    if phase in (api.Phase.SUCCEEDED, api.Phase.FAILED):
-        return (
-            f"the LoRAJob has finished ({phase}); its spec can no longer change. "
-            "Create a new LoRAJob to train again"
-        )
-    # status.podName is set exactly while an attempt's pod runs (or may still run).
-    attempt_open = phase in _ACTIVE_PHASES and bool(status.get("podName"))
-    if attempt_open and old_spec.get("suspend") is not True and not spec.suspend:
-        return (
-            "the LoRAJob is running and its spec cannot change under a running trainer: "
-            "suspend the job (spec.suspend: true) to change its spec, or create a new job"
-        )
-    return None
+    if phase in _FINISHED:
+        return [f"the LoRAJob has finished ({phase}) and runs again: {effect}"]
+    if status.get("podName") and not (old.get("spec") or {}).get("suspend"):
+        return [
+            "the current attempt is stopped (a running trainer saves a checkpoint first) and "
+            f"the next one runs this spec: {effect}"
+        ]
+    return [f"the next attempt applies this change: {effect}"]
 
 
 def register(settings: OperatorSettings, registry: kopf.OperatorRegistry | None = None) -> None:
@@ -89,11 +110,13 @@ def register(settings: OperatorSettings, registry: kopf.OperatorRegistry | None 
         if subresource:  # status writes are the operator's own
             return
         previous = kwargs.get("old")
-        problem = review(
-            str(kwargs.get("operation") or ""), body, previous, namespace or "", settings
-        )
+        operation = str(kwargs.get("operation") or "")
+        problem = review(operation, body, previous, namespace or "", settings)
         if problem:
             raise kopf.AdmissionError(problem, code=422)
+        warnings = kwargs.get("warnings")  # kopf's list: kubectl prints what we add
+        if operation == "UPDATE" and isinstance(warnings, list):
+            warnings.extend(change_warnings(body, previous))
 
     kopf.on.validate(
         api.GROUP,

@@ -78,7 +78,7 @@ def test_evicted_trainer_resumes_from_its_checkpoint(cluster: Cluster) -> None:
     assert any("/attempt-1/" in c for c in checkpoints), checkpoints
     for checkpoint in checkpoints:
         assert f"adapters/evicted/checkpoints/{checkpoint}/COMPLETE" in objects, checkpoint
-    assert f"/checkpoints/attempt-1/checkpoint-{stopped[1]}" in resumed[0], resumed[0]
+    assert f"/attempt-1/checkpoint-{stopped[1]}" in resumed[0], resumed[0]
     assert status["adapter"]["uri"] == f"s3://{BUCKET}/adapters/evicted"
 
 

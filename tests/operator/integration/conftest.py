@@ -109,6 +109,13 @@ class Cluster:
         path = self.fake_dir / f"{namespace}__{name}.attempts"
         return path.read_text().split("\n")[:-1] if path.exists() else []
 
+    def runs_log(self, name: str, namespace: str = "default") -> list[tuple[int, str, int]]:
+        """(attempt, training run, step it resumed from) of each attempt, in order."""
+        path = self.fake_dir / f"{namespace}__{name}.runs"
+        lines = path.read_text().split("\n")[:-1] if path.exists() else []
+        fields = [dict(part.split("=") for part in line.split()) for line in lines]
+        return [(int(f["attempt"]), f["run"], int(f["resumed_from"])) for f in fields]
+
     # -- waiting
     def wait_phase(
         self, name: str, phase: str, namespace: str = "default", timeout: float = 30

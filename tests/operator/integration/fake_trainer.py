@@ -16,8 +16,12 @@ What it does is scripted per job by a JSON file in $FAKE_TRAINER_DIR named
                      `<namespace>__<name>.release` appears in $FAKE_TRAINER_DIR
 
 State that a real trainer keeps in object storage (the last checkpoint) lives
-in `<namespace>__<name>.checkpoint`; every attempt appends a line
-`attempt=<n> resumed_from=<step>` to `<namespace>__<name>.attempts`.
+in `<namespace>__<name>.<run>.checkpoint`, one file per training run as the real
+trainer keeps one namespace per run (`config.run_id`: a spec change that defines a
+new run starts from step 0; a new run's first checkpoint deletes the other runs').
+Every attempt appends a line `attempt=<n> resumed_from=<step>` to
+`<namespace>__<name>.attempts`, and `attempt=<n> run=<run> resumed_from=<step>` to
+`<namespace>__<name>.runs`.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_trainer import protocol
-from lora_trainer.config import TrainerConfig
+from lora_trainer.config import TrainerConfig, run_id
 from lora_trainer.protocol import AdapterInfo, ExitCode, Progress, TerminationMessage
 
 # Which FailureReason a scripted exit code reports.
@@ -47,7 +51,9 @@ class Fake:
         namespace, _, name = os.environ[protocol.ENV_JOB_NAME].partition("/")
         self.attempt = int(os.environ.get(protocol.ENV_ATTEMPT, "1"))
         base = Path(os.environ["FAKE_TRAINER_DIR"]) / f"{namespace}__{name}"
-        self.checkpoint_file = base.with_suffix(".checkpoint")
+        self.training_run = run_id(self.config)
+        self.base = base
+        self.checkpoint_file = base.with_suffix(f".{self.training_run}.checkpoint")
         self.release_file = base.with_suffix(".release")
         script_file = base.with_suffix(".json")
         self.script: dict[str, Any] = (
@@ -68,9 +74,14 @@ class Fake:
         )
         with base.with_suffix(".attempts").open("a") as log:
             log.write(f"attempt={self.attempt} resumed_from={start}\n")
+        with base.with_suffix(".runs").open("a") as log:
+            log.write(f"attempt={self.attempt} run={self.training_run} resumed_from={start}\n")
 
     def checkpoint_uri(self, step: int) -> str:
-        return f"{self.config.output.uri}/checkpoints/checkpoint-{step}"
+        return (
+            f"{self.config.output.uri}/checkpoints/run-{self.training_run}/attempt-{self.attempt}/"
+            f"checkpoint-{step}"
+        )
 
     def save_checkpoint(self) -> None:
         step = self.progress.step
@@ -79,6 +90,9 @@ class Fake:
             self.progress = self.progress.model_copy(
                 update={"last_checkpoint": self.checkpoint_uri(step)}
             )
+            for other in self.base.parent.glob(f"{self.base.name}.*.checkpoint"):
+                if other != self.checkpoint_file:
+                    other.unlink()  # superseded by this run, as the real trainer does
 
     def finish(self, message: TerminationMessage, code: int) -> None:
         self.termination.write_text(message.to_json())

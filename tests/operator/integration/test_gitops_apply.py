@@ -96,3 +96,29 @@ def test_deleting_an_applied_job_waits_for_its_pods(cluster: Cluster) -> None:
     cluster.cp.kubectl("delete", f"lorajobs.{GROUP}", name, "--wait=false")
     cluster.cp.wait_for(lambda: cluster.job(name) is None, timeout=60, message=f"{name} deleted")
     assert cluster.pods(name) == []
+
+
+def test_a_changed_file_applied_after_success_runs_the_job_again(cluster: Cluster) -> None:
+    """A finished job is not frozen: a sync of a changed file is accepted (it used to be
+    refused for good, until someone deleted the object) and the declared spec runs."""
+    name = "gitops-change"
+    manifest = _manifest(name)
+    manifest["spec"]["training"] = {"maxSteps": 10, "checkpointEverySteps": 5}
+    _apply(cluster, manifest)
+    cluster.wait_phase(name, "Succeeded")
+
+    manifest["spec"]["training"]["maxSteps"] = 15  # the commit that asks for more steps
+    _apply(cluster, manifest)
+    status = cluster.wait_status(
+        name,
+        lambda s: s.get("phase") == "Succeeded" and s.get("completedGeneration") == 2,
+        "the changed file's generation completed",
+    )
+    assert status["progress"]["step"] == 15
+    assert cluster.attempts_log(name) == ["attempt=1 resumed_from=0", "attempt=2 resumed_from=10"]
+    # The same file again: nothing to do, and no conflict with the operator's status.
+    _apply(cluster, manifest)
+    job = cluster.job(name)
+    assert job is not None
+    assert job["metadata"]["generation"] == 2
+    assert job["status"]["attempts"] == 2

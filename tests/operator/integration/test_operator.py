@@ -147,26 +147,6 @@ def test_suspend_and_resume(cluster: Cluster) -> None:
     assert {"SuspendedByUser", "Resumed"} <= set(reasons(cluster, "pausable"))
 
 
-def test_spec_change_while_running_is_rejected(cluster: Cluster) -> None:
-    cluster.create_job("steady", script={"hold_at_step": 2})
-    cluster.wait_phase("steady", "Running")
-    cluster.patch_job("steady", {"spec": {"training": {"maxSteps": 99}}})
-    status = cluster.wait_status(
-        "steady",
-        lambda s: (
-            s.get("observedGeneration") == 2
-            and condition(s, "Accepted")["reason"] == "SpecChangeRejected"
-        ),
-        "change rejected",
-    )
-    assert condition(status, "Accepted")["status"] == "False"
-    assert "suspend" in condition(status, "Accepted")["message"]
-    cluster.release("steady")
-    status = cluster.wait_phase("steady", "Succeeded")
-    assert status["progress"]["step"] == 20  # the old spec kept running
-    assert "SpecChangeRejected" in reasons(cluster, "steady")
-
-
 def test_operator_restart_mid_job(cluster: Cluster) -> None:
     cluster.create_job("survivor", script={"hold_at_step": 4})
     cluster.wait_status(

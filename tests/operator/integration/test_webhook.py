@@ -137,25 +137,50 @@ def test_a_refused_spec_is_logged_at_info_not_as_an_operator_error(hooked: Clust
     assert not [x for x in errors if "Webhook 'lorajob'" in x or "refused" in x], errors
 
 
-def test_spec_change_of_running_job_is_refused_but_suspend_is_allowed(hooked: Cluster) -> None:
-    hooked.create_job("guarded", script={"hold_at_step": 2})
-    hooked.wait_phase("guarded", "Running")
+def test_a_spec_change_is_admitted_with_a_warning_and_applied(hooked: Cluster) -> None:
+    hooked.create_job("guided", script={"hold_at_step": 2})
+    hooked.wait_phase("guided", "Running")
     result = hooked.cp.kubectl(
         "patch",
         f"lorajobs.{GROUP}",
-        "guarded",
+        "guided",
         "--type=merge",
         "-p",
-        json.dumps({"spec": {"training": {"maxSteps": 99}}}),
-        check=False,
+        json.dumps({"spec": {"training": {"maxSteps": 10, "checkpointEverySteps": 5}}}),
     )
-    assert result.returncode != 0
-    assert "suspend" in result.stderr
-    hooked.patch_job("guarded", {"spec": {"suspend": True}})
-    hooked.wait_phase("guarded", "Suspended")
-    # Suspended: the spec may change now.
-    hooked.patch_job("guarded", {"spec": {"training": {"maxSteps": 10, "checkpointEverySteps": 5}}})
-    hooked.release("guarded")
-    hooked.patch_job("guarded", {"spec": {"suspend": False}})
-    status = hooked.wait_phase("guarded", "Succeeded")
+    assert "Warning: the current attempt is stopped" in result.stderr, result.stderr
+    assert "spec.training.maxSteps" in result.stderr
+    hooked.release("guided")
+    status = hooked.wait_status(
+        "guided",
+        lambda s: s.get("phase") == "Succeeded" and s.get("completedGeneration") == 2,
+        "generation 2 completed",
+    )
     assert status["progress"]["step"] == 10
+    assert status.get("failedAttempts", 0) == 0
+
+
+def test_suspend_change_the_learning_rate_resume_runs_a_new_run(hooked: Cluster) -> None:
+    """The README's way to change a job: suspend it, change it, resume it. A run-defining
+    change trains a new run from step 0 (it used to fail InvalidSpec, mixing two runs)."""
+    hooked.create_job("tuned", script={"hold_at_step": 6})
+    hooked.wait_status("tuned", lambda s: (s.get("progress") or {}).get("step", 0) >= 6, "step 6")
+    hooked.patch_job("tuned", {"spec": {"suspend": True}})
+    hooked.wait_phase("tuned", "Suspended")
+    result = hooked.cp.kubectl(
+        "patch",
+        f"lorajobs.{GROUP}",
+        "tuned",
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"training": {"learningRate": 1e-3}}}),
+    )
+    assert "spec.training.learningRate define the training run" in result.stderr
+    hooked.release("tuned")
+    hooked.patch_job("tuned", {"spec": {"suspend": False}})
+    status = hooked.wait_phase("tuned", "Succeeded")
+    (_, old_run, _), (_, new_run, resumed_from) = hooked.runs_log("tuned")
+    assert new_run == status["runId"] != old_run
+    assert resumed_from == 0
+    assert status["progress"]["step"] == 20
+    assert status["completedGeneration"] == status["runGeneration"] == 4  # the resume

@@ -488,45 +488,356 @@ def test_spec_change_while_suspended_is_used_by_next_attempt() -> None:
 # --------------------------------------------------------------------------- spec changes
 
 
-def test_spec_change_while_running_is_rejected_visibly() -> None:
+def _edit(w: World, generation: int, **changes: Any) -> None:
+    """A user's edit: spec sections merged (a None value removes the field)."""
+    for key, value in changes.items():
+        if value is None:
+            w.job["spec"].pop(key, None)
+        elif isinstance(value, dict):
+            w.job["spec"][key] = {**(w.job["spec"].get(key) or {}), **value}
+        else:
+            w.job["spec"][key] = value
+    w.job["metadata"]["generation"] = generation
+
+
+def _stopped(attempt: int, checkpoint: str | None, at_s: float) -> dict[str, Any]:
+    """The pod of `attempt` after SIGTERM: exit 21 with the checkpoint it saved."""
+    message = TerminationMessage(
+        outcome="Failed",
+        reason="Interrupted",
+        message="stopped by SIGTERM",
+        retryable=True,
+        last_checkpoint=checkpoint,
+    ).to_json()
+    return pod(
+        attempt, "Failed", exit_code=ExitCode.INTERRUPTED, message=message, finished=at(at_s)
+    )
+
+
+def _succeed(w: World, attempt: int, at_s: float) -> reconcile.Decision:
+    w.replace_pod(pod(attempt, "Succeeded", exit_code=0, message=termination(), finished=at(at_s)))
+    return w.step(at(at_s + 1))
+
+
+CHECKPOINT_10 = "s3://adapters/tune/checkpoints/run-r/attempt-1/checkpoint-10"
+CHECKPOINT_12 = "s3://adapters/tune/checkpoints/run-r/attempt-1/checkpoint-12"
+
+
+@pytest.mark.parametrize(
+    ("change", "effect"),
+    [
+        ({"training": {"maxSteps": 40}}, "resume"),
+        ({"training": {"checkpointEverySteps": 7, "loggingSteps": 2}}, "resume"),
+        ({"output": {"mergedModel": True}}, "resume"),
+        ({"resources": {"gpus": 2}}, "resume"),
+        ({"scheduling": {"priorityClassName": "high"}}, "resume"),
+        ({"image": "registry.example.com/trainer:2"}, "resume"),
+        ({"training": {"learningRate": 1e-3}}, "new run"),
+        ({"training": {"batchSize": 8}}, "new run"),
+        ({"lora": {"r": 8}}, "new run"),
+        ({"quantization": {"mode": "none"}}, "new run"),
+        ({"dataset": {"uri": "s3://data/other.jsonl"}}, "new run"),
+        ({"model": {"uri": "s3://models/other"}}, "new run"),
+        ({"backoffLimit": 7}, "live"),
+        ({"activeDeadlineSeconds": 86400}, "live"),
+        ({"ttlSecondsAfterFinished": 60}, "live"),
+    ],
+)
+def test_each_field_class_while_running(change: dict[str, Any], effect: str) -> None:
+    """Resumable fields restart the trainer, which resumes; run-defining ones restart it
+    as a new run from step 0; control fields apply without touching it."""
     w = World()
     w.started()
-    old_hash = w.status["specHash"]
-    w.job["spec"]["training"] = {"maxSteps": 99}
-    w.job["metadata"]["generation"] = 2
+    w.step(at(5), progress=Progress(step=10, last_checkpoint=CHECKPOINT_10))
+    run = w.status["runId"]
+    _edit(w, 2, **change)
     d = w.step(at(10))
-    accepted = w.cond(ConditionType.ACCEPTED)
-    assert accepted["status"] == "False"
-    assert accepted["reason"] == Reason.SPEC_CHANGE_REJECTED
-    assert "suspend" in accepted["message"]
-    assert d.delete == []
-    assert d.create is None
-    assert w.status["specHash"] == old_hash
-    assert w.status["phase"] == "Running"
-    assert [(e.type, e.reason) for e in d.events] == [("Warning", Reason.SPEC_CHANGE_REJECTED)]
-    assert w.step(at(20)).events == []
-
-
-def test_control_field_change_while_running_is_accepted() -> None:
-    w = World()
-    w.started()
-    w.job["spec"]["backoffLimit"] = 5
-    w.job["metadata"]["generation"] = 2
-    w.step(at(10))
+    if effect == "live":
+        assert d.delete == []
+        assert w.status["phase"] == "Running"
+        assert w.status["runGeneration"] == 2
+        assert d.events == []
+        return
+    assert [x.name for x in d.delete] == [f"{NAME}-1"]
+    assert [x.reason for x in d.delete] == [Reason.SPEC_CHANGED]
+    running = w.cond(ConditionType.RUNNING)
+    assert (running["status"], running["reason"]) == ("False", Reason.SPEC_CHANGED)
+    assert running["observedGeneration"] == 2
     assert w.cond(ConditionType.ACCEPTED)["status"] == "True"
+    assert w.status["runGeneration"] == 1  # attempt 1 still runs generation 1
+    assert ("new training run from step 0" in running["message"]) == (effect == "new run")
+    # The trainer saves checkpoint 12 as it stops; the next attempt runs generation 2.
+    w.replace_pod(_stopped(1, CHECKPOINT_12, 12))
+    d = w.step(at(13))
+    assert d.create is not None
+    assert d.create.attempt == 2
+    assert w.status["runGeneration"] == 2
+    assert w.status["specHash"] == api.spec_hash(api.parse_spec(w.job["spec"]))
+    assert w.status.get("failedAttempts", 0) == 0
+    assert w.status.get("disruptions", 0) == 0
+    created = next(e.message for e in d.events if e.reason == Reason.POD_CREATED)
+    if effect == "resume":
+        assert w.status["runId"] == run
+        assert w.status["lastCheckpoint"] == CHECKPOINT_12
+        assert CHECKPOINT_12 in created
+    else:
+        assert w.status["runId"] != run
+        assert "lastCheckpoint" not in w.status  # the old run's: never resumed
+        assert "progress" not in w.status
+        assert "a new training run" in created
 
 
-def test_finished_job_rejects_spec_change() -> None:
+def test_a_restart_for_a_spec_change_is_counted_once_and_never_as_a_failure() -> None:
     w = World()
     w.started()
-    w.replace_pod(pod(1, "Succeeded", exit_code=0, message=termination(), finished=at(100)))
-    w.step(at(101))
-    w.job["spec"]["training"] = {"maxSteps": 99}
-    w.job["metadata"]["generation"] = 2
-    d = w.step(at(110))
-    assert w.cond(ConditionType.ACCEPTED)["reason"] == Reason.SPEC_CHANGE_REJECTED
+    _edit(w, 2, training={"maxSteps": 40})
+    d = w.step(at(10))
+    assert [(e.type, e.reason) for e in d.events] == [("Normal", Reason.SPEC_CHANGED)]
+    assert [(t.kind, t.reason) for t in d.tallies] == [("disruption", Reason.SPEC_CHANGED)]
+    # The pod terminates: nothing more to do, nothing posted again.
+    w.replace_pod(pod(1, "Running", deleting=True))
+    again = w.step(at(11))
+    assert (again.delete, again.events, again.tallies, again.create) == ([], [], [], None)
+    # Whatever the stopped trainer reports, even a permanent failure, is not the job's.
+    msg = termination("Failed", reason="InvalidDataset", message="bad record")
+    w.replace_pod(pod(1, "Failed", exit_code=ExitCode.INVALID_DATASET, message=msg))
+    d = w.step(at(12))
+    assert d.create is not None
+    assert w.status["phase"] == "Pending"
+    assert "failureReason" not in w.status
+    assert w.status.get("failedAttempts", 0) == 0
+    assert [t.kind for t in d.tallies] == ["attempt"]
+
+
+def test_a_change_made_while_the_operator_was_away_still_applies() -> None:
+    # The spec changed, and the attempt then failed on the old spec, all while the
+    # operator was down: the failure was the old spec's; the new spec gets its attempt.
+    w = World()
+    w.started()
+    _edit(w, 2, dataset={"format": "alpaca"})
+    msg = termination("Failed", reason="InvalidDataset", message="record 3 has no text")
+    w.replace_pod(pod(1, "Failed", exit_code=ExitCode.INVALID_DATASET, message=msg))
+    d = w.step(at(30))
+    assert d.create is not None
+    assert w.status["phase"] == "Pending"
+    assert w.status.get("failedAttempts", 0) == 0
+
+
+def test_a_change_reverted_while_the_trainer_stops_is_not_a_disruption() -> None:
+    w = World()
+    w.started()
+    _edit(w, 2, training={"maxSteps": 40})
+    w.step(at(10))
+    _edit(w, 3, training={"maxSteps": 20})  # back to what attempt 1 runs
+    w.replace_pod(pod(1, "Running", deleting=True))
+    assert w.step(at(11)).delete == []
+    w.replace_pod(_stopped(1, CHECKPOINT_12, 12))
+    d = w.step(at(13))
+    assert d.create is not None
+    assert w.status.get("disruptions", 0) == 0
+    assert w.status["runGeneration"] == 3
+
+
+def test_invalid_change_while_running_keeps_the_attempt() -> None:
+    w = World()
+    w.started()
+    _edit(w, 2, training={"learningRate": -1})
+    d = w.step(at(10))
+    assert d.delete == []
+    accepted = w.cond(ConditionType.ACCEPTED)
+    assert (accepted["status"], accepted["reason"]) == ("False", Reason.INVALID_SPEC)
+    assert "spec.training.learningRate" in accepted["message"]
+    assert "keeps running the spec it started with" in accepted["message"]
+    assert w.status["phase"] == "Running"
+    assert reasons(d) == [Reason.INVALID_SPEC]
+    assert w.step(at(20)).events == []
+    # It succeeds with the spec it ran: the adapter is generation 1's.
+    _succeed(w, 1, 100)
     assert w.status["phase"] == "Succeeded"
+    assert w.status["completedGeneration"] == 1
+
+
+def test_finished_job_runs_again_resuming_when_more_steps_are_asked_for() -> None:
+    w = World()
+    w.started()
+    _succeed(w, 1, 100)
+    assert w.status["completedGeneration"] == 1
+    adapter, run = w.status["adapter"], w.status["runId"]
+    _edit(w, 2, training={"maxSteps": 40})
+    d = w.step(at(110))
+    assert d.create is not None
+    assert d.create.attempt == 2
+    assert '"maxSteps":40' in str(d.create.body["spec"]["containers"][0]["env"])
+    assert w.status["phase"] == "Pending"
+    assert w.cond(ConditionType.SUCCEEDED)["status"] == "False"
+    assert w.cond(ConditionType.SUCCEEDED)["reason"] == Reason.SPEC_CHANGED
+    assert "completionTime" not in w.status
+    # Until the new adapter replaces it, status says which one is at output.uri.
+    assert (w.status["adapter"], w.status["completedGeneration"]) == (adapter, 1)
+    assert Reason.SPEC_CHANGED in reasons(d)
+    assert w.status["runId"] == run  # more steps: the same run, resumed
+    w.pods.append(pod(2))
+    w.step(at(111))
+    _succeed(w, 2, 200)
+    assert w.status["phase"] == "Succeeded"
+    assert (w.status["completedGeneration"], w.status["runGeneration"]) == (2, 2)
+
+
+def test_finished_job_runs_again_as_a_new_run_when_the_learning_rate_changes() -> None:
+    w = World()
+    w.started()
+    _succeed(w, 1, 100)
+    run = w.status["runId"]
+    assert w.status["lastCheckpoint"]
+    _edit(w, 2, training={"learningRate": 1e-3})
+    d = w.step(at(110))
+    assert d.create is not None
+    assert w.status["runId"] != run
+    assert "lastCheckpoint" not in w.status
+    changed = next(e.message for e in d.events if e.reason == Reason.SPEC_CHANGED)
+    assert "runs again, as a new training run from step 0" in changed
+
+
+def test_failed_job_runs_again_with_a_fresh_budget_when_its_spec_changes() -> None:
+    w = World(job(spec={**SPEC, "backoffLimit": 0}))
+    w.started()
+    msg = termination("Failed", reason="InternalError", retryable=True)
+    w.replace_pod(pod(1, "Failed", exit_code=ExitCode.INTERNAL, message=msg, finished=at(10)))
+    w.step(at(11))
+    assert w.status["failureReason"] == Reason.BACKOFF_LIMIT_EXCEEDED
+    _edit(w, 2, dataset={"format": "alpaca"})
+    d = w.step(at(20))
+    assert d.create is not None
+    assert w.status["phase"] == "Pending"
+    assert w.cond(ConditionType.FAILED)["status"] == "False"
+    for gone in ("failureReason", "failureMessage", "hint", "failedAttempts", "completionTime"):
+        assert gone not in w.status, gone
+
+
+def test_failed_job_runs_again_when_the_limit_that_failed_it_is_raised() -> None:
+    w = World(job(spec={**SPEC, "backoffLimit": 0}))
+    w.started()
+    msg = termination("Failed", reason="InternalError", retryable=True)
+    w.replace_pod(pod(1, "Failed", exit_code=ExitCode.INTERNAL, message=msg, finished=at(10)))
+    w.step(at(11))
+    assert w.status["failedAttempts"] == 1
+    _edit(w, 2, ttlSecondsAfterFinished=3600)  # not a limit that failed it
+    assert w.step(at(20)).create is None
+    assert w.status["phase"] == "Failed"
+    _edit(w, 3, backoffLimit=2)
+    d = w.step(at(30))
+    assert d.create is not None
+    assert w.status["failedAttempts"] == 1  # the raised limit counts what failed before
+    changed = next(e.message for e in d.events if e.reason == Reason.SPEC_CHANGED)
+    assert changed.startswith("spec.backoffLimit is now 2 (1 failed attempts so far)")
+
+
+def test_failed_job_runs_again_when_its_deadline_is_raised() -> None:
+    w = World(job(spec={**SPEC, "activeDeadlineSeconds": 60}))
+    w.started()
+    w.step(at(61))
+    assert w.status["failureReason"] == Reason.DEADLINE_EXCEEDED
+    w.replace_pod(_stopped(1, CHECKPOINT_12, 62))
+    w.step(at(63))
+    _edit(w, 2, activeDeadlineSeconds=30)  # still shorter than it ran
+    assert w.step(at(70)).create is None
+    _edit(w, 3, activeDeadlineSeconds=3600)
+    d = w.step(at(80))
+    assert d.create is not None
+    assert w.status["startTime"] == stamp(at(80))  # the deadline clock restarts
+    assert w.status["lastCheckpoint"] == CHECKPOINT_12
+
+
+def test_control_field_change_of_a_finished_job_changes_nothing() -> None:
+    w = World()
+    w.started()
+    _succeed(w, 1, 100)
+    _edit(w, 2, ttlSecondsAfterFinished=3600, backoffLimit=5)
+    d = w.step(at(110))
     assert d.create is None
+    assert w.status["phase"] == "Succeeded"
+    assert w.status["completedGeneration"] == 2  # the adapter fulfils this spec too
+    assert d.events == []
+
+
+def test_invalid_change_of_a_finished_job_keeps_its_result() -> None:
+    w = World()
+    w.started()
+    _succeed(w, 1, 100)
+    _edit(w, 2, training={"learningRate": -1})
+    d = w.step(at(110))
+    assert d.create is None
+    assert w.status["phase"] == "Succeeded"
+    accepted = w.cond(ConditionType.ACCEPTED)
+    assert (accepted["status"], accepted["reason"]) == ("False", Reason.INVALID_SPEC)
+    assert "keeps its result" in accepted["message"]
+    assert reasons(d) == [Reason.INVALID_SPEC]
+    # Fixed: it runs again with the fixed spec.
+    _edit(w, 3, training={"learningRate": 1e-3})
+    assert w.step(at(120)).create is not None
+
+
+def test_needs_new_attempt_after_a_finished_job_is_edited() -> None:
+    w = World()
+    w.started()
+    _succeed(w, 1, 100)
+    assert not reconcile.needs_new_attempt(w.job, w.pods)
+    _edit(w, 2, training={"maxSteps": 40})
+    assert reconcile.needs_new_attempt(w.job, w.pods)
+
+
+def test_checkpoint_saved_on_sigterm_is_recorded_when_the_attempt_ends() -> None:
+    """status.lastCheckpoint must not lag behind what the next attempt resumes from: the
+    checkpoint a trainer saves as it stops is only in its termination message."""
+    w = World()
+    w.started()
+    w.step(at(5), progress=Progress(step=10, last_checkpoint=CHECKPOINT_10))
+    _edit(w, 2, suspend=True)
+    w.step(at(10))
+    w.replace_pod(_stopped(1, CHECKPOINT_12, 11))
+    w.step(at(12))
+    assert w.status["phase"] == "Suspended"
+    assert w.status["lastCheckpoint"] == CHECKPOINT_12
+    # The same for an eviction.
+    _edit(w, 3, suspend=False)
+    w.step(at(20))
+    w.pods.append(pod(2))
+    w.step(at(21))
+    evicted = _stopped(2, CHECKPOINT_12.replace("12", "15"), 30)
+    evicted["status"]["reason"] = "Evicted"
+    w.replace_pod(evicted)
+    w.step(at(31))
+    assert w.status["lastCheckpoint"].endswith("checkpoint-15")
+
+
+def test_status_of_an_older_operator_is_taken_over_without_a_restart() -> None:
+    # Written before runGeneration/runId, with a spec hash of another formula: the same
+    # spec, so the running attempt is left alone.
+    w = World()
+    w.started()
+    for key in ("runGeneration", "runId"):
+        w.job["status"].pop(key)
+    w.job["status"]["specHash"] = "hash-by-an-older-operator"
+    d = w.step(at(10))
+    assert d.delete == []
+    assert w.status["runGeneration"] == 1
+    assert w.status["specHash"] == api.spec_hash(api.parse_spec(SPEC))
+    assert w.status["runId"]
+
+
+def test_a_change_an_older_operator_refused_is_applied() -> None:
+    w = World()
+    w.started()
+    for key in ("runGeneration", "runId"):
+        w.job["status"].pop(key)
+    _edit(w, 2, training={"maxSteps": 40})
+    w.job["status"]["observedGeneration"] = 2
+    w.job["status"]["conditions"] = [
+        c if c["type"] != "Accepted" else {**c, "status": "False", "reason": "SpecChangeRejected"}
+        for c in w.job["status"]["conditions"]
+    ]
+    d = w.step(at(10))
+    assert [x.reason for x in d.delete] == [Reason.SPEC_CHANGED]
 
 
 # --------------------------------------------------------------------------- restarts
@@ -658,7 +969,8 @@ def test_needs_new_attempt() -> None:
     assert reconcile.needs_new_attempt(job(), [])
     assert not reconcile.needs_new_attempt(job(), [pod(1)])
     assert not reconcile.needs_new_attempt(job(spec={**SPEC, "suspend": True}), [])
-    assert not reconcile.needs_new_attempt(job(status={"phase": "Succeeded"}), [])
+    finished = {"phase": "Succeeded", "observedGeneration": 1}
+    assert not reconcile.needs_new_attempt(job(status=finished), [])
 
 
 def test_job_key_of_pod_uses_owner_reference() -> None:

@@ -18,7 +18,7 @@ from lorajob_operator.policy import Policy
 from lorajob_operator.progress import ProgressError, ProgressReader, status_progress
 from lorajob_operator.reconcile import Tally
 from lorajob_operator.settings import load_settings
-from lorajob_operator.webhook import review
+from lorajob_operator.webhook import change_warnings, review
 from prometheus_client import generate_latest
 
 from tests.operator.runtime.kubefakes import SPEC, at, job, stamp
@@ -211,42 +211,48 @@ def _running(spec: dict[str, Any] | None = None) -> dict[str, Any]:
     )
 
 
-def test_review_rejects_spec_change_of_running_job() -> None:
-    new = job(spec={**SPEC, "training": {"maxSteps": 99}})
-    problem = review("UPDATE", new, _running(), "team-a", SETTINGS)
+def _changed(**training: Any) -> dict[str, Any]:
+    return job(spec={**SPEC, "training": {**SPEC["training"], **training}})
+
+
+def test_review_admits_every_valid_change_whatever_the_phase() -> None:
+    """The declared spec is what eventually runs: no valid change is refused, whether
+    the job runs, waits, is suspended or has finished (the operator applies it)."""
+    for phase in ("Pending", "Running", "Suspended", "Succeeded", "Failed"):
+        old = _running()
+        old["status"]["phase"] = phase
+        for new in (_changed(maxSteps=99), _changed(learningRate=1e-3)):
+            assert review("UPDATE", new, old, "a", SETTINGS) is None, phase
+
+
+def test_review_still_refuses_an_invalid_change() -> None:
+    problem = review("UPDATE", _changed(learningRate=-1), _running(), "a", SETTINGS)
     assert problem is not None
-    assert "suspend" in problem
+    assert "spec.training.learningRate" in problem
 
 
-def test_review_allows_suspend_and_control_fields_while_running() -> None:
-    assert review("UPDATE", job(spec={**SPEC, "suspend": True}), _running(), "a", SETTINGS) is None
-    assert (
-        review("UPDATE", job(spec={**SPEC, "backoffLimit": 9}), _running(), "a", SETTINGS) is None
-    )
-
-
-def test_review_allows_spec_change_between_attempts() -> None:
-    old = _running()
-    old["status"]["phase"] = "Pending"
-    del old["status"]["podName"]  # waiting to retry: the next attempt takes the new spec
-    new = job(spec={**SPEC, "training": {"maxSteps": 99}})
-    assert review("UPDATE", new, old, "a", SETTINGS) is None
-
-
-def test_review_allows_spec_change_while_suspended() -> None:
-    old = _running({**SPEC, "suspend": True})
-    old["status"]["phase"] = "Suspended"
-    new = job(spec={**SPEC, "suspend": True, "training": {"maxSteps": 99}})
-    assert review("UPDATE", new, old, "a", SETTINGS) is None
-
-
-def test_review_rejects_change_of_finished_job() -> None:
-    old = _running()
-    old["status"]["phase"] = "Succeeded"
-    new = job(spec={**SPEC, "training": {"maxSteps": 99}})
-    problem = review("UPDATE", new, old, "a", SETTINGS)
-    assert problem is not None
-    assert "finished" in problem
+def test_change_warnings_say_what_an_update_does() -> None:
+    # Running: restarted, resuming for a resumable change ...
+    (warning,) = change_warnings(_changed(maxSteps=99), _running())
+    assert "stopped (a running trainer saves a checkpoint first)" in warning
+    assert "spec.training.maxSteps changed; the job resumes from its last checkpoint" in warning
+    # ... or as a new run for a run-defining one, naming the fields.
+    (warning,) = change_warnings(_changed(learningRate=1e-3, maxSteps=99), _running())
+    assert "spec.training.learningRate define the training run" in warning
+    assert "new run from step 0" in warning
+    # Finished: it runs again.
+    finished = _running()
+    finished["status"]["phase"] = "Succeeded"
+    (warning,) = change_warnings(_changed(maxSteps=99), finished)
+    assert warning.startswith("the LoRAJob has finished (Succeeded) and runs again")
+    # Suspended: the next attempt applies it.
+    suspended = _running({**SPEC, "suspend": True})
+    new = job(spec={**SPEC, "suspend": True, "lora": {"r": 8}})
+    (warning,) = change_warnings(new, suspended)
+    assert warning.startswith("the next attempt applies this change: spec.lora.r define")
+    # Nothing to say: control fields only, or a job that never started.
+    assert change_warnings(job(spec={**SPEC, "backoffLimit": 9}), _running()) == []
+    assert change_warnings(_changed(maxSteps=99), job()) == []
 
 
 def test_review_ignores_metadata_only_updates_and_deletes() -> None:
