@@ -25,6 +25,7 @@ from lora_trainer.checkpoints import (
 )
 from lora_trainer.config import TrainerConfig, run_defining_changes, run_id
 from lora_trainer.errors import StorageError
+from lora_trainer.publish import upload_output
 from lora_trainer.storage import Storage
 
 BASE: dict[str, Any] = {
@@ -396,3 +397,37 @@ def test_names_that_are_not_checkpoints_are_left_alone(
     notes.write_text("kept")
     _save(storage, tmp_path, out, attempt=1, step=5)
     assert notes.read_text() == "kept"
+
+
+def test_a_new_adapter_replaces_the_old_one_manifest_first_out_and_last_in(
+    storage: Storage, out: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job that runs again (its spec changed) publishes over its old adapter: no reader
+    may see the old manifest vouch for new files, nor a manifest before every file."""
+    cfg = _config(output={"uri": out})
+    old = Path(out)
+    old.mkdir(parents=True)
+    (old / "adapter_model.safetensors").write_bytes(b"old weights")
+    (old / "manifest.json").write_text('{"files": []}')
+    new = tmp_path / "new-adapter"
+    new.mkdir()
+    for name in ("adapter_model.safetensors", "adapter_config.json", "README.md"):
+        (new / name).write_bytes(f"new {name}".encode())
+    seen: list[bool] = []
+    put_file = Storage.put_file
+
+    def watching(self: Storage, local: Path, uri: str) -> None:
+        seen.append((old / "manifest.json").exists())
+        put_file(self, local, uri)
+
+    monkeypatch.setattr(Storage, "put_file", watching)
+    info = upload_output(storage, new, out, cfg, steps=7)
+    assert seen == [False, False, False]  # gone before the first new file
+    manifest = json.loads((old / "manifest.json").read_text())
+    assert sorted(f["path"] for f in manifest["files"]) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    assert (old / "adapter_model.safetensors").read_bytes() == b"new adapter_model.safetensors"
+    assert info.files == 3
