@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from bench import trainer_gpu
 from bench.common import REPO_ROOT, format_table, percentile, ratio
-from bench.operator_scale import parse_size
+from bench.operator_scale import parse_metrics, parse_size
 from bench.trainer import mixed_length_records
 
 
@@ -162,12 +162,20 @@ def test_operator_scale_quick(tmp_path: Path) -> None:
     assert "ceiling" in out
     doc = _load(tmp_path, "operator_scale")
     assert doc["api_server_writes_per_s"] > 0
+    assert "real kube-apiserver v1." in doc["peer"]["api_server"]
     burst, paced = doc["sizes"]
     for size in (burst, paced):
         assert size["jobs_with_pod"] == size["jobs_running"] == size["jobs"]
         assert size["create_to_pod"]["p99_s"] > 0
         assert size["operator_peak_rss_mib"] > 10
         assert size["operator_cpu_s"] > 0
+        assert size["ceiling"]["writes_per_s"] > 0
+        assert size["control_plane_cpu_s"]["kube-apiserver"] > 0
+        # Counted at the API server: at least the job's create and its pod's create.
+        assert size["api_writes_per_job_by_resource"]["lorajobs"] >= 1
+        assert size["api_writes_per_job_by_resource"]["pods"] >= 1
+        assert size["operator_requests_per_job"] > 0
+        assert set(size["operator_throttled"]) == {"client", "server", "client_wait_s"}
     assert burst["rate_per_s"] is None
     assert paced["rate_per_s"] == 50
     # 5 jobs at 50/s: the last is created 4/50 s after the first, not at once.
@@ -182,6 +190,22 @@ def test_operator_scale_sizes_are_bursts_or_rates() -> None:
     for bad in ("many", "1000@", "0", "10@-1", "10@x"):
         with pytest.raises(ValueError, match="--sizes"):
             parse_size(bad)
+
+
+def test_operator_scale_reads_prometheus_samples() -> None:
+    text = (
+        "# HELP apiserver_request_total Counter\n"
+        'apiserver_request_total{code="201",resource="pods",verb="POST"} 12\n'
+        'apiserver_request_total{code="429",resource="pods",verb="PATCH"} 3\n'
+        "apiserver_request_totally_other 5\n"
+        'lorajob_api_throttled_total{reason="client"} 7.0\n'
+    )
+    names = frozenset({"apiserver_request_total", "lorajob_api_throttled_total"})
+    assert parse_metrics(text, names) == [
+        ("apiserver_request_total", {"code": "201", "resource": "pods", "verb": "POST"}, 12.0),
+        ("apiserver_request_total", {"code": "429", "resource": "pods", "verb": "PATCH"}, 3.0),
+        ("lorajob_api_throttled_total", {"reason": "client"}, 7.0),
+    ]
 
 
 @pytest.mark.slow
