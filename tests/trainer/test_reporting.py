@@ -29,6 +29,7 @@ from lora_trainer.errors import (
     TrainerError,
     classify,
     scrub,
+    shorten,
 )
 from lora_trainer.progress import ProgressBoard, ProgressServer, Throughput
 from lora_trainer.protocol import (
@@ -88,7 +89,7 @@ def test_termination_message_is_capped_and_scrubbed(
     msg = TerminationMessage(outcome="Failed", message="x" * 10000 + " very-secret-value")
     text = encode(msg)
     assert len(text.encode()) <= TERMINATION_MESSAGE_LIMIT
-    assert json.loads(text)["message"].endswith("[truncated]")
+    assert json.loads(text)["message"].endswith("\u2026")
     path = tmp_path / "termination-log"
     write_termination_message(
         TerminationMessage(outcome="Failed", message="key very-secret-value leaked?"), path
@@ -96,6 +97,37 @@ def test_termination_message_is_capped_and_scrubbed(
     written = json.loads(path.read_text())
     assert "very-secret-value" not in path.read_text()
     assert written["message"] == "key *** leaked?"
+
+
+def test_messages_are_shortened_where_a_sentence_or_word_ends() -> None:
+    # transformers' error for a model folder without tokenizer files: it used to be cut
+    # to its first line ("... from one of: ") and read as a trainer bug.
+    text = (
+        "Couldn't instantiate the backend tokenizer from one of: \n(1) a `tokenizers` library "
+        "serialization file, \n(2) a slow tokenizer instance to convert or \n(3) an equivalent "
+        "slow tokenizer class to instantiate and convert. \nYou need to have sentencepiece or "
+        "tiktoken installed to convert a slow tokenizer to a fast one."
+    )
+    err = classify(ValueError(text))
+    assert err.message.startswith("unexpected error: ValueError: Couldn't instantiate")
+    assert err.message.endswith("convert a slow tokenizer to a fast one.")  # whole, one line
+    assert "\n" not in err.message
+    assert shorten(text, 240) == (
+        "Couldn't instantiate the backend tokenizer from one of: (1) a `tokenizers` library "
+        "serialization file, (2) a slow tokenizer instance to convert or (3) an equivalent "
+        "slow tokenizer class to instantiate and convert. \u2026"
+    )
+    assert shorten("one two three four five six", 16) == "one two three\u2026"
+    assert len(shorten("x" * 600)) <= 500  # no boundary at all: cut, still marked
+    assert shorten("x" * 600).endswith("\u2026")
+
+
+def test_a_long_termination_message_keeps_its_cause_and_whole_words() -> None:
+    cause = "model.uri s3://models/x: the tokenizer does not load."
+    msg = TerminationMessage(outcome="Failed", message=cause + " detail" * 2000)
+    message = json.loads(encode(msg))["message"]
+    assert message.startswith(cause)
+    assert message.endswith("detail\u2026")
 
 
 def test_failure_message_carries_reason_hint_and_retryability() -> None:

@@ -37,6 +37,7 @@ __all__ = [
     "TrainerError",
     "classify",
     "scrub",
+    "shorten",
 ]
 
 SECRET_ENV_VARS = (ENV_S3_ACCESS_KEY, ENV_S3_SECRET_KEY, ENV_S3_SESSION_TOKEN, ENV_HF_TOKEN)
@@ -149,7 +150,7 @@ def classify(exc: BaseException) -> TrainerError:
         return exc
     text = f"{type(exc).__name__}: {exc}"
     if _is_cuda_oom(exc):
-        return OutOfMemory(f"CUDA out of memory: {_first_line(str(exc))}")
+        return OutOfMemory(f"CUDA out of memory: {shorten(str(exc))}")
     if isinstance(exc, MemoryError):
         return OutOfMemory(
             "the process ran out of host memory",
@@ -158,7 +159,7 @@ def classify(exc: BaseException) -> TrainerError:
     if isinstance(exc, ConnectionError | TimeoutError):
         return StorageError(f"network error: {text}")
     return TrainerError(
-        f"unexpected error: {_first_line(text)}",
+        f"unexpected error: {shorten(text)}",
         hint="This is likely a trainer bug; the logs have the full traceback.",
     )
 
@@ -168,6 +169,29 @@ def _is_cuda_oom(exc: BaseException) -> bool:
     return name == "OutOfMemoryError" or "CUDA out of memory" in str(exc)
 
 
-def _first_line(text: str, limit: int = 500) -> str:
-    line = text.strip().splitlines()[0] if text.strip() else text
-    return line[:limit]
+# Longest exception text quoted in a message (the log has the whole traceback).
+QUOTED_LIMIT = 500
+_ELLIPSIS = "\u2026"
+# Where a shortened message may end: after a sentence or clause, else between words.
+_SENTENCE_END = re.compile(r"[.;:!?](?=\s)")
+
+
+def shorten(text: str, limit: int = QUOTED_LIMIT) -> str:
+    """`text` on one line, at most `limit` characters, cut where a sentence (or else a
+    word) ends, with an ellipsis: the cause, which comes first, is kept whole.
+
+    Exception texts span lines (a numbered list of what was tried, say); taking only the
+    first line or the first N characters used to cut them mid-sentence.
+    """
+    flat = " ".join(text.split())
+    if len(flat) <= limit:
+        return flat
+    room = flat[: max(1, limit - 2)]  # room for " \u2026"
+    # A boundary in the first half would throw away most of the room: cut between words.
+    floor = len(room) // 2
+    sentences = [m.end() for m in _SENTENCE_END.finditer(room + " ") if m.end() > floor]
+    if sentences:
+        return room[: sentences[-1]] + " " + _ELLIPSIS
+    space = room.rfind(" ")
+    cut = room[:space] if space > floor else room
+    return cut.rstrip(" ,;:") + _ELLIPSIS

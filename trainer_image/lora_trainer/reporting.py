@@ -6,7 +6,7 @@ import logging
 import os
 from pathlib import Path
 
-from lora_trainer.errors import TrainerError, scrub
+from lora_trainer.errors import TrainerError, scrub, shorten
 from lora_trainer.protocol import (
     DEFAULT_TERMINATION_LOG,
     ENV_TERMINATION_LOG,
@@ -37,16 +37,17 @@ def failure_message(err: TrainerError, **extra: object) -> TerminationMessage:
 
 
 def encode(msg: TerminationMessage) -> str:
-    """JSON under Kubernetes' 4 KiB limit: the message text is shortened if needed."""
+    """JSON under Kubernetes' 4 KiB limit: the message text is shortened if needed (at a
+    sentence or word boundary, its beginning kept: that is where the cause is)."""
     msg = msg.model_copy(update={"message": scrub(msg.message)})
     text = msg.to_json()
     while len(text.encode()) > TERMINATION_MESSAGE_LIMIT and msg.message:
         excess = len(text.encode()) - TERMINATION_MESSAGE_LIMIT
-        keep = max(0, len(msg.message) - excess - 20)
-        msg = msg.model_copy(update={"message": msg.message[:keep] + " [truncated]"})
+        # Characters may take several bytes: cut by the byte excess (at least that many
+        # characters go), and loop until it fits.
+        keep = max(0, len(msg.message) - excess - 4)
+        msg = msg.model_copy(update={"message": shorten(msg.message, keep) if keep else ""})
         text = msg.to_json()
-        if keep == 0:
-            break
     return text
 
 
