@@ -156,9 +156,9 @@ def _build_ours(job: Job, cuda: bool) -> Any:
     device = Device.detect()
     if device.cuda != cuda:
         raise RuntimeError(f"expected cuda={cuda}, torch says {device}")
-    fmt, train = data.convert(data.load_records(Path(job.data_path)), "prompt_completion")
     tokenizer = AutoTokenizer.from_pretrained(job.model_dir)
-    inputs = Inputs(model_dir=Path(job.model_dir), format=fmt, train=train, eval=[])
+    source = data.Source(Path(job.data_path), "prompt_completion")
+    inputs = Inputs(model_dir=Path(job.model_dir), train=source)
     train_ds, _ = tokenize_inputs(cfg, tokenizer, inputs)
     model, peft_config = load_model(cfg, Path(job.model_dir), device)
     return build_trainer(

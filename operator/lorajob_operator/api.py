@@ -728,6 +728,11 @@ class LoRAJobStatus(_StatusModel):
     last_checkpoint: str | None = Field(
         default=None, description="Latest complete checkpoint; a new attempt resumes from it."
     )
+    skipped_records: int | None = Field(
+        default=None,
+        description="Dataset records the trainer left out as invalid "
+        "(spec.dataset.invalidRecords: skip).",
+    )
     failure_reason: str | None = None
     failure_message: str | None = None
     hint: str | None = Field(default=None, description="What to change to make the job succeed.")

@@ -114,6 +114,12 @@ class Metrics:
         )
         for reason in ("client", "server"):
             self.api_throttled.labels(reason=reason)  # exported as 0 before the first
+        self.skipped_records = Counter(
+            "lorajob_skipped_records",
+            "Dataset records left out as invalid (spec.dataset.invalidRecords: skip), "
+            "counted when the job succeeds",
+            registry=self.registry,
+        )
         self.progress_poll_errors = Counter(
             "lorajob_progress_poll_errors",
             "Failed reads of a trainer pod's progress endpoint",
@@ -142,3 +148,5 @@ class Metrics:
                 self.failures.labels(reason=t.reason).inc(t.value)
             elif t.kind == "finished":
                 self.duration.labels(phase=t.reason).observe(t.value)
+            elif t.kind == "skipped_records":
+                self.skipped_records.inc(t.value)

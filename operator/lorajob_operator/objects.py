@@ -143,6 +143,17 @@ def _env(
         {"name": protocol.ENV_TERMINATION_LOG, "value": protocol.DEFAULT_TERMINATION_LOG},
         {"name": protocol.ENV_ATTEMPT, "value": str(attempt)},
         {"name": protocol.ENV_JOB_NAME, "value": f"{job.namespace}/{job.name}"},
+        {
+            # The trainer runs as many torch threads as the limit has whole cores.
+            "name": protocol.ENV_CPU_LIMIT,
+            "valueFrom": {
+                "resourceFieldRef": {
+                    "containerName": CONTAINER_NAME,
+                    "resource": "limits.cpu",
+                    "divisor": "1m",
+                }
+            },
+        },
         {"name": protocol.ENV_S3_REGION, "value": spec.storage.region},
     ]
     if spec.storage.endpoint:

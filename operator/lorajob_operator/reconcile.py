@@ -106,8 +106,11 @@ __all__ = [
 
 EventType = Literal["Normal", "Warning"]
 # attempt: a pod was created; disruption / attempt_failure: an attempt ended so;
-# failure: the job failed (by reason); finished: the job ended (value = seconds).
-TallyKind = Literal["attempt", "disruption", "attempt_failure", "failure", "finished"]
+# failure: the job failed (by reason); finished: the job ended (value = seconds);
+# skipped_records: a job succeeded with invalid records left out (value = how many).
+TallyKind = Literal[
+    "attempt", "disruption", "attempt_failure", "failure", "finished", "skipped_records"
+]
 
 # How long to wait before re-checking a job that waits for a free slot in its
 # namespace; finishing pods also wake waiting jobs, this is only the safety net.
@@ -440,6 +443,8 @@ def progress_patch(
     checkpoint = (live.last_checkpoint or "")[:MAX_URI_LENGTH]
     if checkpoint and checkpoint != status.get("lastCheckpoint"):
         patch["lastCheckpoint"] = checkpoint
+    if live.skipped_records and live.skipped_records != status.get("skippedRecords"):
+        patch["skippedRecords"] = live.skipped_records
     return patch
 
 
@@ -986,8 +991,11 @@ def _succeeded(b: _Builder, attempt: int, pod: Mapping[str, Any], outcome: PodOu
     done = _finished_at(pod) or b.now
     b.set("completionTime", _fmt_time(done))
     b.set("completedGeneration", b.get("runGeneration"))
-    if term.last_checkpoint:
-        b.set("lastCheckpoint", term.last_checkpoint)
+    # None: the trainer deleted its checkpoints once the adapter was complete.
+    b.set("lastCheckpoint", term.last_checkpoint)
+    if term.skipped_records:
+        b.set("skippedRecords", term.skipped_records)
+        b.tally("skipped_records", "invalid", term.skipped_records)
     previous = b.status_in.get("progress") or {}
     steps = term.steps if term.steps is not None else previous.get("step", 0)
     final: dict[str, Any] = {

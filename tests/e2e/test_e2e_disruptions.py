@@ -24,7 +24,9 @@ def _checkpoint_step(uri: str | None) -> int:
 
 def test_evicted_trainer_resumes_from_its_checkpoint(cluster: Cluster) -> None:
     cluster.create_secret()
-    cluster.apply(cluster.manifest("evicted", LONGER))
+    # The checkpoints are kept after success, to check them below.
+    kept = {"spec": {**LONGER["spec"], "output": {"keepCheckpoints": True}}}
+    cluster.apply(cluster.manifest("evicted", kept))
     running = cluster.wait_status("evicted", lambda s: bool(s.get("podName")), "a trainer pod")
     first_pod = running["podName"]
     # Watch the trainer itself and evict right after its first checkpoint.

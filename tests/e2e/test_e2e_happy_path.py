@@ -6,8 +6,8 @@ import json
 import subprocess
 from pathlib import Path
 
-from tests.e2e.conftest import BUCKET, JOB_TIMEOUT_S, Cluster, sha256
 from devcluster.tools import kubectl
+from tests.e2e.conftest import BUCKET, JOB_TIMEOUT_S, Cluster, sha256
 
 
 def test_job_succeeds_and_the_adapter_loads_with_peft(cluster: Cluster, tmp_path: Path) -> None:
@@ -63,6 +63,16 @@ def test_job_succeeds_and_the_adapter_loads_with_peft(cluster: Cluster, tmp_path
     weights = (local / "adapter_model.safetensors").read_bytes()
     assert sha256(weights) == adapter["sha256"]
     assert len(weights) == adapter["size"]
+    # Once the manifest vouched for the adapter, the checkpoints went (keepCheckpoints is
+    # off by default) and status names none; the adapter names its base model by its URI.
+    assert not [k for k in cluster.s3_objects("adapters/happy/") if "/checkpoints/" in k]
+    assert "lastCheckpoint" not in status
+    config = json.loads((local / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == manifest["spec"]["model"]["uri"]
+    # The pod's CPU limit (resources.cpu: "1") reached the trainer as its torch threads.
+    assert cluster.cp.kubelet is not None
+    log = cluster.cp.kubelet.pod_log("default", status["podName"])
+    assert "torch threads: 1 (the pod's CPU limit)" in log, log[-2000:]
 
     # It is a PEFT adapter for the base model: load it, check it was trained, run it.
     # (Imported here: collecting the suite must not pay for the training stack.)
@@ -71,7 +81,6 @@ def test_job_succeeds_and_the_adapter_loads_with_peft(cluster: Cluster, tmp_path
     from safetensors.torch import load_file  # noqa: PLC0415
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
-    config = json.loads((local / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"
     assert config["r"] == 8
     tensors = load_file(str(local / "adapter_model.safetensors"))

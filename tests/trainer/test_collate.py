@@ -144,9 +144,8 @@ def test_trainer_batches_are_rows_with_completion_only_labels(
     )
     assert cfg.training.packing
     assert cfg.training.completion_only_loss
-    fmt, train = data.convert(data.load_records(dataset), "auto")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    inputs = Inputs(model_dir=tiny_model_dir, format=fmt, train=train, eval=[])
+    inputs = Inputs(model_dir=tiny_model_dir, train=data.Source(dataset, "prompt_completion"))
     train_ds, _ = tokenize_inputs(cfg, tokenizer, inputs)
     device = Device(cuda=False)
     model, peft_config = load_model(cfg, tiny_model_dir, device)

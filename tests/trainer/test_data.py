@@ -13,10 +13,11 @@ from lora_trainer import data as data_module
 from lora_trainer.data import (
     Record,
     TokenizedData,
+    check_source,
     convert,
     detect_format,
+    held_out,
     load_records,
-    split_records,
     tokenize,
 )
 from lora_trainer.errors import DatasetError
@@ -147,11 +148,27 @@ def test_bad_records_name_the_record(fmt: str, rows: list[Any], expected: str) -
         convert(_records(rows), fmt)
 
 
-def test_invalid_json_line_is_reported_with_its_number(tmp_path: Path) -> None:
+def test_invalid_json_line_names_line_and_column_with_a_json_hint(tmp_path: Path) -> None:
     path = tmp_path / "train.jsonl"
-    path.write_text('{"text": "a"}\n\n{"text": "b"\n')
-    with pytest.raises(DatasetError, match=r"train.jsonl record 3: invalid JSON"):
-        load_records(path)
+    path.write_text('{"text": "a"}\n\n{"text": "b" "more": 1}\n')
+    with pytest.raises(DatasetError) as caught:
+        check_source(path, "auto")
+    assert caught.value.message == (
+        "train.jsonl line 3, column 14: invalid JSON (Expecting ',' delimiter); "
+        "each line must be one JSON object"
+    )
+    assert caught.value.hint is not None
+    assert "one complete JSON object" in caught.value.hint
+    assert "double quotes" in caught.value.hint
+    assert not caught.value.retryable
+
+
+def test_a_line_that_is_not_utf8_is_an_invalid_record(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'{"text": "a"}\n{"text": "\xff"}\n')
+    with pytest.raises(DatasetError, match=r"train\.jsonl line 2: not UTF-8 text"):
+        check_source(path, "text")
+    assert check_source(path, "text", skip_invalid=True).skipped == 1
 
 
 def test_json_variants(tmp_path: Path) -> None:
@@ -160,7 +177,7 @@ def test_json_variants(tmp_path: Path) -> None:
     (tmp_path / "b.json").write_text('{"text": "x"}\n{"text": "y"}\n')  # JSONL named .json
     assert len(load_records(tmp_path / "b.json")) == 2
     (tmp_path / "c.json").write_text('{"text": 1')
-    with pytest.raises(DatasetError, match=r"c\.json: invalid JSON at line 1"):
+    with pytest.raises(DatasetError, match=r"c\.json: invalid JSON at line 1, column 11"):
         load_records(tmp_path / "c.json")
     (tmp_path / "d.json").write_text('"just a string"')
     with pytest.raises(DatasetError, match="must be a list of records"):
@@ -195,14 +212,24 @@ def test_detect_format() -> None:
 
 
 def test_split_is_deterministic_and_disjoint() -> None:
-    records = _records([{"text": str(i)} for i in range(40)])
-    train, evals = split_records(records, 0.1, seed=7)
-    assert len(evals) == 4
-    assert len(train) == 36
-    assert {r.number for r in train}.isdisjoint({r.number for r in evals})
-    assert split_records(records, 0.1, seed=7) == (train, evals)
-    assert split_records(records, 0.0, seed=7) == (records, [])
-    assert split_records(records[:1], 0.2, seed=7) == (records[:1], [])
+    held = held_out(40, 0.1, seed=7)
+    assert len(held) == 4
+    assert held <= set(range(40))
+    assert held_out(40, 0.1, seed=7) == held
+    # The indices the list-based split of earlier versions held out: an attempt of a job
+    # started by them evaluates on the same records.
+    assert held == {5, 12, 19, 35}
+    assert held_out(40, 0.0, seed=7) == frozenset()
+    assert held_out(1, 0.2, seed=7) == frozenset()
+    assert len(held_out(3, 0.49, seed=7)) == 1
+
+
+def test_split_of_tokenized_rows_keeps_each_row_once() -> None:
+    rows = TokenizedData(input_ids=[[i] for i in range(6)], completion_mask=[[1]] * 6)
+    train, evals = rows.split(frozenset({1, 4}))
+    assert train.input_ids == [[0], [2], [3], [5]]
+    assert evals.input_ids == [[1], [4]]
+    assert len(train.completion_mask) == 4
 
 
 def test_drop_unlearnable_rows() -> None:

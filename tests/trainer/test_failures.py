@@ -89,3 +89,21 @@ def test_missing_sources(s3: S3Server, tmp_path: Path) -> None:
     rc, _, term = _run(config, s3.env(), tmp_path)
     assert rc == ExitCode.SOURCE_NOT_FOUND
     assert term["message"].startswith("model.uri: s3://models/no-such-model not found")
+
+
+def test_model_without_tokenizer_files_is_a_permanent_source_error(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in tiny_model_dir.iterdir():
+        if "token" not in f.name and "chat_template" not in f.name:
+            (model / f.name).write_bytes(f.read_bytes())
+    data = write_dataset(tmp_path / "d.jsonl", "text", n=8)
+    rc, log, term = _run(_config(str(model), str(data), str(tmp_path / "out")), {}, tmp_path)
+    assert rc == ExitCode.SOURCE_NOT_FOUND, log[-3000:]
+    assert term["reason"] == "SourceNotFound"
+    assert term["retryable"] is False
+    assert term["message"].startswith(f"model.uri {model} holds no tokenizer: none of ")
+    assert "tokenizer.json" in term["message"]
+    assert "trainer bug" not in (term.get("hint") or "")

@@ -49,7 +49,8 @@ def _config(data: Path, model: Path, prefix: str, interval: int) -> TrainerConfi
                 "checkpointEverySteps": interval,
                 "gradientCheckpointing": False,
             },
-            "output": {"uri": f"s3://{BUCKET}/{prefix}"},
+            # Kept after success: these tests publish again, or continue a finished run.
+            "output": {"uri": f"s3://{BUCKET}/{prefix}", "keepCheckpoints": True},
         }
     )
 

@@ -51,7 +51,8 @@ def _job(s3: S3Server) -> dict[str, Any]:
                 "checkpointEverySteps": 5,
                 "gradientCheckpointing": True,
             },
-            "output": {"uri": "s3://out/e2e/adapter", "mergedModel": True},
+            # Kept, to check them below (by default they go once the adapter is complete).
+            "output": {"uri": "s3://out/e2e/adapter", "mergedModel": True, "keepCheckpoints": True},
             # Kubernetes-only fields: ignored by --job, except the S3 endpoint.
             "resources": {"gpus": 0},
             "storage": {"endpoint": s3.endpoint, "region": "us-east-1"},

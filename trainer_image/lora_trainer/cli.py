@@ -42,6 +42,7 @@ from lora_trainer.protocol import (
     ENV_CACHE_DIR,
     ENV_CONFIG,
     ENV_CONFIG_FILE,
+    ENV_CPU_LIMIT,
     ENV_JOB_NAME,
     ENV_PROGRESS_HOST,
     ENV_PROGRESS_PORT,
@@ -53,7 +54,7 @@ from lora_trainer.reporting import failure_message, write_termination_message
 from lora_trainer.signals import StopRequest
 from lora_trainer.storage import Storage
 
-__all__ = ["LoadedConfig", "load_config", "main"]
+__all__ = ["LoadedConfig", "cpu_threads", "load_config", "main"]
 
 log = logging.getLogger("lora_trainer")
 
@@ -226,6 +227,15 @@ def _attempt(env: dict[str, str]) -> int | None:
     return int(value)
 
 
+def cpu_threads(env: dict[str, str]) -> int | None:
+    """Whole cores of the pod's CPU limit (at least 1; a 1500m limit runs 1 thread: a
+    second would be throttled half the time); None when the variable is unset or odd."""
+    value = env.get(ENV_CPU_LIMIT, "").strip()
+    if not value.isdigit() or int(value) == 0:
+        return None
+    return max(1, int(value) // 1000)
+
+
 def _cache_dir(env: dict[str, str], work_dir: Path, local: bool) -> Path:
     if env.get(ENV_CACHE_DIR):
         return Path(env[ENV_CACHE_DIR])
@@ -271,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stop=stop,
             job_name=env.get(ENV_JOB_NAME) or loaded.job_name,
             attempt=attempt,
+            cpu_threads=cpu_threads(env),
         )
         write_termination_message(run(loaded.config, inputs, rt))
         return ExitCode.OK
@@ -282,7 +293,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("unexpected error:\n%s", scrub("".join(traceback.format_exception(exc))))
         snap = board.update(stage="failed")
         write_termination_message(
-            failure_message(err, steps=snap.step or None, last_checkpoint=snap.last_checkpoint)
+            failure_message(
+                err,
+                steps=snap.step or None,
+                last_checkpoint=snap.last_checkpoint,
+                skipped_records=snap.skipped_records,
+            )
         )
         return err.exit_code
     finally:

@@ -225,6 +225,7 @@ class ModelSpec(SpecModel):
 
 
 DatasetFormat = Literal["auto", "text", "alpaca", "messages", "prompt_completion"]
+InvalidRecords = Literal["fail", "skip"]
 
 
 class DatasetSpec(SpecModel):
@@ -255,7 +256,17 @@ class DatasetSpec(SpecModel):
         "is not set; 0 disables evaluation.",
     )
     max_records: int | None = Field(
-        default=None, gt=0, description="Use at most this many training records."
+        default=None,
+        gt=0,
+        description="Use at most this many training records, the first ones in the file: "
+        "reading stops there.",
+    )
+    invalid_records: InvalidRecords = Field(
+        default="fail",
+        description="What a record that cannot be used does (invalid JSON, missing or "
+        "mistyped fields, a conversation with no assistant turn): fail stops the job with "
+        "an error naming the record; skip leaves it out and counts it "
+        "(status.skippedRecords, metric lorajob_skipped_records_total).",
     )
 
     @field_validator("uri", "eval_uri")
@@ -434,6 +445,13 @@ class OutputSpec(SpecModel):
     merged_model: bool = Field(
         default=False,
         description="Also write the base model with the adapter merged in (<uri>/merged/).",
+    )
+    keep_checkpoints: bool = Field(
+        default=False,
+        description="Keep the resumable checkpoints under <uri>/checkpoints/ after the job "
+        "succeeds. By default they are deleted once the adapter and its manifest are "
+        "complete (they hold optimizer state, several times the adapter's size); keep "
+        "them to continue a finished job with more steps or epochs.",
     )
 
     @field_validator("uri")

@@ -14,7 +14,13 @@ chat template: each assistant turn's character span is found by rendering the
 conversation up to that turn, and tokens are masked by their character offsets.
 TRL then receives `input_ids` + `completion_mask` and builds labels, packs and
 collates. A record that does not fit raises a `DatasetError` naming the file and
-record number and what is wrong with it.
+record number and what is wrong with it, or, with `dataset.invalidRecords: skip`,
+is skipped and counted.
+
+Files are streamed, never held: a `Source` is read record by record on every pass
+(one to check it, one to tokenize it), and reading stops at `dataset.maxRecords`.
+What the trainer keeps is the tokenized rows. Only a `.json` file (one JSON document)
+is parsed whole; large datasets belong in JSONL or Parquet.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import logging
 import random
 import re
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,13 +41,18 @@ from lora_trainer.errors import DatasetError
 __all__ = [
     "ALPACA_PROMPT",
     "ALPACA_PROMPT_NO_INPUT",
+    "Checked",
     "Example",
     "Record",
+    "Source",
     "TokenizedData",
+    "check_source",
     "convert",
+    "convert_record",
     "detect_format",
+    "held_out",
+    "iter_records",
     "load_records",
-    "split_records",
     "tokenize",
 ]
 
@@ -65,6 +76,16 @@ ALPACA_PROMPT_NO_INPUT = (
 )
 
 
+# What a JSON Lines file must look like, for a line that does not parse.
+JSON_LINES_HINT = (
+    "Each line of a .jsonl file must be one complete JSON object: keys and strings in "
+    "double quotes, no trailing commas, no line breaks inside a record (json.dumps of "
+    "each record, one per line, writes it so)."
+)
+# Skipped records whose reason is logged one by one; the rest are only counted.
+LOGGED_SKIPS = 10
+
+
 @dataclass(frozen=True)
 class Record:
     """One raw record and where it came from (for error messages)."""
@@ -72,6 +93,7 @@ class Record:
     data: Any
     file: str
     number: int  # 1-based within its file (the line number for JSONL)
+    error: str | None = None  # why the record could not be read (e.g. invalid JSON)
 
     @property
     def where(self) -> str:
@@ -117,6 +139,15 @@ class TokenizedData:
         self.input_ids = [self.input_ids[i] for i in keep]
         self.completion_mask = [self.completion_mask[i] for i in keep]
         return dropped
+
+    def split(self, held: frozenset[int]) -> tuple[TokenizedData, TokenizedData]:
+        """(rows not in `held`, rows in `held`), by row index; the rows are not copied."""
+        kept, out = TokenizedData(), TokenizedData()
+        for i, (ids, mask) in enumerate(zip(self.input_ids, self.completion_mask, strict=True)):
+            part = out if i in held else kept
+            part.input_ids.append(ids)
+            part.completion_mask.append(mask)
+        return kept, out
 
     def count_longer_than(self, max_length: int) -> int:
         return sum(1 for ids in self.input_ids if len(ids) > max_length)
@@ -177,14 +208,21 @@ def _fingerprint(table: Any) -> str:
 # --- reading files ---------------------------------------------------------------
 
 
+def iter_records(path: Path) -> Iterator[Record]:
+    """The records of one file, or of every supported file in a directory (sorted), read
+    as they are needed: a JSONL line or a Parquet batch at a time."""
+    for f in _data_files(path):
+        yield from _read_file(f, root=path if path.is_dir() else f.parent)
+
+
 def load_records(path: Path, *, limit: int | None = None) -> list[Record]:
-    """Records from one file, or from every supported file in a directory (sorted)."""
-    files = _data_files(path)
+    """The first `limit` (or all) records, in a list: for small files and the tests;
+    the trainer streams a `Source` instead."""
     out: list[Record] = []
-    for f in files:
-        out.extend(_read_file(f, root=path if path.is_dir() else f.parent))
+    for record in iter_records(path):
         if limit is not None and len(out) >= limit:
-            return out[:limit]
+            break
+        out.append(record)
     if not out:
         raise DatasetError(f"{path.name}: the dataset has no records")
     return out
@@ -221,42 +259,81 @@ def _split_of(rel: Path) -> str | None:
     return found[-1] if found else None
 
 
-def _read_file(f: Path, root: Path) -> list[Record]:
+def _read_file(f: Path, root: Path) -> Iterator[Record]:
     name = f.relative_to(root).as_posix() if f.is_relative_to(root) else f.name
     if f.suffix == ".parquet":
-        import pyarrow.parquet as pq  # type: ignore[import-untyped]  # noqa: PLC0415
+        yield from _read_parquet(f, name)
+    elif f.suffix == ".json":
+        yield from _read_json(f, name)
+    else:
+        yield from _read_json_lines(f, name)
 
-        try:
-            rows = pq.read_table(f).to_pylist()
-        except Exception as e:
-            raise DatasetError(f"{name}: not a readable Parquet file ({e})") from e
-        return [Record(r, name, i) for i, r in enumerate(rows, 1)]
-    text = f.read_text(encoding="utf-8", errors="strict")
-    if f.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            if e.msg != "Extra data":  # "Extra data" = JSON Lines saved as .json
-                raise DatasetError(
-                    f"{name}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
-                ) from e
-        else:
-            if isinstance(data, dict) and isinstance(data.get("data"), list):
-                data = data["data"]
-            if not isinstance(data, list):
-                raise DatasetError(
-                    f'{name}: a .json dataset must be a list of records (or {{"data": [...]}})'
-                )
-            return [Record(r, name, i) for i, r in enumerate(data, 1)]
-    out = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(Record(json.loads(line), name, lineno))
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{name} record {lineno}: invalid JSON: {e.msg}") from e
-    return out
+
+# Rows converted to Python objects at a time from a Parquet file.
+_PARQUET_BATCH_ROWS = 1024
+
+
+def _read_parquet(f: Path, name: str) -> Iterator[Record]:
+    import pyarrow.parquet as pq  # type: ignore[import-untyped]  # noqa: PLC0415
+
+    try:
+        batches = pq.ParquetFile(f).iter_batches(batch_size=_PARQUET_BATCH_ROWS)
+        number = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                number += 1
+                yield Record(row, name, number)
+    except DatasetError:
+        raise
+    except Exception as e:  # pyarrow's errors share no base class we could name
+        raise DatasetError(f"{name}: not a readable Parquet file ({e})") from e
+
+
+def _read_json(f: Path, name: str) -> Iterator[Record]:
+    """One JSON document (a list of records, or {"data": [...]}), parsed whole; JSON
+    Lines saved as .json are streamed as JSON Lines."""
+    try:
+        with f.open("rb") as fh:
+            data = json.load(fh)
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{name}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # JSON Lines saved as .json
+            yield from _read_json_lines(f, name)
+            return
+        raise DatasetError(
+            f"{name}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}",
+            hint='A .json dataset is one JSON document: a list of records or {"data": [...]}.',
+        ) from e
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DatasetError(
+            f'{name}: a .json dataset must be a list of records (or {{"data": [...]}})'
+        )
+    for i, row in enumerate(data, 1):
+        yield Record(row, name, i)
+
+
+def _read_json_lines(f: Path, name: str) -> Iterator[Record]:
+    with f.open("rb") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            yield _parse_line(line, name, lineno)
+
+
+def _parse_line(line: bytes, name: str, lineno: int) -> Record:
+    try:
+        return Record(json.loads(line), name, lineno)
+    except UnicodeDecodeError as e:
+        error = f"{name} line {lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line)"
+    except json.JSONDecodeError as e:
+        error = (
+            f"{name} line {lineno}, column {e.colno}: invalid JSON ({e.msg}); each line "
+            "must be one JSON object"
+        )
+    return Record(None, name, lineno, error=error)
 
 
 # --- formats ---------------------------------------------------------------------
@@ -284,9 +361,20 @@ def convert(records: Sequence[Record], fmt: str) -> tuple[Format, list[Example]]
     resolved: Format | None = detect_format(records[0].data) if fmt == "auto" else fmt  # type: ignore[assignment]
     if resolved is None:
         first = records[0]
+        _raise_unreadable(first)
         raise DatasetError(f"{first.where}: cannot detect the format from keys {_keys(first.data)}")
-    converter = _CONVERTERS[resolved]
-    return resolved, [converter(r) for r in records]
+    return resolved, [convert_record(r, resolved) for r in records]
+
+
+def convert_record(record: Record, fmt: Format) -> Example:
+    """One record as an Example of `fmt`; DatasetError naming the record if it does not fit."""
+    _raise_unreadable(record)
+    return _CONVERTERS[fmt](record)
+
+
+def _raise_unreadable(record: Record) -> None:
+    if record.error is not None:
+        raise DatasetError(record.error, hint=JSON_LINES_HINT)
 
 
 def _keys(data: Any) -> str:
@@ -370,19 +458,101 @@ _CONVERTERS = {
 }
 
 
-def split_records(
-    records: Sequence[Record], fraction: float, seed: int
-) -> tuple[list[Record], list[Record]]:
-    """Deterministic train/eval split (the same on every attempt of a job)."""
-    if fraction <= 0 or len(records) < 2:
-        return list(records), []
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    n_eval = min(len(records) - 1, max(1, round(len(records) * fraction)))
-    held = set(order[:n_eval])
-    train = [r for i, r in enumerate(records) if i not in held]
-    evals = [r for i, r in enumerate(records) if i in held]
-    return train, evals
+@dataclass(frozen=True)
+class Source:
+    """A dataset (a file or a directory of files) in a known format, read afresh by every
+    pass: `examples()` streams it, so a pass holds one record at a time."""
+
+    path: Path
+    format: Format
+    skip_invalid: bool = False  # dataset.invalidRecords: skip
+    limit: int | None = None  # dataset.maxRecords: stop after this many usable records
+
+    def examples(self, on_skip: Callable[[DatasetError], None] | None = None) -> Iterator[Example]:
+        """The usable records as Examples, in file order; a record that does not fit
+        raises, or with `skip_invalid` is passed to `on_skip` and left out."""
+        used = 0
+        for record in iter_records(self.path):
+            if self.limit is not None and used >= self.limit:
+                return  # nothing after the limit is read
+            try:
+                example = convert_record(record, self.format)
+            except DatasetError as e:
+                if not self.skip_invalid:
+                    raise
+                if on_skip is not None:
+                    on_skip(e)
+                continue
+            used += 1
+            yield example
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A Source that was read through once: every record fits (or was skipped)."""
+
+    source: Source
+    records: int  # usable records (at most the limit)
+    skipped: int  # records left out as invalid
+
+
+def check_source(
+    path: Path, fmt: str, *, skip_invalid: bool = False, limit: int | None = None
+) -> Checked:
+    """Resolve the format ("auto": from the first record, or with `skip_invalid` the
+    first readable one) and read the whole dataset once, record by record, to check and
+    count it. Raises DatasetError for the first bad record (unless skipped) and for a
+    dataset with no usable record."""
+    resolved = _detected_format(path, skip_invalid) if fmt == "auto" else fmt
+    source = Source(path, resolved, skip_invalid, limit)  # type: ignore[arg-type]
+    skips: list[DatasetError] = []
+
+    def skipped(error: DatasetError) -> None:
+        if len(skips) < LOGGED_SKIPS:
+            log.warning("skipping an invalid record (dataset.invalidRecords=skip): %s", error)
+        skips.append(error)
+
+    records = sum(1 for _ in source.examples(on_skip=skipped))
+    if skips:
+        log.warning("skipped %d invalid records of %s", len(skips), path.name)
+    if not records:
+        if skips:
+            raise DatasetError(
+                f"{path.name}: no usable record; all {len(skips)} were invalid, the first: "
+                f"{skips[0].message}"
+            )
+        raise DatasetError(f"{path.name}: the dataset has no records")
+    return Checked(source, records, len(skips))
+
+
+def _detected_format(path: Path, skip_invalid: bool) -> Format:
+    """The format of the first record (of the first one whose keys name a format, when
+    invalid records are skipped)."""
+    for record in iter_records(path):
+        found = None if record.error is not None else detect_format(record.data)
+        if found is not None:
+            return found
+        if not skip_invalid:
+            _raise_unreadable(record)
+            raise DatasetError(
+                f"{record.where}: cannot detect the format from keys {_keys(record.data)}"
+            )
+    raise DatasetError(
+        f"{path.name}: no record has the keys of a known format"
+        if skip_invalid
+        else f"{path.name}: the dataset has no records"
+    )
+
+
+def held_out(n: int, fraction: float, seed: int) -> frozenset[int]:
+    """Indices of the `n` records held out for evaluation: deterministic (the same on
+    every attempt of a job), at least one and never all of them; none for fraction 0."""
+    if fraction <= 0 or n < 2:
+        return frozenset()
+    order = array("q", range(n))  # 8 bytes an index, not a Python int each
+    random.Random(seed).shuffle(order)  # the same order a list would get
+    n_eval = min(n - 1, max(1, round(n * fraction)))
+    return frozenset(order[:n_eval])
 
 
 # --- tokenization ------------------------------------------------------------------

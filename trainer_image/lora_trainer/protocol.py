@@ -32,6 +32,9 @@ ENV_JOB_NAME = "LORA_TRAINER_JOB_NAME"  # "<namespace>/<name>", for the model ca
 # multicast or reserved address (lora_trainer.endpoints). Unset (a trainer run outside
 # the operator, under no admin policy) = "true".
 ENV_ALLOW_PRIVATE_ENDPOINTS = "LORA_TRAINER_ALLOW_PRIVATE_ENDPOINTS"
+# The container's CPU limit in millicores (resourceFieldRef limits.cpu, divisor 1m): torch
+# runs that many threads, not one per core of the node (the limit would throttle them).
+ENV_CPU_LIMIT = "LORA_TRAINER_CPU_LIMIT_MILLICORES"
 # Standard names boto3 and huggingface_hub read themselves.
 ENV_S3_ENDPOINT = "AWS_ENDPOINT_URL"
 ENV_S3_REGION = "AWS_DEFAULT_REGION"
@@ -137,6 +140,7 @@ class Progress(_Wire):
     eta_seconds: float | None = None
     last_checkpoint: str | None = None  # URI of the latest complete checkpoint
     resumed_from_step: int | None = None
+    skipped_records: int | None = None  # invalid records left out (dataset.invalidRecords)
     updated_at: str | None = None  # RFC 3339
 
 
@@ -162,3 +166,4 @@ class TerminationMessage(_Wire):
     eval_loss: float | None = None
     tokens_per_second: float | None = None
     last_checkpoint: str | None = None
+    skipped_records: int | None = None  # invalid records left out (dataset.invalidRecords)

@@ -16,15 +16,23 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from lora_trainer.config import TrainerConfig
+from lora_trainer.config import TrainerConfig, parse_uri
 from lora_trainer.protocol import MANIFEST_NAME, AdapterInfo
 from lora_trainer.storage import Storage, join_uri
 
-__all__ = ["ADAPTER_WEIGHTS", "build_manifest", "model_card", "upload_output"]
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "build_manifest",
+    "model_card",
+    "name_base_model",
+    "upload_output",
+]
 
 log = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 MANIFEST_VERSION = 1
 
 
@@ -41,6 +49,23 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def name_base_model(adapter_dir: Path, model_uri: str) -> None:
+    """Point adapter_config.json's base_model_name_or_path at where the base model comes
+    from (the Hub repository id, or model.uri) instead of the pod's download cache, so
+    `AutoPeftModelForCausalLM.from_pretrained(<adapter>)` finds it anywhere. A Hub
+    revision other than main goes into `revision`."""
+    path = adapter_dir / ADAPTER_CONFIG
+    config = json.loads(path.read_text())
+    scheme, location, revision = parse_uri(model_uri)
+    if scheme == "hf":
+        config["base_model_name_or_path"] = location
+        if revision != "main":
+            config["revision"] = revision
+    else:
+        config["base_model_name_or_path"] = model_uri
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def file_entries(root: Path) -> list[FileEntry]:

@@ -10,7 +10,8 @@ Large objects use boto3's managed transfers: parallel ranged GETs for downloads
 and multipart uploads, `max_concurrency` threads each.
 
 Destinations (adapter, checkpoints, manifest) go out through `put_file` /
-`put_bytes`; local destinations are written atomically (temp file + rename).
+`put_bytes`; local destinations are written atomically (temp file + rename), with
+the mode an ordinary new file gets (0644 under the usual umask).
 
 Every storage failure is turned into a `TrainerError` with the reason the
 operator needs: bad credentials, missing sources and keys the store refuses are
@@ -502,6 +503,7 @@ def _atomic_copy(src: Path, dest: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
     os.close(fd)
     shutil.copyfile(src, tmp)
+    _publishable(tmp)
     os.replace(tmp, dest)
 
 
@@ -512,4 +514,24 @@ def _atomic_write(dest: Path, data: bytes) -> None:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
+    _publishable(tmp)
     os.replace(tmp, dest)
+
+
+def _publishable(tmp: str) -> None:
+    """The mode an ordinary new file gets (0666 less the umask: 0644 under the usual 022),
+    as save_pretrained's files have. mkstemp creates 0600, which would leave the adapter
+    on a shared volume readable by the trainer's user alone."""
+    os.chmod(tmp, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask can only swap it, which
+    would race with files other threads create meanwhile)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # no /proc (not Linux): swap it, briefly
+    os.umask(mask)
+    return mask

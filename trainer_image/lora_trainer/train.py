@@ -42,11 +42,11 @@ from lora_trainer.adapter_dtypes import DtypeKeepingTrainer
 from lora_trainer.callbacks import CheckpointCallback, ProgressCallback, StopCallback
 from lora_trainer.collate import use_packed_rows
 from lora_trainer.config import TrainerConfig
-from lora_trainer.errors import ConfigError, DatasetError, Interrupted
+from lora_trainer.errors import ConfigError, DatasetError, Interrupted, SourceNotFound, shorten
 from lora_trainer.inputs import Inputs
 from lora_trainer.progress import ProgressBoard
 from lora_trainer.protocol import TerminationMessage
-from lora_trainer.publish import ADAPTER_WEIGHTS, model_card, upload_output
+from lora_trainer.publish import ADAPTER_WEIGHTS, model_card, name_base_model, upload_output
 from lora_trainer.signals import StopRequest
 from lora_trainer.storage import Storage
 from lora_trainer.translate import (
@@ -63,6 +63,8 @@ __all__ = [
     "TrainOutcome",
     "build_trainer",
     "load_model",
+    "load_tokenizer",
+    "one_per_step",
     "run",
     "run_mean_loss",
     "tokenize_inputs",
@@ -83,25 +85,27 @@ class Runtime:
     # The operator's attempt number (LORA_TRAINER_ATTEMPT); checkpoints are written under
     # checkpoints/attempt-<attempt>/. None (a local run): one past the attempts there.
     attempt: int | None = None
+    # Threads torch may run: the pod's CPU limit in whole cores (LORA_TRAINER_CPU_LIMIT_
+    # MILLICORES); None leaves torch's default, one per core the machine has.
+    cpu_threads: int | None = None
 
 
 def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
-    """Train, evaluate and publish; `inputs.train` and `inputs.eval` are emptied once
-    tokenized (the records' text is not needed again and can be large)."""
+    """Train, evaluate and publish."""
     _quiet_progress_bars()
+    if rt.cpu_threads:
+        # torch would start a thread per core of the node; past the pod's CPU limit they
+        # only queue for the CFS quota (and slow every step down).
+        torch.set_num_threads(rt.cpu_threads)
+        log.info("torch threads: %d (the pod's CPU limit)", rt.cpu_threads)
     device = Device.detect()
     log.info("device: %s", device.name)
     model_dir = inputs.model_dir
 
     # 1. Tokenize the (already checked) records with the model's tokenizer.
     rt.board.update(stage="loading")
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_dir, trust_remote_code=cfg.model.trust_remote_code
-    )
+    tokenizer = load_tokenizer(cfg, model_dir)
     train_ds, eval_ds = tokenize_inputs(cfg, tokenizer, inputs)
-    # The records live on as tokens; their text is not read again (run consumes them).
-    inputs.train.clear()
-    inputs.eval.clear()
 
     # 2. Model, target modules, adapter config.
     model, peft_config = load_model(cfg, model_dir, device)
@@ -164,17 +168,20 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
         "tokens_seen": trainer.state.num_input_tokens_seen,
         "tokens_per_second": progress.tokens_per_second or outcome.tokens_per_second,
         "resumed_from_step": resume.step if resume else None,
+        "skipped_records": inputs.skipped_records,
         "loss_history": progress.loss_history,
     }
     if trainer.eval_dataset is not None:
         rt.board.update(stage="evaluating")
         eval_metrics = trainer.evaluate()
         metrics["eval_loss"] = eval_metrics.get("eval_loss")
-        metrics["eval_history"] = [*progress.eval_history, (steps, metrics["eval_loss"])]
+        # The evaluation just run is logged (and so in the history) like every other.
+        metrics["eval_history"] = one_per_step(progress.eval_history)
         rt.board.update(eval_loss=metrics["eval_loss"])
     out_dir = rt.work_dir / "output"
     shutil.rmtree(out_dir, ignore_errors=True)
     trainer.save_model(str(out_dir))  # adapter_config.json + adapter_model.safetensors
+    name_base_model(out_dir, cfg.model.uri)  # not the pod's cache path
     tokenizer.save_pretrained(out_dir)
     (out_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; nothing to publish
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -189,6 +196,15 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
     # 6. Upload, manifest last.
     rt.board.update(stage="uploading")
     adapter = upload_output(rt.storage, out_dir, cfg.output.uri, cfg, steps)
+    if not cfg.output.keep_checkpoints:
+        # Only now that the manifest vouches for the adapter: until then a new attempt
+        # may still need them.
+        checkpoints_uri = checkpoints.checkpoints_uri(cfg.output.uri)
+        log.info(
+            "deleting the checkpoints under %s (output.keepCheckpoints=false)", checkpoints_uri
+        )
+        rt.storage.delete_prefix(checkpoints_uri)
+        last_checkpoint = None
     rt.board.update(stage="done")
     return TerminationMessage(
         outcome="Succeeded",
@@ -199,7 +215,14 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
         eval_loss=metrics.get("eval_loss"),
         tokens_per_second=metrics["tokens_per_second"],
         last_checkpoint=last_checkpoint,
+        skipped_records=inputs.skipped_records or None,
     )
+
+
+def one_per_step(history: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """A (step, value) history with one entry per step, the last logged, in step order:
+    an evaluation at the last step and the final one both log that step."""
+    return sorted(dict(history).items())
 
 
 @dataclass(frozen=True)
@@ -323,8 +346,24 @@ def load_model(cfg: TrainerConfig, model_dir: Path, device: Device) -> tuple[Any
     return model, to_lora_config(cfg.lora, targets)
 
 
+def load_tokenizer(cfg: TrainerConfig, model_dir: Path) -> Any:
+    """The model's tokenizer. One that does not load is a fault of the model folder (its
+    files were checked to exist: inputs.check_model_dir), never a retryable error."""
+    try:
+        return AutoTokenizer.from_pretrained(
+            model_dir, trust_remote_code=cfg.model.trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise SourceNotFound(
+            f"model.uri {cfg.model.uri}: the tokenizer does not load: {shorten(str(e))}",
+            hint="Save the tokenizer with tokenizer.save_pretrained(<model dir>) next to the "
+            "model and upload both.",
+        ) from e
+
+
 def tokenize_inputs(cfg: TrainerConfig, tokenizer: Any, inputs: Inputs) -> tuple[Any, Any | None]:
-    """Tokenize the checked records into the datasets SFTTrainer takes.
+    """Tokenize the checked records into the datasets SFTTrainer takes, streaming them
+    from their files (only the token rows are kept).
 
     Returns (train, eval): `datasets.Dataset`s of input_ids + completion_mask, eval
     None when there is no eval split. Records over maxSeqLength are logged (TRL
@@ -333,7 +372,10 @@ def tokenize_inputs(cfg: TrainerConfig, tokenizer: Any, inputs: Inputs) -> tuple
     """
     completion_only = cfg.training.completion_only_loss
     max_len = cfg.training.max_seq_length
-    train = data.tokenize(inputs.train, tokenizer, completion_only=completion_only)
+    rows = data.tokenize(inputs.train.examples(), tokenizer, completion_only=completion_only)
+    train, evals = rows.split(inputs.eval_rows)
+    if inputs.eval is not None:
+        evals = data.tokenize(inputs.eval.examples(), tokenizer, completion_only=completion_only)
     if long := train.count_longer_than(max_len):
         log.warning(
             "%d training records are longer than maxSeqLength=%d and get truncated", long, max_len
@@ -351,11 +393,8 @@ def tokenize_inputs(cfg: TrainerConfig, tokenizer: Any, inputs: Inputs) -> tuple
             hint="Raise spec.training.maxSeqLength or shorten the prompts.",
         )
     log.info("tokenized: %d training rows, %d tokens", len(train.input_ids), train.num_tokens)
-    eval_ds = None
-    if inputs.eval:
-        evals = data.tokenize(inputs.eval, tokenizer, completion_only=completion_only)
-        evals.drop_unlearnable(max_len)
-        eval_ds = evals.to_dataset() if evals.input_ids else None
+    evals.drop_unlearnable(max_len)
+    eval_ds = evals.to_dataset() if evals.input_ids else None
     return train.to_dataset(), eval_ds
 
 

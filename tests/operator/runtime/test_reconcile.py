@@ -231,6 +231,28 @@ def test_success_records_adapter_and_completion() -> None:
     assert w.step(at(200)).status == {}
 
 
+def test_skipped_records_reach_status_and_metrics_once() -> None:
+    """The trainer's count of invalid records it left out (dataset.invalidRecords: skip):
+    live from its progress, final from its termination message, tallied on success."""
+    w = World()
+    w.started()
+    checkpoint = "s3://adapters/tune/checkpoints/run-1/attempt-1/checkpoint-1"
+    live = Progress(stage="training", step=1, skipped_records=3, last_checkpoint=checkpoint)
+    w.step(at(10), progress=live)
+    assert w.status["skippedRecords"] == 3
+    assert w.status["lastCheckpoint"] == checkpoint
+    # Its checkpoints were deleted once the adapter was complete: none is left to name.
+    final = TerminationMessage.model_validate_json(termination()).model_copy(
+        update={"skipped_records": 3, "last_checkpoint": None}
+    )
+    w.replace_pod(pod(1, "Succeeded", exit_code=0, message=final.to_json(), finished=at(100)))
+    d = w.step(at(101))
+    assert w.status["skippedRecords"] == 3
+    assert "lastCheckpoint" not in w.status
+    assert ("skipped_records", "invalid", 3) in [(t.kind, t.reason, t.value) for t in d.tallies]
+    assert w.step(at(200)).tallies == []
+
+
 def test_final_loss_is_rounded_like_live_progress() -> None:
     w = World()
     w.started()

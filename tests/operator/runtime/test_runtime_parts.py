@@ -144,6 +144,7 @@ def test_metrics_record_tallies_and_phases() -> None:
             Tally("attempt_failure", "StorageError"),
             Tally("failure", "BackoffLimitExceeded"),
             Tally("finished", "Failed", 3600.0),
+            Tally("skipped_records", "invalid", 3),
         ]
     )
     m.progress_poll_errors.inc()
@@ -157,6 +158,7 @@ def test_metrics_record_tallies_and_phases() -> None:
     assert 'lorajob_failures_total{reason="BackoffLimitExceeded"} 1.0' in text
     assert 'lorajob_job_duration_seconds_count{phase="Failed"} 1.0' in text
     assert "lorajob_progress_poll_errors_total 1.0" in text
+    assert "lorajob_skipped_records_total 3.0" in text
 
 
 # --------------------------------------------------------------------------- events
