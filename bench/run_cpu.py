@@ -1,4 +1,5 @@
-"""The CPU benchmark suite (`make bench`): transfer, trainer (tiny model), operator scale.
+"""The CPU benchmark suite (`make bench`): transfer, trainer (tiny model), dataset memory,
+operator scale.
 
 Runs each benchmark with its defaults (sized to finish together in well under
 10 minutes on a 2-core machine), prints each table, writes bench/results/*.json,
@@ -20,7 +21,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import operator_scale, trainer, trainer_gpu, transfer
+from bench import dataset_memory, operator_scale, trainer, trainer_gpu, transfer
 from bench.common import RESULTS_DIR, format_table
 
 __all__ = ["PARTS", "main"]
@@ -28,6 +29,7 @@ __all__ = ["PARTS", "main"]
 PARTS: dict[str, Callable[[list[str] | None], int]] = {
     "transfer": transfer.main,
     "trainer": trainer.main,
+    "dataset_memory": dataset_memory.main,
     "operator_scale": operator_scale.main,
     "trainer_gpu": trainer_gpu.main,
 }

@@ -214,3 +214,32 @@ def test_suite_runner_quick_runs_the_chosen_parts(tmp_path: Path) -> None:
     assert "total" in out
     assert (tmp_path / "operator_scale.json").is_file()
     assert not (tmp_path / "transfer.json").exists()
+
+
+def test_dataset_memory_quick(tmp_path: Path) -> None:
+    out = _run("bench.dataset_memory", tmp_path)
+    assert 'datasets.load_dataset("json")' in out
+    doc = _load(tmp_path, "dataset_memory")
+    cases = doc["cases"]
+    assert set(cases) == {
+        "ours",
+        "ours_max100",
+        "ours_tokenized",
+        "datasets",
+        "datasets_max100",
+        "datasets_streaming100",
+    }
+    everything = doc["params"]["records"]
+    assert cases["ours"]["records"] == cases["datasets"]["records"] == everything > 100
+    for limited in ("ours_max100", "datasets_max100", "datasets_streaming100"):
+        assert cases[limited]["records"] == 100
+    for case in cases.values():
+        assert case["peak_rss_delta_bytes"] >= 0
+        assert case["seconds"] > 0
+    tokenized = cases["ours_tokenized"]
+    assert tokenized["tokens"] > 0
+    assert tokenized["token_bytes"] == tokenized["tokens"] * 5  # int32 id + int8 mask
+    assert set(doc["comparison"]) == {
+        "ours_vs_datasets_peak_rss",
+        "ours_max100_vs_datasets_max100_peak_rss",
+    }
