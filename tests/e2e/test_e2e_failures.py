@@ -12,8 +12,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.e2e.conftest import SECRET, Cluster
 from devcluster.controlplane import free_port
+from tests.e2e.conftest import SECRET, Cluster
 
 WRONG_SECRET_KEY = "wrong-secret-key-ABCDEFGHIJ0123456789"
 
