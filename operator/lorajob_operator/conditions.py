@@ -41,6 +41,11 @@ class ConditionType(StrEnum):
     SUSPENDED = "Suspended"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
+    # kstatus (sigs.k8s.io/cli-utils) summary conditions, read by Flux health checks and
+    # `kubectl wait --for=condition=Ready`; derived from the ones above, never set alone.
+    READY = "Ready"  # True only once the adapter is written
+    RECONCILING = "Reconciling"  # True while the job is pending, queued or running
+    STALLED = "Stalled"  # True when the job failed for good
 
 
 class Reason(StrEnum):
