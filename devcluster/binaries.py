@@ -8,7 +8,9 @@ downloads: the only sources are the Go module proxy and PyPI):
   which replaces each `k8s.io/*` staging module with its release, as projects that
   import k8s.io/kubernetes do;
 * the Kueue manager from `sigs.k8s.io/kueue` through `gomod/kueue/go.mod`; its CRDs
-  and manifests come from the same module's source in the module cache.
+  and manifests come from the same module's source in the module cache;
+* `kstatus`, a test helper (`gomod/kstatus/main.go`) that runs the kstatus library of
+  `sigs.k8s.io/cli-utils` (what Flux's health checks use) on objects read from stdin.
 
 Binaries go to `.tools/<component>-<version>/`, so a version bump builds afresh and
 a second run is a no-op. `python -m devcluster.binaries` builds what is missing and
@@ -35,6 +37,7 @@ GOMOD_DIR = Path(__file__).resolve().parent / "gomod"
 KUBERNETES_VERSION = "v1.35.4"
 ETCD_VERSION = "v3.6.5"
 KUEUE_VERSION = "v0.17.0"
+CLI_UTILS_VERSION = "v0.37.2"  # gomod/kstatus/go.mod requires this version
 
 
 def _kubernetes_version_flags(version: str) -> tuple[str, ...]:
@@ -97,8 +100,11 @@ KUEUE = Binary(
     (f"-X sigs.k8s.io/kueue/pkg/version.GitVersion={KUEUE_VERSION}",),
 )
 
+# Named for the cli-utils version it links: a bump of gomod/kstatus builds afresh.
+KSTATUS = Binary("kstatus", "loraops.dev/devcluster/kstatus", "kstatus", CLI_UTILS_VERSION)
+
 CONTROL_PLANE = (ETCD, KUBE_APISERVER, KUBE_CONTROLLER_MANAGER, KUBE_SCHEDULER)
-ALL = (*CONTROL_PLANE, KUEUE)
+ALL = (*CONTROL_PLANE, KUEUE, KSTATUS)
 
 
 class MissingBinaryError(RuntimeError):
