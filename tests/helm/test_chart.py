@@ -184,11 +184,13 @@ NAMESPACED_RULES: list[Rule] = [
 CLUSTER_RULES: list[Rule] = [
     (("apiextensions.k8s.io",), ("customresourcedefinitions",), ("get", "list", "watch"), ()),
 ]
+# kopf's managed mode creates and patches both configuration kinds under one name.
+_WEBHOOK_CONFIGURATIONS = ("validatingwebhookconfigurations", "mutatingwebhookconfigurations")
 KOPF_WEBHOOK_RULES: list[Rule] = [
-    (("admissionregistration.k8s.io",), ("validatingwebhookconfigurations",), ("create",), ()),
+    (("admissionregistration.k8s.io",), _WEBHOOK_CONFIGURATIONS, ("create",), ()),
     (
         ("admissionregistration.k8s.io",),
-        ("validatingwebhookconfigurations",),
+        _WEBHOOK_CONFIGURATIONS,
         ("patch",),
         (webhook.MANAGED_CONFIGURATION,),
     ),

@@ -88,6 +88,17 @@ def hooked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             timeout=30,
             message="webhook configuration registered",
         )
+        # kopf's managed mode keeps a (here empty) MutatingWebhookConfiguration as well;
+        # under the chart's RBAC it must manage both without an error in the log.
+        cp.wait_for(
+            lambda: cp.get(
+                "mutatingwebhookconfigurations", f"lorajob-validation.{GROUP}", namespace=""
+            ),
+            timeout=30,
+            message="kopf's mutating configuration (no webhooks) created",
+        )
+        errors = [line for line in cp.operator_log.read_text().splitlines() if "ERROR" in line]
+        assert not errors, "\n".join(errors)
         yield cluster
 
 
