@@ -179,6 +179,22 @@ def _env(
         env.append(
             _secret_env(protocol.ENV_HF_TOKEN, spec.storage.hf_token_secret, protocol.ENV_HF_TOKEN)
         )
+    if (mlflow := spec.tracking.mlflow) and mlflow.credentials_secret:
+        # Basic auth or a token, whichever keys the Secret has (MLflow reads these itself).
+        env += [
+            _secret_env(name, mlflow.credentials_secret, name, optional=True)
+            for name in (
+                protocol.ENV_MLFLOW_USERNAME,
+                protocol.ENV_MLFLOW_PASSWORD,
+                protocol.ENV_MLFLOW_TOKEN,
+            )
+        ]
+    if (wandb := spec.tracking.wandb) and wandb.api_key_secret:
+        env.append(
+            _secret_env(
+                protocol.ENV_WANDB_API_KEY, wandb.api_key_secret, protocol.ENV_WANDB_API_KEY
+            )
+        )
     # The root filesystem is read-only: point every library cache at writable volumes.
     env += [
         {"name": "HOME", "value": SCRATCH_DIR},

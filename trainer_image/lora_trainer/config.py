@@ -33,13 +33,17 @@ __all__ = [
     "RESUMABLE_FIELDS",
     "SOURCE_URI_RULES",
     "DatasetSpec",
+    "EvaluationSpec",
     "LoraSpec",
+    "MlflowSpec",
     "ModelSpec",
     "OutputSpec",
     "QuantizationSpec",
     "SpecModel",
+    "TrackingSpec",
     "TrainerConfig",
     "TrainingSpec",
+    "WandbSpec",
     "format_validation_error",
     "parse_uri",
     "run_config",
@@ -460,6 +464,111 @@ class OutputSpec(SpecModel):
         return _check_uri(v, allow_hf=False)
 
 
+# Kubernetes object names (a Secret's): lowercase DNS subdomain, as the API server checks.
+_SECRET_NAME = rules.regex_rule(
+    r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*",
+    "not a Secret name; use lowercase letters, digits, '-' and '.' (at most 253 "
+    "characters, starting and ending with a letter or digit)",
+    max_length=253,
+)
+SecretName = Annotated[str, _SECRET_NAME]
+MAX_PROMPTS = 8
+MAX_PROMPT_LENGTH = 2000
+_HTTP_URL, _HTTP_URL_OK = rules.matches(r"https?://[^\s/?#@]+(?:/[^\s?#]*)?")
+
+
+class EvaluationSpec(SpecModel):
+    """What the job measures to show the adapter learned something."""
+
+    compare_to_base: bool = Field(
+        default=True,
+        description="Measure the base model's loss on the held-out split before training, "
+        "to set against the adapter's (status.evaluation, metrics.json, the model card). "
+        "An adapter worse than the base gets an AdapterWorseThanBase warning.",
+    )
+    prompts: list[Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_LENGTH)]] = Field(
+        default_factory=list,
+        max_length=MAX_PROMPTS,
+        description=f"Up to {MAX_PROMPTS} prompts (at most {MAX_PROMPT_LENGTH} characters "
+        "each) answered by the base model and by the adapter after training, greedily; the "
+        "answers go to samples.jsonl next to the adapter and into its model card.",
+    )
+    max_new_tokens: int = Field(
+        default=64, ge=1, le=512, description="Tokens generated per prompt and model."
+    )
+
+
+class MlflowSpec(SpecModel):
+    """An MLflow tracking server the run is recorded to."""
+
+    tracking_uri: Annotated[
+        str,
+        Rule(
+            cel=_HTTP_URL,
+            message="not an http(s) URL; use e.g. http://mlflow.mlflow.svc:5000",
+            check=_HTTP_URL_OK,
+        ),
+    ] = Field(
+        max_length=MAX_URI_LENGTH,
+        description="Tracking server URL, e.g. http://mlflow.mlflow.svc:5000.",
+    )
+    experiment: str = Field(
+        default="lorajob",
+        min_length=1,
+        max_length=256,
+        description="Experiment the run is recorded under (created if missing).",
+    )
+    credentials_secret: SecretName | None = Field(
+        default=None,
+        max_length=253,
+        description="Secret in the job's namespace with MLFLOW_TRACKING_USERNAME and "
+        "MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN.",
+    )
+
+
+class WandbSpec(SpecModel):
+    """A Weights & Biases project the run is recorded to."""
+
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            field="apiKeySecret",
+            cel="self.mode != 'online' || has(self.apiKeySecret)",
+            message="required when mode is online; create a Secret with WANDB_API_KEY and "
+            "name it here, or set mode: offline (the run is kept under <output.uri>/logs/wandb "
+            "for wandb sync)",
+            check=lambda w: w.mode != "online" or w.api_key_secret is not None,
+            reason="FieldValueRequired",
+        ),
+    )
+
+    project: str = Field(min_length=1, max_length=128, description="W&B project.")
+    entity: str | None = Field(
+        default=None, min_length=1, max_length=128, description="W&B team or user."
+    )
+    mode: Literal["online", "offline"] = Field(
+        default="online",
+        description="online streams to W&B; offline writes the run under "
+        "<output.uri>/logs/wandb for a later `wandb sync`.",
+    )
+    api_key_secret: SecretName | None = Field(
+        default=None,
+        max_length=253,
+        description="Secret in the job's namespace with WANDB_API_KEY.",
+    )
+
+
+class TrackingSpec(SpecModel):
+    """Where the training curves go besides status and metrics.json."""
+
+    tensorboard: bool = Field(
+        default=True,
+        description="Write TensorBoard event files to <output.uri>/logs/, uploaded while the "
+        "job trains (tensorboard --logdir <output.uri>/logs/).",
+    )
+    mlflow: MlflowSpec | None = None
+    wandb: WandbSpec | None = None
+
+
 class TrainerConfig(SpecModel):
     """Everything the trainer needs to run one fine-tuning job."""
 
@@ -469,6 +578,8 @@ class TrainerConfig(SpecModel):
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     output: OutputSpec
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
     RULES: ClassVar[tuple[Rule, ...]] = (
         Rule(
@@ -506,6 +617,9 @@ RESUMABLE_FIELDS: frozenset[str] = frozenset(
         "training.eval_every_steps",
         "training.logging_steps",
         "output",
+        # What is measured and where it is reported, not what is trained.
+        "evaluation",
+        "tracking",
     }
 )
 # Hex digits of a run's identity (checkpoints/run-<id>/): 48 bits, no collision in practice.

@@ -42,6 +42,11 @@ ENV_S3_ACCESS_KEY = "AWS_ACCESS_KEY_ID"
 ENV_S3_SECRET_KEY = "AWS_SECRET_ACCESS_KEY"
 ENV_S3_SESSION_TOKEN = "AWS_SESSION_TOKEN"
 ENV_HF_TOKEN = "HF_TOKEN"
+# Experiment tracking credentials, by the names MLflow and wandb read themselves.
+ENV_MLFLOW_USERNAME = "MLFLOW_TRACKING_USERNAME"
+ENV_MLFLOW_PASSWORD = "MLFLOW_TRACKING_PASSWORD"
+ENV_MLFLOW_TOKEN = "MLFLOW_TRACKING_TOKEN"
+ENV_WANDB_API_KEY = "WANDB_API_KEY"
 
 DEFAULT_PROGRESS_PORT = 8080
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
@@ -152,6 +157,17 @@ class AdapterInfo(_Wire):
     files: int  # number of files listed in the manifest
 
 
+class Evaluation(_Wire):
+    """What the finished job measured against its base model (lora_trainer.evaluation)."""
+
+    base_eval_loss: float | None = None  # the base model's loss on the held-out split
+    eval_loss: float | None = None  # the adapter's, on the same records
+    worse_than_base: bool = False  # eval_loss > base_eval_loss
+    summary: str = ""  # e.g. "eval loss 3.000 → 2.260 (-24.7%)"
+    vllm_loadable: bool | None = None  # None: not checked
+    vllm: str | None = None  # "loads in vLLM: yes/no, why"
+
+
 class TerminationMessage(_Wire):
     """Written to the termination log on every exit, success or failure."""
 
@@ -167,3 +183,4 @@ class TerminationMessage(_Wire):
     tokens_per_second: float | None = None
     last_checkpoint: str | None = None
     skipped_records: int | None = None  # invalid records left out (dataset.invalidRecords)
+    evaluation: Evaluation | None = None

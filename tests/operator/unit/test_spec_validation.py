@@ -458,7 +458,16 @@ def test_trainer_config_strips_kubernetes_fields() -> None:
     config = trainer_config(spec)
     assert type(config) is TrainerConfig
     wire = config.to_wire()
-    assert set(wire) == {"model", "dataset", "lora", "quantization", "training", "output"}
+    assert set(wire) == {
+        "model",
+        "dataset",
+        "lora",
+        "quantization",
+        "training",
+        "output",
+        "evaluation",
+        "tracking",
+    }
     assert TrainerConfig.model_validate(wire) == config
 
 
