@@ -76,6 +76,7 @@ from lorajob_operator.conditions import (
     get_condition,
     set_condition,
 )
+from lorajob_operator.health import with_summary
 from lorajob_operator.nodeloss import node_lost
 from lorajob_operator.podstatus import PodOutcome, classify_pod
 from lorajob_operator.settings import OperatorSettings
@@ -558,6 +559,8 @@ class _Builder:
             self.decision.delete.append(DeletePod(name, reason))
 
     def finish(self) -> Decision:
+        # The kstatus summary (Ready, Reconciling, Stalled) follows what was decided.
+        self.conditions = with_summary(self.conditions, self.generation, self.now)
         decision = self.decision
         patch = {k: v for k, v in self.fields.items() if self.status_in.get(k) != v}
         if self.conditions != self.conditions_in:

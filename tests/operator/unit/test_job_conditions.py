@@ -127,7 +127,9 @@ def test_derive_phase_precedence(types: list[str], phase: Phase) -> None:
 
 
 def test_condition_types_match_phases() -> None:
-    assert {t.value for t in ConditionType} - {"Accepted"} == {p.value for p in Phase} - {"Pending"}
+    # Ready/Reconciling/Stalled summarize the others for kstatus readers (health.py).
+    summary = {"Accepted", "Ready", "Reconciling", "Stalled"}
+    assert {t.value for t in ConditionType} - summary == {p.value for p in Phase} - {"Pending"}
 
 
 def test_every_failure_reason_has_a_hint() -> None:
