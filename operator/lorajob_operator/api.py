@@ -15,6 +15,7 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
@@ -48,17 +49,20 @@ __all__ = [
     "LoRAJobSpec",
     "LoRAJobStatus",
     "Phase",
-    "Progress",
+    "ProgressStatus",
     "ResourcesSpec",
     "SchedulingSpec",
     "SpecChanges",
     "StorageSpec",
     "Toleration",
+    "format_time",
     "parse_spec",
     "parse_status",
+    "parse_time",
     "private_endpoint_refusal",
     "spec_changes",
     "spec_hash",
+    "status_patch",
     "trainer_config",
 ]
 
@@ -683,7 +687,9 @@ class Condition(_StatusModel):
     observed_generation: int | None = None
 
 
-class Progress(_StatusModel):
+# status.progress: the trainer's lora_trainer.protocol.Progress as copied into status
+# (rounded, throttled: progress.status_progress). The docstring is the CRD's description.
+class ProgressStatus(_StatusModel):
     """Latest progress reported by the trainer."""
 
     stage: str | None = Field(default=None, description="starting, downloading, training, ...")
@@ -721,7 +727,7 @@ class LoRAJobStatus(_StatusModel):
     )
     start_time: str | None = None
     completion_time: str | None = None
-    progress: Progress | None = None
+    progress: ProgressStatus | None = None
     pod_name: str | None = None
     node_name: str | None = None
     adapter: AdapterStatus | None = None
@@ -770,3 +776,51 @@ def parse_status(status: Mapping[str, Any] | None) -> LoRAJobStatus:
             for key in bad:
                 data.pop(str(key), None)
     return LoRAJobStatus()
+
+
+def status_patch(before: LoRAJobStatus, after: LoRAJobStatus) -> dict[str, Any]:
+    """The JSON merge patch (wire names) that turns status `before` into `after`.
+
+    A field set back to its default (None, or 0 for a counter) is removed (null), so a
+    status shows only what applies. Nested models are written with the fields that
+    were set on them, None included: a merge patch keeps the other keys the stored
+    object has (status.progress keeps its last loss when a read has none) and
+    removes the ones set to None.
+    """
+    patch: dict[str, Any] = {}
+    for name, info in LoRAJobStatus.model_fields.items():
+        new = getattr(after, name)
+        wire = _wire(new)
+        if wire == _wire(getattr(before, name)):
+            continue
+        default = info.get_default(call_default_factory=True)
+        patch[info.alias or name] = None if new == default else wire
+    return patch
+
+
+def _wire(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(by_alias=True, mode="json", exclude_unset=True)
+    if isinstance(value, list):
+        return [_wire(item) for item in value]
+    if isinstance(value, StrEnum):
+        return str(value)
+    return value
+
+
+def format_time(when: datetime) -> str:
+    """RFC 3339 in UTC with a Z, second precision (what metav1.Time serializes): every
+    time the operator writes (status, conditions, Events) is formatted here."""
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: Any) -> datetime | None:
+    """An RFC 3339 timestamp from the API (None when absent or unreadable)."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
 from lora_trainer.protocol import FailureReason
 
-from lorajob_operator.api import Phase
+from lorajob_operator.api import Phase, format_time
 
 __all__ = [
     "HINTS",
@@ -22,7 +22,6 @@ __all__ = [
     "ConditionType",
     "Reason",
     "derive_phase",
-    "format_time",
     "get_condition",
     "is_true",
     "reason_from_trainer",
@@ -202,13 +201,6 @@ def scrub(message: str | None, limit: int = MAX_MESSAGE_LENGTH) -> str:
     if len(text) > limit:
         text = "..." + text[-(limit - 3) :]
     return text
-
-
-def format_time(now: datetime) -> str:
-    """RFC 3339 in UTC with a Z, second precision (what metav1.Time serializes)."""
-    if now.tzinfo is None:
-        now = now.replace(tzinfo=UTC)
-    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _status_str(status: bool | str) -> str:

@@ -21,7 +21,7 @@ def build_event(
 ) -> dict[str, Any]:
     """An Event about `job` (a LoRAJob body with metadata name/namespace/uid)."""
     meta = job.get("metadata") or {}
-    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    stamp = api.format_time(now)
     # Scrubbed again: trainer and API server messages end up here too.
     text = scrub(message, MESSAGE_LIMIT)
     return {

@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
 
 import aiohttp
 from lora_trainer.protocol import PROGRESS_PATH, Progress
 from pydantic import ValidationError
 
+from lorajob_operator.api import ProgressStatus, format_time, parse_time
+
 __all__ = ["ProgressError", "ProgressReader", "rounded", "status_progress"]
 
 # Fields of status.progress that count as "changed" (lastUpdated does not).
-_COMPARED = ("stage", "step", "totalSteps", "percent", "epoch", "loss", "evalLoss")
+_COMPARED = ("stage", "step", "total_steps", "percent", "epoch", "loss", "eval_loss")
 # Largest progress document we accept; the trainer's is a few hundred bytes.
 _MAX_BODY = 64 * 1024
 MAX_STAGE_LENGTH = 32
@@ -38,51 +38,50 @@ def rounded(value: float | None, digits: int) -> float | None:
     return round(value, digits)
 
 
-def _as_status(progress: Progress) -> dict[str, Any]:
-    """The status.progress form (camelCase, rounded, no None values)."""
+def _as_status(progress: Progress) -> ProgressStatus:
+    """The status.progress form: rounded, with the fields the trainer reported (a field
+    without a value is not set, so writing it keeps what status has)."""
     total = progress.total_steps if progress.total_steps and progress.total_steps > 0 else None
-    percent = None
-    if total:
-        percent = round(min(100.0, max(0.0, 100.0 * progress.step / total)), 1)
-    out: dict[str, Any] = {
+    out = ProgressStatus(
         # The trainer image may be the user's own: keep what it says short.
-        "stage": progress.stage[:MAX_STAGE_LENGTH],
-        "step": max(0, progress.step),
-        "totalSteps": total,
-        "percent": percent,
-        "epoch": rounded(progress.epoch, 3),
-        "loss": rounded(progress.loss, 4),
-        "evalLoss": rounded(progress.eval_loss, 4),
-        "tokensPerSecond": rounded(progress.tokens_per_second, 1),
-        "etaSeconds": rounded(progress.eta_seconds, 0),
-    }
-    return {k: v for k, v in out.items() if v is not None}
+        stage=progress.stage[:MAX_STAGE_LENGTH],
+        step=max(0, progress.step),
+    )
+    if total:
+        out.total_steps = total
+        out.percent = round(min(100.0, max(0.0, 100.0 * progress.step / total)), 1)
+    if (epoch := rounded(progress.epoch, 3)) is not None:
+        out.epoch = epoch
+    if (loss := rounded(progress.loss, 4)) is not None:
+        out.loss = loss
+    if (eval_loss := rounded(progress.eval_loss, 4)) is not None:
+        out.eval_loss = eval_loss
+    if (speed := rounded(progress.tokens_per_second, 1)) is not None:
+        out.tokens_per_second = speed
+    if (eta := rounded(progress.eta_seconds, 0)) is not None:
+        out.eta_seconds = eta
+    return out
 
 
 def status_progress(
     progress: Progress,
-    previous: Mapping[str, Any] | None,
+    previous: ProgressStatus | None,
     now: datetime,
     min_interval: float,
-) -> dict[str, Any] | None:
+) -> ProgressStatus | None:
     """The new status.progress, or None when nothing changed or it is too soon.
 
     Throughput and ETA jitter on every read, so they never make an update by
     themselves; they ride along when step, loss or stage move.
     """
     current = _as_status(progress)
-    previous = previous or {}
-    if all(current.get(k) == previous.get(k) for k in _COMPARED):
+    previous = previous or ProgressStatus()
+    if all(getattr(current, k) == getattr(previous, k) for k in _COMPARED):
         return None
-    last = previous.get("lastUpdated")
-    if isinstance(last, str) and last:
-        try:
-            when = datetime.fromisoformat(last.replace("Z", "+00:00"))
-        except ValueError:
-            when = None
-        if when is not None and (now - when).total_seconds() < min_interval:
-            return None
-    current["lastUpdated"] = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    when = parse_time(previous.last_updated)
+    if when is not None and (now - when).total_seconds() < min_interval:
+        return None
+    current.last_updated = format_time(now)
     return current
 
 

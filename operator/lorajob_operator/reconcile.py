@@ -67,7 +67,7 @@ from lora_trainer.config import run_id
 from lora_trainer.protocol import Progress
 
 from lorajob_operator import api, objects, policy, progress
-from lorajob_operator.api import Phase
+from lorajob_operator.api import Phase, format_time, parse_time
 from lorajob_operator.conditions import (
     HINTS,
     ConditionType,
@@ -219,20 +219,6 @@ class CreatePod:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def parse_time(value: Any) -> datetime | None:
-    """An RFC 3339 timestamp from the API (or None when absent/unreadable)."""
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
-
-def _fmt_time(when: datetime) -> str:
-    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def pod_attempt(pod: Mapping[str, Any]) -> int:
@@ -429,32 +415,34 @@ def progress_pod_ip(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -
     return None
 
 
+def apply_progress(
+    status: api.LoRAJobStatus, live: Progress, now: datetime, min_interval: float
+) -> None:
+    """Copy what live progress changes into `status` (progress, lastCheckpoint,
+    skippedRecords), at most once per `min_interval` (progress.status_progress)."""
+    copied = progress.status_progress(live, status.progress, now, min_interval)
+    if copied is not None:
+        status.progress = copied
+    checkpoint = (live.last_checkpoint or "")[:MAX_URI_LENGTH]
+    if checkpoint:
+        status.last_checkpoint = checkpoint
+    if live.skipped_records:
+        status.skipped_records = live.skipped_records
+
+
 def progress_patch(
     job: Mapping[str, Any], live: Progress, now: datetime, min_interval: float
 ) -> dict[str, Any]:
-    """The status fields live progress changes (progress, lastCheckpoint); {} for none.
-
-    Used by decide() and, between reconciliations, by the progress-only poll.
-    """
-    status = _status(job)
-    patch: dict[str, Any] = {}
-    copied = progress.status_progress(live, status.get("progress"), now, min_interval)
-    if copied is not None:
-        patch["progress"] = copied
-    checkpoint = (live.last_checkpoint or "")[:MAX_URI_LENGTH]
-    if checkpoint and checkpoint != status.get("lastCheckpoint"):
-        patch["lastCheckpoint"] = checkpoint
-    if live.skipped_records and live.skipped_records != status.get("skippedRecords"):
-        patch["skippedRecords"] = live.skipped_records
-    return patch
+    """The status merge patch live progress makes ({} for none): between full
+    reconciliations, the progress-only poll writes just this (decide() applies the
+    same apply_progress)."""
+    before = api.parse_status(_status(job))
+    after = before.model_copy(deep=True)
+    apply_progress(after, live, now, min_interval)
+    return api.status_patch(before, after)
 
 
 # --------------------------------------------------------------------------- builder
-
-# The status fields a decision may write: LoRAJobStatus's, by their wire names.
-_STATUS_FIELDS = frozenset(
-    field.alias or name for name, field in api.LoRAJobStatus.model_fields.items()
-)
 
 
 class _Builder:
@@ -468,12 +456,17 @@ class _Builder:
         self.name = str(meta.get("name", ""))
         self.namespace = str(meta.get("namespace", ""))
         self.generation = _int(meta.get("generation")) or None
-        self.status_in = _status(obs.job)
+        status_in = _status(obs.job)
+        # The status as read, and as it will be after this decision: the decision writes
+        # it field by field (a misspelt field is a type error), and the merge patch is
+        # the difference (api.status_patch). Conditions are kept as written, to compare
+        # them exactly.
+        self.before = api.parse_status(status_in)
+        self.status = self.before.model_copy(deep=True)
         self.conditions_in: list[dict[str, Any]] = [
-            dict(c) for c in self.status_in.get("conditions") or [] if isinstance(c, Mapping)
+            dict(c) for c in status_in.get("conditions") or [] if isinstance(c, Mapping)
         ]
         self.conditions = copy.deepcopy(self.conditions_in)
-        self.fields: dict[str, Any] = {}
         self.decision = Decision()
         self._parsed = obs.parsed
 
@@ -486,7 +479,7 @@ class _Builder:
     def copy(self) -> _Builder:
         clone = copy.copy(self)
         clone.conditions = copy.deepcopy(self.conditions)
-        clone.fields = copy.deepcopy(self.fields)
+        clone.status = self.status.model_copy(deep=True)
         clone.decision = replace(
             self.decision,
             status={},
@@ -497,10 +490,6 @@ class _Builder:
         return clone
 
     # -- reading
-    def get(self, key: str) -> Any:
-        """A status field as it will be after this decision."""
-        return self.fields[key] if key in self.fields else self.status_in.get(key)
-
     def cond(self, ctype: ConditionType) -> Mapping[str, Any] | None:
         return get_condition(self.conditions, ctype)
 
@@ -511,12 +500,6 @@ class _Builder:
         )
 
     # -- writing
-    def set(self, key: str, value: Any) -> None:
-        # The API server prunes status fields its schema (LoRAJobStatus) does not have.
-        if key not in _STATUS_FIELDS:
-            raise KeyError(f"status.{key} is not a field of api.LoRAJobStatus")
-        self.fields[key] = value
-
     def condition(
         self,
         ctype: ConditionType,
@@ -562,19 +545,17 @@ class _Builder:
         # The kstatus summary (Ready, Reconciling, Stalled) follows what was decided.
         self.conditions = with_summary(self.conditions, self.generation, self.now)
         decision = self.decision
-        patch = {k: v for k, v in self.fields.items() if self.status_in.get(k) != v}
+        patch = api.status_patch(self.before, self.status)
         if self.conditions != self.conditions_in:
             patch["conditions"] = self.conditions
         phase = derive_phase(self.conditions)
-        if self.status_in.get("phase") != phase:
+        if self.before.phase != phase:
             patch["phase"] = str(phase)
-        if self.generation is not None and self.status_in.get("observedGeneration") != (
-            self.generation
-        ):
+        if self.generation is not None and self.before.observed_generation != self.generation:
             patch["observedGeneration"] = self.generation
         decision.status = patch
         decision.phase = phase
-        if phase in (Phase.SUCCEEDED, Phase.FAILED) and self.status_in.get("phase") != phase:
+        if phase in (Phase.SUCCEEDED, Phase.FAILED) and self.before.phase != phase:
             created = parse_time((self.obs.job.get("metadata") or {}).get("creationTimestamp"))
             duration = (self.now - created).total_seconds() if created else 0.0
             self.tally("finished", str(phase), max(0.0, duration))
@@ -608,7 +589,7 @@ def decide(obs: Observed, settings: OperatorSettings) -> Decision:
     # Pods of lost nodes never finish terminating: they are left to PodGC and hold
     # nothing up (nodeloss.py says why, and why they are not force-deleted).
     live = _blocking(obs.pods, obs.now)
-    if invalid is not None and not live and not suspend_requested and not b.get("podName"):
+    if invalid is not None and not live and not suspend_requested and not b.status.pod_name:
         return _reject_spec(b, *invalid)
 
     # From here on a pod may run. Spec problems only block the *next* attempt.
@@ -651,15 +632,14 @@ def _is_final(b: _Builder) -> bool:
 
 def _ran_generation(b: _Builder) -> int | None:
     """The generation whose spec the latest attempt runs (or ran); None before any."""
-    status = b.status_in
-    if not status.get("specHash"):
+    status = b.before
+    if not status.spec_hash:
         return None
-    value = status.get("runGeneration")
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
+    if status.run_generation is not None:
+        return status.run_generation
     # Written by an operator before runGeneration: the attempt ran the generation that
     # operator last observed, unless it refused to apply it (SpecChangeRejected).
-    observed = _int(status.get("observedGeneration"))
+    observed = status.observed_generation or 0
     accepted = get_condition(b.conditions_in, ConditionType.ACCEPTED) or {}
     if observed == b.generation and accepted.get("reason") != Reason.SPEC_CHANGE_REJECTED:
         return observed
@@ -673,31 +653,31 @@ def _spec_change(b: _Builder, invalid: tuple[Reason, str] | None) -> SpecChange 
     is a change), or a change of control fields only (they apply live)."""
     parsed = b.parsed()
     ran_generation = _ran_generation(b)
-    ran_hash = b.status_in.get("specHash")
+    ran_hash = b.before.spec_hash
     if invalid is not None or parsed.hash is None or ran_generation is None:
         return None
     if ran_generation != b.generation and parsed.hash != ran_hash:
-        ran_run = b.status_in.get("runId")
+        ran_run = b.before.run_id
         return SpecChange(b.generation, new_run=bool(ran_run) and ran_run != parsed.run)
-    b.set("runGeneration", b.generation)
-    b.set("specHash", parsed.hash)
-    b.set("runId", parsed.run)
+    b.status.run_generation = b.generation
+    b.status.spec_hash = parsed.hash
+    b.status.run_id = parsed.run
     if b.cond_is(ConditionType.SUCCEEDED):
-        b.set("completedGeneration", b.generation)  # the adapter fulfils this spec too
+        b.status.completed_generation = b.generation  # the adapter fulfils this spec too
     return None
 
 
 def _revalidate_after_invalid_spec(b: _Builder) -> bool:
     """A job that failed validation before any pod ran gets a second chance when
     its spec is edited: the fix is what the error message asked for."""
-    status = b.status_in
-    if status.get("failureReason") not in (Reason.INVALID_SPEC, Reason.POLICY_VIOLATION):
+    status = b.before
+    if status.failure_reason not in (Reason.INVALID_SPEC, Reason.POLICY_VIOLATION):
         return False
-    if _int(status.get("attempts")) or b.generation == status.get("observedGeneration"):
+    if status.attempts or b.generation == status.observed_generation:
         return False
     b.condition(ConditionType.FAILED, False, Reason.SPEC_VALID, "the spec was changed")
-    for key in ("failureReason", "failureMessage", "hint", "completionTime"):
-        b.set(key, None)
+    _clear_failure(b)
+    b.status.completion_time = None
     return True
 
 
@@ -735,13 +715,20 @@ def _reopen(b: _Builder, message: str, *, fresh: bool) -> None:
             b.condition(ctype, False, Reason.SPEC_CHANGED, message)
     b.condition(ConditionType.RUNNING, False, Reason.SPEC_CHANGED, message, event="Normal")
     b.condition(ConditionType.QUEUED, False, Reason.SPEC_CHANGED, message)
-    for key in ("failureReason", "failureMessage", "hint", "completionTime", "startTime"):
-        b.set(key, None)
-    b.set("podName", None)
-    b.set("progress", None)
+    _clear_failure(b)
+    b.status.completion_time = None
+    b.status.start_time = None
+    b.status.pod_name = None
+    b.status.progress = None
     if fresh:
-        b.set("failedAttempts", None)
-        b.set("disruptions", None)
+        b.status.failed_attempts = 0
+        b.status.disruptions = 0
+
+
+def _clear_failure(b: _Builder) -> None:
+    b.status.failure_reason = None
+    b.status.failure_message = None
+    b.status.hint = None
 
 
 def _lifted_limit(b: _Builder) -> str | None:
@@ -750,12 +737,12 @@ def _lifted_limit(b: _Builder) -> str | None:
     spec = b.parsed().spec
     if spec is None or _ran_generation(b) == b.generation:
         return None
-    reason = b.status_in.get("failureReason")
-    failed = _int(b.status_in.get("failedAttempts"))
+    reason = b.before.failure_reason
+    failed = _int(b.before.failed_attempts)
     if reason == Reason.BACKOFF_LIMIT_EXCEEDED and spec.backoff_limit >= failed:
         return f"spec.backoffLimit is now {spec.backoff_limit} ({failed} failed attempts so far)"
-    started = parse_time(b.status_in.get("startTime"))
-    done = parse_time(b.status_in.get("completionTime"))
+    started = parse_time(b.before.start_time)
+    done = parse_time(b.before.completion_time)
     deadline = spec.active_deadline_seconds
     if reason == Reason.DEADLINE_EXCEEDED and started is not None and done is not None:
         ran = (done - started).total_seconds()
@@ -771,10 +758,10 @@ def _finished(b: _Builder, invalid: tuple[Reason, str] | None) -> None:
     live = [p for p in b.obs.pods if is_live(p) and not _is_terminating(p)]
     _stop_live_pods(b, live, Reason.COMPLETED)
     # A pod stopped as the job failed (a deadline) reports its checkpoint as it ends.
-    last = next((p for p in b.obs.pods if _pod_name(p) == b.get("podName")), None)
+    last = next((p for p in b.obs.pods if _pod_name(p) == b.status.pod_name), None)
     if last is not None and not is_live(last):
         _record_checkpoint(b, classify_pod(last, b.now))
-    edited = b.generation != b.status_in.get("observedGeneration")
+    edited = b.generation != b.before.observed_generation
     if invalid is not None and edited:
         reason, problem = invalid
         b.condition(
@@ -782,7 +769,7 @@ def _finished(b: _Builder, invalid: tuple[Reason, str] | None) -> None:
             False,
             reason,
             f"spec generation {b.generation} cannot run, so the job keeps its result "
-            f"({b.status_in.get('phase')}): {problem}",
+            f"({b.before.phase}): {problem}",
             event="Warning",
             per_generation=True,
         )
@@ -795,7 +782,7 @@ def _ttl(b: _Builder) -> None:
     """Delete the job ttlSecondsAfterFinished after completion (or requeue until then)."""
     spec = b.obs.job.get("spec") or {}
     ttl = spec.get("ttlSecondsAfterFinished") if isinstance(spec, Mapping) else None
-    done = parse_time(b.get("completionTime"))
+    done = parse_time(b.status.completion_time)
     if isinstance(ttl, int) and not isinstance(ttl, bool) and ttl >= 0 and done is not None:
         left = (done + timedelta(seconds=ttl) - b.now).total_seconds()
         if left <= 0:
@@ -818,10 +805,10 @@ def _fail(b: _Builder, reason: str, message: str, *, hint: str | None = None) ->
     b.condition(ConditionType.QUEUED, False, reason, message)
     if b.cond_is(ConditionType.SUSPENDED):
         b.condition(ConditionType.SUSPENDED, False, reason, message)
-    b.set("failureReason", reason)
-    b.set("failureMessage", message)
-    b.set("hint", hint or _hint(reason))
-    b.set("completionTime", b.get("completionTime") or _fmt_time(b.now))
+    b.status.failure_reason = reason
+    b.status.failure_message = message
+    b.status.hint = hint or _hint(reason)
+    b.status.completion_time = b.status.completion_time or format_time(b.now)
     b.tally("failure", reason)
 
 
@@ -848,23 +835,23 @@ def _account_current_pod(
     """Fold the current attempt's pod state into status (once per outcome)."""
     obs = b.obs
     attempt = _current_attempt(obs.job, obs.pods)
-    recorded = _int(b.status_in.get("attempts"))
+    recorded = _int(b.before.attempts)
     by_attempt = {pod_attempt(p): p for p in obs.pods}
     if attempt > recorded:
         # Created just before the operator stopped: adopt it instead of making another.
         pod = by_attempt[attempt]
-        b.set("attempts", attempt)
-        b.set("podName", _pod_name(pod))
+        b.status.attempts = attempt
+        b.status.pod_name = _pod_name(pod)
         annotations = (pod.get("metadata") or {}).get("annotations") or {}
         ran = annotations.get(objects.ANNOTATION_SPEC_HASH)
         if ran:
-            b.set("specHash", ran)
+            b.status.spec_hash = ran
         # Its spec hash tells whether it runs this generation's spec or an earlier one
         # (then the next pass applies the change).
         current_spec = ran == b.parsed().hash
-        b.set("runGeneration", b.generation if current_spec else (b.generation or 1) - 1)
-        b.set("startTime", b.get("startTime") or _fmt_time(b.now))
-    name = b.get("podName")
+        b.status.run_generation = b.generation if current_spec else (b.generation or 1) - 1
+        b.status.start_time = b.status.start_time or format_time(b.now)
+    name = b.status.pod_name
     if not name:
         return
     current = next((p for p in obs.pods if _pod_name(p) == name), None)
@@ -873,10 +860,10 @@ def _account_current_pod(
     restarting = change is not None or _restarting(b)
     if current is None:
         if b.cond_is(ConditionType.SUSPENDED) or (obs.job.get("spec") or {}).get("suspend"):
-            b.set("podName", None)  # we deleted it to suspend; not a disruption
+            b.status.pod_name = None  # we deleted it to suspend; not a disruption
             return
         if restarting:
-            b.set("podName", None)
+            b.status.pod_name = None
             return
         _disrupted(b, attempt, Reason.DISRUPTED, f"pod {name} was deleted")
         return
@@ -889,7 +876,7 @@ def _account_current_pod(
     if (suspending and outcome.kind != "succeeded") or restarting:
         # We stop this pod on purpose: its end is neither a failure nor a disruption.
         if not is_live(current):
-            b.set("podName", None)
+            b.status.pod_name = None
         return
     _apply_outcome(b, attempt, current, outcome, spec)
 
@@ -898,7 +885,7 @@ def _restarting(b: _Builder) -> bool:
     """The current attempt's pod was deleted to apply a spec change (_restart_for_change
     marks it so on the Running condition, like Suspended marks a suspend)."""
     running = b.cond(ConditionType.RUNNING) or {}
-    return running.get("reason") == Reason.SPEC_CHANGED and bool(b.get("podName"))
+    return running.get("reason") == Reason.SPEC_CHANGED and bool(b.status.pod_name)
 
 
 def _record_checkpoint(b: _Builder, outcome: PodOutcome) -> None:
@@ -908,7 +895,7 @@ def _record_checkpoint(b: _Builder, outcome: PodOutcome) -> None:
     its checkpoints)."""
     term = outcome.termination
     if outcome.kind != "succeeded" and term is not None and term.last_checkpoint:
-        b.set("lastCheckpoint", term.last_checkpoint[:MAX_URI_LENGTH])
+        b.status.last_checkpoint = term.last_checkpoint[:MAX_URI_LENGTH]
 
 
 def _apply_outcome(
@@ -921,7 +908,7 @@ def _apply_outcome(
     name = _pod_name(pod)
     node = (pod.get("spec") or {}).get("nodeName")
     if node:
-        b.set("nodeName", node)
+        b.status.node_name = node
     reason = outcome.reason or ""
     kind = outcome.kind
     if kind == "queued":
@@ -957,10 +944,7 @@ def _running(b: _Builder, attempt: int, name: str, node: Any) -> None:
     b.condition(ConditionType.QUEUED, False, reason, message)
     b.condition(ConditionType.RUNNING, True, reason, message, event="Normal")
     if b.obs.progress is not None:
-        for key, value in progress_patch(
-            b.obs.job, b.obs.progress, b.now, b.settings.status_min_interval_seconds
-        ).items():
-            b.set(key, value)
+        apply_progress(b.status, b.obs.progress, b.now, b.settings.status_min_interval_seconds)
 
 
 def _succeeded(b: _Builder, attempt: int, pod: Mapping[str, Any], outcome: PodOutcome) -> None:
@@ -981,52 +965,44 @@ def _succeeded(b: _Builder, attempt: int, pod: Mapping[str, Any], outcome: PodOu
     b.condition(ConditionType.RUNNING, False, Reason.COMPLETED, message)
     b.condition(ConditionType.QUEUED, False, Reason.COMPLETED, message)
     b.condition(ConditionType.SUCCEEDED, True, Reason.COMPLETED, message, event="Normal")
-    b.set(
-        "adapter",
-        {
-            "uri": adapter.uri,
-            "manifestUri": adapter.manifest_uri,
-            "sha256": adapter.sha256,
-            "size": adapter.size,
-            "files": adapter.files,
-        },
+    b.status.adapter = api.AdapterStatus(
+        uri=adapter.uri,
+        manifest_uri=adapter.manifest_uri,
+        sha256=adapter.sha256,
+        size=adapter.size,
+        files=adapter.files,
     )
     done = _finished_at(pod) or b.now
-    b.set("completionTime", _fmt_time(done))
-    b.set("completedGeneration", b.get("runGeneration"))
+    b.status.completion_time = format_time(done)
+    b.status.completed_generation = b.status.run_generation
     # None: the trainer deleted its checkpoints once the adapter was complete.
-    b.set("lastCheckpoint", term.last_checkpoint)
+    b.status.last_checkpoint = term.last_checkpoint
     if term.skipped_records:
-        b.set("skippedRecords", term.skipped_records)
+        b.status.skipped_records = term.skipped_records
         b.tally("skipped_records", "invalid", term.skipped_records)
-    previous = b.status_in.get("progress") or {}
-    steps = term.steps if term.steps is not None else previous.get("step", 0)
-    final: dict[str, Any] = {
-        **previous,
-        "stage": "done",
-        "step": steps,
-        "totalSteps": previous.get("totalSteps") or steps,
-        "percent": 100.0,
-        "etaSeconds": 0.0,
-        "lastUpdated": _fmt_time(b.now),
-    }
+    # The last progress read, completed (fields assigned are written, the others kept).
+    final = (b.before.progress or api.ProgressStatus()).model_copy()
+    final.stage = "done"
+    final.step = term.steps if term.steps is not None else final.step
+    final.total_steps = final.total_steps or final.step
+    final.percent = 100.0
+    final.eta_seconds = 0.0
+    final.last_updated = format_time(b.now)
     # Rounded as the live progress is, so the LOSS column stays readable.
-    for key, value, digits in (
-        ("loss", term.train_loss, 4),
-        ("evalLoss", term.eval_loss, 4),
-        ("tokensPerSecond", term.tokens_per_second, 1),
-    ):
-        if (shown := progress.rounded(value, digits)) is not None:
-            final[key] = shown
-    b.set("progress", final)
-    for key in ("failureReason", "failureMessage", "hint"):
-        b.set(key, None)
+    if (loss := progress.rounded(term.train_loss, 4)) is not None:
+        final.loss = loss
+    if (eval_loss := progress.rounded(term.eval_loss, 4)) is not None:
+        final.eval_loss = eval_loss
+    if (speed := progress.rounded(term.tokens_per_second, 1)) is not None:
+        final.tokens_per_second = speed
+    b.status.progress = final
+    _clear_failure(b)
 
 
 def _disrupted(b: _Builder, attempt: int, reason: str, message: str) -> None:
-    count = _int(b.get("disruptions")) + 1
-    b.set("disruptions", count)
-    b.set("podName", None)
+    count = _int(b.status.disruptions) + 1
+    b.status.disruptions = count
+    b.status.pod_name = None
     b.tally("disruption", reason)
     limit = b.settings.max_disruptions
     text = f"attempt {attempt} was interrupted ({reason}: {message})"
@@ -1054,8 +1030,8 @@ def _failed(
     spec: api.LoRAJobSpec | None,
 ) -> None:
     reason = outcome.reason or Reason.TRAINER_ERROR
-    failed = _int(b.get("failedAttempts")) + 1
-    b.set("failedAttempts", failed)
+    failed = _int(b.status.failed_attempts) + 1
+    b.status.failed_attempts = failed
     b.tally("attempt_failure", reason)
     if is_live(pod) and _finished_at(pod) is None:
         b.delete_pod(_pod_name(pod), reason)  # e.g. stuck in ImagePullBackOff
@@ -1063,7 +1039,7 @@ def _failed(
     text = f"attempt {attempt} (pod {_pod_name(pod)}) failed{code}: {outcome.message}"
     if not outcome.retryable:
         _fail(b, reason, text, hint=outcome.hint)
-        b.set("podName", _pod_name(pod))
+        b.status.pod_name = _pod_name(pod)
         return
     limit = spec.backoff_limit if spec is not None else _backoff_limit(b.obs.job)
     if failed > limit:
@@ -1074,7 +1050,7 @@ def _failed(
             hint=outcome.hint,
         )
         return
-    b.set("podName", None)
+    b.status.pod_name = None
     delay = retry_delay(
         failed, b.settings.retry_backoff_seconds, b.settings.retry_backoff_max_seconds
     )
@@ -1092,7 +1068,7 @@ def _failed(
 def _recorded_checkpoint(b: _Builder) -> str | None:
     """The checkpoint status knows of, for messages: they say an attempt resumes only
     when there is one to resume from."""
-    checkpoint = b.get("lastCheckpoint")
+    checkpoint = b.status.last_checkpoint
     return str(checkpoint) if checkpoint else None
 
 
@@ -1108,7 +1084,7 @@ def _deadline_exceeded(
     b: _Builder, spec_in: Mapping[str, Any], live: Sequence[Mapping[str, Any]]
 ) -> bool:
     deadline = spec_in.get("activeDeadlineSeconds") if isinstance(spec_in, Mapping) else None
-    started = parse_time(b.get("startTime"))
+    started = parse_time(b.status.start_time)
     if not isinstance(deadline, int) or isinstance(deadline, bool) or deadline <= 0:
         return False
     if started is None or spec_in.get("suspend") is True or b.cond_is(ConditionType.SUSPENDED):
@@ -1136,7 +1112,7 @@ def _suspend(b: _Builder, live: Sequence[Mapping[str, Any]]) -> None:
     b.condition(ConditionType.RUNNING, False, Reason.SUSPENDED_BY_USER, message)
     b.condition(ConditionType.QUEUED, False, Reason.SUSPENDED_BY_USER, message)
     if not live:
-        b.set("podName", None)
+        b.status.pod_name = None
     # While suspended every (valid) spec is accepted; the next attempt uses it.
     parsed = b.parsed()
     if parsed.spec is None:
@@ -1165,9 +1141,9 @@ def _resume(b: _Builder, live: Sequence[Mapping[str, Any]]) -> bool:
     new_run = _new_run(b)
     message = f"spec.suspend is false: a new attempt {_next_run_note(b, new_run=new_run)}"
     b.condition(ConditionType.SUSPENDED, False, Reason.RESUMED, message, event="Normal")
-    b.set("podName", None)
+    b.status.pod_name = None
     # Like a Kubernetes Job, the deadline clock restarts on resume.
-    b.set("startTime", None)
+    b.status.start_time = None
     return True
 
 
@@ -1183,7 +1159,7 @@ def _check_spec(b: _Builder, invalid: tuple[Reason, str] | None) -> None:
         ConditionType.ACCEPTED,
         False,
         reason,
-        f"spec generation {b.generation} cannot run, so attempt {b.get('attempts')} keeps "
+        f"spec generation {b.generation} cannot run, so attempt {b.status.attempts} keeps "
         f"running the spec it started with: {problem}",
         event="Warning",
         per_generation=True,
@@ -1201,7 +1177,7 @@ def _restart_for_change(b: _Builder, live: Sequence[Mapping[str, Any]], change: 
         else "resuming from the checkpoint its trainer saves as it stops"
     )
     message = (
-        f"spec generation {change.generation} changed the spec: attempt {b.get('attempts')} "
+        f"spec generation {change.generation} changed the spec: attempt {b.status.attempts} "
         f"stops and the next attempt runs the new spec, {how} (not counted against "
         "backoffLimit)"
     )
@@ -1223,7 +1199,7 @@ def _restart_for_change(b: _Builder, live: Sequence[Mapping[str, Any]], change: 
 
 def _new_run(b: _Builder) -> bool:
     """The next attempt trains another run than the latest one did (from step 0)."""
-    ran = b.status_in.get("runId")
+    ran = b.before.run_id
     return bool(ran) and ran != b.parsed().run
 
 
@@ -1243,7 +1219,7 @@ def _next_run_note(b: _Builder, *, new_run: bool) -> str:
 
 def _stale_pods(b: _Builder, live: Sequence[Mapping[str, Any]]) -> None:
     """Pods of earlier attempts still running (should not happen) are stopped."""
-    current = b.get("podName")
+    current = b.status.pod_name
     for pod in live:
         if _pod_name(pod) != current and not _is_terminating(pod):
             b.delete_pod(_pod_name(pod), "Superseded")
@@ -1252,7 +1228,7 @@ def _stale_pods(b: _Builder, live: Sequence[Mapping[str, Any]]) -> None:
 
 
 def _accept_spec(b: _Builder, current_hash: str) -> None:
-    running_hash = b.get("specHash")
+    running_hash = b.status.spec_hash
     if running_hash and running_hash != current_hash:
         message = f"spec generation {b.generation} is applied from the next attempt on"
     else:
@@ -1265,7 +1241,7 @@ def _accept_spec(b: _Builder, current_hash: str) -> None:
 
 def _maybe_create(b: _Builder, spec: api.LoRAJobSpec, current_hash: str) -> None:
     obs, settings = b.obs, b.settings
-    if b.get("podName"):
+    if b.status.pod_name:
         return  # outcome still open (e.g. unknown pod state): wait for it
     if obs.missing_secrets:
         detail = "; ".join(
@@ -1298,8 +1274,8 @@ def _maybe_create(b: _Builder, spec: api.LoRAJobSpec, current_hash: str) -> None
     new_run = _new_run(b)
     if new_run:
         # The old run's checkpoint and progress: this attempt never resumes them.
-        b.set("lastCheckpoint", None)
-        b.set("progress", None)
+        b.status.last_checkpoint = None
+        b.status.progress = None
     name = _pod_name(body) or objects.pod_name(b.name, attempt)
     checkpoint = _recorded_checkpoint(b) if attempt > 1 else None
     resume = f" (resumes from checkpoint {checkpoint})" if checkpoint else ""
@@ -1309,13 +1285,13 @@ def _maybe_create(b: _Builder, spec: api.LoRAJobSpec, current_hash: str) -> None
     for pod in obs.pods:
         if pod_attempt(pod) == attempt - 1 and (lost := node_lost(pod, b.now)):
             message += f" beside pod {_pod_name(pod)} of attempt {attempt - 1}: {lost}"
-    b.set("attempts", attempt)
-    b.set("podName", name)
-    b.set("nodeName", None)
-    b.set("specHash", current_hash)
-    b.set("runGeneration", b.generation)
-    b.set("runId", b.parsed().run)
-    b.set("startTime", b.get("startTime") or _fmt_time(b.now))
+    b.status.attempts = attempt
+    b.status.pod_name = name
+    b.status.node_name = None
+    b.status.spec_hash = current_hash
+    b.status.run_generation = b.generation
+    b.status.run_id = b.parsed().run
+    b.status.start_time = b.status.start_time or format_time(b.now)
     b.condition(ConditionType.QUEUED, False, Reason.POD_CREATED, message)
     b.condition(ConditionType.RUNNING, False, Reason.POD_CREATED, message)
     b.event("Normal", Reason.POD_CREATED, message)
@@ -1346,7 +1322,7 @@ _NO_BACKOFF_REASONS = frozenset(
 
 def _retry_wait_left(b: _Builder, attempt: int) -> float:
     """Seconds until the exponential backoff after a failed attempt has passed."""
-    failed = _int(b.get("failedAttempts"))
+    failed = _int(b.status.failed_attempts)
     running = b.cond(ConditionType.RUNNING) or {}
     if not failed or running.get("reason") in _NO_BACKOFF_REASONS:
         return 0.0

@@ -29,7 +29,9 @@ from tests.operator.runtime.kubefakes import SPEC, at, job, stamp
 def test_status_progress_first_write_and_fields() -> None:
     p = Progress(stage="training", step=5, total_steps=20, loss=1.23456, eval_loss=float("nan"))
     out = status_progress(p, None, at(0), 5)
-    assert out == {
+    assert out is not None
+    # The wire form: only the fields the trainer reported are written.
+    assert out.model_dump(by_alias=True, exclude_unset=True) == {
         "stage": "training",
         "step": 5,
         "totalSteps": 20,
@@ -53,20 +55,22 @@ def test_status_progress_is_rate_limited() -> None:
     assert status_progress(nxt, first, at(4), 5) is None
     later = status_progress(nxt, first, at(5), 5)
     assert later is not None
-    assert later["step"] == 2
+    assert later.step == 2
 
 
 def test_status_progress_caps_what_a_trainer_says() -> None:
     out = status_progress(Progress(stage="x" * 10_000, step=-3), None, at(0), 0)
     assert out is not None
-    assert len(out["stage"]) == 32
-    assert out["step"] == 0
+    assert out.stage is not None
+    assert len(out.stage) == 32
+    assert out.step == 0
 
 
 def test_status_progress_without_total_has_no_percent() -> None:
     out = status_progress(Progress(step=3), None, at(0), 0)
     assert out is not None
-    assert "percent" not in out
+    assert out.percent is None
+    assert "percent" not in out.model_dump(by_alias=True, exclude_unset=True)
 
 
 @pytest.fixture

@@ -11,10 +11,12 @@ from lorajob_operator.api import (
     InvalidSpecError,
     LoRAJobSpec,
     Phase,
+    ProgressStatus,
     parse_spec,
     parse_status,
     private_endpoint_refusal,
     spec_hash,
+    status_patch,
     trainer_config,
 )
 
@@ -528,3 +530,22 @@ def test_status_round_trip() -> None:
     assert status.phase is Phase.RUNNING
     assert status.to_wire()["specHash"] == "abc"
     assert parse_status(status.to_wire()) == status
+
+
+def test_status_patch_is_the_merge_patch_between_two_statuses() -> None:
+    before = parse_status(
+        {"attempts": 2, "failedAttempts": 1, "podName": "p-2", "progress": {"step": 5, "loss": 1.5}}
+    )
+    after = before.model_copy(deep=True)
+    assert status_patch(before, after) == {}
+    after.pod_name = None  # back to its default: removed
+    after.failed_attempts = 0  # a counter back to 0: removed
+    after.attempts = 2  # unchanged: not written
+    after.progress = ProgressStatus(step=6)  # only what was set: the stored loss stays
+    after.hint = "h"
+    assert status_patch(before, after) == {
+        "podName": None,
+        "failedAttempts": None,
+        "progress": {"step": 6},
+        "hint": "h",
+    }
