@@ -9,8 +9,8 @@ after the recipe's libraries are imported (their import cost is reported apart, 
 imports_rss_bytes).
 
 * ours: the real trainer path: `lora_trainer.data` reads and tokenizes the records
-  (`train.tokenize_inputs`), `translate` builds the load kwargs and LoRA config from a
-  TrainerConfig (packing on, the default), and `train.build_trainer` builds the
+  (`train.tokenize_inputs`), `hf` builds the load kwargs and LoRA config from a
+  TrainerConfig (packing on, the default), and `hf.build_trainer` builds the
   SFTTrainer exactly as `lora_trainer.train.run` does, batch layout included (its
   checkpoint/progress callbacks are left out: they upload, which is not training
   throughput).
@@ -117,7 +117,7 @@ def _peak_rss_bytes() -> int:
 # the peak delta is what building and training take.
 _RECIPE_MODULES = {
     "plain": ("datasets", "peft", "trl.trainer.sft_config", "trl.trainer.sft_trainer"),
-    "ours": ("lora_trainer.data", "lora_trainer.inputs", "lora_trainer.train"),
+    "ours": ("lora_trainer.data", "lora_trainer.hf", "lora_trainer.inputs", "lora_trainer.train"),
 }
 
 
@@ -131,9 +131,9 @@ def _import_recipe(recipe: str) -> None:
 def _build_ours(job: Job, cuda: bool) -> Any:
     from lora_trainer import data
     from lora_trainer.config import TrainerConfig
+    from lora_trainer.hf import build_trainer, detect_device, load_model
     from lora_trainer.inputs import Inputs
-    from lora_trainer.train import build_trainer, load_model, tokenize_inputs
-    from lora_trainer.translate import Device
+    from lora_trainer.train import tokenize_inputs
     from transformers import AutoTokenizer
 
     cfg = TrainerConfig.model_validate(
@@ -153,7 +153,7 @@ def _build_ours(job: Job, cuda: bool) -> Any:
             "output": {"uri": str(Path(job.work_dir) / "out")},
         }
     )
-    device = Device.detect()
+    device = detect_device()
     if device.cuda != cuda:
         raise RuntimeError(f"expected cuda={cuda}, torch says {device}")
     tokenizer = AutoTokenizer.from_pretrained(job.model_dir)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from lora_trainer.adapter_dtypes import restore_dtypes, trainable_dtypes
+from lora_trainer.hf import restore_dtypes, trainable_dtypes
 
 
 def _model() -> torch.nn.Sequential:

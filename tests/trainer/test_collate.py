@@ -10,11 +10,17 @@ from typing import Any
 import pytest
 import torch
 from lora_trainer import data
-from lora_trainer.collate import PackedRowsCollator, has_varlen_attention, use_packed_rows
 from lora_trainer.config import TrainerConfig
+from lora_trainer.hf import (
+    Device,
+    PackedRowsCollator,
+    build_trainer,
+    has_varlen_attention,
+    load_model,
+    use_packed_rows,
+)
 from lora_trainer.inputs import Inputs
-from lora_trainer.train import build_trainer, load_model, tokenize_inputs
-from lora_trainer.translate import Device
+from lora_trainer.train import tokenize_inputs
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from datasets import Dataset
-from lora_trainer import data as data_module
+from lora_trainer import hf
 from lora_trainer.data import (
     Record,
     TokenizedData,
@@ -246,7 +246,7 @@ def test_drop_unlearnable_rows() -> None:
 def test_dataset_from_compact_rows_equals_the_one_from_lists(
     tokenizer: Any, monkeypatch: pytest.MonkeyPatch, rows_per_chunk: int
 ) -> None:
-    monkeypatch.setattr(data_module, "_ROWS_PER_CHUNK", rows_per_chunk)
+    monkeypatch.setattr(hf, "_ROWS_PER_CHUNK", rows_per_chunk)
     _, examples = convert(_records(make_records("alpaca", 5, seed=1)), "alpaca")
     tok = tokenize(examples, tokenizer, completion_only=True)
     as_lists = {
@@ -254,7 +254,7 @@ def test_dataset_from_compact_rows_equals_the_one_from_lists(
         "completion_mask": [list(m) for m in tok.completion_mask],
     }
 
-    built = tok.to_dataset()
+    built = hf.to_dataset(tok)
 
     assert not isinstance(tok.input_ids[0], list)  # stored compactly
     reference = Dataset.from_dict(as_lists)  # what the trainer built before

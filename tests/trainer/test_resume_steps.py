@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
-from lora_trainer import train
+from lora_trainer import hf
 from lora_trainer.config import TrainerConfig, run_id
 from lora_trainer.inputs import prepare_inputs
 from lora_trainer.progress import ProgressBoard
@@ -210,7 +210,7 @@ def test_resumed_run_keeps_the_adapter_dtype_of_a_fresh_run(
     upcasts it to fp32: the resumed attempt must still train and publish the dtypes a
     fresh run does."""
     recorders: list[_TrainableDtypes] = []
-    real_build = train.build_trainer
+    real_build = hf.build_trainer
 
     def build_recording(*args: Any, **kwargs: Any) -> Any:
         trainer = real_build(*args, **kwargs)
@@ -218,7 +218,7 @@ def test_resumed_run_keeps_the_adapter_dtype_of_a_fresh_run(
         trainer.add_callback(recorders[-1])
         return trainer
 
-    monkeypatch.setattr(train, "build_trainer", build_recording)
+    monkeypatch.setattr(hf, "build_trainer", build_recording)
     prefix = "resume-steps/dtypes"
     cfg = _config(dataset, tiny_model_dir, prefix, interval=4)
     _attempt(cfg, s3, tmp_path / "first")
@@ -234,7 +234,7 @@ def test_resumed_run_keeps_the_adapter_dtype_of_a_fresh_run(
 
     assert second.steps == MAX_STEPS
     fresh_run, resumed_run = recorders
-    assert fresh_run.params == {"torch.bfloat16"}  # TRL's QLoRA cast (adapter_dtypes.py)
+    assert fresh_run.params == {"torch.bfloat16"}  # TRL's QLoRA cast (hf.DtypeKeepingTrainer)
     assert resumed_run.params == fresh_run.params
     assert fresh_run.optimizer_state, "the fresh run's optimizer holds no state"
     assert resumed_run.optimizer_state == fresh_run.optimizer_state

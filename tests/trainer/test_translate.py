@@ -1,4 +1,4 @@
-"""translate.py: config -> BitsAndBytesConfig / LoraConfig / SFTConfig, without training."""
+"""hf.py's translators: config -> BitsAndBytesConfig / LoraConfig / SFTConfig, without training."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import pytest
 import torch
 from lora_trainer.config import LoraSpec, QuantizationSpec, TrainerConfig
 from lora_trainer.errors import TargetModulesNotFound
-from lora_trainer.protocol import ExitCode
-from lora_trainer.translate import (
+from lora_trainer.hf import (
     Device,
     compute_dtype_name,
     linear_layer_names,
@@ -22,6 +21,7 @@ from lora_trainer.translate import (
     to_lora_config,
     to_sft_config,
 )
+from lora_trainer.protocol import ExitCode
 
 CPU = Device(cuda=False)
 AMPERE = Device(cuda=True, bf16=True, name="A100")

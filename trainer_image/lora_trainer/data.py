@@ -12,10 +12,11 @@ record must fit it):
 Tokenization happens here rather than in TRL so the loss mask is exact for any
 chat template: each assistant turn's character span is found by rendering the
 conversation up to that turn, and tokens are masked by their character offsets.
-TRL then receives `input_ids` + `completion_mask` and builds labels, packs and
-collates. A record that does not fit raises a `DatasetError` naming the file and
-record number and what is wrong with it, or, with `dataset.invalidRecords: skip`,
-is skipped and counted.
+TRL then receives `input_ids` + `completion_mask` (lora_trainer.hf.to_dataset) and
+builds labels, packs and collates. This module imports nothing of the training stack.
+A record that does not fit raises a `DatasetError` naming the file and record number
+and what is wrong with it, or, with `dataset.invalidRecords: skip`, is skipped and
+counted.
 
 Files are streamed, never held: a `Source` is read record by record on every pass
 (one to check it, one to tokenize it), and reading stops at `dataset.maxRecords`.
@@ -25,7 +26,6 @@ is parsed whole; large datasets belong in JSONL or Parquet.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -151,58 +151,6 @@ class TokenizedData:
 
     def count_longer_than(self, max_length: int) -> int:
         return sum(1 for ids in self.input_ids if len(ids) > max_length)
-
-    def to_dataset(self) -> Any:
-        """A `datasets.Dataset` of input_ids (int32) + completion_mask (int64), the column
-        types `Dataset.from_dict` gives Python lists, built from flat buffers instead.
-
-        `Dataset(table)` alone would fingerprint the table by pickling and hashing it: a
-        transient copy several times its size (+210 MiB peak RSS for 5M tokens), so the
-        fingerprint is a hash of the Arrow buffers, read in place.
-        """
-        import pyarrow as pa  # type: ignore[import-untyped]  # noqa: PLC0415
-        from datasets import Dataset  # noqa: PLC0415 - heavy; only when training
-        from datasets.table import InMemoryTable  # noqa: PLC0415
-
-        table = pa.table(
-            {
-                "input_ids": _list_column(self.input_ids, "int32"),
-                "completion_mask": _list_column(self.completion_mask, "int64"),
-            }
-        )
-        return Dataset(InMemoryTable(table), fingerprint=_fingerprint(table))
-
-
-# Rows per Arrow chunk: keeps each chunk's int32 offsets far below 2**31 tokens.
-_ROWS_PER_CHUNK = 65_536
-
-
-def _list_column(rows: Sequence[Sequence[int]], dtype: str) -> Any:
-    """A pyarrow list<dtype> column from int rows, without a Python int per token."""
-    import numpy as np  # noqa: PLC0415 - with datasets, only when training
-    import pyarrow as pa  # noqa: PLC0415
-
-    chunks = []
-    for start in range(0, max(len(rows), 1), _ROWS_PER_CHUNK):
-        part = rows[start : start + _ROWS_PER_CHUNK]
-        offsets = np.zeros(len(part) + 1, dtype=np.int32)
-        np.cumsum([len(r) for r in part], out=offsets[1:])
-        # Concatenated in the rows' own item type (views of the arrays), widened once.
-        flat = [np.asarray(r) for r in part]
-        values = np.concatenate(flat).astype(dtype, copy=False) if flat else np.zeros(0, dtype)
-        chunks.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)))
-    return pa.chunked_array(chunks)
-
-
-def _fingerprint(table: Any) -> str:
-    """sha256 of a pyarrow table's schema and buffers (no copy)."""
-    digest = hashlib.sha256(table.schema.to_string().encode())
-    for column in table.columns:
-        for chunk in column.chunks:
-            for buf in chunk.buffers():
-                if buf is not None:
-                    digest.update(buf)
-    return digest.hexdigest()[:16]
 
 
 # --- reading files ---------------------------------------------------------------

@@ -10,12 +10,12 @@ was stopped before publishing) is loaded instead of trained: the attempt goes
 straight to evaluation and publishing with the checkpoint's step counts.
 
 Every failure is raised as a TrainerError subclass; cli.main turns it into the
-termination message and exit code.
+termination message and exit code. The training stack (transformers, peft, TRL) is
+reached only through lora_trainer.hf; this module is the recipe.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import shutil
@@ -23,47 +23,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
-import safetensors.torch
-import torch
-import transformers
-from peft import LoraConfig, PeftModel, set_peft_model_state_dict
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PrinterCallback,
-    TrainerCallback,
-    TrainerState,
-)
-from trl.trainer.sft_trainer import SFTTrainer
-
-from lora_trainer import checkpoints, data
-from lora_trainer.adapter_dtypes import DtypeKeepingTrainer
+from lora_trainer import checkpoints, data, hf
 from lora_trainer.callbacks import CheckpointCallback, ProgressCallback, StopCallback
-from lora_trainer.collate import use_packed_rows
 from lora_trainer.config import TrainerConfig
-from lora_trainer.errors import ConfigError, DatasetError, Interrupted, SourceNotFound, shorten
+from lora_trainer.errors import DatasetError, Interrupted
 from lora_trainer.inputs import Inputs
 from lora_trainer.progress import ProgressBoard
 from lora_trainer.protocol import TerminationMessage
-from lora_trainer.publish import ADAPTER_WEIGHTS, model_card, name_base_model, upload_output
+from lora_trainer.publish import model_card, name_base_model, upload_output
 from lora_trainer.signals import StopRequest
 from lora_trainer.storage import Storage
-from lora_trainer.translate import (
-    Device,
-    linear_layer_names,
-    model_load_kwargs,
-    resolve_target_modules,
-    to_lora_config,
-    to_sft_config,
-)
 
 __all__ = [
     "Runtime",
     "TrainOutcome",
-    "build_trainer",
-    "load_model",
-    "load_tokenizer",
     "one_per_step",
     "run",
     "run_mean_loss",
@@ -92,23 +65,21 @@ class Runtime:
 
 def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
     """Train, evaluate and publish."""
-    _quiet_progress_bars()
+    hf.quiet_progress_bars()
     if rt.cpu_threads:
-        # torch would start a thread per core of the node; past the pod's CPU limit they
-        # only queue for the CFS quota (and slow every step down).
-        torch.set_num_threads(rt.cpu_threads)
+        hf.limit_threads(rt.cpu_threads)
         log.info("torch threads: %d (the pod's CPU limit)", rt.cpu_threads)
-    device = Device.detect()
+    device = hf.detect_device()
     log.info("device: %s", device.name)
     model_dir = inputs.model_dir
 
     # 1. Tokenize the (already checked) records with the model's tokenizer.
     rt.board.update(stage="loading")
-    tokenizer = load_tokenizer(cfg, model_dir)
+    tokenizer = hf.load_tokenizer(cfg, model_dir)
     train_ds, eval_ds = tokenize_inputs(cfg, tokenizer, inputs)
 
     # 2. Model, target modules, adapter config.
-    model, peft_config = load_model(cfg, model_dir, device)
+    model, peft_config = hf.load_model(cfg, model_dir, device)
 
     # 3. Resume from the newest complete checkpoint, if an earlier attempt left one.
     ckpt_dir = rt.work_dir / "checkpoints"
@@ -139,7 +110,7 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
     # add a step).
     progress = ProgressCallback(rt.board)
     saver = CheckpointCallback(rt.storage, cfg.output.uri, rt.board, this_run, attempt=attempt)
-    trainer = build_trainer(
+    trainer = hf.build_trainer(
         cfg,
         model,
         tokenizer,
@@ -180,18 +151,16 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
         rt.board.update(eval_loss=metrics["eval_loss"])
     out_dir = rt.work_dir / "output"
     shutil.rmtree(out_dir, ignore_errors=True)
-    trainer.save_model(str(out_dir))  # adapter_config.json + adapter_model.safetensors
+    hf.save_adapter(trainer, tokenizer, out_dir)
     name_base_model(out_dir, cfg.model.uri)  # not the pod's cache path
-    tokenizer.save_pretrained(out_dir)
-    (out_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; nothing to publish
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out_dir / "README.md").write_text(model_card(cfg, metrics, rt.job_name))
 
     del trainer, model
-    _free_memory()
+    hf.free_memory()
     if cfg.output.merged_model:
         rt.board.update(stage="merging")
-        _merge(cfg, model_dir, out_dir, out_dir / "merged", device)
+        hf.merge_adapter(cfg, model_dir, out_dir, out_dir / "merged", device)
 
     # 6. Upload, manifest last.
     rt.board.update(stage="uploading")
@@ -237,7 +206,7 @@ class TrainOutcome:
 
 
 def _train(
-    trainer: SFTTrainer, resume_path: Path | None, rt: Runtime, saver: CheckpointCallback
+    trainer: Any, resume_path: Path | None, rt: Runtime, saver: CheckpointCallback
 ) -> TrainOutcome:
     """Run the training loop (resuming from `resume_path`); raise Interrupted on a signal."""
     rt.stop.phase = "training"
@@ -260,33 +229,22 @@ def _train(
     )
 
 
-def _load_finished(trainer: SFTTrainer, ckpt: Path, rt: Runtime) -> TrainOutcome:
+def _load_finished(trainer: Any, ckpt: Path, rt: Runtime) -> TrainOutcome:
     """An earlier attempt trained every step and saved the last one, then stopped before
-    publishing: load that checkpoint's adapter and trainer state instead of training.
-
-    `trainer.train(resume_from_checkpoint=...)` cannot do this: its loop runs a step
-    before it checks for the end, so it would train step max_steps + 1.
-    """
-    weights = safetensors.torch.load_file(str(ckpt / ADAPTER_WEIGHTS))
-    loaded: Any = set_peft_model_state_dict(trainer.model, weights)  # torch _IncompatibleKeys
-    if loaded.unexpected_keys:
-        raise ConfigError(
-            f"checkpoint {ckpt.name} holds adapter weights this model does not have "
-            f"(e.g. {loaded.unexpected_keys[0]})",
-            hint="Delete the old checkpoints under <output.uri>/checkpoints/ to start over.",
-        )
-    trainer.state = TrainerState.load_from_json(str(ckpt / checkpoints.TRAINER_STATE_FILE))
-    steps, max_steps = trainer.state.global_step, trainer.state.max_steps
+    publishing: load that checkpoint's adapter and trainer state instead of training."""
+    state = hf.load_finished(trainer, ckpt)
     log.info(
         "%s is the last step (%d/%d): nothing left to train; evaluating and publishing it",
         ckpt.name,
-        steps,
-        max_steps,
+        state.steps,
+        state.max_steps,
     )
-    rt.stop.finishing(f"step {steps}/{max_steps}; checkpoint {ckpt.name}")
-    rt.board.update(step=steps, total_steps=max_steps, epoch=trainer.state.epoch)
+    rt.stop.finishing(f"step {state.steps}/{state.max_steps}; checkpoint {ckpt.name}")
+    rt.board.update(step=state.steps, total_steps=state.max_steps, epoch=state.epoch)
     return TrainOutcome(
-        steps=steps, max_steps=max_steps, train_loss=run_mean_loss(trainer.state.log_history)
+        steps=state.steps,
+        max_steps=state.max_steps,
+        train_loss=run_mean_loss(state.log_history),
     )
 
 
@@ -301,64 +259,6 @@ def run_mean_loss(log_history: list[dict[str, Any]]) -> float | None:
             steps += span
             previous = int(entry["step"])
     return total / steps if steps else None
-
-
-def build_trainer(
-    cfg: TrainerConfig,
-    model: Any,
-    tokenizer: Any,
-    *,
-    device: Device,
-    peft_config: Any,
-    datasets: tuple[Any, Any | None],
-    ckpt_dir: Path,
-    callbacks: list[TrainerCallback] | None = None,
-) -> SFTTrainer:
-    """The SFTTrainer for this job: `peft_config` on the loaded model, our SFTConfig,
-    packed rows laid out for the model's attention implementation (lora_trainer.collate),
-    and adapter dtypes that a resume does not change (lora_trainer.adapter_dtypes).
-
-    `datasets` are the (train, eval or None) datasets from `tokenize_inputs`;
-    `ckpt_dir` is where the Trainer writes its local checkpoints.
-    """
-    train_ds, eval_ds = datasets
-    trainer = DtypeKeepingTrainer(
-        model=model,
-        args=to_sft_config(cfg, device, ckpt_dir, has_eval=eval_ds is not None),
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=callbacks,
-    )
-    trainer.remove_callback(PrinterCallback)  # ProgressCallback logs each step instead
-    if use_packed_rows(trainer):
-        log.info("packed rows: one row per pack of at most %d tokens", cfg.training.max_seq_length)
-    return trainer
-
-
-def load_model(cfg: TrainerConfig, model_dir: Path, device: Device) -> tuple[Any, LoraConfig]:
-    """The base model, loaded (and quantized) as `cfg` says for `device`, and the
-    LoRA config for its layers (`all-linear` or the named target modules, checked
-    against the model's own linear layers)."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **model_load_kwargs(cfg, device))
-    targets = resolve_target_modules(cfg.lora, linear_layer_names(model))
-    return model, to_lora_config(cfg.lora, targets)
-
-
-def load_tokenizer(cfg: TrainerConfig, model_dir: Path) -> Any:
-    """The model's tokenizer. One that does not load is a fault of the model folder (its
-    files were checked to exist: inputs.check_model_dir), never a retryable error."""
-    try:
-        return AutoTokenizer.from_pretrained(
-            model_dir, trust_remote_code=cfg.model.trust_remote_code
-        )
-    except (OSError, ValueError) as e:
-        raise SourceNotFound(
-            f"model.uri {cfg.model.uri}: the tokenizer does not load: {shorten(str(e))}",
-            hint="Save the tokenizer with tokenizer.save_pretrained(<model dir>) next to the "
-            "model and upload both.",
-        ) from e
 
 
 def tokenize_inputs(cfg: TrainerConfig, tokenizer: Any, inputs: Inputs) -> tuple[Any, Any | None]:
@@ -394,35 +294,5 @@ def tokenize_inputs(cfg: TrainerConfig, tokenizer: Any, inputs: Inputs) -> tuple
         )
     log.info("tokenized: %d training rows, %d tokens", len(train.input_ids), train.num_tokens)
     evals.drop_unlearnable(max_len)
-    eval_ds = evals.to_dataset() if evals.input_ids else None
-    return train.to_dataset(), eval_ds
-
-
-def _merge(
-    cfg: TrainerConfig, model_dir: Path, adapter_dir: Path, dest: Path, device: Device
-) -> None:
-    """Base model (unquantized, compute dtype) + adapter, merged and saved as safetensors."""
-    kwargs = model_load_kwargs(
-        cfg.model_copy(
-            update={"quantization": cfg.quantization.model_copy(update={"mode": "none"})}
-        ),
-        device,
-    )
-    base = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    merged.save_pretrained(dest)
-    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(dest)
-    del base, merged
-    _free_memory()
-
-
-def _free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _quiet_progress_bars() -> None:
-    """tqdm bars garble pod logs; ProgressCallback reports progress instead."""
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    eval_ds = hf.to_dataset(evals) if evals.input_ids else None
+    return hf.to_dataset(train), eval_ds
