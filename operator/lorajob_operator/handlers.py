@@ -677,7 +677,10 @@ async def poll_progress(rt: Runtime, last: Reconciled, logger: JobLogger) -> Rec
         return last
     meta = last.job.get("metadata") or {}
     updated = await rt.kube.patch_job_status(str(meta["namespace"]), str(meta["name"]), patch)
-    return None if updated is None else replace(last, job=updated)
+    if updated is None:
+        return None
+    rt.metrics.observe_job(updated)
+    return replace(last, job=updated)
 
 
 async def reconcile_job(
@@ -821,7 +824,7 @@ async def execute(
         log_fn = logger.warning if event.type == "Warning" else logger.info
         log_fn("%s: %s", event.reason, scrub(event.message))
     rt.metrics.record(decision.tallies)
-    rt.metrics.set_phase(namespace, name, decision.phase)
+    rt.metrics.observe_job(written)  # phase and per-job series, from the status written
     if decision.delete_job:
         await rt.kube.delete_job(namespace, name)
     return decision, written
