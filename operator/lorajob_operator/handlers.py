@@ -32,6 +32,7 @@ queue drops a job when its DELETED event arrives.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import math
@@ -50,6 +51,7 @@ from lorajob_operator.conditions import scrub
 from lorajob_operator.events import build_event
 from lorajob_operator.kube import Kube, PodRejected, QuotaExceeded, TokenBucket, load_config
 from lorajob_operator.metrics import Metrics
+from lorajob_operator.pods import is_live, is_stopping, job_key_of_pod, pod_view
 from lorajob_operator.progress import ProgressError, ProgressReader
 from lorajob_operator.settings import OperatorSettings, load_settings
 from lorajob_operator.workqueue import WorkQueue
@@ -131,7 +133,9 @@ class JobState:
         """The generation a pass has parsed (and so is handling or has handled)."""
         return self.parsed[0][1] if self.parsed else None
 
-    def parsed_spec(self, job: Mapping[str, Any]) -> reconcile.ParsedSpec | None:
+    def parsed_spec(
+        self, job: Mapping[str, Any], settings: OperatorSettings
+    ) -> reconcile.ParsedSpec | None:
         """The cached parse of `job`'s spec, (re)parsed when its generation moved;
         None where the job has no generation to key it by."""
         meta = job.get("metadata") or {}
@@ -140,7 +144,11 @@ class JobState:
             return None
         key = (str(meta.get("uid", "")), generation)
         if self.parsed is None or self.parsed[0] != key:
-            self.parsed = (key, reconcile.parse_job_spec(job.get("spec") or {}))
+            spec = job.get("spec") or {}
+            self.parsed = (
+                key,
+                reconcile.parse_job_spec(spec, str(meta.get("namespace")), settings),
+            )
         return self.parsed[1]
 
 
@@ -161,7 +169,7 @@ class Runtime:
     namespace_locks: dict[str, asyncio.Lock] = field(
         default_factory=lambda: defaultdict(asyncio.Lock)
     )
-    # The trainer pods as the pod watch last showed them (reconcile.pod_view()):
+    # The trainer pods as the pod watch last showed them (pod_view()):
     # job uid -> pod key -> view. Reconciliations read pods from here instead of
     # listing them; see _cached_view for when they still ask the API.
     pods: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
@@ -225,7 +233,7 @@ class Runtime:
             return
         pods = self.pods.setdefault(job_uid, {})
         if newer or key not in pods:
-            pods[key] = reconcile.pod_view(pod)
+            pods[key] = pod_view(pod)
 
     def forget_pod(self, pod: Mapping[str, Any]) -> None:
         job_uid, key = _pod_keys(pod)
@@ -247,10 +255,10 @@ class Runtime:
             self.forget_pod(pod)
         else:
             self.remember_pod(pod)
-        key = reconcile.job_key_of_pod(pod)
+        key = job_key_of_pod(pod)
         if key is not None:
-            self.wake(key, urgent=type == "DELETED" or _is_stopping(pod))
-        if type == "DELETED" or not reconcile.is_live(pod):
+            self.wake(key, urgent=type == "DELETED" or is_stopping(pod))
+        if type == "DELETED" or not is_live(pod):
             namespace = _namespace(pod)
             if namespace:
                 self.wake_queued(namespace)
@@ -296,7 +304,7 @@ class Runtime:
             if key in self.deleted_pods:
                 continue
             known = cached.get(key)
-            fresh[key] = known if known and _is_newer(known, pod) else reconcile.pod_view(pod)
+            fresh[key] = known if known and _is_newer(known, pod) else pod_view(pod)
         if fresh:
             self.pods[job_uid] = fresh
         else:
@@ -508,14 +516,6 @@ async def job_event(type: str, body: kopf.Body, name: str, namespace: str | None
         RUNTIME.wake(key)
 
 
-def _is_stopping(pod: Mapping[str, Any]) -> bool:
-    """The pod ended, is being deleted, or is marked for disruption."""
-    if not reconcile.is_live(pod) or (pod.get("metadata") or {}).get("deletionTimestamp"):
-        return True
-    conditions = (pod.get("status") or {}).get("conditions") or []
-    return any(c.get("type") in ("DisruptionTarget", "TerminationTarget") for c in conditions)
-
-
 # --------------------------------------------------------------------------- the passes
 
 
@@ -558,6 +558,7 @@ async def process(rt: Runtime, key: JobKey) -> None:
     try:
         if last is None or woken or now >= state.next_full:
             seen = None if now >= state.next_resync else _cached_view(rt, state.watched, last)
+            parse = functools.partial(state.parsed_spec, settings=rt.settings)
             with rt.metrics.reconcile_seconds.time():
                 last = await reconcile_job(
                     rt,
@@ -566,7 +567,7 @@ async def process(rt: Runtime, key: JobKey) -> None:
                     jlog,
                     poll_progress=poll,
                     seen=seen,
-                    parse=state.parsed_spec,
+                    parse=parse,
                 )
             if last is None:
                 state.gone = True  # its DELETED event removes the state
@@ -714,10 +715,16 @@ async def reconcile_job(
         ref = _ref(job)
         pods = rt.job_pods(ref.uid)
     parsed = parse(job) if parse is not None else None
-    pod_ip = reconcile.progress_pod_ip(job, pods)
-    progress = await _read_progress(rt, pod_ip, logger) if pod_ip and poll_progress else None
-
-    if reconcile.needs_new_attempt(job, pods):
+    observed = reconcile.Observed(job, pods, _now(), parsed=parsed)
+    decision = reconcile.decide(observed, rt.settings)
+    # decide() asks for the facts that cost a call: the trainer's progress while one runs
+    # (when it is due), the Secrets and running jobs when an attempt may start.
+    if decision.progress_ip and poll_progress:
+        live = await _read_progress(rt, decision.progress_ip, logger)
+        if live is not None:
+            observed = replace(observed, progress=live)
+            decision = reconcile.decide(observed, rt.settings)
+    if decision.needs_facts:
         async with rt.namespace_locks[namespace]:
             missing = [
                 (path, secret)
@@ -725,18 +732,11 @@ async def reconcile_job(
                 if not await rt.kube.secret_exists(namespace, secret)
             ]
             active = await _active_jobs(rt, namespace, exclude=ref.uid)
-            observed = reconcile.Observed(
-                job,
-                pods,
-                _now(),
-                missing_secrets=missing,
-                active_in_namespace=active,
-                parsed=parsed,
-            )
-            decision, written = await execute(rt, job, observed, logger)
+            observed = replace(observed, missing_secrets=missing, active_in_namespace=active)
+            decision = reconcile.decide(observed, rt.settings)
+            decision, written = await execute(rt, observed, decision, logger)
     else:
-        observed = reconcile.Observed(job, pods, _now(), progress=progress, parsed=parsed)
-        decision, written = await execute(rt, job, observed, logger)
+        decision, written = await execute(rt, observed, decision, logger)
 
     if decision.delete_job:
         return None  # deleted after its TTL: no more passes
@@ -744,10 +744,9 @@ async def reconcile_job(
         rt.queued[namespace].add(name)
     else:
         rt.queued[namespace].discard(name)
-    # Poll progress only of a pod that still runs after this decision.
-    running = decision.phase == api.Phase.RUNNING and not decision.delete
-    still_running = pod_ip if running and reconcile.progress_pod_ip(written, pods) else None
-    return Reconciled(job=written, pod_ip=still_running, requeue_after=decision.requeue_after)
+    return Reconciled(
+        job=written, pod_ip=decision.progress_ip, requeue_after=decision.requeue_after
+    )
 
 
 async def _active_jobs(rt: Runtime, namespace: str, *, exclude: str) -> int:
@@ -767,13 +766,13 @@ async def _active_jobs(rt: Runtime, namespace: str, *, exclude: str) -> int:
         uids = {
             job_uid
             for job_uid, pods in rt.pods.items()
-            if any(_namespace(p) == namespace and reconcile.is_live(p) for p in pods.values())
+            if any(_namespace(p) == namespace and is_live(p) for p in pods.values())
         }
     else:
         uids = {
             (p.get("metadata") or {}).get("labels", {}).get(objects.LABEL_JOB_UID)
             for p in await rt.kube.list_trainer_pods(namespace)
-            if reconcile.is_live(p)
+            if is_live(p)
         }
     uids.discard(exclude)
     uids.discard(None)
@@ -781,16 +780,20 @@ async def _active_jobs(rt: Runtime, namespace: str, *, exclude: str) -> int:
 
 
 async def execute(
-    rt: Runtime, job: Mapping[str, Any], observed: reconcile.Observed, logger: JobLogger
+    rt: Runtime,
+    observed: reconcile.Observed,
+    decision: reconcile.Decision,
+    logger: JobLogger,
 ) -> tuple[reconcile.Decision, Mapping[str, Any]]:
-    """Carry out one decision: pods first, then status, then Events and metrics.
-    Returns the decision carried out and the job as written.
+    """Carry out `decide(observed)`'s decision: pods first, then status, then Events
+    and metrics. Returns the decision carried out (create_rejected's, when the API
+    server refused the pod) and the job as written.
 
     The order makes every crash point safe: a pod created before a lost status
     write is adopted next time (by its attempt label); Events go out only for
     transitions that reached status, so none is posted twice.
     """
-    decision = reconcile.decide(observed, rt.settings)
+    job = observed.job
     meta = job.get("metadata") or {}
     namespace, name = str(meta["namespace"]), str(meta["name"])
     for delete in decision.delete:
@@ -810,9 +813,9 @@ async def execute(
                 "created" if created is not None else "already existed",
             )
         except QuotaExceeded as exc:
-            decision = reconcile.create_rejected(create, str(exc), quota=True)
+            decision = reconcile.create_rejected(observed, rt.settings, str(exc), quota=True)
         except PodRejected as exc:
-            decision = reconcile.create_rejected(create, str(exc), quota=False)
+            decision = reconcile.create_rejected(observed, rt.settings, str(exc), quota=False)
     written: Mapping[str, Any] = job
     if decision.status:
         written = await rt.kube.patch_job_status(namespace, name, decision.status) or job

@@ -8,16 +8,12 @@ the spec field, the policy value it breaks and what to do instead.
 from __future__ import annotations
 
 import fnmatch
-from typing import TYPE_CHECKING
 
 from lora_trainer.config import parse_uri
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 from lorajob_operator.api import DEFAULT_GPU_RESOURCE, LoRAJobSpec, private_endpoint_refusal
-
-if TYPE_CHECKING:
-    from lorajob_operator.settings import OperatorSettings
 
 __all__ = ["Policy", "check_policy", "concurrency_limit"]
 
@@ -134,15 +130,20 @@ def check_policy(
     spec: LoRAJobSpec,
     namespace: str,
     policy: Policy,
-    settings: OperatorSettings | None = None,
+    *,
+    default_gpu_resource_name: str = DEFAULT_GPU_RESOURCE,
+    default_image: str | None = None,
 ) -> list[str]:
-    """Every way `spec` breaks `policy`, one message per violation (empty = allowed)."""
+    """Every way `spec` breaks `policy`, one message per violation (empty = allowed).
+
+    The defaults are the operator's (OperatorSettings.gpu_resource_name, trainer_image):
+    what a spec that leaves the field out gets. reconcile.parse_job_spec is the one
+    caller in the operator and the webhook.
+    """
     out: list[str] = []
     res = spec.resources
 
-    gpu_name = res.gpu_resource_name or (
-        settings.gpu_resource_name if settings else DEFAULT_GPU_RESOURCE
-    )
+    gpu_name = res.gpu_resource_name or default_gpu_resource_name
     if (
         res.gpus > 0
         and policy.allowed_gpu_resource_names
@@ -168,7 +169,6 @@ def check_policy(
             f"{policy.max_gpus_per_job} GPUs"
         )
 
-    default_image = settings.trainer_image if settings else None
     if (
         spec.image
         and spec.image != default_image

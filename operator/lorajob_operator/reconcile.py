@@ -57,7 +57,6 @@ checkpoints apart). `completedGeneration` says which generation the adapter is f
 from __future__ import annotations
 
 import copy
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -78,6 +77,10 @@ from lorajob_operator.conditions import (
 )
 from lorajob_operator.health import with_summary
 from lorajob_operator.nodeloss import node_lost
+from lorajob_operator.pods import finished_at as _finished_at
+from lorajob_operator.pods import is_live, pod_attempt
+from lorajob_operator.pods import is_terminating as _is_terminating
+from lorajob_operator.pods import pod_name as _pod_name
 from lorajob_operator.podstatus import PodOutcome, classify_pod
 from lorajob_operator.settings import OperatorSettings
 
@@ -88,18 +91,13 @@ __all__ = [
     "Event",
     "Observed",
     "ParsedSpec",
+    "Refusal",
     "Tally",
     "create_rejected",
     "decide",
-    "is_live",
-    "job_key_of_pod",
-    "needs_new_attempt",
     "parse_job_spec",
     "parse_time",
-    "pod_attempt",
-    "pod_view",
     "progress_patch",
-    "progress_pod_ip",
     "retry_delay",
     "secret_refs",
     "wait_delay",
@@ -129,41 +127,79 @@ MAX_URI_LENGTH = 1024
 
 @dataclass(frozen=True)
 class Observed:
-    """Everything `decide()` may look at; gathered by the handler."""
+    """Everything `decide()` may look at, gathered by the controller.
+
+    The facts that cost API calls are gathered only when decide() asks for them: a
+    decision with `needs_facts` (it would start an attempt) or `progress_ip` (a trainer
+    runs) is made again with them. None means "not gathered".
+    """
 
     job: Mapping[str, Any]
     pods: Sequence[Mapping[str, Any]]
     now: datetime
     # (field path, Secret name) of referenced Secrets that do not exist.
-    missing_secrets: Sequence[tuple[str, str]] = ()
+    missing_secrets: Sequence[tuple[str, str]] | None = None
     # Other LoRAJobs of the namespace that have a live pod (for the concurrency limit).
-    active_in_namespace: int = 0
+    active_in_namespace: int | None = None
     # Progress just read from the running pod, if any.
     progress: Progress | None = None
-    # `parse_job_spec(job.spec)` if the caller has it already (the handlers keep it per
-    # job uid and generation: a spec is validated once, not on every pass);
-    # None: decide() parses the spec itself.
+    # The API server refused the pod that the same decision without it would create.
+    refused: Refusal | None = None
+    # `parse_job_spec(job.spec, ...)` if the caller has it already (the controller
+    # keeps it per job uid and generation: a spec is validated once, not on every
+    # pass); None: decide() parses the spec itself.
     parsed: ParsedSpec | None = None
 
 
 @dataclass(frozen=True)
+class Refusal:
+    """Why the API server refused a trainer pod: exceeded quota (`quota`) is a wait,
+    anything else permanent (create_rejected)."""
+
+    message: str
+    quota: bool
+
+
+@dataclass(frozen=True)
 class ParsedSpec:
-    """A spec as `api.parse_spec` judged it: the model and its hash, or the error."""
+    """A spec as the operator's rules judge it: the model, its hash and run, or why it
+    cannot run (api.parse_spec's error, the cluster policy's violations)."""
 
     spec: api.LoRAJobSpec | None
     hash: str | None
     error: api.InvalidSpecError | None = None
     # The training run the spec defines (lora_trainer.config.run_id).
     run: str | None = None
+    # How a valid spec breaks the cluster policy (policy.check_policy), one per rule.
+    violations: tuple[str, ...] = ()
+
+    @property
+    def invalid(self) -> tuple[Reason, str] | None:
+        """Why the spec cannot run (the condition reason and message), or None."""
+        if self.error is not None:
+            return Reason.INVALID_SPEC, self.error.message
+        if self.violations:
+            return Reason.POLICY_VIOLATION, "; ".join(self.violations)
+        return None
 
 
-def parse_job_spec(spec: Any) -> ParsedSpec:
-    """Validate a job's `spec` once, for any number of decisions about it."""
+def parse_job_spec(spec: Any, namespace: str, settings: OperatorSettings) -> ParsedSpec:
+    """Judge a job's `spec` once, for any number of decisions about it: the one place
+    the spec rules and the cluster policy are applied (the admission webhook calls it
+    too, so both refuse the same specs with the same words)."""
     try:
         parsed = api.parse_spec(spec)
     except api.InvalidSpecError as err:
         return ParsedSpec(None, None, err)
-    return ParsedSpec(parsed, api.spec_hash(parsed), run=run_id(api.trainer_config(parsed)))
+    violations = policy.check_policy(
+        parsed,
+        namespace,
+        settings.policy,
+        default_gpu_resource_name=settings.gpu_resource_name,
+        default_image=settings.trainer_image,
+    )
+    run = run_id(api.trainer_config(parsed))
+    return ParsedSpec(parsed, api.spec_hash(parsed), run=run, violations=tuple(violations))
 
 
 @dataclass(frozen=True)
@@ -207,123 +243,20 @@ class Decision:
     requeue_after: float | None = None
     delete_job: bool = False
     phase: Phase | None = None  # the phase after this decision
+    # Nothing decided: an attempt may start, so decide again with the Secrets and the
+    # namespace's running jobs gathered (Observed.missing_secrets, active_in_namespace).
+    needs_facts: bool = False
+    # The IP of the trainer that runs after this decision: its progress can be read.
+    progress_ip: str | None = None
 
 
 @dataclass(frozen=True)
 class CreatePod:
     attempt: int
     body: dict[str, Any]
-    # The decision to apply instead when the API server refuses the pod
-    # (create_rejected() builds on it).
-    fallback: _Builder
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def pod_attempt(pod: Mapping[str, Any]) -> int:
-    labels = (pod.get("metadata") or {}).get("labels") or {}
-    try:
-        return int(labels.get(objects.LABEL_ATTEMPT, "0"))
-    except ValueError:
-        return 0
-
-
-def job_key_of_pod(pod: Mapping[str, Any]) -> tuple[str, str] | None:
-    """(namespace, job name) of a trainer pod, from its controller reference.
-
-    Not from the job label: label values are shortened for long job names.
-    """
-    meta = pod.get("metadata") or {}
-    namespace = meta.get("namespace")
-    for ref in meta.get("ownerReferences") or []:
-        if (
-            ref.get("kind") == api.KIND
-            and str(ref.get("apiVersion", "")).startswith(f"{api.GROUP}/")
-            and namespace
-            and ref.get("name")
-        ):
-            return str(namespace), str(ref["name"])
-    return None
-
-
-# The parts of a pod that decide() and the handlers read; the rest (volumes, env,
-# managed fields) is dropped from the operator's watch cache to save memory.
-_POD_METADATA = (
-    "name",
-    "namespace",
-    "uid",
-    "resourceVersion",
-    "creationTimestamp",
-    "deletionTimestamp",
-    "labels",
-    "annotations",
-    "ownerReferences",
-)
-
-
-def pod_view(pod: Mapping[str, Any]) -> dict[str, Any]:
-    """What decide() needs of a pod: identity, labels, node, container images, status.
-
-    decide() on the view makes the same decision as on the whole pod. Short strings
-    (field names, condition types, label values) are interned: thousands of cached
-    views then share one copy of each instead of one per watch event.
-    """
-    meta = pod.get("metadata") or {}
-    spec = pod.get("spec") or {}
-    view_spec: dict[str, Any] = {
-        "containers": [
-            {"name": c.get("name"), "image": c.get("image")} for c in spec.get("containers") or []
-        ]
-    }
-    for key in ("nodeName", "schedulingGates"):
-        if key in spec:
-            view_spec[key] = spec[key]
-    view = {
-        "metadata": {k: meta[k] for k in _POD_METADATA if k in meta},
-        "spec": view_spec,
-        "status": pod.get("status") or {},
-    }
-    interned: dict[str, Any] = _interned(view)
-    return interned
-
-
-# Strings up to this length are interned in pod views (names, types, reasons,
-# timestamps); longer ones (messages) are rarely repeated.
-_INTERN_MAX = 64
-
-
-def _interned(value: Any) -> Any:
-    """A copy of a JSON value with its dict keys and short strings interned."""
-    if isinstance(value, Mapping):
-        return {sys.intern(str(k)): _interned(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_interned(v) for v in value]
-    if isinstance(value, str) and len(value) <= _INTERN_MAX:
-        return sys.intern(value)
-    return value
-
-
-def is_live(pod: Mapping[str, Any]) -> bool:
-    """The pod may still run a trainer (terminating pods count until they are gone)."""
-    return (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
-
-
-def _is_terminating(pod: Mapping[str, Any]) -> bool:
-    return bool((pod.get("metadata") or {}).get("deletionTimestamp"))
-
-
-def _pod_name(pod: Mapping[str, Any]) -> str:
-    return str((pod.get("metadata") or {}).get("name", ""))
-
-
-def _finished_at(pod: Mapping[str, Any]) -> datetime | None:
-    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-        terminated = (cs.get("state") or {}).get("terminated") or {}
-        when = parse_time(terminated.get("finishedAt"))
-        if when is not None:
-            return when
-    return None
 
 
 def retry_delay(failed_attempts: int, base: float, cap: float) -> float:
@@ -376,43 +309,9 @@ def _is_finished(job: Mapping[str, Any]) -> bool:
     return _status(job).get("phase") in (Phase.SUCCEEDED, Phase.FAILED)
 
 
-def needs_new_attempt(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> bool:
-    """Whether `decide()` may create a pod now, so the handler should look up the
-    Secrets and the namespace's running jobs first (they cost API calls).
-
-    A terminating pod does not rule it out: decide() may find its node lost (that
-    depends on the time of the decision) and start the next attempt beside it.
-    """
-    meta = job.get("metadata") or {}
-    spec = job.get("spec") or {}
-    status = _status(job)
-    if meta.get("deletionTimestamp") or spec.get("suspend") is True:
-        return False
-    edited = meta.get("generation") != status.get("observedGeneration")
-    # A finished job runs again only after an edit (decide() says whether it does).
-    if status.get("phase") == Phase.SUCCEEDED and not edited:
-        return False
-    if status.get("phase") == Phase.FAILED and _int(status.get("attempts")) and not edited:
-        return False
-    return not any(is_live(p) and not _is_terminating(p) for p in pods)
-
-
 def _blocking(pods: Sequence[Mapping[str, Any]], now: datetime) -> list[Mapping[str, Any]]:
     """The live pods the next attempt must wait for: all but those whose node is lost."""
     return [p for p in pods if is_live(p) and node_lost(p, now) is None]
-
-
-def progress_pod_ip(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> str | None:
-    """IP of the current attempt's pod when it runs, i.e. when progress can be read."""
-    name = _status(job).get("podName")
-    if not name or _is_finished(job):
-        return None
-    for pod in pods:
-        if _pod_name(pod) == name and not _is_terminating(pod):
-            status = pod.get("status") or {}
-            if status.get("phase") == "Running" and status.get("podIP"):
-                return str(status["podIP"])
-    return None
 
 
 def apply_progress(
@@ -473,21 +372,9 @@ class _Builder:
     def parsed(self) -> ParsedSpec:
         """The job's spec, parsed at most once per decision (or not at all: obs.parsed)."""
         if self._parsed is None:
-            self._parsed = parse_job_spec(self.obs.job.get("spec") or {})
+            spec = self.obs.job.get("spec") or {}
+            self._parsed = parse_job_spec(spec, self.namespace, self.settings)
         return self._parsed
-
-    def copy(self) -> _Builder:
-        clone = copy.copy(self)
-        clone.conditions = copy.deepcopy(self.conditions)
-        clone.status = self.status.model_copy(deep=True)
-        clone.decision = replace(
-            self.decision,
-            status={},
-            delete=list(self.decision.delete),
-            events=list(self.decision.events),
-            tallies=list(self.decision.tallies),
-        )
-        return clone
 
     # -- reading
     def cond(self, ctype: ConditionType) -> Mapping[str, Any] | None:
@@ -555,6 +442,8 @@ class _Builder:
             patch["observedGeneration"] = self.generation
         decision.status = patch
         decision.phase = phase
+        if phase != Phase.RUNNING or decision.delete or not self.status.pod_name:
+            decision.progress_ip = None  # no trainer runs on after this decision
         if phase in (Phase.SUCCEEDED, Phase.FAILED) and self.before.phase != phase:
             created = parse_time((self.obs.job.get("metadata") or {}).get("creationTimestamp"))
             duration = (self.now - created).total_seconds() if created else 0.0
@@ -573,12 +462,7 @@ def decide(obs: Observed, settings: OperatorSettings) -> Decision:
         return Decision()  # the finalizer handler owns deleted jobs
     parsed = b.parsed()
     spec = parsed.spec
-    invalid: tuple[Reason, str] | None = None
-    if parsed.error is not None:
-        invalid = (Reason.INVALID_SPEC, parsed.error.message)
-    elif spec is not None:
-        problems = policy.check_policy(spec, b.namespace, settings.policy, settings)
-        invalid = (Reason.POLICY_VIOLATION, "; ".join(problems)) if problems else None
+    invalid = parsed.invalid
     change = _spec_change(b, invalid)
     if _is_finished(obs.job) and not _run_again(b, change):
         _finished(b, invalid)
@@ -623,6 +507,8 @@ def decide(obs: Observed, settings: OperatorSettings) -> Decision:
     assert current_hash is not None
     _accept_spec(b, current_hash)
     _maybe_create(b, spec, current_hash)
+    if b.decision.needs_facts:
+        return Decision(needs_facts=True)
     return b.finish()
 
 
@@ -925,6 +811,9 @@ def _apply_outcome(
         b.condition(ConditionType.RUNNING, False, reason or Reason.POD_PENDING, outcome.message)
     elif kind == "running":
         _running(b, attempt, name, node)
+        ip = (pod.get("status") or {}).get("podIP")
+        if ip and not _is_terminating(pod) and (pod.get("status") or {}).get("phase") == "Running":
+            b.decision.progress_ip = str(ip)
     elif kind == "succeeded":
         _succeeded(b, attempt, pod, outcome)
     elif kind == "disrupted":
@@ -1114,21 +1003,9 @@ def _suspend(b: _Builder, live: Sequence[Mapping[str, Any]]) -> None:
     if not live:
         b.status.pod_name = None
     # While suspended every (valid) spec is accepted; the next attempt uses it.
-    parsed = b.parsed()
-    if parsed.spec is None:
-        message = parsed.error.message if parsed.error else "the spec is invalid"
-        b.condition(ConditionType.ACCEPTED, False, Reason.INVALID_SPEC, message, event="Warning")
-        return
-    spec = parsed.spec
-    problems = policy.check_policy(spec, b.namespace, b.settings.policy, b.settings)
-    if problems:
-        b.condition(
-            ConditionType.ACCEPTED,
-            False,
-            Reason.POLICY_VIOLATION,
-            "; ".join(problems),
-            event="Warning",
-        )
+    invalid = b.parsed().invalid
+    if invalid is not None:
+        b.condition(ConditionType.ACCEPTED, False, *invalid, event="Warning")
     else:
         b.condition(ConditionType.ACCEPTED, True, Reason.SPEC_VALID, "the spec is valid")
 
@@ -1243,6 +1120,9 @@ def _maybe_create(b: _Builder, spec: api.LoRAJobSpec, current_hash: str) -> None
     obs, settings = b.obs, b.settings
     if b.status.pod_name:
         return  # outcome still open (e.g. unknown pod state): wait for it
+    if obs.missing_secrets is None or obs.active_in_namespace is None:
+        b.decision.needs_facts = True  # they cost API calls: gathered only now
+        return
     if obs.missing_secrets:
         detail = "; ".join(
             f"Secret {name!r} ({path}) does not exist in namespace {b.namespace!r}"
@@ -1265,7 +1145,9 @@ def _maybe_create(b: _Builder, spec: api.LoRAJobSpec, current_hash: str) -> None
     if left > 0:
         b.requeue(left)
         return
-    fallback = b.copy()
+    if obs.refused is not None:
+        _refused(b, obs.refused)
+        return
     attempt += 1
     job_ref = objects.JobRef(
         name=b.name, namespace=b.namespace, uid=str((obs.job.get("metadata") or {}).get("uid", ""))
@@ -1296,7 +1178,7 @@ def _maybe_create(b: _Builder, spec: api.LoRAJobSpec, current_hash: str) -> None
     b.condition(ConditionType.RUNNING, False, Reason.POD_CREATED, message)
     b.event("Normal", Reason.POD_CREATED, message)
     b.tally("attempt", Reason.RESUMING if attempt > 1 else Reason.POD_CREATED)
-    b.decision.create = CreatePod(attempt=attempt, body=body, fallback=fallback)
+    b.decision.create = CreatePod(attempt=attempt, body=body)
 
 
 # Running=False reasons after which the next attempt starts without a backoff.
@@ -1353,7 +1235,15 @@ def _queue(b: _Builder, reason: Reason, message: str, *, recheck: float | None =
     )
 
 
-def create_rejected(create: CreatePod, message: str, *, quota: bool) -> Decision:
+def create_rejected(
+    obs: Observed, settings: OperatorSettings, message: str, *, quota: bool
+) -> Decision:
+    """The decision instead of `decide(obs)`'s when the API server refused the pod it
+    asked to create: the same decision, told of the refusal (_refused)."""
+    return decide(replace(obs, refused=Refusal(message, quota)), settings)
+
+
+def _refused(b: _Builder, refusal: Refusal) -> None:
     """The API server refused the trainer pod.
 
     Exceeded quota is a wait (Queued/QuotaExceeded, re-tried with growing
@@ -1361,8 +1251,8 @@ def create_rejected(create: CreatePod, message: str, *, quota: bool) -> Decision
     invalid pod) is permanent until an admin changes something, so the job fails
     instead of hammering the API server.
     """
-    b = create.fallback.copy()
-    if quota:
+    message = refusal.message
+    if refusal.quota:
         _queue(
             b,
             Reason.QUOTA_EXCEEDED,
@@ -1378,4 +1268,3 @@ def create_rejected(create: CreatePod, message: str, *, quota: bool) -> Decision
             "refused the pod; fix what the message names, ask your cluster admin, or adjust "
             "spec.resources/spec.scheduling, then create the job again",
         )
-    return b.finish()

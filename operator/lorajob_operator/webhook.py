@@ -1,6 +1,6 @@
 """Validating admission for LoRAJobs: bad specs are refused at `kubectl apply` time.
 
-The rules are the operator's own (api.parse_spec, policy.check_policy), so the
+The rules are the operator's own (reconcile.parse_job_spec), so the
 webhook and the operator never disagree; without the webhook the operator applies
 them when it reconciles. Every valid spec change is admitted, whatever the job's
 phase (a GitOps repository's spec is what eventually runs): the operator restarts a
@@ -21,7 +21,7 @@ from typing import Any
 
 import kopf
 
-from lorajob_operator import api, policy
+from lorajob_operator import api, reconcile
 from lorajob_operator.settings import OperatorSettings
 
 __all__ = ["change_warnings", "configure", "register", "review"]
@@ -48,13 +48,12 @@ def review(
     new_spec = new.get("spec") or {}
     if operation == "UPDATE" and old is not None and (old.get("spec") or {}) == new_spec:
         return None  # metadata-only change (labels, finalizers): nothing to check
-    try:
-        spec = api.parse_spec(new_spec)
-    except api.InvalidSpecError as err:
-        return f"invalid LoRAJob spec: {err.message}"
-    problems = policy.check_policy(spec, namespace, settings.policy, settings)
-    if problems:
-        return "the LoRAJob violates the cluster policy: " + "; ".join(problems)
+    # The operator's own judgement of a spec (reconcile.parse_job_spec), in its words.
+    parsed = reconcile.parse_job_spec(new_spec, namespace, settings)
+    if parsed.error is not None:
+        return f"invalid LoRAJob spec: {parsed.error.message}"
+    if parsed.violations:
+        return "the LoRAJob violates the cluster policy: " + "; ".join(parsed.violations)
     return None
 
 

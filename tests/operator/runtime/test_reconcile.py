@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from lora_trainer.protocol import ExitCode, Progress, TerminationMessage
-from lorajob_operator import api, reconcile
+from lorajob_operator import api, pods, reconcile
 from lorajob_operator.conditions import ConditionType, Reason, get_condition
 from lorajob_operator.policy import Policy
 from lorajob_operator.settings import OperatorSettings, load_settings
@@ -51,13 +51,17 @@ class World:
         quota: str | None = None,
         **facts: Any,
     ) -> reconcile.Decision:
+        # Gathered, as the controller does when decide() asks (needs_facts).
+        facts.setdefault("missing_secrets", ())
+        facts.setdefault("active_in_namespace", 0)
         observed = reconcile.Observed(self.job, list(self.pods), now, **facts)
         decision = reconcile.decide(observed, self.settings)
+        assert not decision.needs_facts
         self.deleted += [d.name for d in decision.delete]
         create = decision.create
         if create is not None:
             if quota is not None:
-                decision = reconcile.create_rejected(create, quota, quota=True)
+                decision = reconcile.create_rejected(observed, self.settings, quota, quota=True)
             else:
                 self.created.append(create.body)
         self.job = apply_status(self.job, decision.status)
@@ -75,6 +79,12 @@ class World:
     def replace_pod(self, new: dict[str, Any]) -> None:
         name = new["metadata"]["name"]
         self.pods = [p for p in self.pods if p["metadata"]["name"] != name] + [new]
+
+    def asks_for_facts(self, now: datetime = T0) -> bool:
+        """Whether decide(), without the facts that cost API calls, asks for them (it
+        may start an attempt)."""
+        observed = reconcile.Observed(self.job, list(self.pods), now)
+        return reconcile.decide(observed, self.settings).needs_facts
 
     def started(self, now: datetime = T0) -> None:
         """Create attempt 1 and see its pod running."""
@@ -803,9 +813,9 @@ def test_needs_new_attempt_after_a_finished_job_is_edited() -> None:
     w = World()
     w.started()
     _succeed(w, 1, 100)
-    assert not reconcile.needs_new_attempt(w.job, w.pods)
+    assert not w.asks_for_facts(at(101))
     _edit(w, 2, training={"maxSteps": 40})
-    assert reconcile.needs_new_attempt(w.job, w.pods)
+    assert w.asks_for_facts(at(101))
 
 
 def test_checkpoint_saved_on_sigterm_is_recorded_when_the_attempt_ends() -> None:
@@ -987,19 +997,33 @@ def test_retry_delay_doubles_and_caps() -> None:
     assert [reconcile.retry_delay(n, 10, 60) for n in range(5)] == [0, 10, 20, 40, 60]
 
 
-def test_needs_new_attempt() -> None:
-    assert reconcile.needs_new_attempt(job(), [])
-    assert not reconcile.needs_new_attempt(job(), [pod(1)])
-    assert not reconcile.needs_new_attempt(job(spec={**SPEC, "suspend": True}), [])
+def test_decide_asks_for_the_facts_only_when_an_attempt_may_start() -> None:
+    def asks(body: dict[str, Any], trainer_pods: list[dict[str, Any]]) -> bool:
+        decision = reconcile.decide(reconcile.Observed(body, trainer_pods, T0), SETTINGS)
+        if decision.needs_facts:  # nothing else is decided without them
+            assert decision == reconcile.Decision(needs_facts=True)
+        return decision.needs_facts
+
+    assert asks(job(), [])
+    assert not asks(job(), [pod(1)])
+    assert not asks(job(spec={**SPEC, "suspend": True}), [])
     finished = {"phase": "Succeeded", "observedGeneration": 1}
-    assert not reconcile.needs_new_attempt(job(status=finished), [])
+    assert not asks(job(status=finished), [])
+
+
+def test_progress_is_read_from_the_trainer_that_runs_on() -> None:
+    w = World()
+    w.started()
+    assert w.step().progress_ip == "127.0.0.9"
+    w.job["spec"] = {**w.job["spec"], "suspend": True}
+    assert w.step().progress_ip is None  # its pod is being deleted
 
 
 def test_job_key_of_pod_uses_owner_reference() -> None:
-    assert reconcile.job_key_of_pod(pod(1)) == ("team-a", NAME)
+    assert pods.job_key_of_pod(pod(1)) == ("team-a", NAME)
     orphan = pod(1)
     orphan["metadata"]["ownerReferences"] = []
-    assert reconcile.job_key_of_pod(orphan) is None
+    assert pods.job_key_of_pod(orphan) is None
 
 
 def test_pod_refused_for_good_fails_the_job() -> None:
@@ -1007,7 +1031,12 @@ def test_pod_refused_for_good_fails_the_job() -> None:
     create = w.step().create
     assert create is not None
     w.job = job()  # the decision above was not applied: the create failed
-    d = reconcile.create_rejected(create, "pods is forbidden: violates PodSecurity", quota=False)
+    d = reconcile.create_rejected(
+        reconcile.Observed(w.job, [], T0, missing_secrets=(), active_in_namespace=0),
+        SETTINGS,
+        "pods is forbidden: violates PodSecurity",
+        quota=False,
+    )
     w.job = apply_status(w.job, d.status)
     assert w.status["phase"] == "Failed"
     assert w.status["failureReason"] == Reason.CONTAINER_CONFIG_ERROR
@@ -1022,15 +1051,16 @@ def test_a_spec_parsed_before_decides_like_one_parsed_in_decide(
 ) -> None:
     """The handlers hand decide() the spec they parsed once per generation."""
     body = job(spec=spec)
-    fresh = reconcile.decide(reconcile.Observed(body, [], T0), SETTINGS)
-    parsed = reconcile.parse_job_spec(body["spec"])
+    facts: dict[str, Any] = {"missing_secrets": (), "active_in_namespace": 0}
+    fresh = reconcile.decide(reconcile.Observed(body, [], T0, **facts), SETTINGS)
+    parsed = reconcile.parse_job_spec(body["spec"], "team-a", SETTINGS)
     assert (parsed.spec is None) == (parsed.error is not None)
 
     def no_parsing(spec: Any) -> api.LoRAJobSpec:
         raise AssertionError(f"decide() parsed the spec again: {spec}")
 
     monkeypatch.setattr(api, "parse_spec", no_parsing)
-    cached = reconcile.decide(reconcile.Observed(body, [], T0, parsed=parsed), SETTINGS)
+    cached = reconcile.decide(reconcile.Observed(body, [], T0, parsed=parsed, **facts), SETTINGS)
     assert cached.status == fresh.status
     assert cached.phase == fresh.phase
     assert (cached.create and cached.create.body) == (fresh.create and fresh.create.body)
@@ -1135,7 +1165,7 @@ def test_lost_old_pod_beside_the_new_attempt_makes_no_third_attempt() -> None:
     assert w.status["podName"] == f"{NAME}-2"
     assert w.status["phase"] == "Running"
     assert w.status["disruptions"] == 1
-    assert not reconcile.needs_new_attempt(w.job, w.pods)
+    assert not w.asks_for_facts(at(5000))
     # Attempt 2 fails: its retry waits for the backoff only, not for the lost pod.
     msg = termination("Failed", reason="StorageError", message="S3 503", retryable=True)
     w.replace_pod(pod(2, "Failed", exit_code=ExitCode.TRANSIENT, message=msg, finished=at(6000)))
@@ -1163,7 +1193,7 @@ def test_terminating_pod_within_its_grace_period_is_waited_for() -> None:
     # Still waiting at the end of the grace period and a little past it.
     assert w.step(at(100 + GRACE)).create is None
     assert w.step(at(100 + GRACE + 29)).create is None
-    assert reconcile.needs_new_attempt(w.job, w.pods)  # the handler gathers the facts
+    assert w.asks_for_facts(at(100 + GRACE + 30))  # the controller gathers the facts
     # 30s past its deletionTimestamp the pod still reports Running: the kubelet never
     # confirmed, the node is lost.
     d = w.step(at(100 + GRACE + 30))

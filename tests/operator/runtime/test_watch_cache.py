@@ -11,7 +11,7 @@ from dataclasses import replace
 from typing import Any, cast
 
 import pytest
-from lorajob_operator import handlers, reconcile
+from lorajob_operator import handlers, pods, reconcile
 from lorajob_operator.settings import load_settings
 
 from tests.operator.runtime.kubefakes import NAME, NAMESPACE, T0, at, job, pod, termination
@@ -22,7 +22,8 @@ SETTINGS = load_settings()
 
 def _trainer_pod(status: dict[str, Any], **meta: Any) -> dict[str, Any]:
     """The pod decide() itself builds for attempt 1, as the server would return it."""
-    decision = reconcile.decide(reconcile.Observed(job(), [], T0), SETTINGS)
+    facts: dict[str, Any] = {"missing_secrets": (), "active_in_namespace": 0}
+    decision = reconcile.decide(reconcile.Observed(job(), [], T0, **facts), SETTINGS)
     assert decision.create is not None
     body = copy.deepcopy(decision.create.body)
     body["metadata"].update(uid="pod-uid-1", resourceVersion="7", **meta)
@@ -57,7 +58,7 @@ def _written(attempt_status: dict[str, Any]) -> dict[str, Any]:
 )
 def test_pod_view_decides_like_the_whole_pod(status: dict[str, Any]) -> None:
     full = _trainer_pod(status)
-    view = reconcile.pod_view(full)
+    view = pods.pod_view(full)
     assert "env" not in str(view["spec"])  # the bulk is gone
     for body in (job(), _written({"phase": "Running"})):
         whole = reconcile.decide(reconcile.Observed(body, [full], at(60)), SETTINGS)
@@ -68,12 +69,12 @@ def test_pod_view_decides_like_the_whole_pod(status: dict[str, Any]) -> None:
 def test_pod_view_keeps_scheduling_gates_and_deletion() -> None:
     full = _trainer_pod({"phase": "Pending"}, deletionTimestamp="2026-01-01T12:00:00Z")
     full["spec"]["schedulingGates"] = [{"name": "kueue.x-k8s.io/admission"}]
-    view = reconcile.pod_view(full)
+    view = pods.pod_view(full)
     assert view["spec"]["schedulingGates"] == full["spec"]["schedulingGates"]
     assert view["metadata"]["deletionTimestamp"] == "2026-01-01T12:00:00Z"
-    assert reconcile.job_key_of_pod(view) == (NAMESPACE, NAME)
+    assert pods.job_key_of_pod(view) == (NAMESPACE, NAME)
     # Views of separately decoded pods share their short strings.
-    other = reconcile.pod_view(json.loads(json.dumps(full)))
+    other = pods.pod_view(json.loads(json.dumps(full)))
     assert other == view
     assert other["status"]["phase"] is view["status"]["phase"]
     assert next(iter(other["metadata"])) is next(iter(view["metadata"]))
@@ -163,12 +164,12 @@ def test_pod_cache_keeps_the_newest_version_and_forgets_deleted_pods() -> None:
 
 def test_only_routine_pod_events_are_debounced() -> None:
     """A pod that stops must be looked at before it is gone (its last state says why)."""
-    assert not handlers._is_stopping(pod(1))
-    assert not handlers._is_stopping(pod(1, "Pending"))
-    assert handlers._is_stopping(pod(1, deleting=True))
-    assert handlers._is_stopping(pod(1, "Failed", exit_code=1))
+    assert not pods.is_stopping(pod(1))
+    assert not pods.is_stopping(pod(1, "Pending"))
+    assert pods.is_stopping(pod(1, deleting=True))
+    assert pods.is_stopping(pod(1, "Failed", exit_code=1))
     evicted = pod(1, conditions=[{"type": "DisruptionTarget", "status": "True"}])
-    assert handlers._is_stopping(evicted)
+    assert pods.is_stopping(evicted)
 
     async def check() -> None:
         rt = runtime(FakeKube(job()))
@@ -244,9 +245,9 @@ def test_queue_passes_act_reschedule_and_parse_the_spec_once_per_generation(
     parses: list[Any] = []
     real_parse = reconcile.parse_job_spec
 
-    def counting_parse(spec: Any) -> reconcile.ParsedSpec:
+    def counting_parse(spec: Any, namespace: str, settings: Any) -> reconcile.ParsedSpec:
         parses.append(spec)
-        return real_parse(spec)
+        return real_parse(spec, namespace, settings)
 
     monkeypatch.setattr(reconcile, "parse_job_spec", counting_parse)
     kube, rt, key = _watched(job(resourceVersion="1"))
@@ -337,7 +338,7 @@ def test_job_events_wake_a_known_job_only_for_what_no_pass_has_taken_up(
         assert await deliver(job())  # first sight: queued as new
         state = rt.jobs[key]
         state.started = True
-        state.parsed_spec(job())  # the first pass has parsed generation 1
+        state.parsed_spec(job(), SETTINGS)  # the first pass has parsed generation 1
         assert not await deliver(job(finalizers=["finetune.loraops.dev/finalizer"]))
         assert await deliver(job(generation=2))  # a spec edit
         assert await deliver(

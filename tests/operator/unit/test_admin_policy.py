@@ -35,7 +35,8 @@ def test_max_gpus() -> None:
 def test_gpu_resource_names_use_settings_default() -> None:
     policy = Policy(allowed_gpu_resource_names=["nvidia.com/mig-1g.10gb"])
     settings = OperatorSettings(gpu_resource_name="nvidia.com/mig-1g.10gb")
-    assert check_policy(spec(), "ns", policy, settings) == []
+    default = settings.gpu_resource_name
+    assert check_policy(spec(), "ns", policy, default_gpu_resource_name=default) == []
     (violation,) = check_policy(spec(), "ns", policy)  # default nvidia.com/gpu
     assert violation.startswith("spec.resources.gpuResourceName: nvidia.com/gpu")
     assert "allowedGpuResourceNames" in violation
@@ -72,7 +73,8 @@ def test_allowed_images(image: str, allowed: bool) -> None:
 def test_operator_image_is_always_allowed() -> None:
     settings = OperatorSettings(trainer_image="quay.io/me/trainer:9")
     policy = Policy(allowed_images=["ghcr.io/*"])
-    assert check_policy(spec(image="quay.io/me/trainer:9"), "ns", policy, settings) == []
+    image = spec(image="quay.io/me/trainer:9")
+    assert check_policy(image, "ns", policy, default_image=settings.trainer_image) == []
 
 
 def test_hf_sources() -> None:
