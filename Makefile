@@ -21,7 +21,7 @@ TORCH_SPEC ?= torch==2.13.0
 
 # The venv is rebuilt when a requirements file or the project metadata changes: the
 # stamp's name carries their hash, so an edit makes the old stamp irrelevant.
-REQ_FILES := $(sort $(wildcard requirements/*.txt)) pyproject.toml
+REQ_FILES := $(sort $(wildcard requirements/*.txt)) pyproject.toml contract/pyproject.toml
 REQ_HASH := $(shell cat $(REQ_FILES) | sha256sum | cut -c1-16)
 VENV_STAMP := $(VENV)/.installed-$(REQ_HASH)
 
@@ -58,7 +58,9 @@ $(VENV_STAMP): $(REQ_FILES)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet '$(TORCH_SPEC)'
 	$(PIP) install --quiet -r requirements/dev.txt '$(TORCH_SPEC)'
-	$(PIP) install --quiet --no-deps -e .
+	# The project itself, with its declared dependencies checked against the pins above
+	# (nothing new is downloaded unless a declared dependency is missing from them).
+	$(PIP) install --quiet -e ./contract -e '.[trainer]' -r requirements/dev.txt '$(TORCH_SPEC)'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -96,9 +98,10 @@ format: $(VENV_STAMP) ## Apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# The product code, the local cluster and the test infrastructure; the scripts and the helm/packaging/e2e
+# The product code (contract, operator, trainer), the local cluster and the test
+# infrastructure; the scripts and the helm/packaging/e2e
 # tests are held to the same bar.
-TYPECHECKED := operator/lorajob_operator trainer_image/lora_trainer devcluster scripts bench tests
+TYPECHECKED := contract/loraops_contract operator/lorajob_operator trainer_image/lora_trainer devcluster scripts bench tests
 
 .PHONY: typecheck
 typecheck: $(VENV_STAMP) ## mypy --strict over the operator, the trainer, the scripts, the benchmarks and the tests

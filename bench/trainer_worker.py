@@ -130,10 +130,10 @@ def _import_recipe(recipe: str) -> None:
 
 def _build_ours(job: Job, cuda: bool) -> Any:
     from lora_trainer import data
-    from lora_trainer.config import TrainerConfig
     from lora_trainer.hf import build_trainer, detect_device, load_model
     from lora_trainer.inputs import Inputs
     from lora_trainer.train import tokenize_inputs
+    from loraops_contract.config import TrainerConfig
     from transformers import AutoTokenizer
 
     cfg = TrainerConfig.model_validate(

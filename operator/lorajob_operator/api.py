@@ -20,9 +20,9 @@ from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
-from lora_trainer import endpoints, rules
-from lora_trainer.config import SpecModel, TrainerConfig, run_defining_changes
-from lora_trainer.rules import Rule
+from loraops_contract import endpoints, rules
+from loraops_contract.config import SpecModel, TrainerConfig, run_defining_changes
+from loraops_contract.rules import Rule
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -525,7 +525,7 @@ def _field_description(loc: tuple[Any, ...]) -> str:
 
 
 def _problems(err: ValidationError) -> list[str]:
-    """One line per error, like lora_trainer.config.format_validation_error, plus hints."""
+    """One line per error, like loraops_contract.config.format_validation_error, plus hints."""
     lines: list[str] = []
     union_fields: set[tuple[Any, ...]] = set()
     for e in err.errors():
@@ -633,7 +633,7 @@ def _leaf_values(value: Any, path: str = "") -> dict[str, Any]:
 
 def spec_changes(old: LoRAJobSpec, new: LoRAJobSpec) -> SpecChanges:
     """Classify what differs between `old` and `new`: the run-defining fields are
-    lora_trainer.config's (the same rule the trainer's checkpoint namespaces and the
+    loraops_contract.config's (the same rule the trainer's checkpoint namespaces and the
     operator's run id follow), the control fields this module's, the rest resumable."""
     before = _leaf_values(old.model_dump(by_alias=True, mode="json"))
     after = _leaf_values(new.model_dump(by_alias=True, mode="json"))
@@ -651,7 +651,7 @@ def spec_changes(old: LoRAJobSpec, new: LoRAJobSpec) -> SpecChanges:
 
 def private_endpoint_refusal(url: str) -> str | None:
     """Why `url`'s host is a private endpoint (loopback, link-local/metadata, ... in
-    any spelling: lora_trainer.endpoints), or None."""
+    any spelling: loraops_contract.endpoints), or None."""
     host = urlsplit(url).hostname
     return endpoints.host_refusal(host) if host else None
 
@@ -687,7 +687,7 @@ class Condition(_StatusModel):
     observed_generation: int | None = None
 
 
-# status.progress: the trainer's lora_trainer.protocol.Progress as copied into status
+# status.progress: the trainer's loraops_contract.protocol.Progress as copied into status
 # (rounded, throttled: progress.status_progress). The docstring is the CRD's description.
 class ProgressStatus(_StatusModel):
     """Latest progress reported by the trainer."""

@@ -12,7 +12,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from lora_trainer.protocol import FailureReason
+from loraops_contract.protocol import FailureReason
 
 from lorajob_operator.api import Phase, format_time
 

@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 import yaml
-from lora_trainer import rules
+from loraops_contract import rules
 
 from lorajob_operator.api import (
     CATEGORIES,
@@ -239,7 +239,7 @@ def _printer_columns() -> list[Schema]:
 def build_crd() -> dict[str, Any]:
     """The apiextensions.k8s.io/v1 CustomResourceDefinition for LoRAJob."""
     # No nullable in the spec: the CEL rules (x-kubernetes-validations, generated from the
-    # models' rules: lora_trainer.rules) read "has(field)" as "set", as pydantic does.
+    # models' rules: loraops_contract.rules) read "has(field)" as "set", as pydantic does.
     spec_schema = _model_schema(LoRAJobSpec, keep_defaults=True, nullable=False)
     root: Schema = {
         "type": "object",

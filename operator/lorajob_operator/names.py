@@ -11,8 +11,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lora_trainer import rules
-from lora_trainer.rules import Rule
+from loraops_contract import rules
+from loraops_contract.rules import Rule
 
 __all__ = [
     "DNS_LABEL",

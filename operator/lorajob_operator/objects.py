@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from lora_trainer import protocol
+from loraops_contract import protocol
 
 from lorajob_operator import names
 from lorajob_operator.api import API_VERSION, GROUP, KIND, LoRAJobSpec, spec_hash, trainer_config

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from lora_trainer.protocol import PERMANENT_EXIT_CODES, ExitCode, TerminationMessage
+from loraops_contract.protocol import PERMANENT_EXIT_CODES, ExitCode, TerminationMessage
 from pydantic import ValidationError
 
 from lorajob_operator.conditions import HINTS, Reason, reason_from_trainer, scrub

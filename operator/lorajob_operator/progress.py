@@ -1,6 +1,6 @@
 """Live trainer progress: read it from the pod, and decide when status gets a copy.
 
-The trainer serves `GET http://<podIP>:<port>/progress` (lora_trainer.protocol).
+The trainer serves `GET http://<podIP>:<port>/progress` (loraops_contract.protocol).
 Reading is cheap, writing status is not (every write is an etcd revision and a
 watch event for every client), so `status_progress()` copies only what changed
 and at most once per `min_interval` seconds.
@@ -13,7 +13,7 @@ import math
 from datetime import datetime
 
 import aiohttp
-from lora_trainer.protocol import PROGRESS_PATH, Progress
+from loraops_contract.protocol import PROGRESS_PATH, Progress
 from pydantic import ValidationError
 
 from lorajob_operator.api import ProgressStatus, format_time, parse_time

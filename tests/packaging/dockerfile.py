@@ -52,6 +52,25 @@ class Dockerfile:
                 paths[dest] = src
         return paths
 
+    def pip_installed_projects(self) -> list[str]:
+        """Repository paths the image installs as projects: `pip install <dir>` of a
+        directory it COPYed (requirement and constraint files are not projects)."""
+        copied = {dest.rstrip("/"): src for dest, src in self.image_paths().items()}
+        projects = []
+        for run in self.run:
+            for words in _commands(run):
+                if words[:2] != ["pip", "install"]:
+                    continue
+                skip_next = False
+                for word in words[2:]:
+                    if skip_next:
+                        skip_next = False
+                    elif word in ("-r", "-c", "--requirement", "--constraint"):
+                        skip_next = True
+                    elif not word.startswith("-") and word.rstrip("/") in copied:
+                        projects.append(copied[word.rstrip("/")])
+        return projects
+
     def materialize(self, context: Path, root: Path) -> None:
         """Copy what the COPY instructions take from `context` to the same paths under `root`."""
         for dest, src in self.image_paths().items():
@@ -68,6 +87,19 @@ class Dockerfile:
             else:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(source, target)
+
+
+def _commands(shell: str) -> list[list[str]]:
+    """The words of each simple command in a shell line (split at &&, ||, ; and |)."""
+    lexer = shlex.shlex(shell, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    commands: list[list[str]] = [[]]
+    for token in lexer:
+        if token in ("&&", "||", ";", "|"):
+            commands.append([])
+        else:
+            commands[-1].append(token)
+    return [c for c in commands if c]
 
 
 def _logical_lines(text: str) -> list[str]:

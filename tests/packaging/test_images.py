@@ -9,8 +9,10 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import re
+import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +87,32 @@ def _site_with_only(distributions: set[str], site: Path) -> Path:
     return site
 
 
+def _project_packages(project: Path) -> list[str]:
+    """The import packages a local project's pyproject.toml lists."""
+    meta = tomllib.loads((project / "pyproject.toml").read_text())
+    packages: list[str] = meta["tool"]["setuptools"]["packages"]
+    return packages
+
+
+def _install_projects(image: Dockerfile, site: Path, closure: set[str]) -> list[str]:
+    """Put the projects the image pip-installs into `site`, as pip would (their packages
+    copied in); their dependencies must already be in `closure`, since the image
+    installs them with --no-deps. Returns the import packages added."""
+    added = []
+    for src in image.pip_installed_projects():
+        project = REPO / src
+        meta = tomllib.loads((project / "pyproject.toml").read_text())
+        for spec in meta["project"].get("dependencies", []):
+            name = canonicalize_name(Requirement(spec).name)
+            assert name in closure, f"{src} needs {name}, which the image does not install"
+        for package in _project_packages(project):
+            shutil.copytree(
+                project / package, site / package, ignore=shutil.ignore_patterns("__pycache__")
+            )
+            added.append(package)
+    return added
+
+
 def _import_in_image(package: str, roots: list[Path], site: Path, tmp_path: Path) -> Any:
     paths = tmp_path / "paths.json"
     paths.write_text(json.dumps({"roots": [str(r) for r in roots], "site": str(site)}))
@@ -152,21 +180,19 @@ def test_operator_requirements_exclude_the_training_stack() -> None:
     assert not closure & {canonicalize_name(n) for n in TRAINING_STACK}
 
 
-def test_operator_image_copies_only_the_torch_free_trainer_modules(
+def test_operator_image_installs_the_contract_and_copies_no_trainer_module(
     operator_image: Dockerfile,
 ) -> None:
-    trainer_sources = sorted(
-        src
-        for copy in operator_image.copies
-        for src in copy.sources
-        if src.startswith("trainer_image/")
-    )
-    assert trainer_sources == [
-        "trainer_image/lora_trainer/__init__.py",
-        "trainer_image/lora_trainer/config.py",
-        "trainer_image/lora_trainer/endpoints.py",
-        "trainer_image/lora_trainer/protocol.py",
-    ]
+    """What the operator shares with the trainer comes from the loraops-contract
+    distribution, never from files picked out of the trainer package."""
+    sources = [src for copy in operator_image.copies for src in copy.sources]
+    assert not [src for src in sources if src.startswith("trainer_image/")]
+    assert operator_image.pip_installed_projects() == ["contract"]
+    assert _project_packages(REPO / "contract") == ["loraops_contract"]
+
+
+def test_trainer_image_installs_the_same_contract() -> None:
+    assert parse_dockerfile(TRAINER_DOCKERFILE).pip_installed_projects() == ["contract"]
 
 
 def test_operator_entrypoint_module_is_in_the_image(
@@ -198,6 +224,7 @@ def test_operator_image_imports_without_the_training_stack(
     roots = [image_root / p.lstrip("/") for p in operator_image.env["PYTHONPATH"].split(":")]
     closure = _distribution_closure(_requirements(REPO / "requirements" / "operator.txt"))
     site = _site_with_only(closure, tmp_path / "site-packages")
+    assert _install_projects(operator_image, site, closure) == ["loraops_contract"]
     proc = _import_in_image("lorajob_operator", roots, site, tmp_path)
     assert proc.returncode == 0, f"operator import failed in the image:\n{proc.stderr[-4000:]}"
     report = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -205,6 +232,8 @@ def test_operator_image_imports_without_the_training_stack(
     for module, file in report["files"].items():
         assert file.startswith(str(image_root)), f"{module} was loaded from {file}, not the image"
     loaded = {m.partition(".")[0] for m in report["modules"]}
+    assert "loraops_contract" in loaded  # from the installed distribution, nowhere else
+    assert "lora_trainer" not in loaded
     assert not loaded & {*TRAINING_STACK, "boto3", "botocore"}
 
 

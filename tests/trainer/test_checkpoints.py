@@ -23,10 +23,10 @@ from lora_trainer.checkpoints import (
     publish,
     restore,
 )
-from lora_trainer.config import TrainerConfig, run_defining_changes, run_id
 from lora_trainer.errors import StorageError
 from lora_trainer.publish import upload_output
 from lora_trainer.storage import Storage
+from loraops_contract.config import TrainerConfig, run_defining_changes, run_id
 
 BASE: dict[str, Any] = {
     "model": {"uri": "/models/m"},

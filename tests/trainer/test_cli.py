@@ -13,7 +13,7 @@ import pytest
 import yaml
 from lora_trainer.cli import load_job_manifest
 from lora_trainer.errors import ConfigError
-from lora_trainer.protocol import ExitCode
+from loraops_contract.protocol import ExitCode
 
 GOOD = {
     "model": {"uri": "s3://models/tiny"},

@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 import torch
 from lora_trainer import data
-from lora_trainer.config import TrainerConfig
 from lora_trainer.hf import (
     Device,
     PackedRowsCollator,
@@ -21,6 +20,7 @@ from lora_trainer.hf import (
 )
 from lora_trainer.inputs import Inputs
 from lora_trainer.train import tokenize_inputs
+from loraops_contract.config import TrainerConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 

@@ -18,6 +18,7 @@ def test_trainer_image_copies_the_package_and_requirements() -> None:
     sources = [src for copy in image.copies for src in copy.sources]
     assert "trainer_image/lora_trainer" in sources
     assert "requirements/trainer.txt" in sources
+    assert "contract" in sources  # pip-installed: the loraops-contract distribution
     for src in sources:
         assert (REPO / src).exists(), src
     assert image.entrypoint == ["python", "-m", "lora_trainer"]

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from lora_trainer.protocol import ExitCode
+from loraops_contract.protocol import ExitCode
 
 from devcluster.tiny_model import write_dataset
 from tests.trainer.trainer_proc import reaped, start_trainer

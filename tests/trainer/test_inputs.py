@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 from lora_trainer import data
-from lora_trainer.config import TrainerConfig
 from lora_trainer.errors import ConfigError, DatasetError, SourceNotFound
 from lora_trainer.inputs import TOKENIZER_FILES, Inputs, model_context, prepare_inputs
 from lora_trainer.progress import ProgressBoard
-from lora_trainer.protocol import ExitCode
 from lora_trainer.storage import Storage
+from loraops_contract.config import TrainerConfig
+from loraops_contract.protocol import ExitCode
 
 from devcluster.tiny_model import make_records, write_dataset
 

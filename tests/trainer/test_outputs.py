@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 from lora_trainer.cli import cpu_threads
-from lora_trainer.config import TrainerConfig
 from lora_trainer.inputs import prepare_inputs
 from lora_trainer.progress import ProgressBoard
-from lora_trainer.protocol import ENV_CPU_LIMIT
 from lora_trainer.publish import name_base_model
 from lora_trainer.signals import StopRequest
 from lora_trainer.storage import Storage
 from lora_trainer.train import Runtime, one_per_step, run
+from loraops_contract.config import TrainerConfig
+from loraops_contract.protocol import ENV_CPU_LIMIT
 from peft import AutoPeftModelForCausalLM
 
 from devcluster.tiny_model import make_records, write_dataset

@@ -19,7 +19,6 @@ from lora_trainer.checkpoints import (
     read_state,
     restore,
 )
-from lora_trainer.config import TrainerConfig
 from lora_trainer.errors import (
     ConfigError,
     CredentialsError,
@@ -32,7 +31,12 @@ from lora_trainer.errors import (
     shorten,
 )
 from lora_trainer.progress import ProgressBoard, ProgressServer, Throughput
-from lora_trainer.protocol import (
+from lora_trainer.reporting import encode, failure_message, write_termination_message
+from lora_trainer.signals import StopRequest
+from lora_trainer.storage import Storage
+from lora_trainer.train import run_mean_loss
+from loraops_contract.config import TrainerConfig
+from loraops_contract.protocol import (
     PERMANENT_EXIT_CODES,
     TERMINATION_MESSAGE_LIMIT,
     ExitCode,
@@ -40,10 +44,6 @@ from lora_trainer.protocol import (
     Progress,
     TerminationMessage,
 )
-from lora_trainer.reporting import encode, failure_message, write_termination_message
-from lora_trainer.signals import StopRequest
-from lora_trainer.storage import Storage
-from lora_trainer.train import run_mean_loss
 
 
 def test_progress_server_serves_json_and_health() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lora_trainer.protocol import ExitCode
+from loraops_contract.protocol import ExitCode
 
 from devcluster.s3 import S3Server
 from devcluster.tiny_model import write_dataset

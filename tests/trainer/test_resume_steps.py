@@ -17,14 +17,14 @@ import pytest
 import safetensors.torch
 import torch
 from lora_trainer import hf
-from lora_trainer.config import TrainerConfig, run_id
 from lora_trainer.inputs import prepare_inputs
 from lora_trainer.progress import ProgressBoard
-from lora_trainer.protocol import Progress, TerminationMessage
 from lora_trainer.publish import ADAPTER_WEIGHTS
 from lora_trainer.signals import StopRequest
 from lora_trainer.storage import Storage
 from lora_trainer.train import Runtime, run
+from loraops_contract.config import TrainerConfig, run_id
+from loraops_contract.protocol import Progress, TerminationMessage
 from transformers import TrainerCallback, TrainerControl, TrainerState
 
 from devcluster.s3 import S3Server

@@ -21,8 +21,8 @@ from lora_trainer.errors import (
     SourceNotFound,
     classify,
 )
-from lora_trainer.protocol import ENV_ALLOW_PRIVATE_ENDPOINTS, ExitCode, FailureReason
 from lora_trainer.storage import Storage
+from loraops_contract.protocol import ENV_ALLOW_PRIVATE_ENDPOINTS, ExitCode, FailureReason
 
 from devcluster.s3 import S3Server
 

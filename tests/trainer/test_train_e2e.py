@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from lora_trainer.config import TrainerConfig, run_id
-from lora_trainer.protocol import ExitCode
+from loraops_contract.config import TrainerConfig, run_id
+from loraops_contract.protocol import ExitCode
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import torch
-from lora_trainer.config import LoraSpec, QuantizationSpec, TrainerConfig
 from lora_trainer.errors import TargetModulesNotFound
 from lora_trainer.hf import (
     Device,
@@ -21,7 +20,8 @@ from lora_trainer.hf import (
     to_lora_config,
     to_sft_config,
 )
-from lora_trainer.protocol import ExitCode
+from loraops_contract.config import LoraSpec, QuantizationSpec, TrainerConfig
+from loraops_contract.protocol import ExitCode
 
 CPU = Device(cuda=False)
 AMPERE = Device(cuda=True, bf16=True, name="A100")

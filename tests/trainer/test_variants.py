@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 import torch
-from lora_trainer.config import TrainerConfig
 from lora_trainer.inputs import prepare_inputs
 from lora_trainer.progress import ProgressBoard
 from lora_trainer.signals import StopRequest
 from lora_trainer.storage import Storage
 from lora_trainer.train import Runtime, run
+from loraops_contract.config import TrainerConfig
 from transformers import AutoModelForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 

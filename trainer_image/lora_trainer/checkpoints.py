@@ -42,9 +42,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_trainer.config import TrainerConfig, run_id
+from loraops_contract.config import TrainerConfig, run_id
+from loraops_contract.protocol import CHECKPOINT_COMPLETE_MARKER, CHECKPOINTS_DIR
+
 from lora_trainer.errors import StorageError
-from lora_trainer.protocol import CHECKPOINT_COMPLETE_MARKER, CHECKPOINTS_DIR
 from lora_trainer.storage import Storage, join_uri
 
 __all__ = [

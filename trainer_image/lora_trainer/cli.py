@@ -29,13 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
-from lora_trainer.config import TrainerConfig, format_validation_error
-from lora_trainer.errors import ConfigError, TrainerError, classify, scrub
-from lora_trainer.inputs import prepare_inputs
-from lora_trainer.progress import ProgressBoard, ProgressServer
-from lora_trainer.protocol import (
+from loraops_contract.config import TrainerConfig, format_validation_error
+from loraops_contract.protocol import (
     DEFAULT_PROGRESS_PORT,
     DEFAULT_WORK_DIR,
     ENV_ATTEMPT,
@@ -50,6 +45,11 @@ from lora_trainer.protocol import (
     ExitCode,
     TerminationMessage,
 )
+from pydantic import ValidationError
+
+from lora_trainer.errors import ConfigError, TrainerError, classify, scrub
+from lora_trainer.inputs import prepare_inputs
+from lora_trainer.progress import ProgressBoard, ProgressServer
 from lora_trainer.reporting import failure_message, write_termination_message
 from lora_trainer.signals import StopRequest
 from lora_trainer.storage import Storage

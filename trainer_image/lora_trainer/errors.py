@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Iterable
 
-from lora_trainer.protocol import (
+from loraops_contract.protocol import (
     ENV_HF_TOKEN,
     ENV_S3_ACCESS_KEY,
     ENV_S3_SECRET_KEY,

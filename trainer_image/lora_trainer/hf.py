@@ -52,6 +52,7 @@ import torch
 import transformers
 from datasets import Dataset, disable_progress_bars
 from datasets.table import InMemoryTable
+from loraops_contract.config import LoraSpec, QuantizationSpec, TrainerConfig
 from peft import LoraConfig, PeftModel, TaskType, set_peft_model_state_dict
 from transformers import (
     AutoModelForCausalLM,
@@ -66,7 +67,6 @@ from trl.trainer.sft_config import SFTConfig
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling, SFTTrainer
 
 from lora_trainer.checkpoints import TRAINER_STATE_FILE
-from lora_trainer.config import LoraSpec, QuantizationSpec, TrainerConfig
 from lora_trainer.data import TokenizedData
 from lora_trainer.errors import ConfigError, SourceNotFound, TargetModulesNotFound, shorten
 from lora_trainer.publish import ADAPTER_WEIGHTS

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loraops_contract.config import TrainerConfig
+
 from lora_trainer import data
-from lora_trainer.config import TrainerConfig
 from lora_trainer.errors import ConfigError, SourceNotFound
 from lora_trainer.progress import ProgressBoard
 from lora_trainer.storage import Storage

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from lora_trainer.protocol import HEALTH_PATH, PROGRESS_PATH, Progress
+from loraops_contract.protocol import HEALTH_PATH, PROGRESS_PATH, Progress
 
 __all__ = ["ProgressBoard", "ProgressServer", "Throughput"]
 

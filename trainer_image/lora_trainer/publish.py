@@ -16,8 +16,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from lora_trainer.config import TrainerConfig, parse_uri
-from lora_trainer.protocol import MANIFEST_NAME, AdapterInfo
+from loraops_contract.config import TrainerConfig, parse_uri
+from loraops_contract.protocol import MANIFEST_NAME, AdapterInfo
+
 from lora_trainer.storage import Storage, join_uri
 
 __all__ = [

@@ -6,13 +6,14 @@ import logging
 import os
 from pathlib import Path
 
-from lora_trainer.errors import TrainerError, scrub, shorten
-from lora_trainer.protocol import (
+from loraops_contract.protocol import (
     DEFAULT_TERMINATION_LOG,
     ENV_TERMINATION_LOG,
     TERMINATION_MESSAGE_LIMIT,
     TerminationMessage,
 )
+
+from lora_trainer.errors import TrainerError, scrub, shorten
 
 __all__ = ["failure_message", "termination_log_path", "write_termination_message"]
 

@@ -43,17 +43,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
-from lora_trainer import endpoints
-from lora_trainer.config import parse_uri
-from lora_trainer.errors import (
-    ConfigError,
-    CredentialsError,
-    PolicyViolation,
-    SourceNotFound,
-    StorageError,
-    TrainerError,
-)
-from lora_trainer.protocol import (
+from loraops_contract import endpoints
+from loraops_contract.config import parse_uri
+from loraops_contract.protocol import (
     ENV_ALLOW_PRIVATE_ENDPOINTS,
     ENV_HF_TOKEN,
     ENV_S3_ACCESS_KEY,
@@ -61,6 +53,15 @@ from lora_trainer.protocol import (
     ENV_S3_REGION,
     ENV_S3_SECRET_KEY,
     ENV_S3_SESSION_TOKEN,
+)
+
+from lora_trainer.errors import (
+    ConfigError,
+    CredentialsError,
+    PolicyViolation,
+    SourceNotFound,
+    StorageError,
+    TrainerError,
 )
 
 if TYPE_CHECKING:

@@ -23,13 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loraops_contract.config import TrainerConfig
+from loraops_contract.protocol import TerminationMessage
+
 from lora_trainer import checkpoints, data, hf
 from lora_trainer.callbacks import CheckpointCallback, ProgressCallback, StopCallback
-from lora_trainer.config import TrainerConfig
 from lora_trainer.errors import DatasetError, Interrupted
 from lora_trainer.inputs import Inputs
 from lora_trainer.progress import ProgressBoard
-from lora_trainer.protocol import TerminationMessage
 from lora_trainer.publish import model_card, name_base_model, upload_output
 from lora_trainer.signals import StopRequest
 from lora_trainer.storage import Storage

@@ -37,9 +37,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from lora_trainer import protocol
-from lora_trainer.config import TrainerConfig, run_id
-from lora_trainer.protocol import AdapterInfo, ExitCode, Progress, TerminationMessage
+from loraops_contract import protocol
+from loraops_contract.config import TrainerConfig, run_id
+from loraops_contract.protocol import AdapterInfo, ExitCode, Progress, TerminationMessage
 
 # Which FailureReason a scripted exit code reports.
 _REASONS = {int(code): reason for reason, code in protocol.REASON_EXIT_CODES.items()}

@@ -1,7 +1,7 @@
 """The CRD alone, on a real kube-apiserver, with no webhook and no operator (a default
 install): `kubectl apply` refuses bad specs, naming the field and the fix with the
 message parse_spec gives, and accepts good ones. Both sides come from one rule table
-(lora_trainer.rules); this checks that the API server's CEL and the Python agree.
+(loraops_contract.rules); this checks that the API server's CEL and the Python agree.
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from lora_trainer.protocol import ExitCode
-from lora_trainer.rules import VALIDATIONS_KEY
 from lorajob_operator.crd import build_crd
+from loraops_contract.protocol import ExitCode
+from loraops_contract.rules import VALIDATIONS_KEY
 
 from tests.operator.integration.conftest import GROUP, LIMITED_NAMESPACE, PULL_ERROR_IMAGE, Cluster
 

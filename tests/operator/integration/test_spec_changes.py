@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from lora_trainer.protocol import ExitCode
+from loraops_contract.protocol import ExitCode
 
 from tests.operator.integration.conftest import Cluster
 

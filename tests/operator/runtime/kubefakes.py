@@ -10,8 +10,8 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from lora_trainer.protocol import AdapterInfo, TerminationMessage
 from lorajob_operator import api, objects
+from loraops_contract.protocol import AdapterInfo, TerminationMessage
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 NAME = "tune"

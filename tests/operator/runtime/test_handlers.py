@@ -11,7 +11,6 @@ from typing import Any, cast
 
 import kopf
 import pytest
-from lora_trainer.protocol import Progress
 from lorajob_operator import handlers
 from lorajob_operator.kube import Kube, QuotaExceeded
 from lorajob_operator.metrics import Metrics
@@ -19,6 +18,7 @@ from lorajob_operator.objects import JobRef
 from lorajob_operator.policy import Policy
 from lorajob_operator.progress import ProgressError, ProgressReader
 from lorajob_operator.settings import load_settings
+from loraops_contract.protocol import Progress
 
 from tests.operator.runtime.kubefakes import NAME, NAMESPACE, SPEC, apply_status, job, pod
 

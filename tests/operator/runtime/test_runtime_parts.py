@@ -10,7 +10,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from lora_trainer.protocol import Progress
 from lorajob_operator import api
 from lorajob_operator.events import build_event
 from lorajob_operator.metrics import Metrics
@@ -19,6 +18,7 @@ from lorajob_operator.progress import ProgressError, ProgressReader, status_prog
 from lorajob_operator.reconcile import Tally
 from lorajob_operator.settings import load_settings
 from lorajob_operator.webhook import change_warnings, review
+from loraops_contract.protocol import Progress
 from prometheus_client import generate_latest
 
 from tests.operator.runtime.kubefakes import SPEC, at, job, stamp

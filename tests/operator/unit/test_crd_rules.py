@@ -1,4 +1,4 @@
-"""The spec rules (lora_trainer.rules): each one is in the CRD as CEL, and its Python
+"""The spec rules (loraops_contract.rules): each one is in the CRD as CEL, and its Python
 side is the check pydantic, parse_spec and the webhook apply, with the same message.
 
 What the API server makes of the CEL is tested on a real one in
@@ -14,11 +14,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from lora_trainer.config import SOURCE_URI_RULES, TrainerConfig, format_validation_error, parse_uri
-from lora_trainer.rules import VALIDATIONS_KEY, Rule
 from lorajob_operator import names
 from lorajob_operator.api import InvalidSpecError, LoRAJobSpec, parse_spec
 from lorajob_operator.crd import openapi_schema, structural
+from loraops_contract.config import (
+    SOURCE_URI_RULES,
+    TrainerConfig,
+    format_validation_error,
+    parse_uri,
+)
+from loraops_contract.rules import VALIDATIONS_KEY, Rule
 from pydantic import BaseModel, ValidationError
 
 BASE: dict[str, Any] = {

@@ -7,12 +7,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from lora_trainer.endpoints import host_refusal
-from lora_trainer.protocol import ENV_ALLOW_PRIVATE_ENDPOINTS
 from lorajob_operator.api import InvalidSpecError, LoRAJobSpec, parse_spec
 from lorajob_operator.objects import JobRef, build_trainer_pod
 from lorajob_operator.policy import Policy, check_policy
 from lorajob_operator.settings import OperatorSettings
+from loraops_contract.endpoints import host_refusal
+from loraops_contract.protocol import ENV_ALLOW_PRIVATE_ENDPOINTS
 from pydantic import ValidationError
 
 BASE: dict[str, Any] = {

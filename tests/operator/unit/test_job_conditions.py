@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from lora_trainer.protocol import FailureReason
 from lorajob_operator.api import Condition, Phase
 from lorajob_operator.conditions import (
     HINTS,
@@ -18,6 +17,7 @@ from lorajob_operator.conditions import (
     scrub,
     set_condition,
 )
+from loraops_contract.protocol import FailureReason
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 T1 = T0 + timedelta(minutes=5)

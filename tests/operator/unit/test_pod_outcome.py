@@ -7,7 +7,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from lora_trainer.protocol import (
+from lorajob_operator.conditions import Reason
+from lorajob_operator.nodeloss import NODE_LOST_MARGIN_SECONDS, node_lost
+from lorajob_operator.podstatus import SIGTERM_EXIT, PodOutcome, classify_pod, parse_termination
+from loraops_contract.protocol import (
     PERMANENT_EXIT_CODES,
     REASON_EXIT_CODES,
     AdapterInfo,
@@ -15,9 +18,6 @@ from lora_trainer.protocol import (
     FailureReason,
     TerminationMessage,
 )
-from lorajob_operator.conditions import Reason
-from lorajob_operator.nodeloss import NODE_LOST_MARGIN_SECONDS, node_lost
-from lorajob_operator.podstatus import SIGTERM_EXIT, PodOutcome, classify_pod, parse_termination
 
 IMAGE = "ghcr.io/loraops/lora-trainer:0.1.0"
 

@@ -6,7 +6,6 @@ import copy
 from typing import Any
 
 import pytest
-from lora_trainer.config import TrainerConfig
 from lorajob_operator.api import (
     InvalidSpecError,
     LoRAJobSpec,
@@ -19,6 +18,7 @@ from lorajob_operator.api import (
     status_patch,
     trainer_config,
 )
+from loraops_contract.config import TrainerConfig
 
 BASE: dict[str, Any] = {
     "model": {"uri": "s3://models/llama-3-8b"},

@@ -10,8 +10,6 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from lora_trainer import protocol
-from lora_trainer.config import TrainerConfig
 from lorajob_operator.api import LoRAJobSpec, parse_spec, spec_hash
 from lorajob_operator.objects import (
     ANNOTATION_SPEC_HASH,
@@ -22,6 +20,8 @@ from lorajob_operator.objects import (
     selector_string,
 )
 from lorajob_operator.settings import OperatorSettings
+from loraops_contract import protocol
+from loraops_contract.config import TrainerConfig
 
 GOLDEN = Path(__file__).parent / "golden"
 REPO = Path(__file__).resolve().parents[3]

@@ -29,7 +29,7 @@ ENV_ATTEMPT = "LORA_TRAINER_ATTEMPT"  # 1-based attempt number; fences the check
 ENV_JOB_NAME = "LORA_TRAINER_JOB_NAME"  # "<namespace>/<name>", for the model card
 # The admin policy's allowPrivateEndpoints: "false" makes the trainer refuse, at connect
 # time, an S3 endpoint that resolves to a loopback, link-local (metadata), unspecified,
-# multicast or reserved address (lora_trainer.endpoints). Unset (a trainer run outside
+# multicast or reserved address (loraops_contract.endpoints). Unset (a trainer run outside
 # the operator, under no admin policy) = "true".
 ENV_ALLOW_PRIVATE_ENDPOINTS = "LORA_TRAINER_ALLOW_PRIVATE_ENDPOINTS"
 # The container's CPU limit in millicores (resourceFieldRef limits.cpu, divisor 1m): torch

@@ -26,8 +26,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from lora_trainer import rules
-from lora_trainer.rules import Rule
+from loraops_contract import rules
+from loraops_contract.rules import Rule
 
 __all__ = [
     "RESUMABLE_FIELDS",
@@ -77,7 +77,7 @@ class SpecModel(BaseModel):
         json_schema_extra=rules.model_rules_schema,
     )
     # Rules over more than one field of the model: pydantic enforces them after the
-    # fields are valid, and the CRD carries them as CEL (lora_trainer.rules).
+    # fields are valid, and the CRD carries them as CEL (loraops_contract.rules).
     RULES: ClassVar[tuple[Rule, ...]] = ()
 
     @model_validator(mode="after")
