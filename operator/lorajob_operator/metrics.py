@@ -64,7 +64,7 @@ class JobView:
     """What the metrics keep of one job: a handful of numbers, not its body."""
 
     phase: str
-    queued_since: float | None = None  # epoch seconds the job last became Queued
+    queued_since: float | None = None  # epoch seconds it started waiting (Pending/Queued)
     running_since: float | None = None  # epoch seconds the current attempt started running
     last_progress: float | None = None  # epoch seconds status.progress last moved
     progress_ratio: float | None = None
@@ -85,8 +85,15 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def job_view(status: Mapping[str, Any]) -> JobView | None:
-    """The metrics' view of a job from its status (None before its first status)."""
+def job_view(
+    status: Mapping[str, Any], created: Any = None, previous: JobView | None = None
+) -> JobView | None:
+    """The metrics' view of a job from its status (None before its first status).
+
+    A job waits (Pending or Queued: for its pod to be admitted, scheduled or started,
+    for quota, a Secret or a concurrency slot) from the last flip of its Queued or
+    Running condition, or its creation; a later flip while it still waits (Pending to
+    Queued) does not restart the clock, so `previous` carries it over."""
     phase = status.get("phase")
     if not isinstance(phase, str) or not phase:
         return None
@@ -107,11 +114,7 @@ def job_view(status: Mapping[str, Any]) -> JobView | None:
     )
     return JobView(
         phase=phase,
-        queued_since=(
-            _epoch(queued.get("lastTransitionTime"))
-            if phase in _WAITING and queued.get("status") == "True"
-            else None
-        ),
+        queued_since=_waiting_since(phase, queued, running, created, previous),
         running_since=running_since,
         # A trainer that has not reported yet counts from when its attempt started.
         last_progress=(
@@ -127,6 +130,22 @@ def job_view(status: Mapping[str, Any]) -> JobView | None:
         attempts=int(status.get("attempts") or 0),
         disruptions=int(status.get("disruptions") or 0),
     )
+
+
+def _waiting_since(
+    phase: str,
+    queued: Mapping[str, Any],
+    running: Mapping[str, Any],
+    created: Any,
+    previous: JobView | None,
+) -> float | None:
+    if phase not in _WAITING:
+        return None
+    if previous is not None and previous.phase in _WAITING and previous.queued_since:
+        return previous.queued_since
+    flips = [_epoch(c.get("lastTransitionTime")) for c in (queued, running)]
+    known = [t for t in flips if t is not None]
+    return max(known) if known else _epoch(created)
 
 
 # name, help, JobView attribute: the per-job gauges exported while a job is unfinished.
@@ -148,7 +167,7 @@ _JOB_GAUGES = (
     ),
     (
         "lorajob_job_queued_timestamp_seconds",
-        "When the job started waiting (Unix time), while it is queued",
+        "When the job started waiting (Unix time), while it is pending or queued",
         "queued_since",
     ),
     (
@@ -270,8 +289,9 @@ class Metrics:
         )
         self.queue_wait = Histogram(
             "lorajob_queue_wait_seconds",
-            "Time a job waited queued (quota, a node, a Secret, a concurrency slot) before "
-            "its trainer ran, observed when this operator saw it start running",
+            "Time a job's attempt waited pending or queued (admission, quota, a node, a "
+            "Secret, a concurrency slot) before its trainer ran, observed when this operator "
+            "saw it start running",
             buckets=_QUEUE_WAIT_BUCKETS,
             registry=self.registry,
         )
@@ -296,10 +316,14 @@ class Metrics:
         meta = job.get("metadata") or {}
         key = (str(meta.get("namespace", "")), str(meta.get("name", "")))
         status = job.get("status")
-        view = job_view(status) if isinstance(status, Mapping) else None
+        previous = self._jobs.jobs.get(key)
+        view = (
+            job_view(status, meta.get("creationTimestamp"), previous)
+            if isinstance(status, Mapping)
+            else None
+        )
         if view is None:
             return
-        previous = self._jobs.jobs.get(key)
         if (
             previous is not None
             and previous.phase in _WAITING
@@ -307,7 +331,8 @@ class Metrics:
             and view.phase == Phase.RUNNING
             and view.running_since is not None
         ):
-            # Seen waiting, now running: one observation per start this process saw.
+            # Seen waiting, now running: one observation per start this process saw
+            # (a restarted operator that first sees a job running observes nothing).
             self.queue_wait.observe(max(0.0, view.running_since - previous.queued_since))
         self._jobs.jobs[key] = view
 

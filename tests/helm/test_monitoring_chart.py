@@ -85,7 +85,7 @@ def test_dashboard_is_a_sidecar_configmap_with_valid_queries() -> None:
     titles = {p["title"] for p in board["panels"]}
     for wanted in (
         "Jobs by phase",
-        "Queue wait (time from Queued to Running)",
+        "Queue wait (pending or queued until running)",
         "Attempts started, by kind",
         "Disruptions, by reason",
         "Progress",

@@ -21,7 +21,9 @@ from loraops_contract.protocol import ExitCode
 from tests.operator.health_checks import TESTDATA, argocd_health, kstatus, recorded, shape
 from tests.operator.integration.conftest import GROUP, Cluster
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+# Waits tolerate a loaded 2-core machine (they return as soon as the state is there).
+WAIT = 120
 
 RECORD = os.environ.get("RECORD_HEALTH_TESTDATA") == "1"
 
@@ -52,6 +54,7 @@ def jobs(cluster: Cluster) -> dict[str, dict[str, Any]]:
             and any(c.get("reason") == "SecretNotFound" for c in s.get("conditions", []))
         ),
         "queued for its Secret",
+        timeout=WAIT,
     )
     snapshot("queued")
     cluster.create_job("health-running", script={"hold_at_step": 8})
@@ -59,17 +62,18 @@ def jobs(cluster: Cluster) -> dict[str, dict[str, Any]]:
         "health-running",
         lambda s: s.get("phase") == "Running" and (s.get("progress") or {}).get("step", 0) >= 8,
         "running at step 8",
+        timeout=WAIT,
     )
     snapshot("running")
     cluster.release("health-running")
     cluster.create_job("health-succeeded")
-    cluster.wait_phase("health-succeeded", "Succeeded")
+    cluster.wait_phase("health-succeeded", "Succeeded", timeout=WAIT)
     snapshot("succeeded")
     cluster.create_job("health-failed", script={"fail": {"1": int(ExitCode.INVALID_DATASET)}})
-    cluster.wait_phase("health-failed", "Failed")
+    cluster.wait_phase("health-failed", "Failed", timeout=WAIT)
     snapshot("failed")
     cluster.create_job("health-suspended", suspend=True)
-    cluster.wait_phase("health-suspended", "Suspended")
+    cluster.wait_phase("health-suspended", "Suspended", timeout=WAIT)
     snapshot("suspended")
     return seen
 

@@ -94,6 +94,35 @@ def test_queue_wait_is_observed_once_when_a_queued_job_starts() -> None:
     assert "lorajob_job_queued_timestamp_seconds" not in _per_job(samples, "q")
 
 
+def test_queue_wait_counts_from_pod_creation_through_pending_and_queued() -> None:
+    m = Metrics()
+    pending = {
+        "phase": "Pending",
+        "conditions": [
+            _cond("Queued", "False", "2026-01-01T00:00:00Z"),
+            _cond("Running", "False", "2026-01-01T00:00:00Z"),
+        ],
+    }
+    m.observe_job(_job("p", pending))
+    m.observe_job(
+        _job(
+            "p",
+            {
+                **pending,
+                "phase": "Queued",
+                "conditions": [
+                    _cond("Queued", "True", "2026-01-01T00:00:10Z"),
+                    _cond("Running", "False", "2026-01-01T00:00:00Z"),
+                ],
+            },
+        )
+    )
+    # the clock started at pod creation, not when it became Queued
+    assert _per_job(_samples(m), "p")["lorajob_job_queued_timestamp_seconds"] == 1767225600.0
+    m.observe_job(_job("p", RUNNING))
+    assert _samples(m)[("lorajob_queue_wait_seconds_sum", ())] == 90.0
+
+
 def test_series_are_bounded_by_live_jobs() -> None:
     m = Metrics()
     for i in range(50):
