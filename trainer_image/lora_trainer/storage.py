@@ -197,6 +197,17 @@ class Storage:
         with self._s3_errors(uri):
             self.s3.put_object(Bucket=location, Key=key, Body=data)
 
+    def download_file(self, uri: str, dest: Path) -> None:
+        """Copy one object to `dest` (no cache; a `.part` file renamed when complete).
+        Used by `kubectl lj adapter`, which verifies it against the manifest."""
+        scheme, location, key = parse_uri(uri)
+        if scheme == "file":
+            _atomic_copy(Path(location), dest)
+            return
+        if scheme != "s3":
+            raise StorageError(f"cannot download {uri}")
+        self._download_s3(location, key, dest)
+
     def read_bytes(self, uri: str) -> bytes | None:
         """The content of one object, or None when it does not exist."""
         scheme, location, key = parse_uri(uri)

@@ -1,0 +1,88 @@
+"""`kubectl lj`: rendering and manifest checks on statuses recorded from a control plane
+(deploy/argocd/testdata), and its packaging as the `kubectl-lj` console script.
+
+tests/e2e/test_kubectl_plugin.py runs the plugin through the real kubectl against a
+cluster training a real job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from lorajob_operator.kubectl_lj import (
+    FileCheck,
+    PluginError,
+    manifest_files,
+    progress_line,
+    verify_file,
+    why_report,
+)
+
+from tests.operator.health_checks import REPO, TESTDATA
+
+
+def _recorded(name: str) -> dict[str, Any]:
+    return dict(yaml.safe_load((TESTDATA / f"{name}.yaml").read_text()))
+
+
+def test_progress_line_of_each_phase() -> None:
+    running = progress_line(_recorded("running"))
+    assert running.startswith("default/health-running  Running   [##########--------------]  40%")
+    assert "step      8/20" in running
+    assert "tok/s   1000" in running
+    done = progress_line(_recorded("succeeded"))
+    assert "[########################] 100%" in done
+    assert "eta 0:00:00" in done
+    assert progress_line(_recorded("queued")).endswith("(SecretNotFound)")
+    assert progress_line(_recorded("failed")).endswith("(InvalidDataset)")
+    assert progress_line(_recorded("suspended")).endswith("(SuspendedByUser)")
+
+
+def test_why_names_reason_hint_and_log_tail() -> None:
+    report = why_report(_recorded("failed"), ["line one", "ValueError: bad row"], "health-failed-1")
+    assert report.splitlines()[:3] == [
+        "lorajob default/health-failed failed: InvalidDataset",
+        "  message: attempt 1 (pod health-failed-1) failed (exit code 11): scripted failure "
+        "with exit code 11 at step 0",
+        "  hint:    this is the fake trainer",
+    ]
+    assert report.endswith(
+        "last 2 log lines of pod health-failed-1:\n  line one\n  ValueError: bad row"
+    )
+    queued = why_report(_recorded("queued"), None, None)
+    assert queued.startswith(
+        "lorajob default/health-queued queued: SecretNotFound\n  message: Secret"
+    )
+    assert queued.endswith("no trainer pod to read logs from")
+
+
+def test_manifest_paths_cannot_leave_the_output_directory() -> None:
+    for bad in ("../x", "/etc/passwd", "a/../../b", "./a"):
+        with pytest.raises(PluginError, match="unsafe path"):
+            manifest_files({"files": [{"path": bad, "size": 1, "sha256": "0"}]})
+    with pytest.raises(PluginError, match="no files"):
+        manifest_files({"files": []})
+
+
+def test_verify_file_reports_size_and_hash_mismatch(tmp_path: Path) -> None:
+    data = b"adapter bytes"
+    f = tmp_path / "a.bin"
+    f.write_bytes(data)
+    good = FileCheck("a.bin", len(data), hashlib.sha256(data).hexdigest())
+    assert verify_file(f, good) is None
+    assert "bytes, the manifest says" in (verify_file(f, FileCheck("a.bin", 3, good.sha256)) or "")
+    wrong = FileCheck("a.bin", len(data), "0" * 64)
+    assert "sha256" in (verify_file(f, wrong) or "")
+
+
+def test_installed_as_the_kubectl_lj_console_script() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    target = project["scripts"]["kubectl-lj"]
+    module, _, func = target.partition(":")
+    assert callable(getattr(importlib.import_module(module), func))
