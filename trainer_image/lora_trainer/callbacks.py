@@ -37,6 +37,7 @@ class ProgressCallback(TrainerCallback):
         self.loss_history: list[tuple[int, float]] = []
         self.eval_history: list[tuple[int, float]] = []
         self.tokens_per_second: float | None = None
+        self.throughput_history: list[tuple[int, float]] = []  # (step, tokens/s) for the plots
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -57,6 +58,7 @@ class ProgressCallback(TrainerCallback):
         tps, eta = self.throughput.measure(step, state.num_input_tokens_seen, state.max_steps)
         if tps is not None:
             self.tokens_per_second = tps
+            self.throughput_history.append((step, tps))
         fields: dict[str, Any] = {
             "step": step,
             "total_steps": state.max_steps,

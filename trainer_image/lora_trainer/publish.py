@@ -1,4 +1,4 @@
-"""The final output: model card, metrics, manifest, and the upload order that keeps it honest.
+"""The final output: the manifest, and the upload order that keeps it honest.
 
 Upload order: any previous `manifest.json` is deleted first, then every file,
 then the new manifest (sizes + sha256 of every file) last. A reader that waits
@@ -25,7 +25,6 @@ __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
     "build_manifest",
-    "model_card",
     "name_base_model",
     "upload_output",
 ]
@@ -85,69 +84,6 @@ def build_manifest(entries: list[FileEntry], cfg: TrainerConfig, steps: int) -> 
         "steps": steps,
         "files": [{"path": e.path, "size": e.size, "sha256": e.sha256} for e in entries],
     }
-
-
-def model_card(cfg: TrainerConfig, metrics: dict[str, Any], job_name: str | None) -> str:
-    """README.md for the adapter: what it is, how it was trained, how to load it."""
-    lora, t, q = cfg.lora, cfg.training, cfg.quantization
-    targets = (
-        lora.target_modules
-        if isinstance(lora.target_modules, str)
-        else ", ".join(lora.target_modules)
-    )
-    rows = [
-        ("Base model", cfg.model.uri),
-        ("Dataset", cfg.dataset.uri),
-        (
-            "Quantization",
-            q.mode + (" (double quant)" if q.mode in ("nf4", "fp4") and q.double_quant else ""),
-        ),
-        (
-            "LoRA",
-            f"r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, targets={targets}"
-            + (", rsLoRA" if lora.use_rslora else "")
-            + (", DoRA" if lora.use_dora else ""),
-        ),
-        (
-            "Training",
-            f"lr={t.learning_rate}, batch={t.batch_size}x{t.gradient_accumulation_steps}, "
-            f"maxSeqLength={t.max_seq_length}, packing={t.packing}, scheduler={t.scheduler}",
-        ),
-        ("Steps", str(metrics.get("steps"))),
-        ("Train loss", _fmt(metrics.get("train_loss"))),
-        ("Eval loss", _fmt(metrics.get("eval_loss"))),
-        ("Tokens/s", _fmt(metrics.get("tokens_per_second"))),
-    ]
-    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    title = f"LoRA adapter{f' from LoRAJob {job_name}' if job_name else ''}"
-    return f"""---
-library_name: peft
-tags: [lora, {"qlora, " if q.mode in ("nf4", "fp4") else ""}trl, sft]
----
-
-# {title}
-
-| | |
-|---|---|
-{table}
-
-## Use
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from peft import PeftModel
-
-base = AutoModelForCausalLM.from_pretrained("<base model>")
-model = PeftModel.from_pretrained(base, "<this directory>")
-tokenizer = AutoTokenizer.from_pretrained("<this directory>")
-```
-
-`manifest.json` lists every file with its size and sha256.
-"""
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def upload_output(

@@ -16,7 +16,6 @@ reached only through lora_trainer.hf; this module is the recipe.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -26,12 +25,12 @@ from typing import Any
 from loraops_contract.config import TrainerConfig
 from loraops_contract.protocol import TerminationMessage
 
-from lora_trainer import checkpoints, data, hf
+from lora_trainer import checkpoints, data, evaluation, hf, results, tracking
 from lora_trainer.callbacks import CheckpointCallback, ProgressCallback, StopCallback
 from lora_trainer.errors import DatasetError, Interrupted
 from lora_trainer.inputs import Inputs
 from lora_trainer.progress import ProgressBoard
-from lora_trainer.publish import model_card, name_base_model, upload_output
+from lora_trainer.publish import name_base_model, upload_output
 from lora_trainer.signals import StopRequest
 from lora_trainer.storage import Storage
 
@@ -111,6 +110,11 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
     # add a step).
     progress = ProgressCallback(rt.board)
     saver = CheckpointCallback(rt.storage, cfg.output.uri, rt.board, this_run, attempt=attempt)
+    # Experiment tracking (TensorBoard under <output>/logs/, MLflow, W&B): rank 0 reports.
+    tracker = tracking.Tracker(
+        cfg, rt.storage, rt.work_dir, run_id=this_run.id, attempt=attempt, job_name=rt.job_name
+    )
+    tracked = tracker.start()
     trainer = hf.build_trainer(
         cfg,
         model,
@@ -119,14 +123,20 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
         peft_config=peft_config,
         datasets=(train_ds, eval_ds),
         ckpt_dir=ckpt_dir,
-        callbacks=[progress, saver, StopCallback(rt.stop)],
+        callbacks=[progress, saver, StopCallback(rt.stop), *tracked],
     )
     # SFTTrainer trains on its own labelled (and packed) copies of the datasets.
     del train_ds, eval_ds
-    if resume_path and saved and saved.finished(this_run):
-        outcome = _load_finished(trainer, resume_path, rt)
-    else:
-        outcome = _train(trainer, resume_path, rt, saver)
+    try:
+        # The base model's loss on the held-out records, before the adapter learns.
+        base_loss = evaluation.base_eval_loss(trainer) if cfg.evaluation.compare_to_base else None
+        if resume_path and saved and saved.finished(this_run):
+            outcome = _load_finished(trainer, resume_path, rt)
+        else:
+            outcome = _train(trainer, resume_path, rt, saver)
+    except BaseException:
+        tracker.abort()
+        raise
     steps = outcome.steps
     last_checkpoint = saver.last_uri or (resume.uri if resume else None)
 
@@ -150,12 +160,40 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
         # The evaluation just run is logged (and so in the history) like every other.
         metrics["eval_history"] = one_per_step(progress.eval_history)
         rt.board.update(eval_loss=metrics["eval_loss"])
+    samples: list[evaluation.Sample] = []
+    if cfg.evaluation.prompts:
+        samples = evaluation.answer_prompts(
+            trainer.model,
+            tokenizer,
+            cfg.evaluation.prompts,
+            dataset_format=inputs.format,
+            max_new_tokens=cfg.evaluation.max_new_tokens,
+        )
     out_dir = rt.work_dir / "output"
     shutil.rmtree(out_dir, ignore_errors=True)
     hf.save_adapter(trainer, tokenizer, out_dir)
     name_base_model(out_dir, cfg.model.uri)  # not the pod's cache path
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (out_dir / "README.md").write_text(model_card(cfg, metrics, rt.job_name))
+    # metrics.json, samples.jsonl, plots/*.png and the model card (README.md).
+    report = results.write_results(
+        cfg,
+        out_dir,
+        metrics=metrics,
+        log_history=trainer.state.log_history,
+        throughput=progress.throughput_history,
+        base_eval_loss=base_loss,
+        samples=samples,
+        architecture=results.architecture_of(model_dir),
+        job_name=rt.job_name,
+    )
+    tracker.finish(
+        {
+            "steps": steps,
+            "train_loss": metrics["train_loss"],
+            "eval_loss": report.eval_loss,
+            "base_eval_loss": report.base_eval_loss,
+        },
+        out_dir,
+    )
 
     del trainer, model
     hf.free_memory()
@@ -186,6 +224,7 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
         tokens_per_second=metrics["tokens_per_second"],
         last_checkpoint=last_checkpoint,
         skipped_records=inputs.skipped_records or None,
+        evaluation=report,
     )
 
 
