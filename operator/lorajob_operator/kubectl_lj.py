@@ -544,18 +544,27 @@ def cmd_why(cluster: Cluster, args: argparse.Namespace, out: TextIO) -> int:
 # --------------------------------------------------------------------------- entry point
 
 
+def _connection_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument(
+        "--kubeconfig", default=default, help="kubeconfig file (default: $KUBECONFIG)"
+    )
+    parser.add_argument("--context", default=default, help="kubeconfig context")
+    parser.add_argument(
+        "-n", "--namespace", default=default, help="namespace (default: the context's)"
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubectl lj", description="LoRAJob (finetune.loraops.dev) kubectl plugin."
     )
-    parser.add_argument(
-        "--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config)"
-    )
-    parser.add_argument("--context", help="kubeconfig context (default: the current one)")
-    parser.add_argument("-n", "--namespace", help="namespace (default: the context's)")
+    _connection_options(parser, None)
+    # The same options after the command (`kubectl lj why NAME -n team`), as kubectl takes them.
+    common = argparse.ArgumentParser(add_help=False)
+    _connection_options(common, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    progress = sub.add_parser("progress", help="a progress bar per job")
+    progress = sub.add_parser("progress", parents=[common], help="a progress bar per job")
     progress.add_argument("names", nargs="*", help="jobs (default: every job in the namespace)")
     progress.add_argument("-A", "--all-namespaces", action="store_true")
     progress.add_argument(
@@ -563,14 +572,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     progress.set_defaults(run=cmd_progress)
 
-    logs = sub.add_parser("logs", help="the trainer log of the job's current attempt")
+    logs = sub.add_parser(
+        "logs", parents=[common], help="the trainer log of the job's current attempt"
+    )
     logs.add_argument("name")
     logs.add_argument("-f", "--follow", action="store_true", help="follow, across attempts")
     logs.add_argument("--tail", type=int, default=-1, help="lines of the past log (-1: all)")
     logs.add_argument("--attempt", type=int, default=0, help="another attempt's pod")
     logs.set_defaults(run=cmd_logs)
 
-    adapter = sub.add_parser("adapter", help="download the adapter, verified against its manifest")
+    adapter = sub.add_parser(
+        "adapter", parents=[common], help="download the adapter, verified against its manifest"
+    )
     adapter.add_argument("name")
     adapter.add_argument("-o", "--output", help="directory to create (default: <name>-adapter)")
     adapter.add_argument(
@@ -581,7 +594,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     adapter.set_defaults(run=cmd_adapter)
 
-    why = sub.add_parser("why", help="why the job failed (or waits): reason, hint, log tail")
+    why = sub.add_parser(
+        "why", parents=[common], help="why the job failed (or waits): reason, hint, log tail"
+    )
     why.add_argument("name")
     why.add_argument("--tail", type=int, default=20, help="log lines to show")
     why.set_defaults(run=cmd_why)
