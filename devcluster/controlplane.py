@@ -46,7 +46,7 @@ __all__ = ["ControlPlane", "WaitTimeoutError", "free_port", "wait_for"]
 
 T = TypeVar("T")
 DEFAULT_CRDS = (REPO_ROOT / "crds",)
-OPERATOR_MODULE = "lorajob_operator.handlers"
+OPERATOR_MODULE = "lorajob_operator.kopf_app"
 
 
 def yaml_documents(paths: Iterable[Path]) -> list[dict[str, Any]]:

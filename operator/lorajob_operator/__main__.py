@@ -1,8 +1,9 @@
 """`python -m lorajob_operator`: run the operator with its settings (LORAJOB_*).
 
 Equivalent to `kopf run --standalone [--all-namespaces | -n NS ...] --liveness=...
--m lorajob_operator.handlers`, with the namespaces, liveness port and log level
-taken from the settings, so the container needs no command-line flags.
+-m lorajob_operator.kopf_app`, with the namespaces, liveness port and log level
+taken from the settings, so the container needs no command-line flags. The settings
+are loaded here, once, and handed to the handlers (handlers.register).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 
 import kopf
 
+from lorajob_operator import handlers
 from lorajob_operator.settings import SettingsError, load_settings
 
 
@@ -24,9 +26,9 @@ def main() -> int:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    # Importing the module registers the handlers with kopf's default registry.
-    import lorajob_operator.handlers  # noqa: F401, PLC0415
-
+    # kopf's default registry: it holds kopf's own login handlers (the API client's
+    # credentials) beside ours.
+    handlers.register(settings)
     kopf.run(
         standalone=True,
         clusterwide=not settings.namespaces,

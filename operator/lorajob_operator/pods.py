@@ -50,7 +50,7 @@ def job_key_of_pod(pod: Mapping[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-# The parts of a pod that decide() and the handlers read; the rest (volumes, env,
+# The parts of a pod that decide() and the controller read; the rest (volumes, env,
 # managed fields) is dropped from the operator's watch cache to save memory.
 _POD_METADATA = (
     "name",

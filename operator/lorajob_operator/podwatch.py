@@ -1,6 +1,6 @@
 """The trainer pods, followed by list + watch (a reflector, as client-go's informers do).
 
-The operator keeps a cache of its trainer pods (handlers.Runtime.pods) and wakes a
+The operator keeps a cache of its trainer pods (informer.Informer.pods) and wakes a
 job when one of its pods changes. A plain watch stream feeds it instead of kopf's
 per-event handler machinery, for two reasons:
 
@@ -25,7 +25,7 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
-from lorajob_operator.reconcile import retry_delay
+from lorajob_operator.backoff import exponential
 
 __all__ = ["PodSink", "PodSource", "follow_pods"]
 
@@ -51,7 +51,7 @@ class PodSource(Protocol):
 
 
 class PodSink(Protocol):
-    """Where the pods go (handlers.Runtime)."""
+    """Where the pods go (informer.Informer)."""
 
     def pods_listed(
         self, namespace: str | None, pods: list[dict[str, Any]], resource_version: str
@@ -102,7 +102,7 @@ async def follow_pods(source: PodSource, sink: PodSink, namespace: str | None) -
             version = None
         except Exception as exc:  # API unreachable, a broken stream: retry, never stop
             failures += 1
-            delay = retry_delay(failures, RETRY_SECONDS, RETRY_MAX_SECONDS)
+            delay = exponential(failures, RETRY_SECONDS, RETRY_MAX_SECONDS)
             log.warning("pod watch of %s failed (%s); retrying in %gs", scope, exc, delay)
             sink.pod_watch_restarted("error")
             await asyncio.sleep(delay)

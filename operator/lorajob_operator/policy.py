@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 
-from lora_trainer.config import parse_uri
+from loraops_contract.config import parse_uri
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 

@@ -1,4 +1,4 @@
-"""The real operator (`kopf run -m lorajob_operator.handlers`) against the API
+"""The real operator (`kopf run -m lorajob_operator.kopf_app`) against the API
 server emulator and the test kubelet, with the fake protocol trainer."""
 
 from __future__ import annotations

@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import pytest
-from lorajob_operator import handlers, podwatch
+from lorajob_operator import controller, podwatch
 from lorajob_operator.kube import KubeError
 from lorajob_operator.settings import load_settings
 
 from tests.operator.runtime.kubefakes import NAME, NAMESPACE, job, pod
-from tests.operator.runtime.test_handlers import FakeKube, runtime
+from tests.operator.runtime.test_controller import FakeKube, runtime
 
 Event = tuple[str, dict[str, Any]]
 
@@ -134,25 +134,25 @@ def test_a_listing_drops_pods_deleted_while_no_watch_ran() -> None:
     uid = job()["metadata"]["uid"]
     rt.watch_job(key, job())
     running = _at(pod(1), 20)
-    rt.pods_listed(None, [running], "30")
-    assert [p["metadata"]["name"] for p in rt.job_pods(uid)] == [f"{NAME}-1"]
+    rt.informer.pods_listed(None, [running], "30")
+    assert [p["metadata"]["name"] for p in rt.informer.job_pods(uid)] == [f"{NAME}-1"]
 
     async def drain() -> None:
         while len(rt.queue):
             rt.queue.done(await rt.queue.get())
 
     asyncio.run(drain())
-    rt.jobs[key].last = handlers.Reconciled(job=job(), pod_ip=None, requeue_after=None)
-    rt.jobs[key].dirty = False
-    rt.pods_listed(NAMESPACE, [running], "40")  # unchanged: nothing to do
-    assert not rt.jobs[key].dirty
-    rt.pods_listed("elsewhere", [], "50")  # another namespace's listing leaves ours alone
-    assert rt.job_pods(uid) != []
-    rt.pods_listed(NAMESPACE, [], "60")
-    assert rt.job_pods(uid) == []
-    rt.pod_watch_restarted("expired")
+    rt.states[key].last = controller.Reconciled(job=job(), pod_ip=None, requeue_after=None)
+    rt.states[key].dirty = False
+    rt.informer.pods_listed(NAMESPACE, [running], "40")  # unchanged: nothing to do
+    assert not rt.states[key].dirty
+    rt.informer.pods_listed("elsewhere", [], "50")  # another namespace's listing leaves ours alone
+    assert rt.informer.job_pods(uid) != []
+    rt.informer.pods_listed(NAMESPACE, [], "60")
+    assert rt.informer.job_pods(uid) == []
+    rt.informer.pod_watch_restarted("expired")
     assert rt.metrics.pod_watch_restarts.labels(reason="expired")._value.get() == 1
-    assert rt.jobs[key].dirty
+    assert rt.states[key].dirty
     assert len(rt.queue) == 1  # woken at once, not debounced
 
 
@@ -161,31 +161,31 @@ def test_a_pod_created_after_the_listing_was_taken_is_kept() -> None:
     hold it, and the watch that follows will deliver its ADDED event."""
     rt = runtime(FakeKube(job()))
     uid = job()["metadata"]["uid"]
-    rt.remember_pod(_at(pod(1, "Pending"), 150), newer=False)  # the create's response
-    rt.pods_listed(None, [], "100")
-    assert [p["metadata"]["name"] for p in rt.job_pods(uid)] == [f"{NAME}-1"]
-    rt.pod_changed("ADDED", _at(pod(1, "Pending"), 150))
-    assert rt.job_pods(uid) != []
-    rt.pods_listed(None, [], "160")  # a later listing without it: deleted meanwhile
-    assert rt.job_pods(uid) == []
+    rt.informer.remember_pod(_at(pod(1, "Pending"), 150), newer=False)  # the create's response
+    rt.informer.pods_listed(None, [], "100")
+    assert [p["metadata"]["name"] for p in rt.informer.job_pods(uid)] == [f"{NAME}-1"]
+    rt.informer.pod_changed("ADDED", _at(pod(1, "Pending"), 150))
+    assert rt.informer.job_pods(uid) != []
+    rt.informer.pods_listed(None, [], "160")  # a later listing without it: deleted meanwhile
+    assert rt.informer.job_pods(uid) == []
 
 
 def test_a_listing_updates_changed_pods_but_never_goes_back() -> None:
     rt = runtime(FakeKube(job()))
     uid = job()["metadata"]["uid"]
-    rt.pod_changed("ADDED", _at(pod(1, "Pending"), 20))
-    rt.pods_listed(None, [_at(pod(1), 30)], "35")
-    assert rt.job_pods(uid)[0]["status"]["phase"] == "Running"
-    rt.pods_listed(None, [_at(pod(1, "Pending"), 25)], "35")  # older than the cache: kept
-    assert rt.job_pods(uid)[0]["status"]["phase"] == "Running"
+    rt.informer.pod_changed("ADDED", _at(pod(1, "Pending"), 20))
+    rt.informer.pods_listed(None, [_at(pod(1), 30)], "35")
+    assert rt.informer.job_pods(uid)[0]["status"]["phase"] == "Running"
+    rt.informer.pods_listed(None, [_at(pod(1, "Pending"), 25)], "35")  # older than the cache: kept
+    assert rt.informer.job_pods(uid)[0]["status"]["phase"] == "Running"
 
 
 def test_one_pod_watch_per_watched_namespace_or_one_for_all() -> None:
     """Namespaced RBAC (the chart's watchNamespaces) allows no cluster-wide watch."""
     settings = load_settings()
     scoped = settings.model_copy(update={"namespaces": ["team-a", "team-b"]})
-    assert handlers._pod_watch_scopes(scoped) == ["team-a", "team-b"]
-    assert handlers._pod_watch_scopes(settings.model_copy(update={"namespaces": []})) == [None]
+    assert controller.pod_watch_scopes(scoped) == ["team-a", "team-b"]
+    assert controller.pod_watch_scopes(settings.model_copy(update={"namespaces": []})) == [None]
 
 
 def test_failures_in_a_row_back_off_and_a_delivered_event_resets_that(

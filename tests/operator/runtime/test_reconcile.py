@@ -6,11 +6,11 @@ from datetime import datetime
 from typing import Any
 
 import pytest
-from lora_trainer.protocol import ExitCode, Progress, TerminationMessage
-from lorajob_operator import api, pods, reconcile
+from lorajob_operator import api, backoff, pods, reconcile
 from lorajob_operator.conditions import ConditionType, Reason, get_condition
 from lorajob_operator.policy import Policy
 from lorajob_operator.settings import OperatorSettings, load_settings
+from loraops_contract.protocol import ExitCode, Progress, TerminationMessage
 
 from tests.operator.runtime.kubefakes import (
     NAME,
@@ -35,7 +35,7 @@ SETTINGS = load_settings(
 
 
 class World:
-    """A job plus its pods; `step()` decides and applies the status patch like handlers.py."""
+    """A job plus its pods; `step()` decides and applies the status patch like controller.py."""
 
     def __init__(self, body: dict[str, Any] | None = None, settings: OperatorSettings = SETTINGS):
         self.job = body or job()
@@ -993,8 +993,8 @@ def test_ttl_after_finished_deletes_the_job() -> None:
 # --------------------------------------------------------------------------- helpers
 
 
-def test_retry_delay_doubles_and_caps() -> None:
-    assert [reconcile.retry_delay(n, 10, 60) for n in range(5)] == [0, 10, 20, 40, 60]
+def test_backoff_doubles_and_caps() -> None:
+    assert [backoff.exponential(n, 10, 60) for n in range(5)] == [0, 10, 20, 40, 60]
 
 
 def test_decide_asks_for_the_facts_only_when_an_attempt_may_start() -> None:
@@ -1049,7 +1049,7 @@ def test_pod_refused_for_good_fails_the_job() -> None:
 def test_a_spec_parsed_before_decides_like_one_parsed_in_decide(
     spec: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The handlers hand decide() the spec they parsed once per generation."""
+    """The controller hands decide() the spec it parsed once per generation."""
     body = job(spec=spec)
     facts: dict[str, Any] = {"missing_secrets": (), "active_in_namespace": 0}
     fresh = reconcile.decide(reconcile.Observed(body, [], T0, **facts), SETTINGS)

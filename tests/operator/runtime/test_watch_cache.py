@@ -6,16 +6,15 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-from collections.abc import Callable, Coroutine
 from dataclasses import replace
-from typing import Any, cast
+from typing import Any
 
 import pytest
-from lorajob_operator import handlers, pods, reconcile
+from lorajob_operator import controller, informer, pods, reconcile
 from lorajob_operator.settings import load_settings
 
 from tests.operator.runtime.kubefakes import NAME, NAMESPACE, T0, at, job, pod, termination
-from tests.operator.runtime.test_handlers import FakeKube, run, runtime
+from tests.operator.runtime.test_controller import FakeKube, run, runtime
 
 SETTINGS = load_settings()
 
@@ -86,18 +85,18 @@ def test_a_cached_pass_reads_nothing_from_the_api() -> None:
     first = run(rt)  # without `seen`: GET + LIST, creates attempt 1
     assert first is not None
     assert kube.body is not None
-    assert [p["metadata"]["name"] for p in rt.job_pods(kube.body["metadata"]["uid"])] == [
+    assert [p["metadata"]["name"] for p in rt.informer.job_pods(kube.body["metadata"]["uid"])] == [
         f"{NAME}-1"
     ]  # the create response is cached: the next pass sees its pod
     kube.calls.clear()
-    seen = handlers._cached_view(rt, kube.body, first)
+    seen = controller._cached_view(rt, kube.body, first)
     assert seen is not None
     again = asyncio.run(
-        handlers.reconcile_job(
+        controller.reconcile_job(
             rt,
             NAMESPACE,
             NAME,
-            handlers.job_logger(NAMESPACE, NAME),
+            controller.job_logger(NAMESPACE, NAME),
             poll_progress=False,
             seen=seen,
         )
@@ -111,33 +110,33 @@ def test_a_cached_pass_reads_nothing_from_the_api() -> None:
 def test_first_pass_of_a_job_with_attempts_asks_the_api() -> None:
     """After a restart the pod watch may not have listed the job's pods yet."""
     rt = runtime(FakeKube(job()))
-    assert handlers._cached_view(rt, _written({"phase": "Running"}), None) is None
+    assert controller._cached_view(rt, _written({"phase": "Running"}), None) is None
     fresh = job()
-    assert handlers._cached_view(rt, fresh, None) == fresh  # a new job's pods are ours
+    assert controller._cached_view(rt, fresh, None) == fresh  # a new job's pods are ours
 
 
 def test_current_pod_missing_from_the_cache_asks_the_api() -> None:
     rt = runtime(FakeKube(job()))
     body = _written({"phase": "Running"})
-    last = handlers.Reconciled(job=body, pod_ip=None, requeue_after=None)
-    assert handlers._cached_view(rt, body, last) is None
-    rt.remember_pod(pod(1))
-    assert handlers._cached_view(rt, body, last) == body
+    last = controller.Reconciled(job=body, pod_ip=None, requeue_after=None)
+    assert controller._cached_view(rt, body, last) is None
+    rt.informer.remember_pod(pod(1))
+    assert controller._cached_view(rt, body, last) == body
 
 
 def test_the_newer_of_watched_and_written_job_is_used() -> None:
     rt = runtime(FakeKube(job()))
-    rt.remember_pod(pod(1))
+    rt.informer.remember_pod(pod(1))
     watched = _written({"phase": "Pending"})
     watched["metadata"]["resourceVersion"] = "10"
     written = _written({"phase": "Running"})
     written["metadata"]["resourceVersion"] = "12"
-    last = handlers.Reconciled(job=written, pod_ip=None, requeue_after=None)
-    assert handlers._cached_view(rt, watched, last) == written  # the watch lags our write
+    last = controller.Reconciled(job=written, pod_ip=None, requeue_after=None)
+    assert controller._cached_view(rt, watched, last) == written  # the watch lags our write
     watched["metadata"]["resourceVersion"] = "13"
-    assert handlers._cached_view(rt, watched, last) == watched
+    assert controller._cached_view(rt, watched, last) == watched
     watched["metadata"]["resourceVersion"] = "opaque"
-    assert handlers._cached_view(rt, watched, last) is None  # cannot tell: read it
+    assert controller._cached_view(rt, watched, last) is None  # cannot tell: read it
 
 
 def test_pod_cache_keeps_the_newest_version_and_forgets_deleted_pods() -> None:
@@ -145,21 +144,21 @@ def test_pod_cache_keeps_the_newest_version_and_forgets_deleted_pods() -> None:
     uid = job()["metadata"]["uid"]
     running = pod(1)
     running["metadata"]["resourceVersion"] = "20"
-    rt.remember_pod(running)
+    rt.informer.remember_pod(running)
     created = pod(1, "Pending")
     created["metadata"]["resourceVersion"] = "15"
-    rt.remember_pod(created, newer=False)  # a create response after the watch caught up
-    assert rt.job_pods(uid)[0]["status"]["phase"] == "Running"
-    rt.replace_pods(uid, [created])  # a listing older than what the watch showed
-    assert rt.job_pods(uid)[0]["status"]["phase"] == "Running"
-    rt.forget_pod(running)
-    assert rt.job_pods(uid) == []
-    rt.replace_pods(uid, [running])  # listed just before the deletion
-    assert rt.job_pods(uid) == []
-    rt.remember_pod(pod(2))
-    rt.replace_pods(uid, [])  # gone from the API: gone from the cache
-    assert rt.job_pods(uid) == []
-    assert uid not in rt.pods
+    rt.informer.remember_pod(created, newer=False)  # a create response after the watch caught up
+    assert rt.informer.job_pods(uid)[0]["status"]["phase"] == "Running"
+    rt.informer.replace_pods(uid, [created])  # a listing older than what the watch showed
+    assert rt.informer.job_pods(uid)[0]["status"]["phase"] == "Running"
+    rt.informer.forget_pod(running)
+    assert rt.informer.job_pods(uid) == []
+    rt.informer.replace_pods(uid, [running])  # listed just before the deletion
+    assert rt.informer.job_pods(uid) == []
+    rt.informer.remember_pod(pod(2))
+    rt.informer.replace_pods(uid, [])  # gone from the API: gone from the cache
+    assert rt.informer.job_pods(uid) == []
+    assert uid not in rt.informer.pods
 
 
 def test_only_routine_pod_events_are_debounced() -> None:
@@ -183,17 +182,17 @@ def test_only_routine_pod_events_are_debounced() -> None:
         rt.queue.done(key)
         assert len(rt.queue) == 1
         assert await rt.queue.get() == key
-        rt.jobs[key].started = True  # the first pass runs: its pod's events can wait
-        rt.jobs[key].dirty = False
+        rt.states[key].started = True  # the first pass runs: its pod's events can wait
+        rt.states[key].dirty = False
         rt.queue.done(key)
         rt.wake(key, urgent=False)  # routine: later, with the rest of the burst
-        assert rt.jobs[key].dirty
+        assert rt.states[key].dirty
         assert len(rt.queue) == 0
         assert rt.queue.scheduled(key) is not None
         rt.wake(key)  # urgent: now
         assert len(rt.queue) == 1
         rt.forget_job(key, job()["metadata"]["uid"])
-        assert key not in rt.jobs
+        assert key not in rt.states
         assert rt.queue.scheduled(key) is None
 
     asyncio.run(check())
@@ -202,19 +201,19 @@ def test_only_routine_pod_events_are_debounced() -> None:
 def test_the_written_job_gives_way_to_the_watched_one_once_caught_up() -> None:
     written = _written({"phase": "Running"})
     written["metadata"]["resourceVersion"] = "12"
-    last = handlers.Reconciled(job=written, pod_ip="10.0.0.1", requeue_after=None)
+    last = controller.Reconciled(job=written, pod_ip="10.0.0.1", requeue_after=None)
     watched = copy.deepcopy(written)
     watched["metadata"]["resourceVersion"] = "11"
-    assert handlers._share_watched(watched, last) is last  # the watch still lags
+    assert controller._share_watched(watched, last) is last  # the watch still lags
     watched["metadata"]["resourceVersion"] = "12"
-    shared = handlers._share_watched(watched, last)
+    shared = controller._share_watched(watched, last)
     assert shared.job == watched
     assert shared.job["metadata"] is watched["metadata"]  # no second copy
     assert shared.pod_ip == "10.0.0.1"
-    assert handlers._share_watched(watched, shared) is shared
+    assert controller._share_watched(watched, shared) is shared
 
 
-def _turn(rt: handlers.Runtime) -> None:
+def _turn(rt: controller.Controller) -> None:
     """One turn of the work queue for the test job, as a worker takes it."""
     key = (NAMESPACE, NAME)
 
@@ -223,14 +222,14 @@ def _turn(rt: handlers.Runtime) -> None:
             rt.queue.add(key)
         assert await rt.queue.get() == key
         try:
-            await handlers.process(rt, key)
+            await controller.process(rt, key)
         finally:
             rt.queue.done(key)
 
     asyncio.run(turn())
 
 
-def _watched(body: dict[str, Any]) -> tuple[FakeKube, handlers.Runtime, handlers.JobKey]:
+def _watched(body: dict[str, Any]) -> tuple[FakeKube, controller.Controller, informer.JobKey]:
     """A runtime whose job watch has shown `body` (the API holds it too)."""
     kube = FakeKube(body)
     rt = runtime(kube)
@@ -256,7 +255,7 @@ def test_queue_passes_act_reschedule_and_parse_the_spec_once_per_generation(
     assert kube.calls[:1] == ["create_pod"]
     assert "get_job" not in kube.calls
     assert "list_job_pods" not in kube.calls
-    state = rt.jobs[key]
+    state = rt.states[key]
     assert state.last is not None
     assert not state.dirty
     assert len(parses) == 1
@@ -286,10 +285,10 @@ def test_a_failed_pass_backs_off_and_rereads_the_api() -> None:
         raise OSError(f"connection refused: GET {namespace}/{name}")
 
     kube.get_job = unreachable  # type: ignore[method-assign]
-    rt.jobs[key].next_resync = 0.0  # this pass reads the API
-    rt.jobs[key].dirty = True
+    rt.states[key].next_resync = 0.0  # this pass reads the API
+    rt.states[key].dirty = True
     _turn(rt)
-    state = rt.jobs[key]
+    state = rt.states[key]
     assert state.errors == 1
     assert state.last is None
     assert state.next_resync == 0.0
@@ -306,37 +305,33 @@ def test_a_job_gone_from_the_api_gets_no_more_passes() -> None:
     kube, rt, key = _watched(_written({"phase": "Running"}))
     kube.body = None
     _turn(rt)
-    assert rt.jobs[key].gone
+    assert rt.states[key].gone
     kube.calls.clear()
     rt.wake(key)
     _turn(rt)
     assert kube.calls == []
     rt.forget_job(key, job()["metadata"]["uid"])  # its DELETED event
-    assert key not in rt.jobs
+    assert key not in rt.states
 
 
-def test_job_events_wake_a_known_job_only_for_what_no_pass_has_taken_up(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_job_events_wake_a_known_job_only_for_what_no_pass_has_taken_up() -> None:
     """kopf's finalizer write comes back (no status yet) while the first pass runs:
     that pass has the generation already, so no second pass follows at once."""
 
     async def check() -> None:
         rt = runtime(FakeKube(job()))
-        monkeypatch.setattr(handlers, "RUNTIME", rt)
         key = (NAMESPACE, NAME)
-        event = cast(Callable[..., Coroutine[Any, Any, None]], handlers.job_event)
 
         async def deliver(body: dict[str, Any]) -> bool:
             """Deliver a MODIFIED event; whether it queued the job."""
-            await event(type="MODIFIED", body=body, name=NAME, namespace=NAMESPACE)
+            rt.job_event("MODIFIED", body, NAMESPACE, NAME)
             queued = len(rt.queue) > 0
             while len(rt.queue):
                 rt.queue.done(await rt.queue.get())
             return queued
 
         assert await deliver(job())  # first sight: queued as new
-        state = rt.jobs[key]
+        state = rt.states[key]
         state.started = True
         state.parsed_spec(job(), SETTINGS)  # the first pass has parsed generation 1
         assert not await deliver(job(finalizers=["finetune.loraops.dev/finalizer"]))
@@ -346,3 +341,16 @@ def test_job_events_wake_a_known_job_only_for_what_no_pass_has_taken_up(
         )
 
     asyncio.run(check())
+
+
+def test_resource_versions_compare_as_kubernetes_defines_it() -> None:
+    """KEP-5504 (stable in Kubernetes 1.35): well-formed versions are positive integers
+    without leading zeros, compared as numbers; anything else does not compare."""
+    assert informer.compare_versions("9", "10") == -1  # not as strings
+    assert informer.compare_versions("123", "123") == 0
+    assert informer.compare_versions("1000", "999") == 1
+    for bad in ("", "0", "012", "12a", "-5", "١٢"):
+        assert informer.compare_versions(bad, "5") is None
+        assert informer.compare_versions("5", bad) is None
+    assert informer.is_newer(job(resourceVersion="10"), job(resourceVersion="9"))
+    assert not informer.is_newer(job(resourceVersion="opaque"), job(resourceVersion="9"))
