@@ -360,6 +360,7 @@ class QuantizationSpec(SpecModel):
     )
 
 
+Strategy = Literal["auto", "ddp", "fsdp"]
 Optimizer = Literal[
     "adamw_torch",
     "adamw_torch_fused",
@@ -435,6 +436,16 @@ class TrainingSpec(SpecModel):
         default=None, ge=1, description="Evaluate every N steps (default: at the end only)."
     )
     logging_steps: int = Field(default=1, ge=1, description="Report loss every N steps.")
+    strategy: Strategy = Field(
+        default="auto",
+        description="How a job with several GPUs (one training process each, under "
+        "torchrun) trains: ddp keeps a whole copy of the (4-bit) model on every GPU and "
+        "all-reduces the adapter's gradients; fsdp shards the model over the GPUs (FSDP "
+        "with QLoRA: 4-bit weights stored in the compute dtype), for a model too big for "
+        "one GPU; auto picks fsdp when the model's weights take more than half of one "
+        "GPU's memory, else ddp. One GPU or the CPU trains in one process. The global "
+        "batch is batchSize x GPUs x gradientAccumulationSteps rows per optimizer step.",
+    )
 
 
 class OutputSpec(SpecModel):
@@ -590,6 +601,16 @@ class TrainerConfig(SpecModel):
             "nf4 or none, or set useDora: false",
             check=lambda c: not (c.lora.use_dora and c.quantization.mode == "int8"),
         ),
+        # FSDP flattens and shards the weights; bitsandbytes' 4-bit weights can be stored
+        # in a float dtype for that (bnb_4bit_quant_storage), its int8 ones cannot.
+        Rule(
+            field="training.strategy",
+            cel="!has(self.training) || self.training.strategy != 'fsdp' "
+            "|| !has(self.quantization) || self.quantization.mode != 'int8'",
+            message="fsdp cannot shard int8 (LLM.int8) weights; use quantization.mode nf4 "
+            "(FSDP with QLoRA) or none, or strategy ddp",
+            check=lambda c: not (c.training.strategy == "fsdp" and c.quantization.mode == "int8"),
+        ),
     )
 
 
@@ -643,21 +664,39 @@ def _run_part(values: dict[str, Any], path: tuple[str, ...] = ()) -> dict[str, A
     return kept
 
 
-def run_config(cfg: TrainerConfig) -> dict[str, Any]:
-    """The values that define `cfg`'s training run (snake_case, JSON types).
+def run_config(cfg: TrainerConfig, ranks: int = 1) -> dict[str, Any]:
+    """The values that define `cfg`'s training run on `ranks` training processes
+    (snake_case, JSON types).
 
     Only values that differ from their field's default are included: a release that
     adds a field (with a default) then leaves every run's identity as it was, and its
     checkpoints resumable.
+
+    The batch a run is defined by is the rows of one accumulation step over all ranks
+    (training.batch_size here is batchSize x ranks) and the accumulation steps: the
+    same rows, in the same order, make each optimizer step. So 2 GPUs at batchSize 4
+    are the run 1 GPU at batchSize 8 is, and resume its checkpoints (the Trainer skips
+    the batches already trained per rank, which is the same rows only when that
+    product is kept), while more GPUs at the same batchSize are a larger global batch:
+    a new run. One rank leaves the identity exactly as it was before ranks counted.
     """
-    return _run_part(cfg.model_dump(mode="json", exclude_defaults=True))
+    values = cfg.model_dump(mode="json", exclude_defaults=True)
+    if ranks > 1:
+        rows = cfg.training.batch_size * ranks
+        training = values.setdefault("training", {})
+        if rows == TrainingSpec.model_fields["batch_size"].default:
+            training.pop("batch_size", None)
+        else:
+            training["batch_size"] = rows
+    return _run_part(values)
 
 
-def run_id(cfg: TrainerConfig) -> str:
-    """The identity of `cfg`'s training run: checkpoints live under checkpoints/run-<id>/,
-    and an attempt resumes only checkpoints of its own run. Specs that differ only in
-    RESUMABLE_FIELDS (or in Kubernetes-only fields) share it."""
-    canonical = json.dumps(run_config(cfg), sort_keys=True, separators=(",", ":"))
+def run_id(cfg: TrainerConfig, ranks: int = 1) -> str:
+    """The identity of `cfg`'s training run on `ranks` processes: checkpoints live
+    under checkpoints/run-<id>/, and an attempt resumes only checkpoints of its own run.
+    Specs that differ only in RESUMABLE_FIELDS (or in Kubernetes-only fields other than
+    the number of GPUs, see run_config) share it."""
+    canonical = json.dumps(run_config(cfg, ranks), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:RUN_ID_LENGTH]
 
 
@@ -670,11 +709,14 @@ def _leaves(values: Any, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], An
     return out
 
 
-def run_defining_changes(old: TrainerConfig, new: TrainerConfig) -> list[str]:
+def run_defining_changes(
+    old: TrainerConfig, new: TrainerConfig, ranks: tuple[int, int] = (1, 1)
+) -> list[str]:
     """The camelCase paths (e.g. training.learningRate) of the run-defining fields whose
-    values differ between `old` and `new`: empty when a checkpoint of `old` resumes under
-    `new`."""
-    before, after = _leaves(run_config(old)), _leaves(run_config(new))
+    values differ between `old` and `new` (run on ranks[0] and ranks[1] processes):
+    empty when a checkpoint of `old` resumes under `new`. A change of the ranks alone
+    that changes the global batch reads as training.batchSize."""
+    before, after = _leaves(run_config(old, ranks[0])), _leaves(run_config(new, ranks[1]))
     changed = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
     return [".".join(to_camel(part) for part in path) for path in changed]
 

@@ -146,6 +146,11 @@ class Progress(_Wire):
     last_checkpoint: str | None = None  # URI of the latest complete checkpoint
     resumed_from_step: int | None = None
     skipped_records: int | None = None  # invalid records left out (dataset.invalidRecords)
+    # How the run spreads over its GPUs: single | ddp | fsdp, the training processes,
+    # and the rows per optimizer step (batchSize x ranks x gradientAccumulationSteps).
+    strategy: str | None = None
+    ranks: int | None = None
+    global_batch_size: int | None = None
     updated_at: str | None = None  # RFC 3339
 
 

@@ -64,6 +64,7 @@ __all__ = [
     "spec_hash",
     "status_patch",
     "trainer_config",
+    "training_ranks",
 ]
 
 GROUP = "finetune.loraops.dev"
@@ -422,6 +423,15 @@ class LoRAJobSpec(TrainerConfig):
             "need a GPU; use adamw_torch when spec.resources.gpus is 0",
             check=lambda s: s.resources.gpus >= 1 or not s.training.optimizer.startswith("paged_"),
         ),
+        # FSDP shards the model over the job's GPUs; one GPU has nothing to shard over.
+        Rule(
+            field="training.strategy",
+            cel="!has(self.training) || self.training.strategy != 'fsdp' "
+            "|| (has(self.resources) && self.resources.gpus >= 2)",
+            message="fsdp shards the model over several GPUs; set spec.resources.gpus to 2 "
+            "or more, or use strategy auto or ddp",
+            check=lambda s: s.training.strategy != "fsdp" or s.resources.gpus >= 2,
+        ),
         Rule(
             field="training.evalEverySteps",
             cel="!has(self.training) || !has(self.training.evalEverySteps) "
@@ -638,7 +648,12 @@ def spec_changes(old: LoRAJobSpec, new: LoRAJobSpec) -> SpecChanges:
     before = _leaf_values(old.model_dump(by_alias=True, mode="json"))
     after = _leaf_values(new.model_dump(by_alias=True, mode="json"))
     changed = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
-    new_run = run_defining_changes(trainer_config(old), trainer_config(new))
+    new_run = run_defining_changes(
+        trainer_config(old), trainer_config(new), (training_ranks(old), training_ranks(new))
+    )
+    if "training.batchSize" in new_run and old.training.batch_size == new.training.batch_size:
+        # The global batch changed with the number of GPUs (run_config).
+        new_run = sorted({*new_run, "resources.gpus"} - {"training.batchSize"})
     control = {to_camel(name) for name in CONTROL_FIELDS}
     live = [p for p in changed if p.split(".")[0] in control]
     resumable = [
@@ -647,6 +662,11 @@ def spec_changes(old: LoRAJobSpec, new: LoRAJobSpec) -> SpecChanges:
         if p not in live and not any(p == f or p.startswith(f"{f}.") for f in new_run)
     ]
     return SpecChanges(new_run=new_run, resumable=resumable, live=live)
+
+
+def training_ranks(spec: LoRAJobSpec) -> int:
+    """Training processes of a job: one per GPU (torchrun), one on the CPU."""
+    return max(1, spec.resources.gpus)
 
 
 def private_endpoint_refusal(url: str) -> str | None:

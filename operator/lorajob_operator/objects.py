@@ -221,6 +221,20 @@ def _resources(spec: LoRAJobSpec, settings: OperatorSettings) -> dict[str, Any]:
     return {"requests": dict(amounts), "limits": dict(amounts)}
 
 
+def _trainer_args(spec: LoRAJobSpec, settings: OperatorSettings) -> list[str]:
+    """Arguments of the trainer command: with several GPUs, one training process per GPU
+    under torchrun (the trainer's launcher), and the pod's grace period for them to save
+    a checkpoint on SIGTERM before torchrun kills them."""
+    if spec.resources.gpus <= 1:
+        return []
+    return [
+        "--nproc-per-node",
+        str(spec.resources.gpus),
+        "--shutdown-timeout",
+        str(settings.termination_grace_seconds),
+    ]
+
+
 def _node_selector(spec: LoRAJobSpec, settings: OperatorSettings) -> dict[str, str]:
     selector = {**settings.default_node_selector, **spec.scheduling.node_selector}
     if spec.resources.gpu_product:
@@ -301,6 +315,8 @@ def build_trainer_pod(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
+    if args := _trainer_args(spec, settings):
+        container["args"] = args
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": settings.termination_grace_seconds,

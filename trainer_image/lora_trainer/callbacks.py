@@ -12,6 +12,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from lora_trainer import distributed
 from lora_trainer.checkpoints import Run, publish
 from lora_trainer.progress import ProgressBoard, Throughput
 from lora_trainer.signals import StopRequest
@@ -94,7 +95,8 @@ def _short(v: float | None) -> str:
 
 class CheckpointCallback(TrainerCallback):
     """Publishes every local checkpoint to <output>/checkpoints/run-<run>/attempt-<attempt>/
-    as soon as it is saved."""
+    as soon as it is saved: rank 0 does, once every rank has written its part (with
+    several ranks, each writes its own RNG state into the checkpoint)."""
 
     def __init__(
         self,
@@ -115,6 +117,9 @@ class CheckpointCallback(TrainerCallback):
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        distributed.barrier()
+        if not state.is_world_process_zero:
+            return
         local = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
         remote = publish(self.storage, local, self.output_uri, self.run, attempt=self.attempt)
         self.last_uri = remote.uri
@@ -122,7 +127,9 @@ class CheckpointCallback(TrainerCallback):
 
 
 class StopCallback(TrainerCallback):
-    """On SIGTERM: save a checkpoint at the end of the current step and stop."""
+    """On SIGTERM: save a checkpoint at the end of the current step and stop. With
+    several ranks, all stop after the first step at whose end any of them has the
+    request (they save one checkpoint together)."""
 
     def __init__(self, stop: StopRequest) -> None:
         self.stop = stop
@@ -130,6 +137,7 @@ class StopCallback(TrainerCallback):
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if self.stop.requested:
+        if distributed.agree(self.stop.requested, args.device):
+            self.stop.follow()
             control.should_save = True
             control.should_training_stop = True

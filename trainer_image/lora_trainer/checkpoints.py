@@ -128,9 +128,14 @@ class Run:
     legacy_fingerprint: str
 
     @classmethod
-    def of(cls, cfg: TrainerConfig) -> Run:
+    def of(cls, cfg: TrainerConfig, ranks: int = 1) -> Run:
+        """The run `cfg` trains on `ranks` processes (config.run_config: the global
+        batch is part of a run)."""
         return cls(
-            run_id(cfg), cfg.training.max_steps, cfg.training.epochs, legacy_fingerprint(cfg)
+            run_id(cfg, ranks),
+            cfg.training.max_steps,
+            cfg.training.epochs,
+            legacy_fingerprint(cfg),
         )
 
     @property

@@ -9,6 +9,12 @@ Config sources, first match wins:
 Only the config model and the protocol are imported before the config is
 valid; torch and the training stack load afterwards, so a bad config fails in
 well under a second.
+
+With `--nproc-per-node N` (N > 1) this process is the launcher: it runs torchrun with
+N copies of itself, one per GPU (lora_trainer.launch), and reports their outcome. A
+copy started by torchrun (WORLD_SIZE set) is one rank of the run: only rank 0 serves
+progress, and each rank writes its report for the launcher instead of the termination
+log.
 """
 
 # The training stack (and yaml) load only once the config is valid: a bad config fails fast.
@@ -47,8 +53,10 @@ from loraops_contract.protocol import (
 )
 from pydantic import ValidationError
 
+from lora_trainer.distributed import Ranks
 from lora_trainer.errors import ConfigError, TrainerError, classify, scrub
 from lora_trainer.inputs import prepare_inputs
+from lora_trainer.launch import DEFAULT_SHUTDOWN_TIMEOUT, launch, report_path
 from lora_trainer.progress import ProgressBoard, ProgressServer
 from lora_trainer.reporting import failure_message, write_termination_message
 from lora_trainer.signals import StopRequest
@@ -183,13 +191,38 @@ def _parser() -> argparse.ArgumentParser:
         "spec.storage.endpoint/region apply when AWS_ENDPOINT_URL/AWS_DEFAULT_REGION are unset)",
     )
     p.add_argument("--validate-only", action="store_true", help="check the config and exit")
+    p.add_argument(
+        "--nproc-per-node",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="training processes on this node, one per GPU: N > 1 runs torchrun with N "
+        "ranks (DDP or FSDP, spec.training.strategy)",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=_positive,
+        default=DEFAULT_SHUTDOWN_TIMEOUT,
+        metavar="SECONDS",
+        help="with N > 1: how long stopping ranks get to save their checkpoint before "
+        "SIGKILL (a pod passes its terminationGracePeriodSeconds)",
+    )
     return p
 
 
-def _setup_logging() -> None:
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
+    return int(value)
+
+
+def _setup_logging(ranks: Ranks) -> None:
+    # Every rank logs to the same pod log: ranks other than 0 (which repeat rank 0's
+    # progress) log only warnings and errors, each line naming its rank.
+    where = f"[rank {ranks.rank}] " if ranks.distributed else ""
     logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if ranks.is_main else logging.WARNING,
+        format=f"%(asctime)s %(levelname)s {where}%(name)s: %(message)s",
         stream=sys.stderr,
     )
     # Every log line passes through scrub(): no secret reaches the pod log.
@@ -244,8 +277,11 @@ def _cache_dir(env: dict[str, str], work_dir: Path, local: bool) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _setup_logging()
     env = dict(os.environ)
+    ranks = Ranks.from_env(env)
+    _setup_logging(ranks)
+    # A rank reports to the launcher; the launcher (or a single process) to the pod.
+    report = report_path(env, ranks.rank) if ranks.distributed else None
     board = ProgressBoard()
     stop = StopRequest().install()
     server: ProgressServer | None = None
@@ -258,10 +294,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             print(json.dumps(loaded.config.to_wire(), indent=2))
             return ExitCode.OK
+        if args.nproc_per_node > 1 and not ranks.distributed:
+            source = ["--job", args.job] if args.job else ["--config", args.config]
+            worker_args = source if (args.job or args.config) else []
+            return _launch(args.nproc_per_node, args.shutdown_timeout, env, worker_args)
         local = args.job is not None or args.config is not None
         attempt = _attempt(env)
         log.info("config from %s (attempt %s)", loaded.source, attempt or "not numbered")
-        server = _start_progress_server(board, env, local)
+        if ranks.is_main:  # one endpoint per pod
+            server = _start_progress_server(board, env, local)
         work_dir, is_temp = _work_dir(env, local)
         temp_work = work_dir if is_temp else None
         storage = Storage(
@@ -282,8 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             job_name=env.get(ENV_JOB_NAME) or loaded.job_name,
             attempt=attempt,
             cpu_threads=cpu_threads(env),
+            ranks=ranks,
         )
-        write_termination_message(run(loaded.config, inputs, rt))
+        write_termination_message(run(loaded.config, inputs, rt), report)
         return ExitCode.OK
     except BaseException as exc:  # every exit path writes a termination message
         if isinstance(exc, SystemExit):
@@ -298,14 +340,36 @@ def main(argv: Sequence[str] | None = None) -> int:
                 steps=snap.step or None,
                 last_checkpoint=snap.last_checkpoint,
                 skipped_records=snap.skipped_records,
-            )
+            ),
+            report,
         )
         return err.exit_code
     finally:
+        if ranks.distributed and "torch" in sys.modules:
+            from lora_trainer.distributed import shutdown
+
+            shutdown()
         if server is not None:
             server.stop()
         if temp_work is not None:
             shutil.rmtree(temp_work, ignore_errors=True)
+
+
+def _launch(nproc: int, shutdown_timeout: int, env: dict[str, str], worker_args: list[str]) -> int:
+    """Run `nproc` ranks under torchrun and report the group's outcome. The ranks share
+    one scratch directory (the Trainer writes a checkpoint's parts from every rank into
+    the same folder), a temporary one outside a pod."""
+    temp: str | None = None
+    if not env.get(ENV_WORK_DIR):
+        temp = tempfile.mkdtemp(prefix="lora-trainer-")
+        os.environ[ENV_WORK_DIR] = temp
+    try:
+        outcome = launch(nproc, shutdown_timeout, worker_args)
+    finally:
+        if temp is not None:
+            shutil.rmtree(temp, ignore_errors=True)
+    write_termination_message(outcome.message)
+    return outcome.exit_code
 
 
 def _start_progress_server(

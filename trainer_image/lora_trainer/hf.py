@@ -68,6 +68,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling, SFTTrainer
 
 from lora_trainer.checkpoints import TRAINER_STATE_FILE
 from lora_trainer.data import TokenizedData
+from lora_trainer.distributed import Strategy
 from lora_trainer.errors import ConfigError, SourceNotFound, TargetModulesNotFound, shorten
 from lora_trainer.publish import ADAPTER_WEIGHTS
 
@@ -88,6 +89,7 @@ __all__ = [
     "load_tokenizer",
     "merge_adapter",
     "model_load_kwargs",
+    "parallel_kwargs",
     "quiet_progress_bars",
     "resolve_target_modules",
     "restore_dtypes",
@@ -120,13 +122,21 @@ class Device:
     cuda: bool
     bf16: bool = False  # GPU supports bfloat16 (Ampere+)
     name: str = "cpu"
+    index: int = 0  # this process's GPU: its LOCAL_RANK under torchrun
+    memory: int | None = None  # bytes of that GPU's memory
 
 
-def detect_device() -> Device:
+def detect_device(local_rank: int = 0) -> Device:
+    """The GPU `local_rank` (the process's own under torchrun), or the CPU."""
     if not torch.cuda.is_available():
         return Device(cuda=False)
+    props = torch.cuda.get_device_properties(local_rank)
     return Device(
-        cuda=True, bf16=bool(torch.cuda.is_bf16_supported()), name=torch.cuda.get_device_name()
+        cuda=True,
+        bf16=bool(torch.cuda.is_bf16_supported()),
+        name=torch.cuda.get_device_name(local_rank),
+        index=local_rank,
+        memory=int(props.total_memory),
     )
 
 
@@ -139,23 +149,36 @@ def compute_dtype_name(q: QuantizationSpec, device: Device) -> str:
     return "bfloat16" if device.bf16 else "float16"
 
 
-def to_bnb_config(q: QuantizationSpec, device: Device) -> Any | None:
-    """BitsAndBytesConfig for nf4/fp4/int8, None for `mode: none`."""
+def to_bnb_config(q: QuantizationSpec, device: Device, strategy: Strategy = "single") -> Any | None:
+    """BitsAndBytesConfig for nf4/fp4/int8, None for `mode: none`.
+
+    FSDP shards only floating-point tensors: under it the 4-bit weights are stored in
+    the compute dtype (`bnb_4bit_quant_storage`, as bitsandbytes' FSDP-QLoRA guide and
+    PEFT document), so they shard like the rest of the model; otherwise in uint8.
+    """
     if q.mode == "none":
         return None
     if q.mode == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)  # type: ignore[no-untyped-call]
+    compute = getattr(torch, compute_dtype_name(q, device))
     return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
         load_in_4bit=True,
         bnb_4bit_quant_type=q.mode,
         bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=getattr(torch, compute_dtype_name(q, device)),
-        bnb_4bit_quant_storage=torch.uint8,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=compute if strategy == "fsdp" else torch.uint8,
     )
 
 
-def model_load_kwargs(cfg: TrainerConfig, device: Device) -> dict[str, Any]:
-    """Keyword arguments for AutoModelForCausalLM.from_pretrained."""
+def model_load_kwargs(
+    cfg: TrainerConfig, device: Device, strategy: Strategy = "single"
+) -> dict[str, Any]:
+    """Keyword arguments for AutoModelForCausalLM.from_pretrained.
+
+    One process or DDP: the whole (quantized) model on the process's own GPU. FSDP: no
+    device map; the Trainer's FSDP wrapper places the shards (rank 0 loads the weights
+    and the others receive theirs, cpu_ram_efficient_loading in `sft_config_kwargs`).
+    """
     dtype = getattr(torch, compute_dtype_name(cfg.quantization, device))
     kwargs: dict[str, Any] = {
         "dtype": dtype,
@@ -164,11 +187,11 @@ def model_load_kwargs(cfg: TrainerConfig, device: Device) -> dict[str, Any]:
         "attn_implementation": "sdpa",
         "low_cpu_mem_usage": True,
     }
-    bnb = to_bnb_config(cfg.quantization, device)
+    bnb = to_bnb_config(cfg.quantization, device, strategy)
     if bnb is not None:
         kwargs["quantization_config"] = bnb
-    if device.cuda:
-        kwargs["device_map"] = {"": 0}
+    if device.cuda and strategy != "fsdp":
+        kwargs["device_map"] = {"": device.index}
     return kwargs
 
 
@@ -225,9 +248,40 @@ def to_sft_config(
     output_dir: Path,
     *,
     has_eval: bool,
+    strategy: Strategy = "single",
 ) -> Any:
     """SFTConfig for this job; `output_dir` is the local checkpoint directory."""
-    return SFTConfig(**sft_config_kwargs(cfg, device, output_dir, has_eval=has_eval))
+    kwargs = sft_config_kwargs(cfg, device, output_dir, has_eval=has_eval, strategy=strategy)
+    return SFTConfig(**kwargs)
+
+
+def parallel_kwargs(cfg: TrainerConfig, strategy: Strategy) -> dict[str, Any]:
+    """The SFTConfig arguments for `strategy` (the Trainer reads the ranks from torchrun).
+
+    DDP: every LoRA weight gets a gradient each step, so DDP need not search the graph
+    for unused parameters (the Trainer would, for a PEFT model).
+    FSDP: TRL's own FSDP2 recipe (trl/accelerate_configs/fsdp2.yaml): each decoder
+    layer wrapped, rank 0 loading the weights, full state dicts (an adapter is small,
+    and a full checkpoint loads on any number of ranks), and FSDP's own activation
+    checkpointing in place of the Trainer's (which would gather each layer twice).
+    """
+    if strategy == "ddp":
+        return {"ddp_find_unused_parameters": False}
+    if strategy != "fsdp":
+        return {}
+    return {
+        "fsdp": True,
+        "fsdp_config": {
+            "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "cpu_ram_efficient_loading": True,
+            "reshard_after_forward": True,
+            "state_dict_type": "FULL_STATE_DICT",
+            "activation_checkpointing": cfg.training.gradient_checkpointing,
+        },
+        "activation_checkpointing": False,
+        "activation_checkpointing_kwargs": None,
+    }
 
 
 def sft_config_kwargs(
@@ -236,6 +290,7 @@ def sft_config_kwargs(
     output_dir: Path,
     *,
     has_eval: bool,
+    strategy: Strategy = "single",
 ) -> dict[str, Any]:
     """The SFTConfig arguments (SFTConfig itself checks them against this machine's GPU)."""
     t = cfg.training
@@ -284,7 +339,7 @@ def sft_config_kwargs(
         dataloader_num_workers=0,
         # Tokenized by data.py; TRL only builds labels, truncates and packs.
         dataset_num_proc=None,
-    )
+    ) | parallel_kwargs(cfg, strategy)
 
 
 # --- 2. data -------------------------------------------------------------------------
@@ -354,11 +409,14 @@ def load_tokenizer(cfg: TrainerConfig, model_dir: Path) -> Any:
         ) from e
 
 
-def load_model(cfg: TrainerConfig, model_dir: Path, device: Device) -> tuple[Any, LoraConfig]:
-    """The base model, loaded (and quantized) as `cfg` says for `device`, and the
-    LoRA config for its layers (`all-linear` or the named target modules, checked
+def load_model(
+    cfg: TrainerConfig, model_dir: Path, device: Device, strategy: Strategy = "single"
+) -> tuple[Any, LoraConfig]:
+    """The base model, loaded (and quantized) as `cfg` says for `device` and `strategy`,
+    and the LoRA config for its layers (`all-linear` or the named target modules, checked
     against the model's own linear layers)."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **model_load_kwargs(cfg, device))
+    kwargs = model_load_kwargs(cfg, device, strategy)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     targets = resolve_target_modules(cfg.lora, linear_layer_names(model))
     return model, to_lora_config(cfg.lora, targets)
 
@@ -373,6 +431,7 @@ def build_trainer(
     datasets: tuple[Any, Any | None],
     ckpt_dir: Path,
     callbacks: list[TrainerCallback] | None = None,
+    strategy: Strategy = "single",
 ) -> SFTTrainer:
     """The SFTTrainer for this job: `peft_config` on the loaded model, our SFTConfig,
     packed rows laid out for the model's attention implementation (`use_packed_rows`),
@@ -384,7 +443,7 @@ def build_trainer(
     train_ds, eval_ds = datasets
     trainer = DtypeKeepingTrainer(
         model=model,
-        args=to_sft_config(cfg, device, ckpt_dir, has_eval=eval_ds is not None),
+        args=to_sft_config(cfg, device, ckpt_dir, has_eval=eval_ds is not None, strategy=strategy),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
@@ -547,10 +606,13 @@ def load_finished(trainer: Any, ckpt: Path) -> FinishedState:
 
 
 def save_adapter(trainer: Any, tokenizer: Any, out_dir: Path) -> None:
-    """adapter_config.json, adapter_model.safetensors and the tokenizer, into `out_dir`."""
+    """adapter_config.json, adapter_model.safetensors and the tokenizer, into `out_dir`.
+    With several ranks every rank calls this (FSDP gathers the adapter's shards) and
+    the Trainer's `should_save` rank (rank 0) writes the files."""
     trainer.save_model(str(out_dir))
-    tokenizer.save_pretrained(out_dir)
-    (out_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; nothing to publish
+    if trainer.args.should_save:
+        tokenizer.save_pretrained(out_dir)
+        (out_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; nothing to publish
 
 
 def merge_adapter(

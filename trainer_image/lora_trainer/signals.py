@@ -13,6 +13,11 @@ What a signal does depends on the run's phase (`StopRequest.phase`):
 
 The message names the signal and the phase it arrived in, so a log never says
 "before training started" about a run that had finished training.
+
+With several ranks, one that stops because another got the signal first
+(`follow`) stops like one that got it: a checkpoint after the same step. Its own
+SIGTERM, which torchrun sends every rank, still counts as the first signal, so it
+does not interrupt that checkpoint.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ Phase = Literal["starting", "training", "finishing"]
 class StopRequest:
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._followed = False
         self.phase: Phase = "starting"  # advanced by train.py
         self.signal_name: str | None = None
         # What "finishing" is about, for the interruption message (set by train.py).
@@ -42,7 +48,14 @@ class StopRequest:
 
     @property
     def requested(self) -> bool:
-        return self._event.is_set()
+        return self._event.is_set() or self._followed
+
+    def follow(self) -> None:
+        """Stop because another rank was asked to (lora_trainer.distributed.agree)."""
+        if not self.requested:
+            log.warning("another rank was asked to stop: saving a checkpoint with it")
+            self._followed = True
+            self.signal_name = self.signal_name or "SIGTERM (to another rank)"
 
     @property
     def training(self) -> bool:

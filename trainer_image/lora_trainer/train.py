@@ -9,6 +9,10 @@ A checkpoint of the run's last step (an earlier attempt trained everything, then
 was stopped before publishing) is loaded instead of trained: the attempt goes
 straight to evaluation and publishing with the checkpoint's step counts.
 
+With several ranks (torchrun, lora_trainer.launch) every rank runs this same recipe
+on its share of each batch; rank 0 alone decides what to resume, publishes
+checkpoints, writes and uploads the output and reports (lora_trainer.distributed).
+
 Every failure is raised as a TrainerError subclass; cli.main turns it into the
 termination message and exit code. The training stack (transformers, peft, TRL) is
 reached only through lora_trainer.hf; this module is the recipe.
@@ -18,14 +22,14 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from loraops_contract.config import TrainerConfig
 from loraops_contract.protocol import TerminationMessage
 
-from lora_trainer import checkpoints, data, evaluation, hf, results, tracking
+from lora_trainer import checkpoints, data, distributed, evaluation, hf, results, tracking
 from lora_trainer.callbacks import CheckpointCallback, ProgressCallback, StopCallback
 from lora_trainer.errors import DatasetError, Interrupted
 from lora_trainer.inputs import Inputs
@@ -61,6 +65,8 @@ class Runtime:
     # Threads torch may run: the pod's CPU limit in whole cores (LORA_TRAINER_CPU_LIMIT_
     # MILLICORES); None leaves torch's default, one per core the machine has.
     cpu_threads: int | None = None
+    # This process's place among the run's processes (one, unless torchrun started it).
+    ranks: distributed.Ranks = field(default_factory=distributed.Ranks)
 
 
 def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
@@ -69,9 +75,25 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
     if rt.cpu_threads:
         hf.limit_threads(rt.cpu_threads)
         log.info("torch threads: %d (the pod's CPU limit)", rt.cpu_threads)
-    device = hf.detect_device()
+    ranks = rt.ranks
+    device = hf.detect_device(ranks.local_rank)
     log.info("device: %s", device.name)
+    distributed.init(ranks, cuda=device.cuda)
     model_dir = inputs.model_dir
+    parallel = _parallel(cfg, ranks, model_dir, device)
+    log.info(
+        "%s; global batch %d = batchSize %d x %d ranks x gradientAccumulationSteps %d",
+        parallel.why,
+        parallel.global_batch_size,
+        parallel.per_device_batch_size,
+        parallel.ranks,
+        parallel.gradient_accumulation_steps,
+    )
+    rt.board.update(
+        strategy=parallel.strategy,
+        ranks=parallel.ranks,
+        global_batch_size=parallel.global_batch_size,
+    )
 
     # 1. Tokenize the (already checked) records with the model's tokenizer.
     rt.board.update(stage="loading")
@@ -79,12 +101,16 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
     train_ds, eval_ds = tokenize_inputs(cfg, tokenizer, inputs)
 
     # 2. Model, target modules, adapter config.
-    model, peft_config = hf.load_model(cfg, model_dir, device)
+    model, peft_config = hf.load_model(cfg, model_dir, device, parallel.strategy)
 
     # 3. Resume from the newest complete checkpoint, if an earlier attempt left one.
     ckpt_dir = rt.work_dir / "checkpoints"
-    attempt = rt.attempt or checkpoints.next_attempt(rt.storage, cfg.output.uri)
-    this_run = checkpoints.Run.of(cfg)
+    if rt.attempt:
+        attempt = rt.attempt
+    else:
+        local = checkpoints.next_attempt(rt.storage, cfg.output.uri) if ranks.is_main else 0
+        attempt = distributed.from_main(local)
+    this_run = checkpoints.Run.of(cfg, ranks.world_size)
     log.info(
         "attempt %d of run %s: checkpoints go to %s",
         attempt,
@@ -92,8 +118,19 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
         checkpoints.attempt_uri(cfg.output.uri, this_run.id, attempt),
     )
     # Only checkpoints of this run: a spec that changed the run starts it from step 0.
-    resume = checkpoints.find_latest(rt.storage, cfg.output.uri, this_run, attempt)
-    restored = checkpoints.restore(rt.storage, resume, ckpt_dir) if resume else None
+    # Rank 0 picks it; the first rank on each node downloads it for the node's ranks.
+    resume = distributed.from_main(
+        checkpoints.find_latest(rt.storage, cfg.output.uri, this_run, attempt)
+        if ranks.is_main
+        else None
+    )
+    restored = (
+        checkpoints.restore(rt.storage, resume, ckpt_dir)
+        if resume and ranks.is_local_main
+        else None
+    )
+    distributed.barrier()
+    restored = distributed.from_main(restored)
     resume_path = restored.path if restored else None
     saved = restored.state if restored else None
     if resume:
@@ -114,7 +151,7 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
     tracker = tracking.Tracker(
         cfg, rt.storage, rt.work_dir, run_id=this_run.id, attempt=attempt, job_name=rt.job_name
     )
-    tracked = tracker.start()
+    tracked = tracker.start() if ranks.is_main else []
     trainer = hf.build_trainer(
         cfg,
         model,
@@ -124,6 +161,7 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
         datasets=(train_ds, eval_ds),
         ckpt_dir=ckpt_dir,
         callbacks=[progress, saver, StopCallback(rt.stop), *tracked],
+        strategy=parallel.strategy,
     )
     # SFTTrainer trains on its own labelled (and packed) copies of the datasets.
     del train_ds, eval_ds
@@ -152,6 +190,7 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
         "resumed_from_step": resume.step if resume else None,
         "skipped_records": inputs.skipped_records,
         "loss_history": progress.loss_history,
+        "parallel": parallel.to_metrics(),
     }
     if trainer.eval_dataset is not None:
         rt.board.update(stage="evaluating")
@@ -161,7 +200,7 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
         metrics["eval_history"] = one_per_step(progress.eval_history)
         rt.board.update(eval_loss=metrics["eval_loss"])
     samples: list[evaluation.Sample] = []
-    if cfg.evaluation.prompts:
+    if cfg.evaluation.prompts and ranks.world_size == 1:
         samples = evaluation.answer_prompts(
             trainer.model,
             tokenizer,
@@ -169,9 +208,18 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
             dataset_format=inputs.format,
             max_new_tokens=cfg.evaluation.max_new_tokens,
         )
+    elif cfg.evaluation.prompts:
+        log.info("evaluation.prompts are answered only by single-process runs; skipped")
     out_dir = rt.work_dir / "output"
-    shutil.rmtree(out_dir, ignore_errors=True)
+    if ranks.is_local_main:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    distributed.barrier()
+    # Every rank takes part (FSDP gathers the adapter's shards); rank 0 writes it.
     hf.save_adapter(trainer, tokenizer, out_dir)
+    if not ranks.is_main:
+        return TerminationMessage(
+            outcome="Succeeded", message=f"rank {ranks.rank}: trained {steps} steps"
+        )
     name_base_model(out_dir, cfg.model.uri)  # not the pod's cache path
     # metrics.json, samples.jsonl, plots/*.png and the model card (README.md).
     report = results.write_results(
@@ -225,6 +273,29 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
         last_checkpoint=last_checkpoint,
         skipped_records=inputs.skipped_records or None,
         evaluation=report,
+    )
+
+
+def _parallel(
+    cfg: TrainerConfig, ranks: distributed.Ranks, model_dir: Path, device: hf.Device
+) -> distributed.Parallel:
+    """The strategy for this run (spec.training.strategy; auto weighs the model's size
+    against one GPU's memory) and the batch it trains with."""
+    weights = None
+    if device.cuda and ranks.distributed and cfg.training.strategy == "auto":
+        parameters = distributed.model_parameters(model_dir)
+        if parameters is not None:
+            dtype = hf.compute_dtype_name(cfg.quantization, device)
+            weights = distributed.weight_bytes(parameters, cfg.quantization.mode, dtype)
+    strategy, why = distributed.choose_strategy(
+        cfg.training.strategy, ranks.world_size, weights=weights, device_memory=device.memory
+    )
+    return distributed.Parallel(
+        strategy=strategy,
+        ranks=ranks.world_size,
+        per_device_batch_size=cfg.training.batch_size,
+        gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
+        why=why,
     )
 
 

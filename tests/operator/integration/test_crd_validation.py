@@ -121,6 +121,7 @@ GOOD: list[tuple[str, dict[str, Any]]] = [
     ),
     ("endpoint with local output", {"storage": {"endpoint": "https://s3.example.com"}}),
     ("cpu job", {"resources": {"gpus": 0, "cpu": "500m", "memory": "1.5Gi"}}),
+    ("fsdp on 8 gpus", {"resources": {"gpus": 8}, "training": {"strategy": "fsdp"}}),
     (
         "mig",
         {"resources": {"gpus": 1, "gpuResourceName": "nvidia.com/mig-1g.10gb", "gpuProduct": "A"}},

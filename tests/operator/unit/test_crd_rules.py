@@ -146,6 +146,7 @@ def test_cross_field_rules_sit_where_their_fields_are() -> None:
         ".storage.credentialsSecret",
         ".training.optimizer",
         ".training.evalEverySteps",
+        ".training.strategy",
     } <= paths(spec)
     assert paths(props["training"]) == {".epochs"}
     assert paths(props["resources"]) == {".gpuProduct", ".gpus"}

@@ -14,6 +14,7 @@ from lorajob_operator.api import (
     parse_spec,
     parse_status,
     private_endpoint_refusal,
+    spec_changes,
     spec_hash,
     status_patch,
     trainer_config,
@@ -88,6 +89,12 @@ MALFORMED: list[tuple[str, dict[str, Any], str, str]] = [
         with_("lora.targetModules", []),
         "spec.lora.targetModules",
         "at least one",
+    ),
+    (
+        "fsdp+int8",
+        with_("quantization.mode", "int8") | {"training": {"strategy": "fsdp"}},
+        "training.strategy",
+        "int8",
     ),
     (
         "dora+int8",
@@ -309,6 +316,12 @@ MALFORMED: list[tuple[str, dict[str, Any], str, str]] = [
         {**BASE, "resources": {"gpus": 0}, "training": {"optimizer": "paged_adamw_8bit"}},
         "spec.training.optimizer",
         "adamw_torch",
+    ),
+    (
+        "fsdp on one gpu",
+        {**BASE, "resources": {"gpus": 1}, "training": {"strategy": "fsdp"}},
+        "spec.training.strategy",
+        "gpus to 2 or more",
     ),
     (
         "eval every without data",
@@ -549,3 +562,15 @@ def test_status_patch_is_the_merge_patch_between_two_statuses() -> None:
         "progress": {"step": 6},
         "hint": "h",
     }
+
+
+def test_the_global_batch_decides_whether_more_gpus_resume_the_run() -> None:
+    """GPUs x batchSize rows make each accumulation step: keeping that product keeps the
+    run (and its checkpoints); more GPUs at the same batchSize are a new run."""
+    one = parse_spec({**BASE, "resources": {"gpus": 1}, "training": {"batchSize": 8}})
+    same_rows = parse_spec({**BASE, "resources": {"gpus": 2}, "training": {"batchSize": 4}})
+    more_rows = parse_spec({**BASE, "resources": {"gpus": 2}, "training": {"batchSize": 8}})
+    kept = spec_changes(one, same_rows)
+    assert kept.new_run == []
+    assert set(kept.resumable) == {"resources.gpus", "training.batchSize"}
+    assert spec_changes(one, more_rows).new_run == ["resources.gpus"]

@@ -73,6 +73,18 @@ CASES: dict[str, tuple[LoRAJobSpec, OperatorSettings, int]] = {
         OperatorSettings(kueue_namespace_queues={"team-a": "team-a-cpu"}),
         1,
     ),
+    # One GPU per training process: torchrun with 8 ranks on one node.
+    "multi-gpu": (
+        parse_spec(
+            MINIMAL
+            | {
+                "resources": {"gpus": 8, "cpu": "32", "memory": "256Gi"},
+                "training": {"strategy": "fsdp"},
+            }
+        ),
+        OperatorSettings(),
+        1,
+    ),
 }
 
 
@@ -306,6 +318,21 @@ def test_pod_name_long_and_dotted() -> None:
         assert len(name) <= 63
         assert name[0].isalnum()
         assert name[-1].isalnum()
+
+
+def test_gpus_set_the_training_processes() -> None:
+    """One GPU runs the trainer alone; N GPUs run it as torchrun's launcher with N
+    ranks, given the pod's grace period to checkpoint on SIGTERM."""
+    assert "args" not in build("minimal")["spec"]["containers"][0]
+    container = build("multi-gpu")["spec"]["containers"][0]
+    grace = OperatorSettings().termination_grace_seconds
+    assert container["args"] == ["--nproc-per-node", "8", "--shutdown-timeout", str(grace)]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    # The trainer parses exactly these arguments.
+    from lora_trainer.cli import _parser  # noqa: PLC0415 - the trainer side of the contract
+
+    parsed = _parser().parse_args(container["args"])
+    assert (parsed.nproc_per_node, parsed.shutdown_timeout) == (8, grace)
 
 
 def test_trainer_command_override() -> None:
