@@ -198,7 +198,7 @@ def parse_job_spec(spec: Any, namespace: str, settings: OperatorSettings) -> Par
         default_gpu_resource_name=settings.gpu_resource_name,
         default_image=settings.trainer_image,
     )
-    run = run_id(api.trainer_config(parsed))
+    run = run_id(api.trainer_config(parsed), api.training_ranks(parsed))
     return ParsedSpec(parsed, api.spec_hash(parsed), run=run, violations=tuple(violations))
 
 
@@ -799,7 +799,7 @@ def _apply_outcome(
         _succeeded(b, attempt, pod, outcome)
     elif kind == "disrupted":
         _disrupted(b, attempt, reason or Reason.DISRUPTED, outcome.message)
-    elif outcome.counts_toward_backoff:  # a failure: one of spec.backoffLimit's retries
+    elif kind == "failed":
         _failed(b, attempt, pod, outcome, spec)
     else:
         b.requeue(UNKNOWN_RECHECK_SECONDS)
