@@ -81,6 +81,8 @@ def jobs(cluster: Cluster) -> dict[str, dict[str, Any]]:
 def test_kstatus_reads_success_and_failure(jobs: dict[str, dict[str, Any]]) -> None:
     names = list(EXPECTED)
     results = kstatus([jobs[n] for n in names])
+    for n, r in zip(names, results, strict=True):
+        print(f"kstatus {n}: {r['status']}: {r['message']}")  # shown with -s
     got = {n: r["status"] for n, r in zip(names, results, strict=True)}
     assert got == {n: kstat for n, (_, kstat) in EXPECTED.items()}
     failed = results[names.index("failed")]
@@ -91,6 +93,7 @@ def test_kstatus_reads_success_and_failure(jobs: dict[str, dict[str, Any]]) -> N
 def test_argocd_health_of_each_phase(jobs: dict[str, dict[str, Any]]) -> None:
     for name, (argo, _) in EXPECTED.items():
         health = argocd_health(jobs[name])
+        print(f"argocd {name}: {health['status']}: {health['message']}")  # shown with -s
         assert health["status"] == argo, (name, health)
     assert argocd_health(jobs["running"])["message"].startswith("Running (TrainerRunning): step ")
     assert "InvalidDataset" in argocd_health(jobs["failed"])["message"]
@@ -111,6 +114,9 @@ def test_kubectl_wait_tells_success_from_failure(
             f"--for=condition={condition}",
             "--timeout=30s",
             check=False,
+        )
+        print(
+            f"$ kubectl wait lorajob/{name} --for=condition={condition}\n{out.stdout}{out.stderr}"
         )
         return out.returncode
 

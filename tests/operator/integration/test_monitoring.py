@@ -111,6 +111,8 @@ def test_every_metric_the_dashboard_and_alerts_query_is_exported(driven: Cluster
 
 def test_per_job_series_follow_the_jobs(driven: Cluster) -> None:
     samples = scrape(driven)
+    shown = [line for line in driven.metrics().splitlines() if "lorajob=" in line]
+    print("\n".join(shown))  # shown with -s
     running = per_job(samples, "mon-evicted")
     assert running["lorajob_job_phase{phase=Running}"] == 1.0
     assert running["lorajob_job_progress_ratio"] == 0.4  # step 8 of 20
