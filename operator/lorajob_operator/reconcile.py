@@ -1,11 +1,12 @@
 """The LoRAJob state machine, as pure functions.
 
-`decide()` looks at one LoRAJob, its trainer pods and a few facts the handler
-gathered (missing Secrets, how many jobs run in the namespace, live progress)
-and returns a `Decision`: which pod to create or delete, the status merge patch,
-the Events to post, the metrics to count and when to look again. Nothing here
-talks to the API, so every transition is a table-driven unit test and a
-restarted operator that sees the same objects makes the same decision.
+`decide()` looks at one LoRAJob, its trainer pods and a few facts the controller
+gathered when it asked for them (missing Secrets, how many jobs run in the
+namespace, live progress: `Observed`) and returns a `Decision`: which pod to create
+or delete, the status merge patch (status is written through the typed
+api.LoRAJobStatus), the Events to post, the metrics to count and when to look again.
+Nothing here talks to the API, so every transition is a table-driven unit test and
+a restarted operator that sees the same objects makes the same decision.
 
 State lives only in the resources, never in memory:
 
@@ -48,7 +49,7 @@ Spec changes: the declared spec is what eventually runs (GitOps). `status.runGen
 (api.spec_hash: all but the control fields, which apply live) stops it, not counted
 against backoffLimit, and the next attempt resumes from the checkpoint the trainer saves
 on SIGTERM, or trains a new run from step 0 when the run-defining fields changed
-(lora_trainer.config.RESUMABLE_FIELDS are the others; the trainer keeps each run's
+(loraops_contract.config.RESUMABLE_FIELDS are the others; the trainer keeps each run's
 checkpoints apart). `completedGeneration` says which generation the adapter is for.
   no pod ............. wait Queued (Secret, concurrency), backoff, or create the next attempt;
                        a refused create becomes Queued/QuotaExceeded or Failed (create_rejected)
@@ -62,11 +63,12 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from lora_trainer.config import run_id
-from lora_trainer.protocol import Progress
+from loraops_contract.config import run_id
+from loraops_contract.protocol import Progress
 
 from lorajob_operator import api, objects, policy, progress
 from lorajob_operator.api import Phase, format_time, parse_time
+from lorajob_operator.backoff import exponential, open_ended
 from lorajob_operator.conditions import (
     HINTS,
     ConditionType,
@@ -98,9 +100,7 @@ __all__ = [
     "parse_job_spec",
     "parse_time",
     "progress_patch",
-    "retry_delay",
     "secret_refs",
-    "wait_delay",
 ]
 
 EventType = Literal["Normal", "Warning"]
@@ -168,7 +168,7 @@ class ParsedSpec:
     spec: api.LoRAJobSpec | None
     hash: str | None
     error: api.InvalidSpecError | None = None
-    # The training run the spec defines (lora_trainer.config.run_id).
+    # The training run the spec defines (loraops_contract.config.run_id).
     run: str | None = None
     # How a valid spec breaks the cluster policy (policy.check_policy), one per rule.
     violations: tuple[str, ...] = ()
@@ -257,25 +257,6 @@ class CreatePod:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def retry_delay(failed_attempts: int, base: float, cap: float) -> float:
-    """Exponential backoff before retry number `failed_attempts` (1-based)."""
-    if failed_attempts <= 0:
-        return 0.0
-    return float(min(cap, base * 2 ** min(failed_attempts - 1, 30)))
-
-
-def wait_delay(since: datetime | None, now: datetime, low: float, high: float) -> float:
-    """Backoff for open-ended waits (missing Secret, quota) without a counter.
-
-    Waiting as long again as we have waited so far doubles the interval each
-    time, from `low` up to `high`: quick for a typo fixed at once, quiet for a
-    quota that stays full for an hour.
-    """
-    waited = (now - since).total_seconds() if since else 0.0
-    # Never below a second, whatever the settings say: this must not become a hot loop.
-    return float(max(1.0, min(high, max(low, waited))))
 
 
 def secret_refs(spec: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -940,7 +921,7 @@ def _failed(
         )
         return
     b.status.pod_name = None
-    delay = retry_delay(
+    delay = exponential(
         failed, b.settings.retry_backoff_seconds, b.settings.retry_backoff_max_seconds
     )
     checkpoint = _recorded_checkpoint(b)
@@ -1214,7 +1195,7 @@ def _retry_wait_left(b: _Builder, attempt: int) -> float:
     finished = finished or parse_time(running.get("lastTransitionTime"))
     if finished is None:
         return 0.0
-    delay = retry_delay(
+    delay = exponential(
         failed, b.settings.retry_backoff_seconds, b.settings.retry_backoff_max_seconds
     )
     return (finished + timedelta(seconds=delay) - b.now).total_seconds()
@@ -1229,7 +1210,7 @@ def _queue(b: _Builder, reason: Reason, message: str, *, recheck: float | None =
     queued = b.cond(ConditionType.QUEUED) or {}
     since = parse_time(queued.get("lastTransitionTime"))
     b.requeue(
-        wait_delay(
+        open_ended(
             since, b.now, b.settings.wait_backoff_seconds, b.settings.wait_backoff_max_seconds
         )
     )
