@@ -561,7 +561,7 @@ CHECKPOINT_12 = "s3://adapters/tune/checkpoints/run-r/attempt-1/checkpoint-12"
         ({"training": {"maxSteps": 40}}, "resume"),
         ({"training": {"checkpointEverySteps": 7, "loggingSteps": 2}}, "resume"),
         ({"output": {"mergedModel": True}}, "resume"),
-        ({"resources": {"gpus": 2}}, "resume"),
+        ({"resources": {"gpus": 2}}, "new run"),  # the run id counts the ranks (issue 12)
         ({"scheduling": {"priorityClassName": "high"}}, "resume"),
         ({"image": "registry.example.com/trainer:2"}, "resume"),
         ({"training": {"learningRate": 1e-3}}, "new run"),
