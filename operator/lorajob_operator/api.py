@@ -721,6 +721,15 @@ class ProgressStatus(_StatusModel):
     eval_loss: float | None = None
     tokens_per_second: float | None = None
     eta_seconds: float | None = None
+    strategy: str | None = Field(
+        default=None,
+        description="How the run spreads over its GPUs: single (one process), ddp or fsdp.",
+    )
+    ranks: int | None = Field(default=None, description="Training processes (one per GPU).")
+    global_batch_size: int | None = Field(
+        default=None,
+        description="Rows per optimizer step: batchSize x ranks x gradientAccumulationSteps.",
+    )
     last_updated: str | None = Field(default=None, description="RFC 3339 time.")
 
 

@@ -60,6 +60,12 @@ def _as_status(progress: Progress) -> ProgressStatus:
         out.tokens_per_second = speed
     if (eta := rounded(progress.eta_seconds, 0)) is not None:
         out.eta_seconds = eta
+    if progress.strategy:
+        out.strategy = progress.strategy[:MAX_STAGE_LENGTH]
+    if progress.ranks and progress.ranks > 0:
+        out.ranks = progress.ranks
+    if progress.global_batch_size and progress.global_batch_size > 0:
+        out.global_batch_size = progress.global_batch_size
     return out
 
 

@@ -41,6 +41,14 @@ def test_status_progress_first_write_and_fields() -> None:
     }
 
 
+def test_status_progress_states_how_the_run_is_spread() -> None:
+    p = Progress(stage="loading", strategy="ddp", ranks=8, global_batch_size=128)
+    out = status_progress(p, None, at(0), 5)
+    assert out is not None
+    wire = out.model_dump(by_alias=True, exclude_unset=True)
+    assert (wire["strategy"], wire["ranks"], wire["globalBatchSize"]) == ("ddp", 8, 128)
+
+
 def test_status_progress_only_when_changed() -> None:
     p = Progress(stage="training", step=5, total_steps=20, tokens_per_second=100.0)
     first = status_progress(p, None, at(0), 5)
