@@ -307,27 +307,40 @@ def cmd_progress(cluster: Cluster, args: argparse.Namespace, out: TextIO) -> int
     if not args.watch:
         return 0
     last = {k: progress_line(j) for k, j in jobs.items()}
+
+    def update(key: tuple[str, str], obj: Mapping[str, Any] | None) -> None:
+        nonlocal shown
+        if obj is None:
+            print(f"{key[0]}/{key[1]} was deleted", file=out, flush=True)
+            jobs.pop(key, None)
+            return
+        jobs[key] = dict(obj)
+        line = progress_line(obj)
+        if line != last.get(key):
+            last[key] = line
+            if live:
+                shown = _render(jobs, out, redraw_lines=shown)
+            else:
+                print(line, file=out, flush=True)
+
     while not all(_finished(j) for j in jobs.values()):
-        for event in cluster.watch_jobs(namespace, version):
-            obj = event["object"]
-            version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
-            key = _key(obj)
-            if key not in jobs:
-                continue
-            if event["type"] == "DELETED":
-                print(f"{key[0]}/{key[1]} was deleted", file=out, flush=True)
-                jobs.pop(key)
-                continue
-            jobs[key] = obj
-            line = progress_line(obj)
-            if line != last.get(key):
-                last[key] = line
-                if live:
-                    shown = _render(jobs, out, redraw_lines=shown)
-                else:
-                    print(line, file=out, flush=True)
-            if all(_finished(j) for j in jobs.values()):
-                break
+        try:
+            for event in cluster.watch_jobs(namespace, version):
+                obj = event["object"]
+                if event["type"] == "ERROR":  # e.g. 410 Gone: the history is compacted
+                    raise ApiException(status=int(obj.get("code") or 500), reason=obj.get("reason"))
+                version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
+                if _key(obj) in jobs:
+                    update(_key(obj), None if event["type"] == "DELETED" else obj)
+                if all(_finished(j) for j in jobs.values()):
+                    break
+        except ApiException as exc:
+            if exc.status != 410:
+                raise PluginError(f"watching lorajobs: {exc.reason}") from exc
+            items, version = cluster.jobs(namespace)  # too old to resume: list again
+            fresh = {_key(j): j for j in items}
+            for key in list(jobs):
+                update(key, fresh.get(key))
     failed = [k for k, j in jobs.items() if (j.get("status") or {}).get("phase") == "Failed"]
     return 1 if failed else 0
 

@@ -7,17 +7,21 @@ cluster training a real job.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib
+import io
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from kubernetes.client.exceptions import ApiException
 from lorajob_operator.kubectl_lj import (
     FileCheck,
     PluginError,
+    cmd_progress,
     manifest_files,
     progress_line,
     verify_file,
@@ -86,3 +90,34 @@ def test_installed_as_the_kubectl_lj_console_script() -> None:
     target = project["scripts"]["kubectl-lj"]
     module, _, func = target.partition(":")
     assert callable(getattr(importlib.import_module(module), func))
+
+
+class _Jobs:
+    """The plugin's Cluster for `progress` alone: a listing, then watch streams that
+    each end (the first as the API server ends one whose history is compacted)."""
+
+    def __init__(self, listings: list[list[dict[str, Any]]], streams: list[Any]) -> None:
+        self.listings = listings
+        self.streams = streams
+
+    def jobs(self, namespace: str | None) -> tuple[list[dict[str, Any]], str]:
+        del namespace
+        return self.listings.pop(0), "1"
+
+    def watch_jobs(self, namespace: str | None, version: str) -> Any:
+        del namespace, version
+        stream = self.streams.pop(0)
+        if isinstance(stream, Exception):
+            raise stream
+        yield from stream
+
+
+def test_progress_watch_lists_again_when_its_history_is_gone() -> None:
+    running, done = _recorded("running"), _recorded("succeeded")
+    done["metadata"]["name"] = "health-running"
+    fake = _Jobs([[running], [done]], [ApiException(status=410, reason="Gone")])
+    args = argparse.Namespace(all_namespaces=False, namespace="default", names=[], watch=True)
+    out = io.StringIO()
+    assert cmd_progress(fake, args, out) == 0  # type: ignore[arg-type]
+    lines = out.getvalue().splitlines()
+    assert [line.split()[1] for line in lines] == ["Running", "Succeeded"]
