@@ -18,15 +18,10 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
-from lorajob_operator.kubectl_lj import (
-    FileCheck,
-    PluginError,
-    cmd_progress,
-    manifest_files,
-    progress_line,
-    verify_file,
-    why_report,
-)
+from lorajob_operator.kubectl_lj.commands import cmd_progress
+from lorajob_operator.kubectl_lj.errors import PluginError
+from lorajob_operator.kubectl_lj.manifest import FileCheck, manifest_files, verify_file
+from lorajob_operator.kubectl_lj.view import progress_line, why_report
 
 from tests.operator.health_checks import REPO, TESTDATA
 
