@@ -112,3 +112,13 @@ def test_phi3_takes_its_fused_projections(tmp_path: Path) -> None:
     fused = _adapter(tmp_path, target_modules=["qkv_proj", "gate_up_proj"])
     assert check_adapter(fused, "Phi3ForCausalLM").loads
     assert not check_adapter(fused, LLAMA).loads
+
+
+def test_full_module_paths_are_checked_and_named_by_their_layer(tmp_path: Path) -> None:
+    # PEFT saves all-linear on some models as full paths; vLLM matches the last part.
+    paths = [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")]
+    check = check_adapter(_adapter(tmp_path, target_modules=paths), LLAMA)
+    assert check.loads
+    assert "rank 8 on q_proj, v_proj," in check.reason
+    bad = check_adapter(_adapter(tmp_path, target_modules=["model.layers.0.mlp.act_fn"]), LLAMA)
+    assert "['act_fn'] are not LoRA layers" in bad.reason

@@ -38,7 +38,6 @@ class ProgressCallback(TrainerCallback):
         self.loss_history: list[tuple[int, float]] = []
         self.eval_history: list[tuple[int, float]] = []
         self.tokens_per_second: float | None = None
-        self.throughput_history: list[tuple[int, float]] = []  # (step, tokens/s) for the plots
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -59,7 +58,6 @@ class ProgressCallback(TrainerCallback):
         tps, eta = self.throughput.measure(step, state.num_input_tokens_seen, state.max_steps)
         if tps is not None:
             self.tokens_per_second = tps
-            self.throughput_history.append((step, tps))
         fields: dict[str, Any] = {
             "step": step,
             "total_steps": state.max_steps,
@@ -106,11 +104,13 @@ class CheckpointCallback(TrainerCallback):
         run: Run,
         *,
         attempt: int,
+        parallel: distributed.Parallel | None = None,
     ) -> None:
         self.storage = storage
         self.output_uri = output_uri
         self.run = run
         self.attempt = attempt
+        self.parallel = parallel
         self.board = board
         self.last_uri: str | None = None
 
@@ -121,6 +121,8 @@ class CheckpointCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         local = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
+        if self.parallel is not None:
+            distributed.write_record(local, self.parallel)
         remote = publish(self.storage, local, self.output_uri, self.run, attempt=self.attempt)
         self.last_uri = remote.uri
         self.board.update(last_checkpoint=remote.uri)

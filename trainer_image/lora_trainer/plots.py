@@ -2,12 +2,18 @@
 
 Drawn with matplotlib's Agg backend (no display in a pod) at the end of the run, from
 the Trainer's log history (which a resumed run carries across attempts) and the
-tokens/s this process measured. A series with no points gets no plot.
+tokens/s of each optimizer step this process trained (`StepThroughput`: the step's
+tokens over its time, so evaluations and checkpoints in between do not count). A
+series with no points gets no plot.
 """
+
+# Each hook must keep TrainerCallback's full signature, used parts or not.
+# ruff: noqa: ARG002
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +24,36 @@ import matplotlib as mpl
 mpl.use("Agg")  # before pyplot: a pod has no display
 
 import matplotlib.pyplot as plt
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-__all__ = ["PLOTS_DIR", "History", "Plot", "write_plots"]
+__all__ = ["PLOTS_DIR", "History", "Plot", "StepThroughput", "write_plots"]
 
 log = logging.getLogger(__name__)
 
 PLOTS_DIR = "plots"
 Series = list[tuple[int, float]]
+
+
+class StepThroughput(TrainerCallback):
+    """Tokens/s of every optimizer step: the tokens it consumed over its wall time."""
+
+    def __init__(self) -> None:
+        self.history: Series = []
+        self._t0 = 0.0
+        self._tokens0 = 0
+
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._t0, self._tokens0 = time.monotonic(), state.num_input_tokens_seen
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        elapsed = time.monotonic() - self._t0
+        tokens = state.num_input_tokens_seen - self._tokens0
+        if elapsed > 0 and tokens > 0:
+            self.history.append((state.global_step, tokens / elapsed))
 
 
 @dataclass

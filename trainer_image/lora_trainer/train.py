@@ -29,7 +29,7 @@ from typing import Any
 from loraops_contract.config import TrainerConfig
 from loraops_contract.protocol import TerminationMessage
 
-from lora_trainer import checkpoints, data, distributed, evaluation, hf, results, tracking
+from lora_trainer import checkpoints, data, distributed, evaluation, hf, plots, results, tracking
 from lora_trainer.callbacks import CheckpointCallback, ProgressCallback, StopCallback
 from lora_trainer.errors import DatasetError, Interrupted
 from lora_trainer.inputs import Inputs
@@ -80,30 +80,13 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
     log.info("device: %s", device.name)
     distributed.init(ranks, cuda=device.cuda)
     model_dir = inputs.model_dir
-    parallel = _parallel(cfg, ranks, model_dir, device)
-    log.info(
-        "%s; global batch %d = batchSize %d x %d ranks x gradientAccumulationSteps %d",
-        parallel.why,
-        parallel.global_batch_size,
-        parallel.per_device_batch_size,
-        parallel.ranks,
-        parallel.gradient_accumulation_steps,
-    )
-    rt.board.update(
-        strategy=parallel.strategy,
-        ranks=parallel.ranks,
-        global_batch_size=parallel.global_batch_size,
-    )
 
     # 1. Tokenize the (already checked) records with the model's tokenizer.
     rt.board.update(stage="loading")
     tokenizer = hf.load_tokenizer(cfg, model_dir)
     train_ds, eval_ds = tokenize_inputs(cfg, tokenizer, inputs)
 
-    # 2. Model, target modules, adapter config.
-    model, peft_config = hf.load_model(cfg, model_dir, device, parallel.strategy)
-
-    # 3. Resume from the newest complete checkpoint, if an earlier attempt left one.
+    # 2. Resume from the newest complete checkpoint, if an earlier attempt left one.
     ckpt_dir = rt.work_dir / "checkpoints"
     if rt.attempt:
         attempt = rt.attempt
@@ -143,10 +126,34 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
     else:
         log.info("no checkpoint of run %s to resume: training from step 0", this_run.id)
 
+    # 3. The parallel strategy (a checkpoint keeps the one it was written with), then the
+    # model for it: target modules, adapter config.
+    written_with = distributed.read_record(resume_path) if resume_path else None
+    parallel = distributed.follow_checkpoint(
+        _parallel(cfg, ranks, model_dir, device), written_with, cfg.training.strategy
+    )
+    log.info(
+        "%s; global batch %d = batchSize %d x %d ranks x gradientAccumulationSteps %d",
+        parallel.why,
+        parallel.global_batch_size,
+        parallel.per_device_batch_size,
+        parallel.ranks,
+        parallel.gradient_accumulation_steps,
+    )
+    rt.board.update(
+        strategy=parallel.strategy,
+        ranks=parallel.ranks,
+        global_batch_size=parallel.global_batch_size,
+    )
+    model, peft_config = hf.load_model(cfg, model_dir, device, parallel.strategy)
+
     # 4. Train; a checkpoint of the last step is only loaded (training it again would
     # add a step).
     progress = ProgressCallback(rt.board)
-    saver = CheckpointCallback(rt.storage, cfg.output.uri, rt.board, this_run, attempt=attempt)
+    saver = CheckpointCallback(
+        rt.storage, cfg.output.uri, rt.board, this_run, attempt=attempt, parallel=parallel
+    )
+    throughput = plots.StepThroughput()  # tokens/s of each step, for the model card
     # Experiment tracking (TensorBoard under <output>/logs/, MLflow, W&B): rank 0 reports.
     tracker = tracking.Tracker(
         cfg, rt.storage, rt.work_dir, run_id=this_run.id, attempt=attempt, job_name=rt.job_name
@@ -160,7 +167,7 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
         peft_config=peft_config,
         datasets=(train_ds, eval_ds),
         ckpt_dir=ckpt_dir,
-        callbacks=[progress, saver, StopCallback(rt.stop), *tracked],
+        callbacks=[progress, saver, StopCallback(rt.stop), throughput, *tracked],
         strategy=parallel.strategy,
     )
     # SFTTrainer trains on its own labelled (and packed) copies of the datasets.
@@ -227,7 +234,7 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
         out_dir,
         metrics=metrics,
         log_history=trainer.state.log_history,
-        throughput=progress.throughput_history,
+        throughput=throughput.history,
         base_eval_loss=base_loss,
         samples=samples,
         architecture=results.architecture_of(model_dir),

@@ -90,14 +90,18 @@ def check_adapter(adapter_dir: Path, architecture: str | None) -> ServingCheck:
     if fitting is None:
         problems.append(f"rank {rank} is above vLLM's largest --max-lora-rank {MAX_LORA_RANKS[-1]}")
     targets = config.get("target_modules")
-    names = sorted(targets) if isinstance(targets, list) else []
+    # PEFT may save full module paths (model.layers.0.mlp.down_proj); vLLM matches the
+    # last part, and so does the verdict.
+    names = (
+        sorted({str(t).rsplit(".", 1)[-1] for t in targets}) if isinstance(targets, list) else []
+    )
     checked = ""
     supported = SUPPORTED_MODULES.get(architecture or "")
     if supported is None:
         checked = f"; target modules not checked ({architecture or 'unknown'} is not in the table)"
     elif isinstance(targets, str):
         checked = f"; target modules given as the pattern {targets!r}, not checked"
-    elif unsupported := [n for n in names if n.rsplit(".", 1)[-1] not in supported]:
+    elif unsupported := [n for n in names if n not in supported]:
         problems.append(
             f"target modules {unsupported} are not LoRA layers of {architecture} in vLLM "
             f"(it takes {sorted(supported)})"
