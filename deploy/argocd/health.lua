@@ -24,14 +24,18 @@ local function condition(conditions, type)
   return nil
 end
 
-local function join(parts)
-  local out = {}
-  for _, p in ipairs(parts) do
-    if p ~= nil and p ~= "" then
-      table.insert(out, p)
-    end
+-- "reason: message", either alone when the other is missing.
+local function join(reason, message)
+  local has_reason = reason ~= nil and reason ~= ""
+  local has_message = message ~= nil and message ~= ""
+  if has_reason and has_message then
+    return reason .. ": " .. message
+  elseif has_reason then
+    return reason
+  elseif has_message then
+    return message
   end
-  return table.concat(out, ": ")
+  return "the job failed"
 end
 
 if obj.status == nil or obj.status.phase == nil then
@@ -57,7 +61,7 @@ if status.phase == "Failed" or (stalled ~= nil and stalled.status == "True") the
     reason = stalled.reason
     message = stalled.message
   end
-  hs.message = join({ reason, message })
+  hs.message = join(reason, message)
   if status.hint ~= nil and status.hint ~= "" then
     hs.message = hs.message .. " (hint: " .. status.hint .. ")"
   end

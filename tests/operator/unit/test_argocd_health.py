@@ -96,3 +96,12 @@ def test_kstatus_of_recorded_jobs() -> None:
     }
     results = kstatus([_recorded(name) for name in expected])
     assert [r["status"] for r in results] == list(expected.values())
+
+
+def test_a_failure_without_a_reason_still_says_what_happened() -> None:
+    job = _recorded("failed")
+    del job["status"]["failureReason"]
+    job["status"]["conditions"] = [c for c in job["status"]["conditions"] if c["type"] != "Stalled"]
+    health = argocd_health(job)
+    assert health["status"] == "Degraded"
+    assert health["message"].startswith("attempt 1 (pod health-failed-1) failed")
