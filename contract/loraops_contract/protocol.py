@@ -12,10 +12,12 @@ Channels, trainer -> operator (the pod holds no Kubernetes credentials):
 
 from __future__ import annotations
 
-from enum import IntEnum, StrEnum
+from enum import IntEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
+
+from loraops_contract.reasons import Reason
 
 # --- environment set on the trainer container by the operator -----------------
 ENV_CONFIG = "LORA_TRAINER_CONFIG"  # TrainerConfig as camelCase JSON
@@ -92,32 +94,18 @@ PERMANENT_EXIT_CODES = frozenset(
 )
 
 
-class FailureReason(StrEnum):
-    """Reasons the trainer reports; the operator copies them into status."""
-
-    INVALID_SPEC = "InvalidSpec"
-    POLICY_VIOLATION = "PolicyViolation"  # e.g. the endpoint resolved to a private address
-    INVALID_DATASET = "InvalidDataset"
-    TARGET_MODULES_NOT_FOUND = "TargetModulesNotFound"
-    CREDENTIALS_ERROR = "CredentialsError"
-    SOURCE_NOT_FOUND = "SourceNotFound"
-    CUDA_OUT_OF_MEMORY = "CUDAOutOfMemory"
-    STORAGE_ERROR = "StorageError"
-    INTERRUPTED = "Interrupted"
-    INTERNAL_ERROR = "InternalError"
-
-
-REASON_EXIT_CODES: dict[FailureReason, ExitCode] = {
-    FailureReason.INVALID_SPEC: ExitCode.INVALID_CONFIG,
-    FailureReason.POLICY_VIOLATION: ExitCode.INVALID_CONFIG,
-    FailureReason.INVALID_DATASET: ExitCode.INVALID_DATASET,
-    FailureReason.TARGET_MODULES_NOT_FOUND: ExitCode.TARGET_MODULES_NOT_FOUND,
-    FailureReason.CREDENTIALS_ERROR: ExitCode.CREDENTIALS,
-    FailureReason.SOURCE_NOT_FOUND: ExitCode.SOURCE_NOT_FOUND,
-    FailureReason.CUDA_OUT_OF_MEMORY: ExitCode.CUDA_OOM,
-    FailureReason.STORAGE_ERROR: ExitCode.TRANSIENT,
-    FailureReason.INTERRUPTED: ExitCode.INTERRUPTED,
-    FailureReason.INTERNAL_ERROR: ExitCode.INTERNAL,
+# The exit code of each reason a trainer reports (reasons.TRAINER_REASONS).
+REASON_EXIT_CODES: dict[Reason, ExitCode] = {
+    Reason.INVALID_SPEC: ExitCode.INVALID_CONFIG,
+    Reason.POLICY_VIOLATION: ExitCode.INVALID_CONFIG,
+    Reason.INVALID_DATASET: ExitCode.INVALID_DATASET,
+    Reason.TARGET_MODULES_NOT_FOUND: ExitCode.TARGET_MODULES_NOT_FOUND,
+    Reason.CREDENTIALS_ERROR: ExitCode.CREDENTIALS,
+    Reason.SOURCE_NOT_FOUND: ExitCode.SOURCE_NOT_FOUND,
+    Reason.CUDA_OUT_OF_MEMORY: ExitCode.CUDA_OOM,
+    Reason.STORAGE_ERROR: ExitCode.TRANSIENT,
+    Reason.INTERRUPTED: ExitCode.INTERRUPTED,
+    Reason.INTERNAL_ERROR: ExitCode.INTERNAL,
 }
 
 
@@ -177,7 +165,7 @@ class TerminationMessage(_Wire):
     """Written to the termination log on every exit, success or failure."""
 
     outcome: str  # "Succeeded" | "Failed"
-    reason: str | None = None  # FailureReason value on failure
+    reason: str | None = None  # a reasons.TRAINER_REASONS value on failure
     message: str = ""  # what happened, secrets never included
     hint: str | None = None  # what the user should change
     retryable: bool = False

@@ -1,4 +1,7 @@
-"""Condition types, reasons, hints and the pure helpers that maintain `status.conditions`.
+"""Condition types, hints and the pure helpers that maintain `status.conditions`.
+
+The reasons themselves are the contract's (loraops_contract.reasons), shared with the
+trainer; HINTS says what to change for each.
 
 Conditions follow metav1.Condition: one entry per type, `lastTransitionTime` moves
 only when `status` flips, and the phase is derived from them (never stored alone).
@@ -12,7 +15,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from loraops_contract.protocol import FailureReason
+from loraops_contract.reasons import Reason
 
 from lorajob_operator.api import Phase, format_time
 
@@ -20,11 +23,9 @@ __all__ = [
     "HINTS",
     "MAX_MESSAGE_LENGTH",
     "ConditionType",
-    "Reason",
     "derive_phase",
     "get_condition",
     "is_true",
-    "reason_from_trainer",
     "scrub",
     "set_condition",
 ]
@@ -45,55 +46,6 @@ class ConditionType(StrEnum):
     READY = "Ready"  # True only once the adapter is written
     RECONCILING = "Reconciling"  # True while the job is pending, queued or running
     STALLED = "Stalled"  # True when the job failed for good
-
-
-class Reason(StrEnum):
-    # admission
-    SPEC_VALID = "SpecValid"
-    INVALID_SPEC = "InvalidSpec"
-    POLICY_VIOLATION = "PolicyViolation"
-    # Written by operators before spec changes were applied to started jobs; still read
-    # from their statuses (reconcile._ran_generation).
-    SPEC_CHANGE_REJECTED = "SpecChangeRejected"
-    # The spec changed: the trainer restarts with it, or a finished job runs again.
-    SPEC_CHANGED = "SpecChanged"
-    # waiting
-    POD_CREATED = "PodCreated"
-    POD_PENDING = "PodPending"
-    CONTAINER_CREATING = "ContainerCreating"
-    UNSCHEDULABLE = "Unschedulable"
-    SCHEDULING_GATED = "SchedulingGated"  # Kueue holds the pod until the quota admits it
-    QUOTA_EXCEEDED = "QuotaExceeded"
-    CONCURRENCY_LIMIT = "ConcurrencyLimit"
-    # pod could not start
-    IMAGE_PULL_ERROR = "ImagePullError"
-    CONTAINER_CONFIG_ERROR = "ContainerConfigError"
-    CONTAINER_START_ERROR = "ContainerStartError"
-    SECRET_NOT_FOUND = "SecretNotFound"
-    # running / disruptions
-    TRAINER_RUNNING = "TrainerRunning"
-    RESUMING = "Resuming"
-    EVICTED = "Evicted"
-    PREEMPTED = "Preempted"
-    NODE_LOST = "NodeLost"
-    DISRUPTED = "Disrupted"
-    # outcomes
-    COMPLETED = "Completed"
-    OOM_KILLED = "OOMKilled"
-    CUDA_OUT_OF_MEMORY = "CUDAOutOfMemory"
-    SCRATCH_SPACE_EXCEEDED = "ScratchSpaceExceeded"
-    INVALID_DATASET = "InvalidDataset"
-    TARGET_MODULES_NOT_FOUND = "TargetModulesNotFound"
-    CREDENTIALS_ERROR = "CredentialsError"
-    SOURCE_NOT_FOUND = "SourceNotFound"
-    STORAGE_ERROR = "StorageError"
-    TRAINER_ERROR = "TrainerError"
-    DEADLINE_EXCEEDED = "DeadlineExceeded"
-    BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
-    POD_DELETED = "PodDeleted"
-    # suspend
-    SUSPENDED_BY_USER = "SuspendedByUser"
-    RESUMED = "Resumed"
 
 
 # What to change, keyed by reason: shown as status.hint and in events.
@@ -149,30 +101,6 @@ HINTS: dict[Reason, str] = {
     Reason.DISRUPTED: "the pod was stopped from outside; the job resumes from its last checkpoint",
     Reason.SUSPENDED_BY_USER: "set spec.suspend: false to resume from the last checkpoint",
 }
-
-_TRAINER_REASONS: dict[str, Reason] = {
-    FailureReason.INVALID_SPEC: Reason.INVALID_SPEC,
-    FailureReason.POLICY_VIOLATION: Reason.POLICY_VIOLATION,
-    FailureReason.INVALID_DATASET: Reason.INVALID_DATASET,
-    FailureReason.TARGET_MODULES_NOT_FOUND: Reason.TARGET_MODULES_NOT_FOUND,
-    FailureReason.CREDENTIALS_ERROR: Reason.CREDENTIALS_ERROR,
-    FailureReason.SOURCE_NOT_FOUND: Reason.SOURCE_NOT_FOUND,
-    FailureReason.CUDA_OUT_OF_MEMORY: Reason.CUDA_OUT_OF_MEMORY,
-    FailureReason.STORAGE_ERROR: Reason.STORAGE_ERROR,
-    FailureReason.INTERRUPTED: Reason.DISRUPTED,
-    FailureReason.INTERNAL_ERROR: Reason.TRAINER_ERROR,
-}
-
-
-def reason_from_trainer(reason: str | None, default: Reason = Reason.TRAINER_ERROR) -> Reason:
-    """Map a trainer FailureReason (termination message) to a condition Reason."""
-    if reason in _TRAINER_REASONS:
-        return _TRAINER_REASONS[reason]
-    try:
-        return Reason(reason) if reason else default
-    except ValueError:
-        return default
-
 
 # Secret-shaped substrings that must never reach status, events or logs, whatever a
 # library put into an exception message.

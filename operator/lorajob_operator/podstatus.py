@@ -21,9 +21,10 @@ from datetime import datetime
 from typing import Any, Literal
 
 from loraops_contract.protocol import PERMANENT_EXIT_CODES, ExitCode, TerminationMessage
+from loraops_contract.reasons import Reason, reason_from_trainer
 from pydantic import ValidationError
 
-from lorajob_operator.conditions import HINTS, Reason, reason_from_trainer, scrub
+from lorajob_operator.conditions import HINTS, scrub
 from lorajob_operator.nodeloss import node_lost
 from lorajob_operator.objects import CONTAINER_NAME
 

@@ -65,6 +65,7 @@ from typing import Any, Literal
 
 from loraops_contract.config import run_id
 from loraops_contract.protocol import Progress
+from loraops_contract.reasons import Reason
 
 from lorajob_operator import api, objects, policy, progress
 from lorajob_operator.api import Phase, format_time, parse_time
@@ -72,7 +73,6 @@ from lorajob_operator.backoff import exponential, open_ended
 from lorajob_operator.conditions import (
     HINTS,
     ConditionType,
-    Reason,
     derive_phase,
     get_condition,
     set_condition,

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lorajob_operator.conditions import Reason
 from lorajob_operator.podstatus import classify_pod
+from loraops_contract.reasons import Reason
 
 from devcluster import kueue
 from devcluster.controlplane import ControlPlane

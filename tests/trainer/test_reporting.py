@@ -40,10 +40,10 @@ from loraops_contract.protocol import (
     PERMANENT_EXIT_CODES,
     TERMINATION_MESSAGE_LIMIT,
     ExitCode,
-    FailureReason,
     Progress,
     TerminationMessage,
 )
+from loraops_contract.reasons import Reason
 
 
 def test_progress_server_serves_json_and_health() -> None:
@@ -132,7 +132,7 @@ def test_a_long_termination_message_keeps_its_cause_and_whole_words() -> None:
 
 def test_failure_message_carries_reason_hint_and_retryability() -> None:
     msg = failure_message(OutOfMemory("CUDA out of memory"), steps=4)
-    assert msg.reason == FailureReason.CUDA_OUT_OF_MEMORY.value
+    assert msg.reason == Reason.CUDA_OUT_OF_MEMORY.value
     assert msg.hint
     assert "batchSize" in msg.hint
     assert "gradientCheckpointing" in msg.hint

@@ -22,7 +22,8 @@ from lora_trainer.errors import (
     classify,
 )
 from lora_trainer.storage import Storage
-from loraops_contract.protocol import ENV_ALLOW_PRIVATE_ENDPOINTS, ExitCode, FailureReason
+from loraops_contract.protocol import ENV_ALLOW_PRIVATE_ENDPOINTS, ExitCode
+from loraops_contract.reasons import Reason
 
 from devcluster.s3 import S3Server
 
@@ -65,7 +66,7 @@ def test_a_name_resolving_to_loopback_is_refused_before_anything_is_sent(
     failure = err.value
     assert failure.exit_code == ExitCode.INVALID_CONFIG
     assert not failure.retryable
-    assert failure.reason == FailureReason.POLICY_VIOLATION
+    assert failure.reason == Reason.POLICY_VIOLATION
     assert failure.message.startswith("spec.storage.endpoint: http://s3.storage.example:")
     assert "resolves to 127.0.0.1, a loopback address" in failure.message
     assert "allowPrivateEndpoints=false" in failure.message

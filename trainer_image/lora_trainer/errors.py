@@ -1,6 +1,6 @@
 """Failures the trainer knows how to explain, and how unknown ones are classified.
 
-Every failure ends as one `TrainerError`: a `FailureReason`, a message that says
+Every failure ends as one `TrainerError`: a `Reason`, a message that says
 what happened, a hint that says what to change, and (through the reason) the
 exit code the operator uses to decide whether a retry can help. Secret values
 are scrubbed from every message before it can reach a log or the termination
@@ -21,8 +21,8 @@ from loraops_contract.protocol import (
     PERMANENT_EXIT_CODES,
     REASON_EXIT_CODES,
     ExitCode,
-    FailureReason,
 )
+from loraops_contract.reasons import Reason
 
 __all__ = [
     "ConfigError",
@@ -66,7 +66,7 @@ def scrub(text: str, secrets: Iterable[str] | None = None) -> str:
 class TrainerError(Exception):
     """A failure with a reason, a user-facing message and a hint."""
 
-    reason: FailureReason = FailureReason.INTERNAL_ERROR
+    reason: Reason = Reason.INTERNAL_ERROR
     default_hint: str | None = None
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
@@ -84,7 +84,7 @@ class TrainerError(Exception):
 
 
 class ConfigError(TrainerError):
-    reason = FailureReason.INVALID_SPEC
+    reason = Reason.INVALID_SPEC
     default_hint = "Fix the named field(s) in the LoRAJob spec and resubmit."
 
 
@@ -92,12 +92,12 @@ class PolicyViolation(TrainerError):
     """The spec breaks the cluster admin's policy in a way only the trainer can see
     (e.g. a storage endpoint whose name resolves to a private address)."""
 
-    reason = FailureReason.POLICY_VIOLATION
+    reason = Reason.POLICY_VIOLATION
     default_hint = "Change the named field to fit the cluster policy, or ask your admin."
 
 
 class DatasetError(TrainerError):
-    reason = FailureReason.INVALID_DATASET
+    reason = Reason.INVALID_DATASET
     default_hint = (
         "Each record must be one of: {text}, {instruction,input,output} (alpaca), "
         "{messages:[{role,content}]} or {prompt,completion}; set spec.dataset.format to "
@@ -106,11 +106,11 @@ class DatasetError(TrainerError):
 
 
 class TargetModulesNotFound(TrainerError):
-    reason = FailureReason.TARGET_MODULES_NOT_FOUND
+    reason = Reason.TARGET_MODULES_NOT_FOUND
 
 
 class CredentialsError(TrainerError):
-    reason = FailureReason.CREDENTIALS_ERROR
+    reason = Reason.CREDENTIALS_ERROR
     default_hint = (
         "Check spec.storage.credentialsSecret / hfTokenSecret: the Secret must hold valid "
         "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or HF_TOKEN) with access to this location."
@@ -118,12 +118,12 @@ class CredentialsError(TrainerError):
 
 
 class SourceNotFound(TrainerError):
-    reason = FailureReason.SOURCE_NOT_FOUND
+    reason = Reason.SOURCE_NOT_FOUND
     default_hint = "Check the URI (bucket, prefix, repository and revision) for typos."
 
 
 class StorageError(TrainerError):
-    reason = FailureReason.STORAGE_ERROR
+    reason = Reason.STORAGE_ERROR
     default_hint = (
         "A storage or network error. The operator retries up to spec.backoffLimit times; "
         "if it persists, check spec.storage.endpoint and that the pod can reach it."
@@ -131,7 +131,7 @@ class StorageError(TrainerError):
 
 
 class OutOfMemory(TrainerError):
-    reason = FailureReason.CUDA_OUT_OF_MEMORY
+    reason = Reason.CUDA_OUT_OF_MEMORY
     default_hint = (
         "Lower spec.training.batchSize (raise gradientAccumulationSteps to keep the "
         "effective batch), enable spec.training.gradientCheckpointing, shorten "
@@ -140,7 +140,7 @@ class OutOfMemory(TrainerError):
 
 
 class Interrupted(TrainerError):
-    reason = FailureReason.INTERRUPTED
+    reason = Reason.INTERRUPTED
     default_hint = "The pod was asked to stop; the job resumes from the last checkpoint."
 
 

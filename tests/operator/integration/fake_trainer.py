@@ -40,8 +40,9 @@ from typing import Any
 from loraops_contract import protocol
 from loraops_contract.config import TrainerConfig, run_id
 from loraops_contract.protocol import AdapterInfo, ExitCode, Progress, TerminationMessage
+from loraops_contract.reasons import Reason
 
-# Which FailureReason a scripted exit code reports.
+# Which reason a scripted exit code reports.
 _REASONS = {int(code): reason for reason, code in protocol.REASON_EXIT_CODES.items()}
 
 
@@ -151,7 +152,7 @@ class Fake:
         self.finish(
             TerminationMessage(
                 outcome="Failed",
-                reason=protocol.FailureReason.INTERRUPTED,
+                reason=Reason.INTERRUPTED,
                 message=f"SIGTERM at step {self.progress.step}; checkpoint saved",
                 retryable=True,
                 last_checkpoint=self.progress.last_checkpoint,
@@ -160,7 +161,7 @@ class Fake:
         )
 
     def fail(self, code: int) -> None:
-        reason = _REASONS.get(code, protocol.FailureReason.INTERNAL_ERROR)
+        reason = _REASONS.get(code, Reason.INTERNAL_ERROR)
         self.finish(
             TerminationMessage(
                 outcome="Failed",

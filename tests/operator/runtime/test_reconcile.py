@@ -7,10 +7,11 @@ from typing import Any
 
 import pytest
 from lorajob_operator import api, backoff, pods, reconcile
-from lorajob_operator.conditions import ConditionType, Reason, get_condition
+from lorajob_operator.conditions import ConditionType, get_condition
 from lorajob_operator.policy import Policy
 from lorajob_operator.settings import OperatorSettings, load_settings
 from loraops_contract.protocol import ExitCode, Progress, TerminationMessage
+from loraops_contract.reasons import Reason
 
 from tests.operator.runtime.kubefakes import (
     NAME,

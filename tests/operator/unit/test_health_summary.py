@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 from lorajob_operator.api import Condition
-from lorajob_operator.conditions import ConditionType, Reason, get_condition, set_condition
+from lorajob_operator.conditions import ConditionType, get_condition, set_condition
 from lorajob_operator.health import summarize, with_summary
+from loraops_contract.reasons import Reason
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 T1 = T0 + timedelta(minutes=5)

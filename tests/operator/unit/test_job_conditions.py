@@ -10,14 +10,13 @@ from lorajob_operator.conditions import (
     HINTS,
     MAX_MESSAGE_LENGTH,
     ConditionType,
-    Reason,
     derive_phase,
     get_condition,
-    reason_from_trainer,
     scrub,
     set_condition,
 )
-from loraops_contract.protocol import FailureReason
+from loraops_contract.protocol import REASON_EXIT_CODES
+from loraops_contract.reasons import TRAINER_REASONS, Reason, reason_from_trainer
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 T1 = T0 + timedelta(minutes=5)
@@ -147,10 +146,15 @@ def test_every_failure_reason_has_a_hint() -> None:
 
 
 def test_reason_from_trainer() -> None:
-    for failure in FailureReason:
-        assert isinstance(reason_from_trainer(failure.value), Reason)
+    # Every reason a trainer reports has an exit code and names a job reason with a hint.
+    assert set(REASON_EXIT_CODES) == TRAINER_REASONS
+    for failure in TRAINER_REASONS:
+        job_reason = reason_from_trainer(failure.value)
+        assert job_reason not in (Reason.INTERRUPTED, Reason.INTERNAL_ERROR)
+        assert job_reason in HINTS
     assert reason_from_trainer("CUDAOutOfMemory") is Reason.CUDA_OUT_OF_MEMORY
     assert reason_from_trainer("Interrupted") is Reason.DISRUPTED
+    assert reason_from_trainer("InternalError") is Reason.TRAINER_ERROR
     assert reason_from_trainer("SomethingNew") is Reason.TRAINER_ERROR
     assert reason_from_trainer(None, Reason.STORAGE_ERROR) is Reason.STORAGE_ERROR
 

@@ -7,7 +7,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from lorajob_operator.conditions import Reason
 from lorajob_operator.nodeloss import NODE_LOST_MARGIN_SECONDS, node_lost
 from lorajob_operator.podstatus import SIGTERM_EXIT, PodOutcome, classify_pod, parse_termination
 from loraops_contract.protocol import (
@@ -15,9 +14,9 @@ from loraops_contract.protocol import (
     REASON_EXIT_CODES,
     AdapterInfo,
     ExitCode,
-    FailureReason,
     TerminationMessage,
 )
+from loraops_contract.reasons import Reason
 
 IMAGE = "ghcr.io/loraops/lora-trainer:0.1.0"
 
@@ -55,7 +54,7 @@ def terminated(
     return {"terminated": {"exitCode": code, "reason": reason, "message": text or ""}}
 
 
-def failure(reason: FailureReason, retryable: bool = False) -> TerminationMessage:
+def failure(reason: Reason, retryable: bool = False) -> TerminationMessage:
     return TerminationMessage(
         outcome="Failed",
         reason=reason,
@@ -226,25 +225,23 @@ def test_success_without_report_still_succeeds() -> None:
 
 
 def test_exit_zero_with_failure_report_is_a_failure() -> None:
-    outcome = classify_pod(
-        pod("Succeeded", state=terminated(0, failure(FailureReason.STORAGE_ERROR)))
-    )
+    outcome = classify_pod(pod("Succeeded", state=terminated(0, failure(Reason.STORAGE_ERROR))))
     check(outcome, "failed", Reason.STORAGE_ERROR, True)
 
 
 # --------------------------------------------------------------------------- failures
 
 PERMANENT_CASES = [
-    (ExitCode.INVALID_CONFIG, FailureReason.INVALID_SPEC, Reason.INVALID_SPEC),
-    (ExitCode.INVALID_DATASET, FailureReason.INVALID_DATASET, Reason.INVALID_DATASET),
+    (ExitCode.INVALID_CONFIG, Reason.INVALID_SPEC, Reason.INVALID_SPEC),
+    (ExitCode.INVALID_DATASET, Reason.INVALID_DATASET, Reason.INVALID_DATASET),
     (
         ExitCode.TARGET_MODULES_NOT_FOUND,
-        FailureReason.TARGET_MODULES_NOT_FOUND,
+        Reason.TARGET_MODULES_NOT_FOUND,
         Reason.TARGET_MODULES_NOT_FOUND,
     ),
-    (ExitCode.CREDENTIALS, FailureReason.CREDENTIALS_ERROR, Reason.CREDENTIALS_ERROR),
-    (ExitCode.SOURCE_NOT_FOUND, FailureReason.SOURCE_NOT_FOUND, Reason.SOURCE_NOT_FOUND),
-    (ExitCode.CUDA_OOM, FailureReason.CUDA_OUT_OF_MEMORY, Reason.CUDA_OUT_OF_MEMORY),
+    (ExitCode.CREDENTIALS, Reason.CREDENTIALS_ERROR, Reason.CREDENTIALS_ERROR),
+    (ExitCode.SOURCE_NOT_FOUND, Reason.SOURCE_NOT_FOUND, Reason.SOURCE_NOT_FOUND),
+    (ExitCode.CUDA_OOM, Reason.CUDA_OUT_OF_MEMORY, Reason.CUDA_OUT_OF_MEMORY),
 ]
 
 
@@ -255,9 +252,7 @@ def test_cases_cover_every_permanent_code() -> None:
 
 
 @pytest.mark.parametrize(("code", "failure_reason", "reason"), PERMANENT_CASES)
-def test_permanent_exit_codes(
-    code: ExitCode, failure_reason: FailureReason, reason: Reason
-) -> None:
+def test_permanent_exit_codes(code: ExitCode, failure_reason: Reason, reason: Reason) -> None:
     report = TerminationMessage(
         outcome="Failed", reason=failure_reason, message="details here", hint="do this instead"
     )
@@ -271,7 +266,7 @@ def test_permanent_exit_codes(
 
 @pytest.mark.parametrize(("code", "failure_reason", "reason"), PERMANENT_CASES)
 def test_permanent_exit_codes_without_report(
-    code: ExitCode, failure_reason: FailureReason, reason: Reason
+    code: ExitCode, failure_reason: Reason, reason: Reason
 ) -> None:
     del failure_reason
     outcome = classify_pod(pod("Failed", state=terminated(code, "Traceback ...\nValueError: x")))
@@ -283,7 +278,7 @@ def test_transient_exit_is_retryable() -> None:
     outcome = classify_pod(
         pod(
             "Failed",
-            state=terminated(ExitCode.TRANSIENT, failure(FailureReason.STORAGE_ERROR, True)),
+            state=terminated(ExitCode.TRANSIENT, failure(Reason.STORAGE_ERROR, True)),
         )
     )
     check(outcome, "failed", Reason.STORAGE_ERROR, True)
@@ -292,7 +287,7 @@ def test_transient_exit_is_retryable() -> None:
 
 def test_internal_error_is_retryable() -> None:
     outcome = classify_pod(
-        pod("Failed", state=terminated(ExitCode.INTERNAL, failure(FailureReason.INTERNAL_ERROR)))
+        pod("Failed", state=terminated(ExitCode.INTERNAL, failure(Reason.INTERNAL_ERROR)))
     )
     check(outcome, "failed", Reason.TRAINER_ERROR, True)
 
@@ -308,7 +303,7 @@ def test_unknown_exit_code_uses_log_tail() -> None:
 def test_interrupted_is_a_disruption() -> None:
     report = TerminationMessage(
         outcome="Failed",
-        reason=FailureReason.INTERRUPTED,
+        reason=Reason.INTERRUPTED,
         retryable=True,
         last_checkpoint="s3://a/run/checkpoints/checkpoint-50",
     )
