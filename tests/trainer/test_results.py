@@ -1,8 +1,8 @@
 """A finished run shows what it learned and where: the base model's eval loss before
 training against the adapter's after (metrics.json, the model card, the termination
 message), the prompts answered by both (samples.jsonl), PNG plots, the vLLM verdict,
-TensorBoard event files under <output>/logs/, and a real MLflow tracking server's run
-with the params, the metrics and the adapter as an artifact."""
+TensorBoard event files under <output>/logs/, a real MLflow tracking server's run
+with the params, the metrics and the adapter as an artifact, and an offline W&B run."""
 
 from __future__ import annotations
 
@@ -90,7 +90,10 @@ def test_a_run_reports_its_evaluation_plots_and_tracking(
             },
             "output": {"uri": str(out)},
             "evaluation": {"prompts": PROMPTS, "maxNewTokens": 8},
-            "tracking": {"mlflow": {"trackingUri": mlflow_server, "experiment": "results-test"}},
+            "tracking": {
+                "mlflow": {"trackingUri": mlflow_server, "experiment": "results-test"},
+                "wandb": {"project": "results-test", "mode": "offline"},
+            },
         }
     )
     board = ProgressBoard()
@@ -165,6 +168,13 @@ def test_a_run_reports_its_evaluation_plots_and_tracking(
         client.download_artifacts(mlrun.info.run_id, "adapter/adapter_config.json", str(tmp_path))
     )
     assert json.loads(local.read_text())["r"] == 16
+
+    # W&B offline: the run's transaction log is kept under <output>/logs/wandb for
+    # `wandb sync`; it holds the Trainer's curves (WandbCallback) and the final numbers.
+    (run_dir,) = (out / "logs" / "wandb").glob("offline-run-*")
+    record = next(run_dir.glob("run-*.wandb")).read_bytes()
+    for key in (b"train/loss", b"eval/loss", b"eval/base_loss", b"final/base_eval_loss"):
+        assert key in record
 
 
 def test_log_sync_uploads_new_and_changed_files_only(tmp_path: Path) -> None:
