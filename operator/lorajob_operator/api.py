@@ -708,7 +708,7 @@ class Condition(_StatusModel):
 
 
 # status.progress: the trainer's loraops_contract.protocol.Progress as copied into status
-# (rounded, throttled: progress.status_progress). The docstring is the CRD's description.
+# (rounded, throttled: trainer_progress.status_progress). The docstring is the CRD's description.
 class ProgressStatus(_StatusModel):
     """Latest progress reported by the trainer."""
 

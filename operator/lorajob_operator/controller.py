@@ -46,8 +46,8 @@ from lorajob_operator.informer import Informer, JobKey, compare_versions, is_new
 from lorajob_operator.kube import Kube, PodRejected, QuotaExceeded
 from lorajob_operator.metrics import Metrics
 from lorajob_operator.pods import is_live
-from lorajob_operator.progress import ProgressError, ProgressReader
 from lorajob_operator.settings import OperatorSettings
+from lorajob_operator.trainer_progress import ProgressError, ProgressReader
 from lorajob_operator.workqueue import WorkQueue
 
 __all__ = [

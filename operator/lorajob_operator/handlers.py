@@ -23,8 +23,8 @@ from lorajob_operator import api, webhook
 from lorajob_operator.controller import Controller, PodsStillStopping
 from lorajob_operator.kube import Kube, TokenBucket, load_config
 from lorajob_operator.metrics import Metrics
-from lorajob_operator.progress import ProgressReader
 from lorajob_operator.settings import OperatorSettings
+from lorajob_operator.trainer_progress import ProgressReader
 
 __all__ = ["ANNOTATION_PREFIX", "FINALIZER", "NoDiffBase", "Operator", "register"]
 

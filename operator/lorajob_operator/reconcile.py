@@ -67,7 +67,7 @@ from loraops_contract.config import run_id
 from loraops_contract.protocol import Progress
 from loraops_contract.reasons import Reason
 
-from lorajob_operator import api, objects, policy, progress
+from lorajob_operator import api, objects, policy, trainer_progress
 from lorajob_operator.api import Phase, format_time, parse_time
 from lorajob_operator.backoff import exponential, open_ended
 from lorajob_operator.conditions import (
@@ -299,8 +299,8 @@ def apply_progress(
     status: api.LoRAJobStatus, live: Progress, now: datetime, min_interval: float
 ) -> None:
     """Copy what live progress changes into `status` (progress, lastCheckpoint,
-    skippedRecords), at most once per `min_interval` (progress.status_progress)."""
-    copied = progress.status_progress(live, status.progress, now, min_interval)
+    skippedRecords), at most once per `min_interval` (trainer_progress.status_progress)."""
+    copied = trainer_progress.status_progress(live, status.progress, now, min_interval)
     if copied is not None:
         status.progress = copied
     checkpoint = (live.last_checkpoint or "")[:MAX_URI_LENGTH]
@@ -859,11 +859,11 @@ def _succeeded(b: _Builder, attempt: int, pod: Mapping[str, Any], outcome: PodOu
     final.eta_seconds = 0.0
     final.last_updated = format_time(b.now)
     # Rounded as the live progress is, so the LOSS column stays readable.
-    if (loss := progress.rounded(term.train_loss, 4)) is not None:
+    if (loss := trainer_progress.rounded(term.train_loss, 4)) is not None:
         final.loss = loss
-    if (eval_loss := progress.rounded(term.eval_loss, 4)) is not None:
+    if (eval_loss := trainer_progress.rounded(term.eval_loss, 4)) is not None:
         final.eval_loss = eval_loss
-    if (speed := progress.rounded(term.tokens_per_second, 1)) is not None:
+    if (speed := trainer_progress.rounded(term.tokens_per_second, 1)) is not None:
         final.tokens_per_second = speed
     b.status.progress = final
     _clear_failure(b)

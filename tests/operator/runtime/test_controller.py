@@ -13,8 +13,8 @@ from lorajob_operator.kube import Kube, QuotaExceeded
 from lorajob_operator.metrics import Metrics
 from lorajob_operator.objects import JobRef
 from lorajob_operator.policy import Policy
-from lorajob_operator.progress import ProgressError, ProgressReader
 from lorajob_operator.settings import load_settings
+from lorajob_operator.trainer_progress import ProgressError, ProgressReader
 from loraops_contract.protocol import Progress
 
 from tests.operator.runtime.kubefakes import NAME, NAMESPACE, SPEC, apply_status, job, pod

@@ -14,9 +14,9 @@ from lorajob_operator import api
 from lorajob_operator.events import build_event
 from lorajob_operator.metrics import Metrics
 from lorajob_operator.policy import Policy
-from lorajob_operator.progress import ProgressError, ProgressReader, status_progress
 from lorajob_operator.reconcile import Tally
 from lorajob_operator.settings import load_settings
+from lorajob_operator.trainer_progress import ProgressError, ProgressReader, status_progress
 from lorajob_operator.webhook import change_warnings, review
 from loraops_contract.protocol import Progress
 from prometheus_client import generate_latest

@@ -1,4 +1,6 @@
-"""Live trainer progress: read it from the pod, and decide when status gets a copy.
+"""The trainer's live progress, as the operator sees it: read from the pod, and copied
+into status.progress when it moved (the trainer's side, which serves it, is
+lora_trainer/progress.py).
 
 The trainer serves `GET http://<podIP>:<port>/progress` (loraops_contract.protocol).
 Reading is cheap, writing status is not (every write is an etcd revision and a
