@@ -106,10 +106,7 @@ def cmd_logs(cluster: Cluster, args: argparse.Namespace, out: TextIO) -> int:
     while True:
         pod = wait_for_pod(cluster, job, attempt, args.follow)
         if pod is None:
-            raise PluginError(
-                f"lorajob {args.namespace}/{args.name} has no trainer pod for attempt {attempt}"
-                + (" yet" if not attempt else "")
-            )
+            raise PluginError(_no_pod(job, attempt))
         name = pod["metadata"]["name"]
         if args.follow or attempt > 1:
             print(f"==> attempt {attempt}: pod {name} <==", file=out, flush=True)
@@ -126,6 +123,20 @@ def cmd_logs(cluster: Cluster, args: argparse.Namespace, out: TextIO) -> int:
             print(f"==> lorajob {args.namespace}/{args.name}: {phase} <==", file=out)
             return 0
         attempt, tail = current_attempt(job), None
+
+
+def _no_pod(job: Mapping[str, Any], attempt: int) -> str:
+    meta = job["metadata"]
+    name = f"lorajob {meta['namespace']}/{meta['name']}"
+    latest = current_attempt(job)
+    if not attempt:
+        return f"{name} has no trainer pod yet; -f waits for it"
+    if attempt < latest:
+        return (
+            f"the pod of attempt {attempt} of {name} is gone (evicted, preempted or deleted); "
+            f"the current attempt is {latest}"
+        )
+    return f"{name} has no trainer pod for attempt {attempt}"
 
 
 def cmd_adapter(cluster: Cluster, args: argparse.Namespace, out: TextIO) -> int:

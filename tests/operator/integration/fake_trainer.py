@@ -77,6 +77,8 @@ class Fake:
             log.write(f"attempt={self.attempt} resumed_from={start}\n")
         with base.with_suffix(".runs").open("a") as log:
             log.write(f"attempt={self.attempt} run={self.training_run} resumed_from={start}\n")
+        # Its log, as a trainer pod's (kubectl logs, kubectl lj logs) shows it.
+        print(f"fake trainer: attempt {self.attempt} starts at step {start}", flush=True)
 
     def checkpoint_uri(self, step: int) -> str:
         return (
