@@ -116,3 +116,23 @@ def test_progress_watch_lists_again_when_its_history_is_gone() -> None:
     assert cmd_progress(fake, args, out) == 0  # type: ignore[arg-type]
     lines = out.getvalue().splitlines()
     assert [line.split()[1] for line in lines] == ["Running", "Succeeded"]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_on_a_terminal_redraws_the_table_in_place() -> None:
+    running, done = _recorded("running"), _recorded("succeeded")
+    queued = _recorded("queued")
+    done["metadata"]["name"] = "health-running"
+    fake = _Jobs([[running, queued]], [[{"type": "MODIFIED", "object": done}], []])
+    args = argparse.Namespace(
+        all_namespaces=False, namespace="default", names=["health-running"], watch=True
+    )
+    out = _Terminal()
+    assert cmd_progress(fake, args, out) == 0  # type: ignore[arg-type]
+    first, redrawn = out.getvalue().split("\x1b[1F\x1b[J")  # up one line, clear below
+    assert first == progress_line(running) + "\n"
+    assert redrawn == progress_line(done) + "\n"
