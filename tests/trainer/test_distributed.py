@@ -15,6 +15,7 @@ import pytest
 import torch
 from lora_trainer import distributed
 from lora_trainer.distributed import Parallel, Ranks, choose_strategy
+from lora_trainer.errors import ConfigError
 from lora_trainer.hf import Device, model_load_kwargs, sft_config_kwargs, to_bnb_config
 from lora_trainer.launch import pick_outcome
 from loraops_contract.config import TrainerConfig, run_defining_changes, run_id
@@ -71,6 +72,29 @@ def test_global_batch_is_per_device_times_ranks_times_accumulation() -> None:
     p = Parallel("ddp", ranks=8, per_device_batch_size=4, gradient_accumulation_steps=2)
     assert p.global_batch_size == 64
     assert p.to_metrics()["global_batch_size"] == 64
+
+
+def test_a_run_keeps_the_checkpoint_format_it_was_written_in(tmp_path: Path) -> None:
+    """DDP and one process share a checkpoint format, FSDP has its own optimizer state:
+    under auto, a run resumes in the family its checkpoints were written with."""
+    ddp = Parallel("ddp", ranks=4, per_device_batch_size=2, gradient_accumulation_steps=1)
+    distributed.write_record(tmp_path, ddp)
+    assert distributed.read_record(tmp_path) == "ddp"
+    assert distributed.read_record(tmp_path / "missing") is None
+    # auto would shard now (a smaller GPU, say): the ddp checkpoint keeps the run on ddp.
+    fsdp = Parallel("fsdp", ranks=4, per_device_batch_size=2, gradient_accumulation_steps=1)
+    kept = distributed.follow_checkpoint(fsdp, "ddp", "auto")
+    assert kept.strategy == "ddp"
+    assert "written with" in kept.why
+    assert distributed.follow_checkpoint(ddp, "fsdp", "auto").strategy == "fsdp"
+    # Same family, or no record: unchanged.
+    assert distributed.follow_checkpoint(ddp, "single", "auto") is ddp
+    assert distributed.follow_checkpoint(fsdp, None, "auto") is fsdp
+    # One process cannot load FSDP's optimizer state: refused, naming the fix.
+    single = Parallel("single", ranks=1, per_device_batch_size=8, gradient_accumulation_steps=1)
+    with pytest.raises(ConfigError, match="written by FSDP") as info:
+        distributed.follow_checkpoint(single, "fsdp", "auto")
+    assert "gpus back to 2 or more" in (info.value.hint or "")
 
 
 def test_ranks_from_torchrun_environment() -> None:
@@ -346,6 +370,7 @@ def test_a_lost_rank_and_sigterm_resume_the_group_from_its_checkpoint(
     assert term["lastCheckpoint"].endswith(f"checkpoint-{stopped_at}")
     [ckpt] = [p.parent for p in out.rglob("COMPLETE") if p.parent.name.endswith(f"-{stopped_at}")]
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in ckpt.iterdir()}
+    assert distributed.read_record(ckpt) == "ddp"
     assert log.count("saving a checkpoint after the current step") == 2  # once per rank
 
     # 3. One process at 4 rows per step is the same run (the same global batch): it

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -42,11 +42,14 @@ __all__ = [
     "agree",
     "barrier",
     "choose_strategy",
+    "follow_checkpoint",
     "from_main",
     "init",
     "model_parameters",
+    "read_record",
     "shutdown",
     "weight_bytes",
+    "write_record",
 ]
 
 log = logging.getLogger(__name__)
@@ -65,6 +68,8 @@ FIT_FRACTION = 0.5
 # per-block constants, ~0.03 bytes with double quantization; int8: one byte).
 _QUANT_BYTES = {"nf4": 0.53, "fp4": 0.53, "int8": 1.0}
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Written into each checkpoint: the strategy that wrote it (its optimizer state's format).
+RECORD_FILE = "parallel.json"
 
 
 @dataclass(frozen=True)
@@ -160,6 +165,48 @@ def choose_strategy(
             )
         return "ddp", f"auto: the model fits one GPU ({size}): a copy on each of {ranks} ranks"
     return "ddp", f"auto: a whole model on each of {ranks} ranks"
+
+
+def write_record(checkpoint: Path, parallel: Parallel) -> None:
+    """Record in a local checkpoint how the run that writes it is spread."""
+    (checkpoint / RECORD_FILE).write_text(json.dumps(parallel.to_metrics()))
+
+
+def read_record(checkpoint: Path) -> str | None:
+    """The strategy a checkpoint was written with; None for one without the record."""
+    try:
+        record = json.loads((checkpoint / RECORD_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    strategy = record.get("strategy") if isinstance(record, dict) else None
+    return strategy if strategy in ("single", "ddp", "fsdp") else None
+
+
+def follow_checkpoint(parallel: Parallel, written_with: str | None, requested: str) -> Parallel:
+    """The strategy to resume a checkpoint written with `written_with` under.
+
+    One process and DDP save the same checkpoint (optimizer.pt); FSDP saves its
+    optimizer state in its own format, which the others cannot load. Under `auto` a
+    run keeps the family its checkpoints were written with, even when auto would now
+    choose the other (on another GPU type, say). An explicit ddp or fsdp is part of the
+    run's identity, so it never meets the other family's checkpoints. One process
+    cannot run FSDP: an FSDP checkpoint of a run now on one GPU is refused, naming the fix.
+    """
+    if written_with is None or (written_with == "fsdp") == (parallel.strategy == "fsdp"):
+        return parallel
+    if parallel.ranks > 1:
+        keep: Strategy = "fsdp" if written_with == "fsdp" else "ddp"
+        return replace(
+            parallel,
+            strategy=keep,
+            why=f"{requested}: {keep}, the strategy this run's checkpoints were written with",
+        )
+    raise ConfigError(
+        "spec.resources.gpus: this run's checkpoints were written by FSDP over several GPUs, "
+        "and one process cannot load FSDP's optimizer state",
+        hint="Set spec.resources.gpus back to 2 or more to resume the run, or change a "
+        "run-defining field (e.g. training.seed) to train a new run from step 0.",
+    )
 
 
 def model_parameters(model_dir: Path) -> int | None:
