@@ -50,6 +50,9 @@ class Reason(StrEnum):
     DISRUPTED = "Disrupted"
     # outcomes
     COMPLETED = "Completed"
+    # the finished adapter against its base model (condition AdapterWorseThanBase)
+    EVAL_LOSS_ABOVE_BASE = "EvalLossAboveBase"
+    EVAL_LOSS_NOT_ABOVE_BASE = "EvalLossNotAboveBase"
     OOM_KILLED = "OOMKilled"
     CUDA_OUT_OF_MEMORY = "CUDAOutOfMemory"
     SCRATCH_SPACE_EXCEEDED = "ScratchSpaceExceeded"

@@ -733,6 +733,25 @@ class ProgressStatus(_StatusModel):
     last_updated: str | None = Field(default=None, description="RFC 3339 time.")
 
 
+class EvaluationStatus(_StatusModel):
+    """How the finished adapter compares with its base model, and whether vLLM loads it
+    (reported by the trainer: loraops_contract.protocol.Evaluation)."""
+
+    base_eval_loss: float | None = Field(
+        default=None, description="The base model's loss on the held-out split, before training."
+    )
+    eval_loss: float | None = Field(
+        default=None, description="The adapter's loss on the same records, after training."
+    )
+    summary: str | None = Field(default=None, description="e.g. eval loss 3.000 → 2.260 (-24.7%).")
+    worse_than_base: bool | None = Field(
+        default=None, description="The adapter's eval loss is above the base model's."
+    )
+    vllm: str | None = Field(
+        default=None, description="loads in vLLM: yes/no, why (vLLM's LoRA loader rules)."
+    )
+
+
 class AdapterStatus(_StatusModel):
     """The finished adapter."""
 
@@ -760,6 +779,10 @@ class LoRAJobStatus(_StatusModel):
     pod_name: str | None = None
     node_name: str | None = None
     adapter: AdapterStatus | None = None
+    evaluation: EvaluationStatus | None = Field(
+        default=None,
+        description="The adapter in status.adapter against its base model, and the vLLM verdict.",
+    )
     last_checkpoint: str | None = Field(
         default=None, description="Latest complete checkpoint; a new attempt resumes from it."
     )

@@ -41,6 +41,9 @@ class ConditionType(StrEnum):
     SUSPENDED = "Suspended"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
+    # True (a Warning) when the finished adapter's eval loss is above its base model's;
+    # set only once that has happened to the job, never part of the phase.
+    ADAPTER_WORSE_THAN_BASE = "AdapterWorseThanBase"
     # kstatus (sigs.k8s.io/cli-utils) summary conditions, read by Flux health checks and
     # `kubectl wait --for=condition=Ready`; derived from the ones above, never set alone.
     READY = "Ready"  # True only once the adapter is written

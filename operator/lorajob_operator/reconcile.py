@@ -64,7 +64,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from loraops_contract.config import run_id
-from loraops_contract.protocol import Progress
+from loraops_contract.protocol import Evaluation, Progress
 from loraops_contract.reasons import Reason
 
 from lorajob_operator import api, objects, policy, trainer_progress
@@ -842,6 +842,7 @@ def _succeeded(b: _Builder, attempt: int, pod: Mapping[str, Any], outcome: PodOu
         size=adapter.size,
         files=adapter.files,
     )
+    _record_evaluation(b, term.evaluation)
     done = _finished_at(pod) or b.now
     b.status.completion_time = format_time(done)
     b.status.completed_generation = b.status.run_generation
@@ -867,6 +868,44 @@ def _succeeded(b: _Builder, attempt: int, pod: Mapping[str, Any], outcome: PodOu
         final.tokens_per_second = speed
     b.status.progress = final
     _clear_failure(b)
+
+
+def _record_evaluation(b: _Builder, ev: Evaluation | None) -> None:
+    """The adapter against its base model (and the vLLM verdict) into status. An adapter
+    whose eval loss is above its base model's is a Warning condition and event: the job
+    succeeded, but what it learned made the model worse on the held-out records."""
+    if ev is None:  # a trainer that does not evaluate (older image): nothing to say
+        b.status.evaluation = None
+        return
+    b.status.evaluation = api.EvaluationStatus(
+        base_eval_loss=_round(ev.base_eval_loss),
+        eval_loss=_round(ev.eval_loss),
+        summary=ev.summary or None,
+        worse_than_base=ev.worse_than_base,
+        vllm=ev.vllm,
+    )
+    if ev.worse_than_base:
+        b.condition(
+            ConditionType.ADAPTER_WORSE_THAN_BASE,
+            True,
+            Reason.EVAL_LOSS_ABOVE_BASE,
+            f"{ev.summary}: the adapter predicts the held-out records worse than its base "
+            "model; check training.learningRate, the number of steps and whether the eval "
+            "data resembles the training data",
+            event="Warning",
+        )
+    elif b.cond(ConditionType.ADAPTER_WORSE_THAN_BASE) is not None:
+        # An earlier adapter of this job was worse; this one is not.
+        b.condition(
+            ConditionType.ADAPTER_WORSE_THAN_BASE,
+            False,
+            Reason.EVAL_LOSS_NOT_ABOVE_BASE,
+            ev.summary or "the adapter's eval loss was not measured against the base model",
+        )
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 def _disrupted(b: _Builder, attempt: int, reason: str, message: str) -> None:
