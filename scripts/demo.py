@@ -155,6 +155,22 @@ def show_adapter(cp: ControlPlane, status: dict[str, Any]) -> None:
         )
     if metrics.get("eval_loss") is not None:
         detail(f"eval loss: {metrics['eval_loss']:.4f}")
+    evaluation = status.get("evaluation") or {}
+    for key in ("summary", "vllm"):
+        if evaluation.get(key):
+            detail(f"status.evaluation.{key}: {evaluation[key]}")
+    # The model card, its plots and the sampled answers, copied out to look at.
+    card_dir = (
+        Path(tempfile.gettempdir()) / f"lorajob-demo-card-{prefix.strip('/').rsplit('/', 1)[-1]}"
+    )
+    for obj in listing.get("Contents", []):
+        key = obj["Key"].removeprefix(prefix)
+        if key in ("README.md", "samples.jsonl") or key.startswith("plots/"):
+            dest = card_dir / key
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            cp.s3.client().download_file(BUCKET, obj["Key"], str(dest))
+    if (card_dir / "README.md").is_file():
+        detail(f"model card and plots copied to {card_dir} (README.md, plots/*.png)")
 
 
 def run(keep: bool) -> int:
