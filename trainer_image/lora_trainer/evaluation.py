@@ -7,6 +7,8 @@ Two measurements, both against the base model the adapter was trained on:
 * the answers of the base model and of the adapter to the spec's prompts
   (`evaluation.prompts`), generated greedily: `Sample`, saved to samples.jsonl.
 
+What touches the model (the adapter switched off, generation) is in lora_trainer.hf.
+
 An adapter whose eval loss is above the base model's learned the wrong thing (a learning
 rate far too high, data unlike the eval split): `Comparison.worse` says so, and the
 operator turns it into a Warning condition instead of a plain success.
@@ -22,8 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from lora_trainer import hf
 from lora_trainer.data import ALPACA_PROMPT_NO_INPUT
 
 __all__ = [
@@ -77,14 +78,12 @@ class Comparison:
 
 def base_eval_loss(trainer: Any) -> float | None:
     """The base model's loss on the trainer's eval dataset: the same records, batches and
-    loss masks as the adapter's evaluation, with the adapter switched off (PEFT's
-    `disable_adapter`), so the two numbers compare like for like. None without an eval
-    dataset or when the loss is not finite."""
+    loss masks as the adapter's evaluation, with the adapter switched off, so the two
+    numbers compare like for like. None without an eval dataset or when the loss is not
+    finite."""
     if trainer.eval_dataset is None:
         return None
-    with trainer.model.disable_adapter():
-        metrics = trainer.evaluate(metric_key_prefix=BASE_PREFIX)
-    loss = metrics.get(f"{BASE_PREFIX}_loss")
+    loss = hf.evaluate_base(trainer, BASE_PREFIX).get(f"{BASE_PREFIX}_loss")
     if not isinstance(loss, int | float) or not math.isfinite(loss):
         return None
     log.info("base model eval loss: %.4f", loss)
@@ -122,40 +121,17 @@ def answer_prompts(
     dataset_format: str,
     max_new_tokens: int,
 ) -> list[Sample]:
-    """Greedy answers of the base model (adapter off) and of the adapter to each prompt.
-
-    `model` is the trained PeftModel; greedy decoding makes the two answers differ only
-    by the adapter."""
+    """Greedy answers of the base model (adapter off) and of the adapter to each prompt,
+    rendered as training saw prompts; `model` is the trained PeftModel."""
     if not prompts:
         return []
-    was_training = model.training
-    model.eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    samples: list[Sample] = []
-    try:
-        for prompt in prompts:
-            text = render_prompt(tokenizer, prompt, dataset_format)
-            enc = tokenizer(text, return_tensors="pt", add_special_tokens=True)
-            enc = {k: v.to(model.device) for k, v in enc.items()}
-
-            def generate(enc: dict[str, Any] = enc) -> str:
-                with torch.no_grad():
-                    out = model.generate(
-                        **enc,
-                        max_new_tokens=max_new_tokens,
-                        do_sample=False,
-                        pad_token_id=pad,
-                    )
-                new = out[0][enc["input_ids"].shape[1] :]
-                return str(tokenizer.decode(new, skip_special_tokens=True)).strip()
-
-            with model.disable_adapter():
-                base = generate()
-            samples.append(Sample(prompt=prompt, base=base, adapter=generate()))
-    finally:
-        model.train(was_training)
-    log.info("answered %d evaluation prompts with the base model and the adapter", len(samples))
-    return samples
+    texts = [render_prompt(tokenizer, p, dataset_format) for p in prompts]
+    answers = hf.greedy_answers(model, tokenizer, texts, max_new_tokens)
+    log.info("answered %d evaluation prompts with the base model and the adapter", len(prompts))
+    return [
+        Sample(prompt=p, base=base, adapter=adapter)
+        for p, (base, adapter) in zip(prompts, answers, strict=True)
+    ]
 
 
 def write_samples(samples: Sequence[Sample], path: Path) -> None:

@@ -8,7 +8,8 @@ Four parts, each with the library behaviour it relies on written next to it:
    filesystem, so they are unit-tested without training anything.
 2. Data: tokenized rows (lora_trainer.data) -> the `datasets.Dataset` SFTTrainer takes.
 3. The trainer: model and tokenizer loading, SFTTrainer with the packed-row collator
-   and adapter dtypes a resume does not change, loading a finished checkpoint, merging.
+   and adapter dtypes a resume does not change, loading a finished checkpoint, merging,
+   and the base model beside the adapter (evaluation, greedy answers).
 4. Process-wide settings (threads, progress bars, freeing accelerator memory).
 
 Packing: `packing=True` uses TRL's best-fit-decreasing packing: records are packed
@@ -40,6 +41,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +82,9 @@ __all__ = [
     "build_trainer",
     "compute_dtype_name",
     "detect_device",
+    "evaluate_base",
     "free_memory",
+    "greedy_answers",
     "has_varlen_attention",
     "limit_threads",
     "linear_layer_names",
@@ -415,6 +419,12 @@ def load_model(
     """The base model, loaded (and quantized) as `cfg` says for `device` and `strategy`,
     and the LoRA config for its layers (`all-linear` or the named target modules, checked
     against the model's own linear layers)."""
+    if strategy == "fsdp":
+        # What `accelerate launch` sets from an FSDP config, read by from_pretrained: only
+        # rank 0 reads the weights (the others start on the meta device and receive
+        # theirs when FSDP wraps the model), not one full copy in host memory per rank.
+        os.environ.setdefault("ACCELERATE_USE_FSDP", "true")
+        os.environ.setdefault("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
     kwargs = model_load_kwargs(cfg, device, strategy)
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     targets = resolve_target_modules(cfg.lora, linear_layer_names(model))
@@ -631,6 +641,47 @@ def merge_adapter(
     AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(dest)
     del base, merged
     free_memory()
+
+
+def evaluate_base(trainer: Any, prefix: str) -> dict[str, float]:
+    """Trainer.evaluate with the adapter switched off (PEFT's `disable_adapter` context):
+    the base model on the same records, batches and loss masks as the adapter's
+    evaluation. Every rank calls it (evaluation is collective); metrics are named
+    `<prefix>_loss`, ... in the log history and the trackers."""
+    with trainer.model.disable_adapter():
+        metrics: dict[str, float] = trainer.evaluate(metric_key_prefix=prefix)
+    return metrics
+
+
+def greedy_answers(
+    model: Any, tokenizer: Any, texts: Sequence[str], max_new_tokens: int
+) -> list[tuple[str, str]]:
+    """(base model's, adapter's) greedy continuation of each text: `model` is the
+    trained PeftModel, the base answer comes from inside `disable_adapter`. Greedy
+    decoding makes the two differ only by the adapter."""
+    was_training = model.training
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def generate(enc: dict[str, Any]) -> str:
+        with torch.no_grad():
+            out = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
+            )
+        new = out[0][enc["input_ids"].shape[1] :]
+        return str(tokenizer.decode(new, skip_special_tokens=True)).strip()
+
+    answers: list[tuple[str, str]] = []
+    try:
+        for text in texts:
+            enc = tokenizer(text, return_tensors="pt", add_special_tokens=True)
+            enc = {k: v.to(model.device) for k, v in enc.items()}
+            with model.disable_adapter():
+                base = generate(enc)
+            answers.append((base, generate(enc)))
+    finally:
+        model.train(was_training)
+    return answers
 
 
 # --- 4. process-wide settings ----------------------------------------------------------
