@@ -56,6 +56,10 @@ def test_auto_picks_by_gpus_and_model_size() -> None:
     assert choose_strategy("fsdp", 2)[0] == "fsdp"
     assert choose_strategy("ddp", 4, weights=int(37e9), device_memory=48 * GIB)[0] == "ddp"
     assert choose_strategy("fsdp", 1)[0] == "single"
+    # accelerate shards over GPUs only: on the CPU the ranks run data parallel, and say so.
+    strategy, why = choose_strategy("fsdp", 2, cuda=False)
+    assert strategy == "ddp"
+    assert "GPUs only" in why
 
 
 def test_weights_are_counted_from_the_safetensors_headers(tiny_model_dir: Path) -> None:

@@ -139,13 +139,19 @@ class Parallel:
 
 
 def choose_strategy(
-    requested: str, ranks: int, *, weights: int | None = None, device_memory: int | None = None
+    requested: str,
+    ranks: int,
+    *,
+    cuda: bool = True,
+    weights: int | None = None,
+    device_memory: int | None = None,
 ) -> tuple[Strategy, str]:
     """The strategy for `ranks` processes, and why.
 
-    `requested` is spec.training.strategy (auto, ddp or fsdp); `weights` the estimated
-    bytes of the loaded base model (`weight_bytes`) and `device_memory` one GPU's total
-    memory, both None on the CPU or when unknown (auto then picks ddp).
+    `requested` is spec.training.strategy (auto, ddp or fsdp); `cuda` whether the ranks
+    have GPUs; `weights` the estimated bytes of the loaded base model (`weight_bytes`)
+    and `device_memory` one GPU's total memory, both None when unknown (auto then picks
+    ddp).
     """
     if ranks <= 1:
         if requested == "fsdp":
@@ -153,6 +159,10 @@ def choose_strategy(
         return "single", "one process"
     if requested == "ddp":
         return "ddp", f"strategy ddp: a whole model on each of {ranks} ranks"
+    if not cuda:
+        # accelerate shards only over accelerators: its multi-CPU mode ignores FSDP.
+        why = "fsdp shards over GPUs only" if requested == "fsdp" else "auto"
+        return "ddp", f"{why}: on the CPU, a whole model on each of {ranks} ranks"
     if requested == "fsdp":
         return "fsdp", f"strategy fsdp: the model sharded over {ranks} ranks"
     if weights is not None and device_memory:

@@ -295,7 +295,11 @@ def _parallel(
             dtype = hf.compute_dtype_name(cfg.quantization, device)
             weights = distributed.weight_bytes(parameters, cfg.quantization.mode, dtype)
     strategy, why = distributed.choose_strategy(
-        cfg.training.strategy, ranks.world_size, weights=weights, device_memory=device.memory
+        cfg.training.strategy,
+        ranks.world_size,
+        cuda=device.cuda,
+        weights=weights,
+        device_memory=device.memory,
     )
     return distributed.Parallel(
         strategy=strategy,
