@@ -108,6 +108,16 @@ GOOD: list[tuple[str, dict[str, Any]]] = [
         },
     ),
     ("target list", {"lora": {"targetModules": ["q_proj", "v_proj"], "useDora": True}}),
+    (
+        "tracking and evaluation",
+        {
+            "evaluation": {"prompts": ["what color is the sky"], "maxNewTokens": 16},
+            "tracking": {
+                "mlflow": {"trackingUri": "https://mlflow.example.com/", "credentialsSecret": "m"},
+                "wandb": {"project": "support-bot", "mode": "offline"},
+            },
+        },
+    ),
     ("nulls are unset", {"training": {"maxSteps": None}, "image": None}),
     (
         "endpoint with creds secret",

@@ -358,6 +358,36 @@ MALFORMED: list[tuple[str, dict[str, Any], str, str]] = [
         "spec.scheduling.tolerations",
         "YAML list",
     ),
+    (
+        "too many prompts",
+        with_("evaluation.prompts", ["what color is the sky"] * 9),
+        "spec.evaluation.prompts",
+        "at most 8",
+    ),
+    (
+        "empty prompt",
+        with_("evaluation.prompts", [""]),
+        "spec.evaluation.prompts.0",
+        "at least 1",
+    ),
+    (
+        "mlflow uri not http",
+        with_("tracking.mlflow", {"trackingUri": "ftp://mlflow"}),
+        "spec.tracking.mlflow.trackingUri",
+        "http://mlflow.mlflow.svc:5000",
+    ),
+    (
+        "mlflow secret name",
+        with_("tracking.mlflow", {"trackingUri": "http://mlflow:5000", "credentialsSecret": "A_b"}),
+        "spec.tracking.mlflow.credentialsSecret",
+        "lowercase letters",
+    ),
+    (
+        "wandb online without key",
+        with_("tracking.wandb", {"project": "support-bot"}),
+        "spec.tracking.wandb.apiKeySecret",
+        "WANDB_API_KEY",
+    ),
 ]
 
 
