@@ -91,9 +91,9 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: OperatorSetti
     kopf_settings.watching.server_timeout = 300
     kopf_settings.watching.client_timeout = 330
     kopf_settings.watching.reconnect_backoff = 1.0
-    kopf_settings.batching.idle_timeout = 5.0
-    kopf_settings.batching.batch_window = 0.1
-    kopf_settings.batching.exit_timeout = 10.0
+    # (kopf 1.45 calls these `queueing`; its time-based batch window is gone.)
+    kopf_settings.queueing.idle_timeout = 5.0
+    kopf_settings.queueing.exit_timeout = 10.0
     kopf_settings.execution.max_workers = 8
     kopf_settings.peering.standalone = True
     kopf_settings.peering.mandatory = False

@@ -281,6 +281,8 @@ class Kube:
         # so a watch per namespace can never take every connection calls need.
         self._watch_session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # aiohttp deprecated ClientSession.loop, so each session's loop is kept here.
+        self._watch_loop: asyncio.AbstractEventLoop | None = None
         self._token: str | None = None
         self._token_until = 0.0  # time.monotonic()
 
@@ -301,9 +303,10 @@ class Kube:
         """The session for watch streams (no connection limit: one stream per watch)."""
         loop = asyncio.get_running_loop()
         session = self._watch_session
-        if session is None or session.closed or session.loop is not loop:
+        if session is None or session.closed or self._watch_loop is not loop:
             connector = aiohttp.TCPConnector(limit=0, ssl=_ssl_context(self.configuration))
             session = self._watch_session = aiohttp.ClientSession(connector=connector)
+            self._watch_loop = loop
         return session
 
     async def close(self) -> None:

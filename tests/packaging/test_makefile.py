@@ -39,11 +39,17 @@ def test_a_test_run_that_selects_nothing_fails() -> None:
     assert "error: pytest collected no tests" in out.stderr
 
 
-def test_ci_runs_what_the_readme_tells_people_to_run() -> None:
+def test_ci_runs_every_check() -> None:
+    """CI runs `make check`, which is lint, typecheck, helm-lint and the whole suite."""
     ci = (REPO / ".ci" / "run").read_text()
     readme = (REPO / "README.md").read_text()
     assert "set -euo pipefail" in ci
-    assert re.search(r"^make test$", ci, flags=re.MULTILINE)
+    commands = [line for line in ci.splitlines() if line.strip() and not line.startswith("#")]
+    assert re.search(r"^make check$", ci, flags=re.MULTILINE), commands
+    assert not [c for c in commands if "|| true" in c or (c.startswith("make") and "-k" in c)]
+    check = re.search(r"^check: (.*?)(?:##|$)", MAKEFILE.read_text(), flags=re.MULTILINE)
+    assert check is not None, "the Makefile has no check target"
+    assert check.group(1).split() == ["lint", "typecheck", "helm-lint", "test"]
     first_block = readme.split("```", 2)[1]
     assert "make test" in first_block
     assert "make demo" in first_block

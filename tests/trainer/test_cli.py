@@ -154,8 +154,7 @@ def test_job_manifest_errors_use_spec_paths(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["lorajob-tiny.yaml", "lorajob-full.yaml"])
 def test_example_manifests_are_valid(name: str) -> None:
     example = Path(__file__).resolve().parents[2] / "examples" / name
-    if not example.exists():
-        pytest.skip(f"examples/{name} not present")
+    assert example.exists(), f"examples/{name} is missing"
     loaded = load_job_manifest(str(example))
     assert loaded.config.model.uri
 
