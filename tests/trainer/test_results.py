@@ -11,14 +11,16 @@ import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import mlflow
 import pytest
 import torch
 from lora_trainer.inputs import prepare_inputs
 from lora_trainer.progress import ProgressBoard
 from lora_trainer.signals import StopRequest
 from lora_trainer.storage import Storage
-from lora_trainer.tracking import LogSync
+from lora_trainer.tracking import LogSync, Tracker
 from lora_trainer.train import Runtime, run
 from loraops_contract.config import TrainerConfig
 from mlflow.tracking import MlflowClient
@@ -193,3 +195,39 @@ def test_log_sync_uploads_new_and_changed_files_only(tmp_path: Path) -> None:
     (local / "run-a" / "attempt-2" / "events.out.tfevents.2").write_bytes(b"x")
     assert sync.sync(force=True) == 2
     assert (remote / "run-a" / "attempt-1" / "events.out.tfevents.1").read_bytes() == b"one two"
+
+
+def test_a_later_attempt_of_the_same_spec_resumes_its_mlflow_run(
+    tmp_path: Path, mlflow_server: str
+) -> None:
+    """The MLflow run is found again by its tags: a retried attempt continues it (its
+    params are already there), a changed spec records a new run."""
+    spec: dict[str, Any] = {
+        "model": {"uri": "/models/m"},
+        "dataset": {"uri": "/data/d.jsonl"},
+        "output": {"uri": str(tmp_path / "out")},
+        "tracking": {
+            "tensorboard": False,
+            "mlflow": {"trackingUri": mlflow_server, "experiment": "resume-test"},
+        },
+    }
+    storage = Storage(tmp_path / "cache", {})
+
+    def attempt(cfg: TrainerConfig, n: int) -> str:
+        tracker = Tracker(cfg, storage, tmp_path / "work", run_id="r", attempt=n, job_name="ns/j")
+        tracker.start()
+        active = mlflow.active_run()
+        assert active is not None
+        tracker.abort()  # the attempt is interrupted
+        return str(active.info.run_id)
+
+    cfg = TrainerConfig.model_validate(spec)
+    first = attempt(cfg, 1)
+    assert attempt(cfg, 2) == first
+    client = MlflowClient(tracking_uri=mlflow_server)
+    assert client.get_run(first).info.status == "KILLED"
+    assert client.get_run(first).data.params["spec.lora.r"] == "16"
+    changed = TrainerConfig.model_validate(spec | {"lora": {"r": 8}})
+    second = attempt(changed, 3)
+    assert second != first
+    assert client.get_run(second).data.params["spec.lora.r"] == "8"
