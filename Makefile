@@ -53,14 +53,13 @@ help: ## List the targets
 .PHONY: venv
 venv: $(VENV_STAMP) ## Create .venv with the pinned dependencies (idempotent)
 
+# One resolve: the pinned requirements and the projects (contract/, and this one with its
+# trainer extra), so a declared dependency that the pins do not satisfy fails here.
 $(VENV_STAMP): $(REQ_FILES)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required (set PYTHON=...)")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet '$(TORCH_SPEC)'
-	$(PIP) install --quiet -r requirements/dev.txt '$(TORCH_SPEC)'
-	# The project itself, with its declared dependencies checked against the pins above
-	# (nothing new is downloaded unless a declared dependency is missing from them).
-	$(PIP) install --quiet -e ./contract -e '.[trainer]' -r requirements/dev.txt '$(TORCH_SPEC)'
+	$(PIP) install --quiet -r requirements/dev.txt -e ./contract -e '.[trainer]' '$(TORCH_SPEC)'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
