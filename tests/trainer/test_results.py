@@ -25,8 +25,10 @@ from lora_trainer.train import Runtime, run
 from loraops_contract.config import TrainerConfig
 from mlflow.tracking import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from devcluster.process import Process, free_port, log_tail, wait_for
+from devcluster.s3 import S3Server
 from devcluster.tiny_model import make_records, write_dataset
 
 PROMPTS = ["what color is the sky", "tell me the color of snow"]
@@ -231,3 +233,24 @@ def test_a_later_attempt_of_the_same_spec_resumes_its_mlflow_run(
     second = attempt(changed, 3)
     assert second != first
     assert client.get_run(second).data.params["spec.lora.r"] == "8"
+
+
+def test_log_sync_copies_event_files_to_s3_as_the_trainer_logs(
+    tmp_path: Path, s3: S3Server
+) -> None:
+    """What `tensorboard --logdir s3://.../logs/` reads: the files appear under the prefix
+    from the Trainer's log events (every `every_s`), not only at the end."""
+    storage = Storage(tmp_path / "cache", s3.env())
+    local = tmp_path / "logs"
+    events = local / "run-a" / "attempt-1" / "events.out.tfevents.1"
+    events.parent.mkdir(parents=True)
+    sync = LogSync(storage, local, "s3://out/live/logs", every_s=0)
+    state = TrainerState()
+    events.write_bytes(b"step 1")
+    sync.on_log(TrainingArguments(output_dir=str(tmp_path / "ckpt")), state, TrainerControl())
+    listed = {o.name: o.size for o in storage.list_objects("s3://out/live/logs")}
+    assert listed == {"run-a/attempt-1/events.out.tfevents.1": 6}
+    events.write_bytes(b"step 1, step 2")
+    sync.on_log(TrainingArguments(output_dir=str(tmp_path / "ckpt")), state, TrainerControl())
+    listed = {o.name: o.size for o in storage.list_objects("s3://out/live/logs")}
+    assert listed == {"run-a/attempt-1/events.out.tfevents.1": 14}
