@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from devcluster.controlplane import ControlPlane
-from devcluster.kubelet import cpu_node
+from devcluster.kubelet import NodeConfig, cpu_node
 from devcluster.tiny_model import build_tiny_model, write_dataset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -246,9 +246,11 @@ def cluster_factory(
     """Start a cluster with extra operator settings; stopped at the end of the test."""
     planes: list[ControlPlane] = []
 
-    def start(operator_env: Mapping[str, str] | None = None) -> Cluster:
+    def start(
+        operator_env: Mapping[str, str] | None = None, nodes: list[NodeConfig] | None = None
+    ) -> Cluster:
         cp = ControlPlane(
-            nodes=[cpu_node()],
+            nodes=nodes or [cpu_node()],
             s3_buckets=[BUCKET],
             operator=True,
             operator_env={**FAST_OPERATOR_ENV, **(operator_env or {})},
