@@ -189,7 +189,7 @@ class Tracker:
             self._mlflow = None
         if self._wandb is not None:
             self._wandb.summary.update({f"final/{k}": v for k, v in numbers.items()})
-            self._wandb.finish()
+            _finish_wandb(self._wandb, exit_code=0)
             self._wandb = None
         if self.enabled:
             self.sync.sync(force=True)
@@ -202,7 +202,8 @@ class Tracker:
             if self._mlflow is not None:
                 self._mlflow.end_run(status="KILLED")
             if self._wandb is not None:
-                self._wandb.finish(exit_code=1)
+                _finish_wandb(self._wandb, exit_code=1)
+                self._wandb = None
             if self.enabled:
                 self.sync.sync(force=True)
         except Exception:  # the tracking server or the store may be what failed
@@ -296,6 +297,16 @@ def _mlflow_error(e: Any, spec: MlflowSpec) -> Exception:
 
 
 # --------------------------------------------------------------------------- W&B
+
+
+def _finish_wandb(run: Any, exit_code: int) -> None:
+    """Finish the run, then stop wandb's background service (wandb-core) now rather than
+    at interpreter exit: the run is this process's last use of it, and a process that
+    trains in-process (the tests, a notebook) must not leave the service behind."""
+    import wandb
+
+    run.finish(exit_code=exit_code)
+    wandb.teardown(exit_code=exit_code)
 
 
 def _start_wandb(spec: WandbSpec, cfg: TrainerConfig, logs_dir: Path, job_name: str | None) -> Any:
