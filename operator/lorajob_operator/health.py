@@ -50,56 +50,46 @@ def _source(
     return None
 
 
+def _from(
+    condition: Mapping[str, Any] | None,
+    reason: str,
+    message: str,
+    *,
+    ready: bool = False,
+    reconciling: bool = False,
+    stalled: bool = False,
+) -> Summary:
+    """A summary whose reason and message are `condition`'s, or the defaults given."""
+    condition = condition or {}
+    return Summary(
+        ready,
+        reconciling,
+        stalled,
+        str(condition.get("reason") or reason),
+        str(condition.get("message") or message),
+    )
+
+
 def summarize(conditions: Sequence[Mapping[str, Any]] | None) -> Summary:
     """What the summary conditions say, from the job's own conditions."""
     conditions = conditions or []
     phase = derive_phase(conditions)
     accepted = get_condition(conditions, ConditionType.ACCEPTED)
     if phase == Phase.FAILED:
-        failed = get_condition(conditions, ConditionType.FAILED) or {}
-        return Summary(
-            False,
-            False,
-            True,
-            str(failed.get("reason") or phase),
-            str(failed.get("message") or "the job failed"),
-        )
+        failed = get_condition(conditions, ConditionType.FAILED)
+        return _from(failed, phase, "the job failed", stalled=True)
     if accepted is not None and accepted.get("status") == "False":
         # The declared spec cannot run: only an edit moves the job on, whatever an
         # attempt of the previous spec still does.
-        return Summary(
-            False,
-            False,
-            True,
-            str(accepted.get("reason") or "SpecRefused"),
-            str(accepted.get("message") or "the spec was refused"),
-        )
+        return _from(accepted, "SpecRefused", "the spec was refused", stalled=True)
     if phase == Phase.SUCCEEDED:
-        succeeded = get_condition(conditions, ConditionType.SUCCEEDED) or {}
-        return Summary(
-            True,
-            False,
-            False,
-            str(succeeded.get("reason") or phase),
-            str(succeeded.get("message") or "the adapter is written"),
-        )
+        succeeded = get_condition(conditions, ConditionType.SUCCEEDED)
+        return _from(succeeded, phase, "the adapter is written", ready=True)
     if phase == Phase.SUSPENDED:
-        suspended = get_condition(conditions, ConditionType.SUSPENDED) or {}
-        return Summary(
-            False,
-            False,
-            False,
-            str(suspended.get("reason") or phase),
-            str(suspended.get("message") or "the job is suspended"),
-        )
-    source = _source(conditions, ConditionType.RUNNING, ConditionType.QUEUED) or {}
-    return Summary(
-        False,
-        True,
-        False,
-        str(source.get("reason") or phase),
-        str(source.get("message") or f"the job is {str(phase).lower()}"),
-    )
+        suspended = get_condition(conditions, ConditionType.SUSPENDED)
+        return _from(suspended, phase, "the job is suspended")
+    source = _source(conditions, ConditionType.RUNNING, ConditionType.QUEUED)
+    return _from(source, phase, f"the job is {str(phase).lower()}", reconciling=True)
 
 
 def with_summary(
