@@ -31,6 +31,8 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
+from lorajob_operator.api import parse_time
+
 __all__ = ["NODE_LOST_MARGIN_SECONDS", "TAINT_EVICTION_REASON", "node_lost"]
 
 # How long a terminating pod may still report a non-terminal phase past its
@@ -46,13 +48,7 @@ TAINT_EVICTION_REASON = "DeletionByTaintManager"
 
 
 def _deleted_at(pod: Mapping[str, Any]) -> datetime | None:
-    value = (pod.get("metadata") or {}).get("deletionTimestamp")
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
+    return parse_time((pod.get("metadata") or {}).get("deletionTimestamp"))
 
 
 def _evicted_by_taint(pod: Mapping[str, Any]) -> bool:
