@@ -696,8 +696,15 @@ def run_id(cfg: TrainerConfig, ranks: int = 1) -> str:
     under checkpoints/run-<id>/, and an attempt resumes only checkpoints of its own run.
     Specs that differ only in RESUMABLE_FIELDS (or in Kubernetes-only fields other than
     the number of GPUs, see run_config) share it."""
-    canonical = json.dumps(run_config(cfg, ranks), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:RUN_ID_LENGTH]
+    return canonical_digest(run_config(cfg, ranks), RUN_ID_LENGTH)
+
+
+def canonical_digest(value: Any, length: int = 16) -> str:
+    """The sha256 of `value`'s canonical JSON (sorted keys, no spaces), cut to `length`
+    hex digits: the one way run ids, spec hashes and config digests are computed, so
+    equal values hash equally whichever image computes them."""
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:length]
 
 
 def _leaves(values: Any, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:

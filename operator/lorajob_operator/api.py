@@ -8,8 +8,6 @@ these models: there is a single source of truth for field names, types and docs.
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 import re
 import types
 import typing
@@ -21,7 +19,12 @@ from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from loraops_contract import endpoints, rules
-from loraops_contract.config import SpecModel, TrainerConfig, run_defining_changes
+from loraops_contract.config import (
+    SpecModel,
+    TrainerConfig,
+    canonical_digest,
+    run_defining_changes,
+)
 from loraops_contract.rules import Rule
 from pydantic import (
     BaseModel,
@@ -613,8 +616,7 @@ def spec_hash(spec: LoRAJobSpec) -> str:
     needs a new attempt from one (suspend, backoffLimit, ...) it honours live.
     """
     wire = spec.model_dump(by_alias=True, mode="json", exclude=set(CONTROL_FIELDS))
-    canonical = json.dumps(wire, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    return canonical_digest(wire)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ MLflowCallback, WandbCallback) with the Trainer's logs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -31,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from loraops_contract.config import MlflowSpec, TrainerConfig, WandbSpec
+from loraops_contract.config import MlflowSpec, TrainerConfig, WandbSpec, canonical_digest
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.integrations.integration_utils import (
     MLflowCallback,
@@ -216,8 +215,7 @@ class Tracker:
 def config_digest(cfg: TrainerConfig) -> str:
     """The whole trainer config's hash: an MLflow run is resumed only under the very
     same config, whose params it already holds (MLflow refuses a changed param)."""
-    wire = json.dumps(cfg.to_wire(), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(wire.encode()).hexdigest()[:16]
+    return canonical_digest(cfg.to_wire())
 
 
 def spec_params(cfg: TrainerConfig) -> dict[str, str]:
