@@ -37,6 +37,11 @@ ENV_ALLOW_PRIVATE_ENDPOINTS = "LORA_TRAINER_ALLOW_PRIVATE_ENDPOINTS"
 # The container's CPU limit in millicores (resourceFieldRef limits.cpu, divisor 1m): torch
 # runs that many threads, not one per core of the node (the limit would throttle them).
 ENV_CPU_LIMIT = "LORA_TRAINER_CPU_LIMIT_MILLICORES"
+# Several nodes (spec.resources.nodes > 1): torchrun's c10d rendezvous store listens on
+# this port in the rank-0 pod, reached at the job's headless Service
+# (`--rdzv-endpoint <service>.<namespace>.svc:RENDEZVOUS_PORT`). 29400 is torchrun's own
+# default c10d port.
+RENDEZVOUS_PORT = 29400
 # Standard names boto3 and huggingface_hub read themselves.
 ENV_S3_ENDPOINT = "AWS_ENDPOINT_URL"
 ENV_S3_REGION = "AWS_DEFAULT_REGION"
