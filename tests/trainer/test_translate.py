@@ -12,6 +12,7 @@ from lora_trainer.errors import TargetModulesNotFound
 from lora_trainer.hf import (
     Device,
     compute_dtype_name,
+    has_fast_bf16,
     linear_layer_names,
     model_load_kwargs,
     resolve_target_modules,
@@ -24,6 +25,7 @@ from loraops_contract.config import LoraSpec, QuantizationSpec, TrainerConfig
 from loraops_contract.protocol import ExitCode
 
 CPU = Device(cuda=False)
+CPU_BF16 = Device(cuda=False, bf16=True)  # AVX512-BF16 or AMX-BF16
 AMPERE = Device(cuda=True, bf16=True, name="A100")
 TURING = Device(cuda=True, bf16=False, name="T4")
 
@@ -42,6 +44,8 @@ def _cfg(**overrides: Any) -> TrainerConfig:
     ("setting", "device", "expected"),
     [
         ("auto", CPU, "float32"),
+        ("auto", CPU_BF16, "bfloat16"),
+        ("float32", CPU_BF16, "float32"),
         ("auto", AMPERE, "bfloat16"),
         ("auto", TURING, "float16"),
         ("float32", AMPERE, "float32"),
@@ -49,6 +53,41 @@ def _cfg(**overrides: Any) -> TrainerConfig:
 )
 def test_compute_dtype(setting: Any, device: Device, expected: str) -> None:
     assert compute_dtype_name(QuantizationSpec(compute_dtype=setting), device) == expected
+
+
+@pytest.mark.parametrize(
+    ("capability", "features", "expected"),
+    [
+        ((8, 0), {}, True),  # A100
+        ((9, 0), {}, True),  # H100
+        ((7, 5), {"avx512_bf16": True}, False),  # T4: the GPU decides, not the host CPU
+        ((6, 0), {}, False),  # P100
+        (None, {"avx512_bf16": True}, True),  # AMD Zen 4+, Intel Cooper Lake+
+        (None, {"amx_bf16": True, "amx_tile": True}, True),  # Intel Sapphire Rapids+
+        (None, {"avx512_f": True, "avx512_bf16": False}, False),  # AVX-512 without BF16
+        (None, {"avx2": True}, False),
+        (None, {}, False),
+    ],
+)
+def test_fast_bf16_is_ampere_or_a_bf16_cpu(
+    capability: tuple[int, int] | None, features: dict[str, bool], expected: bool
+) -> None:
+    assert has_fast_bf16(cuda_capability=capability, cpu_features=features) is expected
+
+
+def test_bf16_cpu_trains_in_bf16_autocast(tmp_path: Path) -> None:
+    sft = to_sft_config(_cfg(), CPU_BF16, tmp_path, has_eval=False)
+    assert sft.bf16 is True  # accelerate autocasts to bfloat16 on the CPU
+    assert sft.fp16 is False
+    assert sft.use_cpu is True
+    bnb = to_bnb_config(QuantizationSpec(), CPU_BF16)
+    assert bnb is not None
+    assert bnb.bnb_4bit_compute_dtype == torch.bfloat16
+    assert model_load_kwargs(_cfg(), CPU_BF16)["dtype"] == torch.bfloat16
+    # The override keeps float32 everywhere.
+    fp32 = _cfg(quantization={"computeDtype": "float32"})
+    assert to_sft_config(fp32, CPU_BF16, tmp_path, has_eval=False).bf16 is False
+    assert model_load_kwargs(fp32, CPU_BF16)["dtype"] == torch.float32
 
 
 def test_nf4_default_is_qlora() -> None:

@@ -42,7 +42,7 @@ import gc
 import hashlib
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +85,7 @@ __all__ = [
     "evaluate_base",
     "free_memory",
     "greedy_answers",
+    "has_fast_bf16",
     "has_varlen_attention",
     "limit_threads",
     "linear_layer_names",
@@ -119,25 +120,46 @@ IGNORE_INDEX = -100  # the label transformers' loss skips
 # --- 1. translators ----------------------------------------------------------------
 
 
+# CPU features with native bfloat16 arithmetic (torch.cpu.get_capabilities() names):
+# AVX512-BF16 (AMD Zen 4+, Intel Cooper Lake+) and AMX-BF16 (Intel Sapphire Rapids+).
+# Without them bfloat16 is emulated in float32 and only adds conversions.
+CPU_BF16_FEATURES = ("avx512_bf16", "amx_bf16")
+# bfloat16 tensor cores start with Ampere (compute capability 8.0). torch's own
+# is_bf16_supported() also says yes for older GPUs that emulate it, slowly.
+AMPERE = (8, 0)
+
+
 @dataclass(frozen=True)
 class Device:
     """What the machine can do; `detect_device()` asks torch."""
 
     cuda: bool
-    bf16: bool = False  # GPU supports bfloat16 (Ampere+)
+    bf16: bool = False  # fast bfloat16: an Ampere+ GPU, or a CPU with CPU_BF16_FEATURES
     name: str = "cpu"
     index: int = 0  # this process's GPU: its LOCAL_RANK under torchrun
     memory: int | None = None  # bytes of that GPU's memory
 
 
+def has_fast_bf16(
+    *, cuda_capability: tuple[int, int] | None, cpu_features: Mapping[str, object]
+) -> bool:
+    """Whether bfloat16 math runs natively: on the GPU (`cuda_capability`, None without
+    one) from Ampere on; on the CPU with AVX512-BF16 or AMX-BF16."""
+    if cuda_capability is not None:
+        return cuda_capability >= AMPERE
+    return any(bool(cpu_features.get(f, False)) for f in CPU_BF16_FEATURES)
+
+
 def detect_device(local_rank: int = 0) -> Device:
     """The GPU `local_rank` (the process's own under torchrun), or the CPU."""
     if not torch.cuda.is_available():
-        return Device(cuda=False)
+        features = dict(torch.cpu.get_capabilities())
+        return Device(cuda=False, bf16=has_fast_bf16(cuda_capability=None, cpu_features=features))
     props = torch.cuda.get_device_properties(local_rank)
+    capability = torch.cuda.get_device_capability(local_rank)
     return Device(
         cuda=True,
-        bf16=bool(torch.cuda.is_bf16_supported()),
+        bf16=has_fast_bf16(cuda_capability=capability, cpu_features={}),
         name=torch.cuda.get_device_name(local_rank),
         index=local_rank,
         memory=int(props.total_memory),
@@ -145,12 +167,19 @@ def detect_device(local_rank: int = 0) -> Device:
 
 
 def compute_dtype_name(q: QuantizationSpec, device: Device) -> str:
-    """bfloat16 on a GPU that has it, float16 on older GPUs, float32 on CPU (unless set)."""
+    """The dtype of the matmuls, unless quantization.computeDtype names one: the fastest
+    correct one for the hardware, as measured in bench/README.md ("Dtype"):
+
+    * bfloat16 where it runs natively (Ampere+ GPUs; CPUs with AVX512-BF16 or AMX-BF16,
+      where the Trainer runs bfloat16 autocast),
+    * float16 on older GPUs (with the Trainer's loss scaling),
+    * float32 on other CPUs (float16 autocast on a CPU is slower, not faster).
+    """
     if q.compute_dtype != "auto":
         return q.compute_dtype
-    if not device.cuda:
-        return "float32"
-    return "bfloat16" if device.bf16 else "float16"
+    if device.bf16:
+        return "bfloat16"
+    return "float16" if device.cuda else "float32"
 
 
 def to_bnb_config(q: QuantizationSpec, device: Device, strategy: Strategy = "single") -> Any | None:
@@ -334,7 +363,9 @@ def sft_config_kwargs(
         save_total_limit=LOCAL_CHECKPOINTS_KEPT,
         eval_strategy=eval_strategy,
         eval_steps=t.eval_every_steps if eval_strategy == "steps" else None,
-        bf16=device.cuda and dtype == "bfloat16",
+        # Mixed precision (autocast) in the compute dtype: bfloat16 on GPUs and CPUs
+        # (accelerate autocasts on the CPU too), float16 with loss scaling on GPUs only.
+        bf16=dtype == "bfloat16",
         fp16=device.cuda and dtype == "float16",
         use_cpu=not device.cuda,
         include_num_input_tokens_seen="non_padding",

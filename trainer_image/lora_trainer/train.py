@@ -77,7 +77,13 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
         log.info("torch threads: %d (the pod's CPU limit)", rt.cpu_threads)
     ranks = rt.ranks
     device = hf.detect_device(ranks.local_rank)
-    log.info("device: %s", device.name)
+    dtype = hf.compute_dtype_name(cfg.quantization, device)
+    log.info(
+        "device: %s; compute dtype %s (quantization.computeDtype: %s)",
+        device.name,
+        dtype,
+        cfg.quantization.compute_dtype,
+    )
     distributed.init(ranks, cuda=device.cuda)
     model_dir = inputs.model_dir
 
@@ -194,6 +200,7 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
         "train_runtime_s": outcome.train_runtime_s,
         "tokens_seen": trainer.state.num_input_tokens_seen,
         "tokens_per_second": progress.tokens_per_second or outcome.tokens_per_second,
+        "compute_dtype": dtype,
         "resumed_from_step": resume.step if resume else None,
         "skipped_records": inputs.skipped_records,
         "loss_history": progress.loss_history,
