@@ -1,22 +1,35 @@
-"""Transfer benchmark: the trainer's S3 I/O (lora_trainer.storage) vs single-stream boto3.
+"""Transfer benchmark: the trainer's S3 I/O (lora_trainer.storage) vs boto3's own
+managed transfers (`download_file` / `upload_file`, s3transfer's TransferManager).
 
 Against the local SeaweedFS server (devcluster/s3.py) it measures, for one
-generated base-model-sized file:
+generated base-model-sized file and one adapter-sized file, three sides in the
+same run:
 
-* download: `Storage.fetch` (parallel ranged GETs into the cache) vs one
-  `get_object` stream written to disk in 1 MiB chunks (the baseline);
-* cache hit: a second `Storage.fetch` of the same URI (start time of the next
-  job on the node: one HEAD plus a stamp check, no data);
-* upload of an adapter-sized file: `Storage.put_file` (multipart, parallel) vs one
-  `put_object`.
+* ours: `Storage.fetch` (HEAD, then boto3's managed download with 16 MiB parts,
+  8 in parallel, into the node cache, stamped) and `Storage.put_file` (multipart,
+  same parts and parallelism);
+* boto3 default: `client.download_file` / `client.upload_file` with no Config,
+  i.e. `TransferConfig()`: 8 MiB parts, 10 threads, a default client (pool of 10);
+* boto3 tuned: the same calls with what a user tuning for large files would pick:
+  16 MiB parts (matched to ours) and 20 threads, twice boto3's default, with the
+  client's connection pool raised to 20 to match.
 
-Each timing is the median of `--repeats` runs, ours and the baseline alternating.
+boto3's CRT transfer client (`preferred_transfer_client="crt"`, needs awscrt) is
+not a side: boto3 builds its CRT requests without the client's `endpoint_url`
+(TLS to AWS's own endpoint, boto3/crt.py), so it cannot reach any other S3 server.
+
+Plus the cache hit: a second `Storage.fetch` of the same URI (the start of the
+next job on the node: one HEAD and a stamp check, no data).
+
+Each repeat runs every side once, the order rotated from repeat to repeat; a
+fresh client (and, for ours, a fresh cache) each time, its creation timed too.
+Reported: medians, min-max, and the range of the per-repeat (paired) ratios.
 
 On loopback a single connection is CPU-bound, not link-bound, so parallel streams
 have little to win there. Download and upload are measured a second time through
 bench/throttle.py, which limits each connection to `--link-mib-s` (default 48 MiB/s,
-about what one S3 connection serves): there a single stream is link-bound, as it is
-against a real object store.
+about what one S3 connection serves): there throughput grows with the number of
+connections, as against a real object store.
 
     python -m bench.transfer --size-mib 1024 --adapter-mib 160 --link-mib-s 48
 """
@@ -32,10 +45,14 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.compat import HAS_CRT
 from botocore.config import Config
 from lora_trainer.storage import CONCURRENCY, PART_SIZE, Storage
 
@@ -43,11 +60,91 @@ from bench.common import add_common_args, format_table, ratio, timed, write_resu
 from bench.throttle import throttled_proxy
 from devcluster.s3 import s3_server
 
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
 __all__ = ["main", "run"]
 
 _MiB = 1024 * 1024
-_CHUNK = _MiB
 BUCKET = "models"
+# boto3's TransferConfig() defaults (boto3/s3/transfer.py DEFAULTS) and botocore's
+# default connection pool (max_pool_connections=10).
+_BOTO3_PART, _BOTO3_THREADS = 8 * _MiB, 10
+_TUNED_PART, _TUNED_THREADS = PART_SIZE, 2 * _BOTO3_THREADS
+OURS, DEFAULT, TUNED = "ours", "boto3_default", "boto3_tuned"
+PEERS = (DEFAULT, TUNED)
+
+
+@dataclass(frozen=True)
+class Side:
+    """One way to move a file: its download and upload, and what it runs with."""
+
+    name: str
+    part_size: int
+    concurrency: int
+    what: str
+    # (env, bucket, key, scratch dir) -> the downloaded file
+    download: Callable[[dict[str, str], str, str, Path], Path]
+    # (env, local file, bucket, key)
+    upload: Callable[[dict[str, str], Path, str, str], None]
+
+
+def _ours_download(env: dict[str, str], bucket: str, key: str, scratch: Path) -> Path:
+    return Storage(scratch / "cache", env=env).fetch(f"s3://{bucket}/{key}")
+
+
+def _ours_upload(env: dict[str, str], local: Path, bucket: str, key: str) -> None:
+    Storage(local.parent / "unused-cache", env=env).put_file(local, f"s3://{bucket}/{key}")
+
+
+def _boto3_side(name: str, part: int, threads: int, *, tuned: bool) -> Side:
+    """A side that calls boto3's `download_file` / `upload_file`: with no Config, or
+    (`tuned`) with `part`-sized parts, `threads` threads and a pool to match."""
+    transfer = (
+        TransferConfig(multipart_threshold=part, multipart_chunksize=part, max_concurrency=threads)
+        if tuned
+        else None
+    )
+    pool = threads if tuned else None
+
+    def client(env: dict[str, str]) -> S3Client:
+        extra: dict[str, Any] = {} if pool is None else {"max_pool_connections": pool}
+        c: S3Client = boto3.client(
+            "s3",
+            endpoint_url=env["AWS_ENDPOINT_URL"],
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+            region_name=env["AWS_DEFAULT_REGION"],
+            # Path style is what any non-AWS endpoint needs; ours sets the same.
+            config=Config(s3={"addressing_style": "path"}, **extra),
+        )
+        return c
+
+    def download(env: dict[str, str], bucket: str, key: str, scratch: Path) -> Path:
+        dest = scratch / "download.bin"
+        client(env).download_file(bucket, key, str(dest), Config=transfer)
+        return dest
+
+    def upload(env: dict[str, str], local: Path, bucket: str, key: str) -> None:
+        client(env).upload_file(str(local), bucket, key, Config=transfer)
+
+    config = "TransferConfig(part, part, threads)" if tuned else "no Config (defaults)"
+    what = f"client.download_file / upload_file, {config}, pool {pool or 10}"
+    return Side(name, part, threads, what, download, upload)
+
+
+SIDES = (
+    Side(
+        OURS,
+        PART_SIZE,
+        CONCURRENCY,
+        "lora_trainer.storage: Storage.fetch (into the node cache) / Storage.put_file",
+        _ours_download,
+        _ours_upload,
+    ),
+    _boto3_side(DEFAULT, _BOTO3_PART, _BOTO3_THREADS, tuned=False),
+    _boto3_side(TUNED, _TUNED_PART, _TUNED_THREADS, tuned=True),
+)
 
 
 def write_random_file(path: Path, size: int, seed: int = 0) -> str:
@@ -108,8 +205,19 @@ def run(
             "size_bytes": size,
             "adapter_bytes": adapter_size,
             "repeats": repeats,
-            "part_size_bytes": PART_SIZE,
-            "concurrency": CONCURRENCY,
+            "sides": {
+                s.name: {
+                    "part_size_bytes": s.part_size,
+                    "concurrency": s.concurrency,
+                    "what": s.what,
+                }
+                for s in SIDES
+            },
+            "crt": (
+                f"not measured (awscrt installed: {HAS_CRT}): boto3's CRT transfer client "
+                "builds its requests without the client's endpoint_url, so it only "
+                "reaches AWS itself"
+            ),
             "server": "SeaweedFS on 127.0.0.1 (devcluster/s3.py)",
         }
     }
@@ -151,16 +259,11 @@ def run(
     return result
 
 
-def _client(env: dict[str, str]) -> Any:
-    """A plain boto3 client for the endpoint and keys in `env` (the baseline's)."""
-    return boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name=env["AWS_DEFAULT_REGION"],
-        config=Config(s3={"addressing_style": "path"}),
-    )
+def _rotated(i: int) -> tuple[Side, ...]:
+    """Every side once, starting with a different one each repeat (no side always
+    runs first, right after the server was idle, or last)."""
+    k = i % len(SIDES)
+    return SIDES[k:] + SIDES[:k]
 
 
 def _measure(
@@ -173,137 +276,132 @@ def _measure(
     repeats: int,
     work: Path,
 ) -> dict[str, Any]:
-    """Download (ours vs one stream), cache hit, and adapter upload against `env`'s endpoint."""
-    uri = f"s3://{BUCKET}/{key}"
-    ours_dl: list[float] = []
-    base_dl: list[float] = []
+    """Download (every side), cache hit (ours) and adapter upload (every side)."""
+    down: dict[str, list[float]] = {s.name: [] for s in SIDES}
+    up: dict[str, list[float]] = {s.name: [] for s in SIDES}
     cache_hit: list[float] = []
     for i in range(repeats):
-        # A fresh cache (and a fresh client, so no warm connections) per run.
-        cache = work / f"cache-{i}"
-        storage = Storage(cache, env=env)
-        with timed() as t:
-            got = storage.fetch(uri)
-        ours_dl.append(t.seconds)
-        if i == 0 and sha256_of(got) != want:
-            raise RuntimeError("parallel download returned different bytes")
-        with timed() as t:
-            again = Storage(cache, env=env).fetch(uri)
-        cache_hit.append(t.seconds)
-        if again != got:
-            raise RuntimeError("cache hit returned a different path")
-        shutil.rmtree(cache)
-
-        dest = work / "single.bin"
-        with timed() as t:
-            _single_stream_download(_client(env), BUCKET, key, dest)
-        base_dl.append(t.seconds)
-        if i == 0 and sha256_of(dest) != want:
-            raise RuntimeError("single-stream download returned different bytes")
-        dest.unlink()
+        for side in _rotated(i):
+            scratch = work / f"{side.name}-{i}"
+            scratch.mkdir()
+            with timed() as t:
+                got = side.download(env, BUCKET, key, scratch)
+            down[side.name].append(t.seconds)
+            if i == 0 and sha256_of(got) != want:
+                raise RuntimeError(f"{side.name}: download returned different bytes")
+            if side.name == OURS:
+                with timed() as t:
+                    again = _ours_download(env, BUCKET, key, scratch)
+                cache_hit.append(t.seconds)
+                if again != got:
+                    raise RuntimeError("cache hit returned a different path")
+            shutil.rmtree(scratch)
 
     adapter_size = adapter.stat().st_size
-    ours_up: list[float] = []
-    base_up: list[float] = []
     for i in range(repeats):
-        storage = Storage(work / "unused-cache", env=env)
-        with timed() as t:
-            storage.put_file(adapter, f"s3://adapters/ours-{i}/adapter_model.safetensors")
-        ours_up.append(t.seconds)
-        c = _client(env)
-        with timed() as t, adapter.open("rb") as fh:
-            c.put_object(Bucket="adapters", Key=f"single-{i}/adapter_model.safetensors", Body=fh)
-        base_up.append(t.seconds)
+        for side in _rotated(i):
+            with timed() as t:
+                side.upload(env, adapter, "adapters", f"{side.name}-{i}/adapter_model.safetensors")
+            up[side.name].append(t.seconds)
 
-    def mib_s(n: int, seconds: float) -> float:
-        return n / _MiB / seconds
-
-    dl_ours, dl_base = statistics.median(ours_dl), statistics.median(base_dl)
-    up_ours, up_base = statistics.median(ours_up), statistics.median(base_up)
+    hit = statistics.median(cache_hit)
     return {
-        "download": {
-            "ours_s": dl_ours,
-            "baseline_s": dl_base,
-            "ours_mib_s": mib_s(size, dl_ours),
-            "baseline_mib_s": mib_s(size, dl_base),
-            "speedup": ratio(dl_base, dl_ours),
-            "samples": {"ours": ours_dl, "baseline": base_dl},
-        },
+        "download": _compare(down, size),
         "cache_hit": {
-            "ours_s": statistics.median(cache_hit),
-            "vs_download": ratio(dl_ours, statistics.median(cache_hit)),
+            "ours_s": hit,
+            "vs_download": ratio(statistics.median(down[OURS]), hit),
             "samples": cache_hit,
         },
-        "upload": {
-            "ours_s": up_ours,
-            "baseline_s": up_base,
-            "ours_mib_s": mib_s(adapter_size, up_ours),
-            "baseline_mib_s": mib_s(adapter_size, up_base),
-            "speedup": ratio(up_base, up_ours),
-            "samples": {"ours": ours_up, "baseline": base_up},
-        },
+        "upload": _compare(up, adapter_size),
     }
 
 
-def _single_stream_download(client: Any, bucket: str, key: str, dest: Path) -> None:
-    """The baseline: one GET, streamed to disk (what a hand-written loader does)."""
-    body = client.get_object(Bucket=bucket, Key=key)["Body"]
-    with dest.open("wb") as fh:
-        for chunk in body.iter_chunks(_CHUNK):
-            fh.write(chunk)
+def _compare(samples: dict[str, list[float]], size: int) -> dict[str, Any]:
+    """Per side: median, min, max, MiB/s at the median; per peer: peer/ours of the
+    medians and the range of the per-repeat ratios (each repeat ran every side)."""
+    out: dict[str, Any] = {}
+    for name, seconds in samples.items():
+        median = statistics.median(seconds)
+        out[name] = {
+            "median_s": median,
+            "min_s": min(seconds),
+            "max_s": max(seconds),
+            "mib_s": size / _MiB / median,
+            "samples": seconds,
+        }
+    out["speedup"] = {
+        peer: {
+            "median": ratio(out[peer]["median_s"], out[OURS]["median_s"]),
+            "paired_min": min(p / o for p, o in zip(samples[peer], samples[OURS], strict=True)),
+            "paired_max": max(p / o for p, o in zip(samples[peer], samples[OURS], strict=True)),
+        }
+        for peer in PEERS
+    }
+    return out
+
+
+def _rows(label: str, m: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+    """One row of the main table and one of the spread table."""
+    main = [
+        label,
+        *(m[s.name]["median_s"] for s in SIDES),
+        m[OURS]["mib_s"],
+        *(m["speedup"][p]["median"] for p in PEERS),
+    ]
+    spread = [
+        label,
+        *(f"{m[s.name]['min_s']:.3g}-{m[s.name]['max_s']:.3g}" for s in SIDES),
+        *(
+            f"{m['speedup'][p]['paired_min']:.2f}-{m['speedup'][p]['paired_max']:.2f}"
+            for p in PEERS
+        ),
+    ]
+    return main, spread
 
 
 def table(result: dict[str, Any]) -> str:
-    dl, hit, up = result["download"], result["cache_hit"], result["upload"]
     size_mib = result["params"]["size_bytes"] / _MiB
     adapter_mib = result["params"]["adapter_bytes"] / _MiB
-    rows = [
-        [
-            f"download {size_mib:.0f} MiB",
-            dl["ours_s"],
-            dl["baseline_s"],
-            dl["ours_mib_s"],
-            dl["baseline_mib_s"],
-            dl["speedup"],
-        ],
-        [
-            f"cache hit {size_mib:.0f} MiB",
-            hit["ours_s"],
-            dl["baseline_s"],
-            None,
-            None,
-            ratio(dl["baseline_s"], hit["ours_s"]),
-        ],
-        [
-            f"upload {adapter_mib:.0f} MiB",
-            up["ours_s"],
-            up["baseline_s"],
-            up["ours_mib_s"],
-            up["baseline_mib_s"],
-            up["speedup"],
-        ],
+    parts = [(f"download {size_mib:.0f} MiB", result["download"])]
+    dl, hit = result["download"], result["cache_hit"]
+    hit_row = [
+        f"cache hit {size_mib:.0f} MiB",
+        hit["ours_s"],
+        *(dl[p]["median_s"] for p in PEERS),
+        None,
+        *(ratio(dl[p]["median_s"], hit["ours_s"]) for p in PEERS),
     ]
+    parts.append((f"upload {adapter_mib:.0f} MiB", result["upload"]))
     link = result.get("limited_link")
     if link:
         rate = link["params"]["per_connection_mib_s"]
         link_mib = link["params"]["size_bytes"] / _MiB
-        for label, part in (
-            (f"download {link_mib:.0f} MiB", "download"),
-            (f"upload {adapter_mib:.0f} MiB", "upload"),
-        ):
-            m = link[part]
-            rows.append(
-                [
-                    f"{label} @{rate:g} MiB/s/conn",
-                    m["ours_s"],
-                    m["baseline_s"],
-                    m["ours_mib_s"],
-                    m["baseline_mib_s"],
-                    m["speedup"],
-                ]
-            )
-    headers = ["operation", "ours s", "baseline s", "ours MiB/s", "baseline MiB/s", "speedup"]
-    return format_table(headers, rows)
+        parts.append((f"download {link_mib:.0f} MiB @{rate:g} MiB/s/conn", link["download"]))
+        parts.append((f"upload {adapter_mib:.0f} MiB @{rate:g} MiB/s/conn", link["upload"]))
+    mains, spreads = zip(*(_rows(label, m) for label, m in parts), strict=True)
+    rows = [mains[0], hit_row, *mains[1:]]
+    headers = [
+        "operation",
+        "ours s",
+        "boto3 default s",
+        "boto3 tuned s",
+        "ours MiB/s",
+        "x default",
+        "x tuned",
+    ]
+    spread_headers = [
+        "operation (min-max)",
+        "ours s",
+        "boto3 default s",
+        "boto3 tuned s",
+        "x default",
+        "x tuned",
+    ]
+    return (
+        format_table(headers, rows)
+        + "\n\nspread over the repeats (x: peer/ours within each repeat):\n"
+        + format_table(spread_headers, list(spreads))
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,12 +427,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--link-size-mib", type=int, default=256, help="model file size over the limited link"
     )
-    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per side (median)")
     parser.add_argument(
         "--work-dir",
         type=Path,
         default=None,
-        help="scratch directory (default: a temp dir; needs ~2x the size free)",
+        help="scratch directory (default: a temp dir; needs ~3x the size free)",
     )
     args = parser.parse_args(argv)
     if args.quick:

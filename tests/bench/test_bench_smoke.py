@@ -6,6 +6,7 @@ The numbers from --quick mean nothing; these tests only keep the scripts from ro
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -107,18 +108,27 @@ def test_random_llama_writer_produces_a_loadable_sharded_checkpoint(
 def test_transfer_quick(tmp_path: Path) -> None:
     out = _run("bench.transfer", tmp_path)
     assert "download" in out
+    assert "boto3 default" in out
     doc = _load(tmp_path, "transfer")
-    assert doc["download"]["ours_s"] > 0
-    assert doc["download"]["baseline_s"] > 0
-    assert doc["download"]["speedup"] > 0
-    assert doc["cache_hit"]["ours_s"] < doc["download"]["ours_s"]
-    assert doc["upload"]["ours_s"] > 0
-    # The limited link really limits: one connection cannot beat its cap (load can
-    # only make it slower), so the single-stream baseline stays under it.
+    sides = doc["params"]["sides"]
+    assert set(sides) == {"ours", "boto3_default", "boto3_tuned"}
+    for part in ("download", "upload"):
+        for side in sides:
+            assert doc[part][side]["median_s"] > 0
+            assert doc[part][side]["min_s"] <= doc[part][side]["max_s"]
+        for peer in ("boto3_default", "boto3_tuned"):
+            assert doc[part]["speedup"][peer]["median"] > 0
+    assert doc["cache_hit"]["ours_s"] < doc["download"]["ours"]["median_s"]
+    # The limited link really limits: no side beats the cap times the connections it
+    # can open (its concurrency, or fewer when the file has fewer parts); load can
+    # only make it slower.
     link = doc["limited_link"]
     cap = link["params"]["per_connection_mib_s"]
-    assert 0 < link["download"]["baseline_mib_s"] <= cap * 1.05
-    assert 0 < link["upload"]["baseline_mib_s"] <= cap * 1.05
+    sizes = {"download": link["params"]["size_bytes"], "upload": doc["params"]["adapter_bytes"]}
+    for part, size in sizes.items():
+        for side, p in sides.items():
+            streams = min(p["concurrency"], math.ceil(size / p["part_size_bytes"]))
+            assert 0 < link[part][side]["mib_s"] <= cap * streams * 1.05, (part, side)
     assert "MiB/s/conn" in out
 
 
