@@ -53,6 +53,7 @@ __all__ = [
     "LoRAJobStatus",
     "Phase",
     "ProgressStatus",
+    "RankStatus",
     "ResourcesSpec",
     "SchedulingSpec",
     "SpecChanges",
@@ -81,6 +82,12 @@ API_VERSION = f"{GROUP}/{VERSION}"
 
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
 MAX_GPUS = 64
+# Pods of one job on several nodes. 16 keeps status.ranks and the pod group small and
+# the CEL cost low; LoRA fine-tuning rarely gains from more nodes than that.
+MAX_NODES = 16
+# Training processes of one job (nodes x GPUs per node): torch.distributed's c10d
+# rendezvous and the pod group stay well within what they handle.
+MAX_RANKS = 256
 # Longest "got ..." echo of a bad value in an error message.
 _MAX_ECHO = 120
 
@@ -145,14 +152,24 @@ class Toleration(SpecModel):
 
 
 class ResourcesSpec(SpecModel):
-    """Compute for the trainer pod."""
+    """Compute for the trainer pod (each trainer pod, with several nodes)."""
 
     gpus: int = Field(
         default=1,
         ge=0,
         le=MAX_GPUS,
         description="GPUs (devices of gpuResourceName) for the trainer; 0 runs on CPU "
-        "(for tests and demos).",
+        "(for tests and demos). With nodes > 1, GPUs per node: each of the job's pods gets "
+        "this many, and the job trains on nodes x gpus processes.",
+    )
+    nodes: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_NODES,
+        description="Trainer pods, one per node, started together as a gang (a Kueue pod "
+        "group when the job goes through Kueue); torchrun's c10d rendezvous joins them. "
+        "cpu, memory and gpus are per pod. Losing any pod restarts all of them from the "
+        "last checkpoint.",
     )
     gpu_resource_name: (
         Annotated[str, *names.extended_resource_rules("extended resource name")] | None
@@ -206,6 +223,13 @@ class ResourcesSpec(SpecModel):
             "CUDA process can use only one MIG instance; set gpus: 1 or pick a larger MIG "
             "profile",
             check=lambda r: r.gpus <= 1 or "/mig-" not in (r.gpu_resource_name or ""),
+        ),
+        Rule(
+            field="nodes",
+            cel=f"self.nodes * (self.gpus > 0 ? self.gpus : 1) <= {MAX_RANKS}",
+            message=f"nodes x gpus (the job's training processes) must be at most "
+            f"{MAX_RANKS}; ask for fewer nodes or fewer GPUs per node",
+            check=lambda r: r.nodes * max(r.gpus, 1) <= MAX_RANKS,
         ),
     )
 
@@ -430,10 +454,14 @@ class LoRAJobSpec(TrainerConfig):
         Rule(
             field="training.strategy",
             cel="!has(self.training) || self.training.strategy != 'fsdp' "
-            "|| (has(self.resources) && self.resources.gpus >= 2)",
+            "|| (has(self.resources) && self.resources.gpus >= 1 "
+            "&& self.resources.gpus * self.resources.nodes >= 2)",
             message="fsdp shards the model over several GPUs; set spec.resources.gpus to 2 "
-            "or more, or use strategy auto or ddp",
-            check=lambda s: s.training.strategy != "fsdp" or s.resources.gpus >= 2,
+            "or more (or gpus 1 on 2 or more nodes), or use strategy auto or ddp",
+            check=lambda s: (
+                s.training.strategy != "fsdp"
+                or (s.resources.gpus >= 1 and s.resources.gpus * s.resources.nodes >= 2)
+            ),
         ),
         Rule(
             field="training.evalEverySteps",
@@ -616,6 +644,10 @@ def spec_hash(spec: LoRAJobSpec) -> str:
     needs a new attempt from one (suspend, backoffLimit, ...) it honours live.
     """
     wire = spec.model_dump(by_alias=True, mode="json", exclude=set(CONTROL_FIELDS))
+    if spec.resources.nodes == 1:
+        # A job on one node hashes as before resources.nodes existed: an operator
+        # upgrade does not restart it.
+        del wire["resources"]["nodes"]
     return canonical_digest(wire)
 
 
@@ -654,8 +686,16 @@ def spec_changes(old: LoRAJobSpec, new: LoRAJobSpec) -> SpecChanges:
         trainer_config(old), trainer_config(new), (training_ranks(old), training_ranks(new))
     )
     if "training.batchSize" in new_run and old.training.batch_size == new.training.batch_size:
-        # The global batch changed with the number of GPUs (run_config).
-        new_run = sorted({*new_run, "resources.gpus"} - {"training.batchSize"})
+        # The global batch changed with the number of GPUs or nodes (run_config).
+        scaled = {
+            path
+            for path, before, after in (
+                ("resources.gpus", old.resources.gpus, new.resources.gpus),
+                ("resources.nodes", old.resources.nodes, new.resources.nodes),
+            )
+            if before != after
+        }
+        new_run = sorted({*new_run, *(scaled or {"resources.gpus"})} - {"training.batchSize"})
     control = {to_camel(name) for name in CONTROL_FIELDS}
     live = [p for p in changed if p.split(".")[0] in control]
     resumable = [
@@ -667,8 +707,9 @@ def spec_changes(old: LoRAJobSpec, new: LoRAJobSpec) -> SpecChanges:
 
 
 def training_ranks(spec: LoRAJobSpec) -> int:
-    """Training processes of a job: one per GPU (torchrun), one on the CPU."""
-    return max(1, spec.resources.gpus)
+    """Training processes of a job: one per GPU (torchrun), one per pod on the CPU, on
+    each of its nodes."""
+    return max(1, spec.resources.gpus) * spec.resources.nodes
 
 
 def private_endpoint_refusal(url: str) -> str | None:
@@ -764,6 +805,18 @@ class AdapterStatus(_StatusModel):
     files: int | None = Field(default=None, description="Files listed in the manifest.")
 
 
+class RankStatus(_StatusModel):
+    """One trainer pod of a job on several nodes (spec.resources.nodes > 1)."""
+
+    rank: int = Field(description="Node rank (torchrun's --node-rank); 0 reports progress.")
+    pod: str = Field(description="The pod of this rank in the latest attempt.")
+    node: str | None = Field(default=None, description="The node it was scheduled to.")
+    state: str = Field(
+        description="Gated (held until the whole group exists or Kueue admits it), "
+        "Pending, Running, Succeeded, Failed, Terminating or Missing."
+    )
+
+
 class LoRAJobStatus(_StatusModel):
     """Observed state of a LoRAJob, written only by the operator."""
 
@@ -780,6 +833,15 @@ class LoRAJobStatus(_StatusModel):
     progress: ProgressStatus | None = None
     pod_name: str | None = None
     node_name: str | None = None
+    ranks: list[RankStatus] = Field(
+        default_factory=list,
+        max_length=MAX_NODES,
+        description="The pods of the latest attempt of a job on several nodes, by node rank.",
+    )
+    ranks_ready: str | None = Field(
+        default=None,
+        description="Running pods of the latest attempt of a job on several nodes, e.g. 2/2.",
+    )
     adapter: AdapterStatus | None = None
     evaluation: EvaluationStatus | None = Field(
         default=None,

@@ -232,6 +232,7 @@ def _printer_columns() -> list[Schema]:
         {"name": "Attempts", "type": "integer", "jsonPath": ".status.attempts", "priority": 1},
         {"name": "Reason", "type": "string", "jsonPath": ".status.failureReason", "priority": 1},
         {"name": "Node", "type": "string", "jsonPath": ".status.nodeName", "priority": 1},
+        {"name": "Ranks", "type": "string", "jsonPath": ".status.ranksReady", "priority": 1},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
 

@@ -162,9 +162,11 @@ def check_policy(
             f"spec.resources.gpuProduct: {res.gpu_product} is not in the cluster policy "
             f"allowedGpuProducts={policy.allowed_gpu_products}; use one of them or drop gpuProduct"
         )
-    if policy.max_gpus_per_job is not None and res.gpus > policy.max_gpus_per_job:
+    if policy.max_gpus_per_job is not None and res.gpus * res.nodes > policy.max_gpus_per_job:
+        # gpus is per pod: a job on several nodes holds nodes x gpus.
+        total = f"{res.gpus}" if res.nodes == 1 else f"{res.gpus} per node x {res.nodes} nodes"
         out.append(
-            f"spec.resources.gpus: {res.gpus} exceeds the cluster policy "
+            f"spec.resources.gpus: {total} exceeds the cluster policy "
             f"maxGpusPerJob={policy.max_gpus_per_job}; ask for at most "
             f"{policy.max_gpus_per_job} GPUs"
         )

@@ -133,6 +133,12 @@ GOOD: list[tuple[str, dict[str, Any]]] = [
     ("cpu job", {"resources": {"gpus": 0, "cpu": "500m", "memory": "1.5Gi"}}),
     ("fsdp on 8 gpus", {"resources": {"gpus": 8}, "training": {"strategy": "fsdp"}}),
     (
+        "fsdp on 2 nodes of 1 gpu",
+        {"resources": {"gpus": 1, "nodes": 2}, "training": {"strategy": "fsdp"}},
+    ),
+    ("16 nodes of 16 gpus", {"resources": {"gpus": 16, "nodes": 16}}),
+    ("2 cpu nodes", {"resources": {"gpus": 0, "nodes": 2, "cpu": "1", "memory": "2Gi"}}),
+    (
         "mig",
         {"resources": {"gpus": 1, "gpuResourceName": "nvidia.com/mig-1g.10gb", "gpuProduct": "A"}},
     ),

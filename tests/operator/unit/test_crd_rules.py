@@ -149,7 +149,7 @@ def test_cross_field_rules_sit_where_their_fields_are() -> None:
         ".training.strategy",
     } <= paths(spec)
     assert paths(props["training"]) == {".epochs"}
-    assert paths(props["resources"]) == {".gpuProduct", ".gpus"}
+    assert paths(props["resources"]) == {".gpuProduct", ".gpus", ".nodes"}
     assert paths(props["scheduling"]["properties"]["tolerations"]["items"]) == {
         ".value",
         ".operator",

@@ -162,6 +162,30 @@ MALFORMED: list[tuple[str, dict[str, Any], str, str]] = [
     ),
     ("gpus text", with_("resources.gpus", "two"), "spec.resources.gpus", "integer"),
     (
+        "nodes zero",
+        with_("resources.nodes", 0),
+        "spec.resources.nodes",
+        "greater than or equal to 1",
+    ),
+    (
+        "nodes too many",
+        with_("resources.nodes", 17),
+        "spec.resources.nodes",
+        "less than or equal to 16",
+    ),
+    (
+        "nodes x gpus too many",
+        {**BASE, "resources": {"gpus": 64, "nodes": 5}},
+        "spec.resources.nodes",
+        "fewer nodes or fewer GPUs per node",
+    ),
+    (
+        "fsdp on cpu nodes",
+        {**BASE, "resources": {"gpus": 0, "nodes": 2}, "training": {"strategy": "fsdp"}},
+        "spec.training.strategy",
+        "gpus 1 on 2 or more nodes",
+    ),
+    (
         "gpu resource name",
         with_("resources.gpuResourceName", "gpu"),
         "spec.resources.gpuResourceName",

@@ -12,11 +12,19 @@ import pytest
 import yaml
 from lorajob_operator.api import LoRAJobSpec, parse_spec, spec_hash
 from lorajob_operator.objects import (
+    ANNOTATION_KUEUE_GROUP_TOTAL,
+    ANNOTATION_KUEUE_RETRIABLE,
     ANNOTATION_SPEC_HASH,
+    GANG_GATE,
+    LABEL_KUEUE_POD_GROUP,
     JobRef,
+    build_rendezvous_service,
     build_trainer_pod,
+    build_trainer_pods,
+    group_name,
     pod_name,
     pod_selector,
+    rendezvous_service_name,
     selector_string,
 )
 from lorajob_operator.settings import OperatorSettings
@@ -86,11 +94,20 @@ CASES: dict[str, tuple[LoRAJobSpec, OperatorSettings, int]] = {
         1,
     ),
 }
+# Two nodes of 4 GPUs each: the pods of node rank 0 and 1 (gated by the operator, no
+# Kueue), and a Kueue pod group.
+NODES = MINIMAL | {"resources": {"gpus": 4, "nodes": 2, "cpu": "16", "memory": "128Gi"}}
+CASES |= {
+    "nodes-rank0": (parse_spec(NODES), OperatorSettings(), 2),
+    "nodes-rank1": (parse_spec(NODES), OperatorSettings(), 2),
+    "nodes-queue": (parse_spec(NODES), OperatorSettings(kueue_default_queue="shared"), 1),
+}
+RANKS = {"nodes-rank1": 1}
 
 
 def build(case: str) -> dict[str, Any]:
     spec, settings, attempt = CASES[case]
-    return build_trainer_pod(JOB, spec, settings, attempt)
+    return build_trainer_pod(JOB, spec, settings, attempt, RANKS.get(case, 0))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -105,6 +122,91 @@ def test_golden(case: str) -> None:
         f"pod for case {case!r} changed; if intended, run UPDATE_GOLDEN=1 pytest {__file__} "
         "and review the diff"
     )
+
+
+def test_golden_rendezvous_service() -> None:
+    path = GOLDEN / "service-rendezvous.yaml"
+    rendered = yaml.safe_dump(build_rendezvous_service(JOB, 2), sort_keys=True, width=100)
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_text(rendered)
+    assert rendered == path.read_text(), (
+        f"the rendezvous Service changed; if intended, run UPDATE_GOLDEN=1 pytest {__file__}"
+    )
+    kubernetes_validate.validate(build_rendezvous_service(JOB, 2), "1.35.0", strict=True)
+
+
+def test_nodes_build_one_pod_per_node_that_meet_at_rank_0() -> None:
+    """nodes: 2 gives two pods, named by node rank, whose torchrun arguments the trainer
+    parses; the Service selects rank 0 of the same attempt only."""
+    spec, settings, attempt = CASES["nodes-rank0"]
+    pods = build_trainer_pods(JOB, spec, settings, attempt)
+    assert [p["metadata"]["name"] for p in pods] == ["llama-support-2-n0", "llama-support-2-n1"]
+    service = build_rendezvous_service(JOB, attempt)
+    selected = [
+        p for p in pods if service["spec"]["selector"].items() <= p["metadata"]["labels"].items()
+    ]
+    assert [p["metadata"]["name"] for p in selected] == ["llama-support-2-n0"]
+    from lora_trainer.cli import _parser  # noqa: PLC0415 - the trainer side of the contract
+
+    grace = settings.termination_grace_seconds
+    for rank, pod in enumerate(pods):
+        args = pod["spec"]["containers"][0]["args"]
+        assert args == [
+            "--nproc-per-node", "4", "--nnodes", "2", "--node-rank", str(rank),
+            "--rdzv-endpoint", f"llama-support-2-rdzv.team-a.svc:{protocol.RENDEZVOUS_PORT}",
+            "--rdzv-id", group_name(JOB, 2), "--shutdown-timeout", str(grace),
+        ]  # fmt: skip
+        assert pod["spec"]["schedulingGates"] == [{"name": GANG_GATE}]
+        if _parser_knows_nodes():
+            parsed = _parser().parse_args(args)
+            assert (parsed.nnodes, parsed.node_rank) == (2, rank)
+    # A single-node job keeps its names and arguments.
+    single = build_trainer_pods(JOB, parse_spec(MINIMAL), OperatorSettings(), 1)
+    assert [p["metadata"]["name"] for p in single] == ["llama-support-1"]
+
+
+def _parser_knows_nodes() -> bool:
+    """The trainer's launcher parses --nnodes once its side of issue 12 lands."""
+    from lora_trainer.cli import _parser  # noqa: PLC0415
+
+    return any("--nnodes" in a.option_strings for a in _parser()._actions)
+
+
+def test_kueue_pod_group() -> None:
+    """Through Kueue: one pod group per attempt (label and total count, not retriable in
+    place), no operator gate (Kueue gates and admits the group)."""
+    pod = build("nodes-queue")
+    meta = pod["metadata"]
+    assert meta["labels"][LABEL_KUEUE_POD_GROUP] == group_name(JOB, 1)
+    assert meta["annotations"][ANNOTATION_KUEUE_GROUP_TOTAL] == "2"
+    assert meta["annotations"][ANNOTATION_KUEUE_RETRIABLE] == "false"
+    assert "schedulingGates" not in pod["spec"]
+
+
+@pytest.mark.parametrize(
+    ("job", "attempt", "expected"),
+    [
+        ("llama", 3, "llama-3-rdzv"),
+        ("7b-run", 1, "lj-7b-run-1-rdzv"),
+    ],
+)
+def test_rendezvous_service_name(job: str, attempt: int, expected: str) -> None:
+    assert rendezvous_service_name(job, attempt) == expected
+
+
+def test_long_names_stay_dns_labels() -> None:
+    long = "x" * 63
+    ref = JobRef(name=long, namespace="team-a", uid=JOB.uid)
+    for name in (
+        rendezvous_service_name(long, 120),
+        group_name(ref, 120),
+        pod_name(long, 120, 15),
+        rendezvous_service_name("9" * 253, 3),
+    ):
+        assert len(name) <= 63, name
+        assert name[0].isalnum(), name
+        assert name[-1].isalnum(), name
+    assert rendezvous_service_name("9" * 253, 3)[0].isalpha()
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
