@@ -8,15 +8,13 @@ for a complete one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from loraops_contract.config import TrainerConfig, parse_uri
+from loraops_contract.manifest import Manifest, ManifestFile
 from loraops_contract.protocol import MANIFEST_NAME, AdapterInfo
 
 from lora_trainer.storage import Storage, join_uri
@@ -33,22 +31,6 @@ log = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-MANIFEST_VERSION = 1
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    path: str
-    size: int
-    sha256: str
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def name_base_model(adapter_dir: Path, model_uri: str) -> None:
@@ -68,22 +50,17 @@ def name_base_model(adapter_dir: Path, model_uri: str) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def file_entries(root: Path) -> list[FileEntry]:
-    return [
-        FileEntry(p.relative_to(root).as_posix(), p.stat().st_size, _sha256(p))
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    ]
+def file_entries(root: Path) -> list[ManifestFile]:
+    return [ManifestFile.of(root, p) for p in sorted(root.rglob("*")) if p.is_file()]
 
 
-def build_manifest(entries: list[FileEntry], cfg: TrainerConfig, steps: int) -> dict[str, Any]:
-    return {
-        "version": MANIFEST_VERSION,
-        "createdAt": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-        "baseModel": cfg.model.uri,
-        "steps": steps,
-        "files": [{"path": e.path, "size": e.size, "sha256": e.sha256} for e in entries],
-    }
+def build_manifest(entries: list[ManifestFile], cfg: TrainerConfig, steps: int) -> Manifest:
+    return Manifest(
+        created_at=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        base_model=cfg.model.uri,
+        steps=steps,
+        files=entries,
+    )
 
 
 def upload_output(
@@ -96,7 +73,7 @@ def upload_output(
     for e in entries:
         storage.put_file(local_dir / e.path, join_uri(output_uri, e.path))
     manifest = build_manifest(entries, cfg, steps)
-    storage.put_bytes(json.dumps(manifest, indent=2).encode(), manifest_uri)
+    storage.put_bytes(manifest.to_json().encode(), manifest_uri)
     weights = next(e for e in entries if e.path == ADAPTER_WEIGHTS)
     log.info("adapter published to %s (%d files)", output_uri, len(entries))
     return AdapterInfo(

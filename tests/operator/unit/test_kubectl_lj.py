@@ -20,8 +20,9 @@ import yaml
 from kubernetes.client.exceptions import ApiException
 from lorajob_operator.kubectl_lj.commands import cmd_progress
 from lorajob_operator.kubectl_lj.errors import PluginError
-from lorajob_operator.kubectl_lj.manifest import FileCheck, manifest_files, verify_file
+from lorajob_operator.kubectl_lj.manifest import manifest_files, verify_file
 from lorajob_operator.kubectl_lj.view import progress_line, why_report
+from loraops_contract.manifest import ManifestFile
 
 from tests.operator.health_checks import REPO, TESTDATA
 
@@ -61,22 +62,37 @@ def test_why_names_reason_hint_and_log_tail() -> None:
     assert queued.endswith("no trainer pod to read logs from")
 
 
+def _manifest(*files: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "version": 1,
+        "createdAt": "2026-12-03T12:00:00Z",
+        "baseModel": "s3://models/llama",
+        "steps": 3,
+        "files": list(files),
+    }
+
+
 def test_manifest_paths_cannot_leave_the_output_directory() -> None:
-    for bad in ("../x", "/etc/passwd", "a/../../b", "./a"):
-        with pytest.raises(PluginError, match="unsafe path"):
-            manifest_files({"files": [{"path": bad, "size": 1, "sha256": "0"}]})
-    with pytest.raises(PluginError, match="no files"):
-        manifest_files({"files": []})
+    for bad in ("../x", "/etc/passwd", "a/../../b", "./a", "a\\b", ""):
+        with pytest.raises(PluginError, match=r"files\.0\.path: unsafe path"):
+            manifest_files(_manifest({"path": bad, "size": 1, "sha256": "0"}))
+    with pytest.raises(PluginError, match="files: the manifest lists no files"):
+        manifest_files(_manifest())
+    with pytest.raises(PluginError, match="steps: Field required"):
+        manifest_files({k: v for k, v in _manifest().items() if k != "steps"})
+    good = manifest_files(_manifest({"path": "sub/a.bin", "size": 1, "sha256": "ab"}))
+    assert [(f.path, f.size, f.sha256) for f in good] == [("sub/a.bin", 1, "ab")]
 
 
 def test_verify_file_reports_size_and_hash_mismatch(tmp_path: Path) -> None:
     data = b"adapter bytes"
     f = tmp_path / "a.bin"
     f.write_bytes(data)
-    good = FileCheck("a.bin", len(data), hashlib.sha256(data).hexdigest())
+    good = ManifestFile(path="a.bin", size=len(data), sha256=hashlib.sha256(data).hexdigest())
     assert verify_file(f, good) is None
-    assert "bytes, the manifest says" in (verify_file(f, FileCheck("a.bin", 3, good.sha256)) or "")
-    wrong = FileCheck("a.bin", len(data), "0" * 64)
+    short = good.model_copy(update={"size": 3})
+    assert "bytes, the manifest says" in (verify_file(f, short) or "")
+    wrong = good.model_copy(update={"sha256": "0" * 64})
     assert "sha256" in (verify_file(f, wrong) or "")
 
 
