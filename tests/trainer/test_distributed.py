@@ -352,17 +352,8 @@ def test_a_lost_rank_and_sigterm_resume_the_group_from_its_checkpoint(
     # 2. The group starts again from that checkpoint; SIGTERM stops every rank after the
     # same step with one checkpoint that holds each rank's part.
     second = _start(two, work, "second", 2)
-    resumed: dict[str, Any] = {}
-
-    def moved_on() -> bool:
-        p = second.progress() or {}
-        if p.get("resumedFromStep") is not None and p.get("step", 0) >= p["resumedFromStep"] + 2:
-            resumed.update(p)
-            return True
-        return False
-
     with reaped(second):
-        second.wait_until(moved_on, timeout=600)
+        resumed = second.wait_resumed(steps=2, timeout=600)
         second.proc.send_signal(signal.SIGTERM)
         rc, log, term = second.finish(timeout=300)
     assert resumed["resumedFromStep"] == INTERVAL

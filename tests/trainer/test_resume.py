@@ -63,17 +63,8 @@ def test_kill_then_sigterm_then_finish(s3: S3Server, tiny_model_dir: Path, tmp_p
 
     # 2. The restart resumes from the newest complete checkpoint, losing < one interval.
     second = start_trainer([], env, work, "second")
-    resumed: dict[str, Any] = {}
-
-    def moved_past_resume() -> bool:
-        p = second.progress() or {}
-        if p.get("resumedFromStep") is not None and p.get("step", 0) >= p["resumedFromStep"] + 3:
-            resumed.update(p)
-            return True
-        return False
-
     with reaped(second):
-        second.wait_until(moved_past_resume, timeout=180)
+        resumed = second.wait_resumed(steps=3, timeout=180)
         second.proc.send_signal(signal.SIGTERM)
         rc, log, term = second.finish(timeout=60)
     start = resumed["resumedFromStep"]

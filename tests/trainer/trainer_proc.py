@@ -47,6 +47,22 @@ class TrainerRun:
             time.sleep(0.02)
         raise TimeoutError("condition not reached")
 
+    def wait_resumed(self, steps: int, timeout: float) -> dict[str, Any]:
+        """Wait until the run has resumed from a checkpoint and trained `steps` steps past
+        it; returns the progress that showed it (its `resumedFromStep` is the resume step)."""
+        seen: dict[str, Any] = {}
+
+        def moved_past_resume() -> bool:
+            p = self.progress() or {}
+            resumed_from = p.get("resumedFromStep")
+            if resumed_from is not None and p.get("step", 0) >= resumed_from + steps:
+                seen.update(p)
+                return True
+            return False
+
+        self.wait_until(moved_past_resume, timeout)
+        return seen
+
     def finish(self, timeout: float = 300) -> tuple[int, str, dict[str, Any] | None]:
         try:
             self.proc.wait(timeout=timeout)
