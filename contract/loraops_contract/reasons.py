@@ -34,6 +34,8 @@ class Reason(StrEnum):
     CONTAINER_CREATING = "ContainerCreating"
     UNSCHEDULABLE = "Unschedulable"
     SCHEDULING_GATED = "SchedulingGated"  # Kueue holds the pod until the quota admits it
+    # The pods of a job on several nodes did not all get a node in time: all deleted.
+    GANG_TIMEOUT = "GangTimeout"
     QUOTA_EXCEEDED = "QuotaExceeded"
     CONCURRENCY_LIMIT = "ConcurrencyLimit"
     # pod could not start

@@ -103,6 +103,9 @@ HINTS: dict[Reason, str] = {
     Reason.NODE_LOST: "the node went away; the job resumes from its last checkpoint",
     Reason.DISRUPTED: "the pod was stopped from outside; the job resumes from its last checkpoint",
     Reason.SUSPENDED_BY_USER: "set spec.suspend: false to resume from the last checkpoint",
+    Reason.GANG_TIMEOUT: "the cluster had no room for all of spec.resources.nodes pods at "
+    "once; the job tries again by itself. To start sooner, lower resources.nodes or "
+    "gpus/cpu/memory per node, or admit the job through Kueue (scheduling.queueName)",
 }
 
 # Secret-shaped substrings that must never reach status, events or logs, whatever a

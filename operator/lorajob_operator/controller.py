@@ -588,19 +588,28 @@ async def execute(
     for delete in decision.delete:
         logger.info("deleting pod %s (%s)", delete.name, delete.reason)
         await ctl.kube.delete_pod(namespace, delete.name, ctl.settings.termination_grace_seconds)
+    for gated in decision.ungate:
+        logger.info("releasing pod %s (all pods of its group exist)", gated)
+        await ctl.kube.remove_scheduling_gate(namespace, gated, objects.GANG_GATE)
+    if decision.delete_service is not None:
+        await ctl.kube.delete_service(namespace, decision.delete_service)
     if decision.create is not None:
         create = decision.create
         try:
-            created = await ctl.kube.create_pod(namespace, create.body)
-            if created is not None:
-                # The next pass must see the pod even if its watch event is late.
-                ctl.informer.remember_pod(created, newer=False)
-            logger.info(
-                "pod %s for attempt %d %s",
-                create.body["metadata"]["name"],
-                create.attempt,
-                "created" if created is not None else "already existed",
-            )
+            if create.service is not None:
+                await ctl.kube.create_service(namespace, create.service)
+            # Rank 0 first: it stands for the attempt (status.podName) if the rest fail.
+            for body in (create.body, *create.more):
+                created = await ctl.kube.create_pod(namespace, body)
+                if created is not None:
+                    # The next pass must see the pod even if its watch event is late.
+                    ctl.informer.remember_pod(created, newer=False)
+                logger.info(
+                    "pod %s for attempt %d %s",
+                    body["metadata"]["name"],
+                    create.attempt,
+                    "created" if created is not None else "already existed",
+                )
         except QuotaExceeded as exc:
             decision = reconcile.create_rejected(observed, ctl.settings, str(exc), quota=True)
         except PodRejected as exc:

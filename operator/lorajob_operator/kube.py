@@ -57,6 +57,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 # Seconds for one API call; the default (none) could hang a reconciliation forever.
 REQUEST_TIMEOUT = 30.0
 # Connections kept open to the API server; more requests than this wait for one.
@@ -578,6 +579,53 @@ class Kube:
                 raise PodRejected(exc.message) from exc
             raise KubeError(f"create pod in {namespace}: {exc.message}") from exc
         return created
+
+    async def remove_scheduling_gate(self, namespace: str, name: str, gate: str) -> None:
+        """Remove one scheduling gate from a pod (a strategic merge patch deletes just that
+        entry of spec.schedulingGates, keeping any other, e.g. Kueue's); a pod that is
+        gone is fine."""
+        patch = {"spec": {"schedulingGates": [{"name": gate, "$patch": "delete"}]}}
+        try:
+            await self._request(
+                "PATCH",
+                f"/api/v1/namespaces/{_q(namespace)}/pods/{_q(name)}",
+                body=patch,
+                content_type=STRATEGIC_MERGE_PATCH,
+                keep_body=False,
+            )
+        except _ApiStatus as exc:
+            if exc.status != 404:
+                raise KubeError(
+                    f"remove gate {gate} of pod {namespace}/{name}: {exc.message}"
+                ) from exc
+
+    async def create_service(self, namespace: str, body: Mapping[str, Any]) -> None:
+        """Create a Service; one of that name that exists already (a replayed create) is
+        fine. A refusal is a PodRejected (QuotaExceeded for quota), as a pod's would be."""
+        try:
+            await self._request(
+                "POST", f"/api/v1/namespaces/{_q(namespace)}/services", body=body, keep_body=False
+            )
+        except _ApiStatus as exc:
+            if exc.status == 409:
+                return
+            if exc.status == 403 and "exceeded quota" in exc.message:
+                raise QuotaExceeded(exc.message) from exc
+            if exc.status in (400, 403, 422):
+                raise PodRejected(exc.message) from exc
+            raise KubeError(f"create service in {namespace}: {exc.message}") from exc
+
+    async def delete_service(self, namespace: str, name: str) -> None:
+        """Delete a Service; a missing one is fine."""
+        try:
+            await self._request(
+                "DELETE",
+                f"/api/v1/namespaces/{_q(namespace)}/services/{_q(name)}",
+                keep_body=False,
+            )
+        except _ApiStatus as exc:
+            if exc.status != 404:
+                raise KubeError(f"delete service {namespace}/{name}: {exc.message}") from exc
 
     async def _check_owner(self, namespace: str, body: Mapping[str, Any]) -> None:
         name = str(body["metadata"]["name"])

@@ -248,12 +248,20 @@ class Decision:
     needs_facts: bool = False
     # The IP of the trainer that runs after this decision: its progress can be read.
     progress_ip: str | None = None
+    # Pods of a job on several nodes whose gang gate (objects.GANG_GATE) comes off now.
+    ungate: list[str] = field(default_factory=list)
+    # The rendezvous Service of an earlier attempt, no longer needed.
+    delete_service: str | None = None
 
 
 @dataclass(frozen=True)
 class CreatePod:
     attempt: int
     body: dict[str, Any]
+    # A job on several nodes: the pods of the other node ranks, created after `body`
+    # (rank 0), and the attempt's rendezvous Service, created before them.
+    more: tuple[dict[str, Any], ...] = ()
+    service: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -703,7 +711,8 @@ def _account_current_pod(
     obs = b.obs
     attempt = _current_attempt(obs.job, obs.pods)
     recorded = _int(b.before.attempts)
-    by_attempt = {pod_attempt(p): p for p in obs.pods}
+    # The rank-0 pod stands for its attempt (a job on several nodes has one per rank).
+    by_attempt = {pod_attempt(p): p for p in sorted(obs.pods, key=objects.node_rank, reverse=True)}
     if attempt > recorded:
         # Created just before the operator stopped: adopt it instead of making another.
         pod = by_attempt[attempt]
@@ -737,6 +746,7 @@ def _account_current_pod(
     outcome = classify_pod(current, obs.now)
     if change is None or not change.new_run:  # a new run never resumes the old run's
         _record_checkpoint(b, outcome)
+    _record_ranks(b, attempt, current)
     suspending = (obs.job.get("spec") or {}).get("suspend") is True or b.cond_is(
         ConditionType.SUSPENDED
     )
@@ -745,7 +755,9 @@ def _account_current_pod(
         if not is_live(current):
             b.status.pod_name = None
         return
-    _apply_outcome(b, attempt, current, outcome, spec)
+    group = _gang(b, attempt, current, outcome, spec)
+    if group is not None:
+        _apply_outcome(b, attempt, *group, spec)
 
 
 def _restarting(b: _Builder) -> bool:
@@ -753,6 +765,194 @@ def _restarting(b: _Builder) -> bool:
     marks it so on the Running condition, like Suspended marks a suspend)."""
     running = b.cond(ConditionType.RUNNING) or {}
     return running.get("reason") == Reason.SPEC_CHANGED and bool(b.status.pod_name)
+
+
+# -- a job on several nodes ----------------------------------------------------------
+#
+# spec.resources.nodes > 1 runs one pod per node rank; status.podName names the rank-0
+# pod, which stands for the group (its progress, adapter and termination message are the
+# job's). The group is one attempt: any pod failing, disrupted or deleted ends it and the
+# others are deleted (no rank hangs in a collective holding GPUs); the next attempt starts
+# all of them again from the last checkpoint, counted as a single pod's end would be.
+# Starting together: through Kueue, a pod group Kueue admits whole; without Kueue, the
+# operator's gang gate comes off all pods at once when all exist, and a group not all on
+# nodes within settings.gang_timeout_seconds is deleted whole and created again after
+# settings.gang_retry_seconds (Queued/GangTimeout), so half a gang never holds GPUs.
+
+# Which pod of a group that still runs speaks for it: the furthest from running first.
+_GROUP_ORDER = {"queued": 0, "pending": 1, "unknown": 2, "running": 3, "succeeded": 4}
+
+
+def _members(b: _Builder, attempt: int) -> dict[int, Mapping[str, Any]]:
+    """The pods of attempt `attempt`, by node rank."""
+    return {objects.node_rank(p): p for p in b.obs.pods if pod_attempt(p) == attempt}
+
+
+def _gates(pod: Mapping[str, Any]) -> list[str]:
+    gates = (pod.get("spec") or {}).get("schedulingGates") or []
+    return [str(g.get("name")) for g in gates if isinstance(g, Mapping)]
+
+
+def _rank_state(pod: Mapping[str, Any]) -> str:
+    if _is_terminating(pod):
+        return "Terminating"
+    if _gates(pod):
+        return "Gated"
+    return str((pod.get("status") or {}).get("phase") or "Pending")
+
+
+def _record_ranks(b: _Builder, attempt: int, rank0: Mapping[str, Any]) -> None:
+    """status.ranks and ranksReady: each node rank's pod, node and state."""
+    size = objects.group_size(rank0)
+    if size <= 1:
+        b.status.ranks = []
+        b.status.ranks_ready = None
+        return
+    members = _members(b, attempt)
+    ranks = []
+    for rank in range(size):
+        pod = members.get(rank)
+        if pod is None:
+            name = objects.pod_name(b.name, attempt, rank)
+            ranks.append(api.RankStatus(rank=rank, pod=name, state="Missing"))
+            continue
+        rank_status = api.RankStatus(rank=rank, pod=_pod_name(pod), state=_rank_state(pod))
+        if node := (pod.get("spec") or {}).get("nodeName"):
+            rank_status.node = str(node)
+        ranks.append(rank_status)
+    b.status.ranks = ranks
+    b.status.ranks_ready = f"{sum(r.state == 'Running' for r in ranks)}/{size}"
+
+
+def _stop_group(b: _Builder, members: Mapping[int, Mapping[str, Any]], reason: str) -> None:
+    for pod in members.values():
+        if is_live(pod) and not _is_terminating(pod):
+            b.delete_pod(_pod_name(pod), reason)
+
+
+def _job_ref(b: _Builder) -> objects.JobRef:
+    uid = str((b.obs.job.get("metadata") or {}).get("uid", ""))
+    return objects.JobRef(name=b.name, namespace=b.namespace, uid=uid)
+
+
+def _gang(
+    b: _Builder,
+    attempt: int,
+    rank0: Mapping[str, Any],
+    outcome: PodOutcome,
+    spec: api.LoRAJobSpec | None,
+) -> tuple[Mapping[str, Any], PodOutcome] | None:
+    """The pod and outcome that stand for the current attempt: the rank-0 pod's own for
+    a job on one node; for a group, what its pods say together (see above). None when
+    this decided the attempt's end itself."""
+    size = objects.group_size(rank0)
+    if size <= 1:
+        return rank0, outcome
+    members = _members(b, attempt)
+    if outcome.kind == "succeeded":
+        # Rank 0 published the adapter; the other ranks have finished or are about to.
+        _stop_group(b, members, Reason.COMPLETED)
+        return rank0, outcome
+    outcomes = {r: outcome if r == 0 else classify_pod(p, b.now) for r, p in members.items()}
+    ended = [(r, o) for r, o in sorted(outcomes.items()) if o.kind in ("failed", "disrupted")]
+    if ended:
+        # A permanent failure first (it fails the job), then a failure, then a disruption.
+        rank, why = min(ended, key=lambda e: (e[1].kind != "failed", e[1].retryable, e[0]))
+        _stop_group(b, members, why.reason)
+        note = f"node rank {rank} of {size}; the group's other pods are stopped"
+        return members[rank], replace(why, message=f"{why.message} ({note})")
+    missing = [r for r in range(size) if r not in members]
+    started = any(not _gates(p) for p in members.values())
+    if missing and (started or spec is None):
+        _stop_group(b, members, Reason.DISRUPTED)
+        name = objects.pod_name(b.name, attempt, missing[0])
+        _disrupted(
+            b,
+            attempt,
+            Reason.DISRUPTED,
+            f"pod {name} (node rank {missing[0]} of {size}) was deleted; the group's other "
+            "pods are stopped",
+        )
+        return None
+    kueue = objects.LABEL_KUEUE_POD_GROUP in ((rank0.get("metadata") or {}).get("labels") or {})
+    if not kueue and _gang_timed_out(b, attempt, members, size):
+        return None
+    if missing:
+        assert spec is not None
+        if b.obs.refused is not None:
+            _refused(b, b.obs.refused)
+            return None
+        # Created in part (the operator stopped, or the API server refused one): the
+        # rest, while none of the group has started.
+        job = _job_ref(b)
+        bodies = [objects.build_trainer_pod(job, spec, b.settings, attempt, r) for r in missing]
+        service = objects.build_rendezvous_service(job, attempt)
+        b.decision.create = CreatePod(attempt, bodies[0], tuple(bodies[1:]), service)
+        names = ", ".join(_pod_name(body) for body in bodies)
+        waiting = f"attempt {attempt}: creating pods {names}; the group's pods start together"
+        return rank0, replace(
+            outcome, kind="queued", reason=Reason.SCHEDULING_GATED, message=waiting
+        )
+    gated = [p for p in members.values() if objects.GANG_GATE in _gates(p)]
+    if gated:
+        # All of the group exists: release all of it in this one pass.
+        b.decision.ungate = [_pod_name(p) for p in gated]
+    rank, pod = min(members.items(), key=lambda m: (_GROUP_ORDER.get(outcomes[m[0]].kind, 2), m[0]))
+    worst = outcomes[rank]
+    if rank == 0 and worst.kind == "running":
+        return rank0, outcome
+    message = worst.message
+    if objects.GANG_GATE in _gates(pod):
+        message = f"the group's {size} pods start together; released now that all exist"
+    return rank0, replace(worst, message=f"pod {_pod_name(pod)} (node rank {rank}): {message}")
+
+
+def _gang_timed_out(
+    b: _Builder, attempt: int, members: Mapping[int, Mapping[str, Any]], size: int
+) -> bool:
+    """Without Kueue: when the group has not all got nodes within gang_timeout_seconds of
+    its creation, delete all of it (an unscheduled pod holds nothing, a scheduled one may
+    hold GPUs while waiting for the rest), and say when it is created again."""
+    bound = sum(bool((p.get("spec") or {}).get("nodeName")) for p in members.values())
+    if bound == size:
+        return False
+    created = [
+        parse_time((p.get("metadata") or {}).get("creationTimestamp")) for p in members.values()
+    ]
+    since = min((c for c in created if c is not None), default=None)
+    if since is None:
+        return False
+    timeout = b.settings.gang_timeout_seconds
+    left = (since + timedelta(seconds=timeout) - b.now).total_seconds()
+    if left > 0:
+        b.requeue(left)
+        return False
+    _stop_group(b, members, Reason.GANG_TIMEOUT)
+    retry = b.settings.gang_retry_seconds
+    message = (
+        f"attempt {attempt}: only {bound} of the {size} pods got a node within {timeout:g}s; "
+        f"all were deleted so that no part of the group holds GPUs, and they are created "
+        f"again in {retry:g}s (not counted against backoffLimit)"
+    )
+    b.status.pod_name = None
+    # Queued restarts now (False, then True in one decision): the pause before the next
+    # attempt counts from its lastTransitionTime (_gang_pause_left).
+    b.condition(ConditionType.QUEUED, False, Reason.GANG_TIMEOUT, message)
+    b.condition(ConditionType.QUEUED, True, Reason.GANG_TIMEOUT, message, event="Warning")
+    b.condition(ConditionType.RUNNING, False, Reason.GANG_TIMEOUT, message)
+    b.tally("disruption", Reason.GANG_TIMEOUT)
+    return True
+
+
+def _gang_pause_left(b: _Builder) -> float:
+    """Seconds until a group deleted for a gang timeout is created again."""
+    queued = b.cond(ConditionType.QUEUED) or {}
+    if queued.get("status") != "True" or queued.get("reason") != Reason.GANG_TIMEOUT:
+        return 0.0
+    since = parse_time(queued.get("lastTransitionTime"))
+    if since is None:
+        return 0.0
+    return (since + timedelta(seconds=b.settings.gang_retry_seconds) - b.now).total_seconds()
 
 
 def _record_checkpoint(b: _Builder, outcome: PodOutcome) -> None:
@@ -1115,12 +1315,14 @@ def _next_run_note(b: _Builder, *, new_run: bool) -> str:
 
 
 def _stale_pods(b: _Builder, live: Sequence[Mapping[str, Any]]) -> None:
-    """Pods of earlier attempts still running (should not happen) are stopped."""
-    current = b.status.pod_name
-    for pod in live:
-        if _pod_name(pod) != current and not _is_terminating(pod):
+    """Pods of earlier attempts still running (should not happen) are stopped; those of
+    the current attempt (each node rank's, on several nodes) are not."""
+    current = b.status.attempts if b.status.pod_name else None
+    stale = [p for p in live if pod_attempt(p) != current]
+    for pod in stale:
+        if not _is_terminating(pod):
             b.delete_pod(_pod_name(pod), "Superseded")
-    if any(_pod_name(p) != current for p in live):
+    if stale:
         b.requeue(TERMINATING_RECHECK_SECONDS)
 
 
@@ -1140,6 +1342,9 @@ def _maybe_create(b: _Builder, spec: api.LoRAJobSpec, current_hash: str) -> None
     obs, settings = b.obs, b.settings
     if b.status.pod_name:
         return  # outcome still open (e.g. unknown pod state): wait for it
+    if (pause := _gang_pause_left(b)) > 0:
+        b.requeue(pause)
+        return
     if obs.missing_secrets is None or obs.active_in_namespace is None:
         b.decision.needs_facts = True  # they cost API calls: gathered only now
         return
@@ -1169,10 +1374,9 @@ def _maybe_create(b: _Builder, spec: api.LoRAJobSpec, current_hash: str) -> None
         _refused(b, obs.refused)
         return
     attempt += 1
-    job_ref = objects.JobRef(
-        name=b.name, namespace=b.namespace, uid=str((obs.job.get("metadata") or {}).get("uid", ""))
-    )
-    body = objects.build_trainer_pod(job_ref, spec, settings, attempt)
+    job_ref = _job_ref(b)
+    bodies = objects.build_trainer_pods(job_ref, spec, settings, attempt)
+    body = bodies[0]
     new_run = _new_run(b)
     if new_run:
         # The old run's checkpoint and progress: this attempt never resumes them.
@@ -1182,6 +1386,15 @@ def _maybe_create(b: _Builder, spec: api.LoRAJobSpec, current_hash: str) -> None
     checkpoint = _recorded_checkpoint(b) if attempt > 1 else None
     resume = f" (resumes from checkpoint {checkpoint})" if checkpoint else ""
     message = f"created pod {name} for attempt {attempt}{resume}"
+    service = None
+    if len(bodies) > 1:
+        names = ", ".join(_pod_name(p) for p in bodies)
+        message = (
+            f"created pods {names} for attempt {attempt}, one per node, started together{resume}"
+        )
+        service = objects.build_rendezvous_service(job_ref, attempt)
+    if b.before.ranks and attempt > 1:
+        b.decision.delete_service = objects.rendezvous_service_name(b.name, attempt - 1)
     if new_run:
         message += f"; a new training run (run {b.parsed().run}) from step 0"
     for pod in obs.pods:
@@ -1190,6 +1403,12 @@ def _maybe_create(b: _Builder, spec: api.LoRAJobSpec, current_hash: str) -> None
     b.status.attempts = attempt
     b.status.pod_name = name
     b.status.node_name = None
+    b.status.ranks = [
+        api.RankStatus(rank=rank, pod=_pod_name(p), state="Pending")
+        for rank, p in enumerate(bodies)
+        if len(bodies) > 1
+    ]
+    b.status.ranks_ready = f"0/{len(bodies)}" if len(bodies) > 1 else None
     b.status.spec_hash = current_hash
     b.status.run_generation = b.generation
     b.status.run_id = b.parsed().run
@@ -1198,7 +1417,7 @@ def _maybe_create(b: _Builder, spec: api.LoRAJobSpec, current_hash: str) -> None
     b.condition(ConditionType.RUNNING, False, Reason.POD_CREATED, message)
     b.event("Normal", Reason.POD_CREATED, message)
     b.tally("attempt", Reason.RESUMING if attempt > 1 else Reason.POD_CREATED)
-    b.decision.create = CreatePod(attempt=attempt, body=body)
+    b.decision.create = CreatePod(attempt, body, tuple(bodies[1:]), service)
 
 
 # Running=False reasons after which the next attempt starts without a backoff.
@@ -1218,6 +1437,7 @@ _NO_BACKOFF_REASONS = frozenset(
         Reason.TRAINER_RUNNING,
         Reason.RESUMING,
         Reason.SPEC_CHANGED,
+        Reason.GANG_TIMEOUT,  # its own pause: _gang_pause_left
     }
 )
 

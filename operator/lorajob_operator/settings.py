@@ -108,6 +108,18 @@ class OperatorSettings(BaseSettings):
         description="Evictions, preemptions and node losses a job survives before it fails "
         "(they never count against backoffLimit).",
     )
+    gang_timeout_seconds: float = Field(
+        default=300,
+        gt=0,
+        description="A job on several nodes without Kueue: how long its pods, started "
+        "together, may wait for nodes; past it the operator deletes all of them (no half "
+        "gang holds GPUs) and tries again after gang_retry_seconds.",
+    )
+    gang_retry_seconds: float = Field(
+        default=60,
+        gt=0,
+        description="The pause after a gang timeout before the job's pods are created again.",
+    )
     trainer_command: list[str] | None = Field(
         default=None,
         description="Override of the trainer container command (JSON list); for tests that "

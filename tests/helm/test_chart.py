@@ -175,7 +175,10 @@ NAMESPACED_RULES: list[Rule] = [
     ),
     (("finetune.loraops.dev",), ("lorajobs/status",), ("get", "patch", "update"), ()),
     (("finetune.loraops.dev",), ("lorajobs/finalizers",), ("update",), ()),
-    (("",), ("pods",), ("get", "list", "watch", "create", "delete"), ()),
+    # patch: the gang gate of a job on several nodes comes off.
+    (("",), ("pods",), ("get", "list", "watch", "create", "delete", "patch"), ()),
+    # The rendezvous Service of a job on several nodes.
+    (("",), ("services",), ("create", "delete"), ()),
     (("",), ("pods/status",), ("get",), ()),
     (("",), ("secrets",), ("get",), ()),
     (("",), ("events",), ("create", "patch"), ()),

@@ -64,6 +64,10 @@ here is a settings field and that the rendered values parse.
   value: {{ .Values.retries.waitMaxSeconds | quote }}
 - name: LORAJOB_MAX_DISRUPTIONS
   value: {{ .Values.retries.maxDisruptions | quote }}
+- name: LORAJOB_GANG_TIMEOUT_SECONDS
+  value: {{ .Values.retries.gangTimeoutSeconds | quote }}
+- name: LORAJOB_GANG_RETRY_SECONDS
+  value: {{ .Values.retries.gangRetrySeconds | quote }}
 {{- with .Values.kueue.defaultQueue }}
 - name: LORAJOB_KUEUE_DEFAULT_QUEUE
   value: {{ . | quote }}
