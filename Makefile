@@ -73,7 +73,7 @@ $(KUBECTL) $(HELM) &: | $(VENV_STAMP)
 # modules (devcluster/gomod/) into .tools/<component>-<version>/. Only the standard
 # library is needed, so this runs without the venv; a second run is a no-op.
 .PHONY: cluster-tools
-cluster-tools: ## Build etcd, kube-apiserver, -controller-manager, -scheduler and Kueue from Go modules (first run: 15-25 min)
+cluster-tools: ## Build etcd, kube-apiserver, -controller-manager, -scheduler, Kueue and CoreDNS from Go modules (first run: 15-25 min)
 	@$(PYTHON) -m devcluster.binaries
 
 # --- generated files ----------------------------------------------------------

@@ -10,7 +10,10 @@ downloads: the only sources are the Go module proxy and PyPI):
 * the Kueue manager from `sigs.k8s.io/kueue` through `gomod/kueue/go.mod`; its CRDs
   and manifests come from the same module's source in the module cache;
 * `kstatus`, a test helper (`gomod/kstatus/main.go`) that runs the kstatus library of
-  `sigs.k8s.io/cli-utils` (what Flux's health checks use) on objects read from stdin.
+  `sigs.k8s.io/cli-utils` (what Flux's health checks use) on objects read from stdin;
+* CoreDNS, the cluster DNS, from `github.com/coredns/coredns` through
+  `gomod/coredns/main.go`, a build with only the plugins cluster DNS needs
+  (kubernetes, errors, log, health, ready) instead of every cloud provider's.
 
 Binaries go to `.tools/<component>-<version>/`, so a version bump builds afresh and
 a second run is a no-op. `python -m devcluster.binaries` builds what is missing and
@@ -38,6 +41,7 @@ KUBERNETES_VERSION = "v1.35.4"
 ETCD_VERSION = "v3.6.5"
 KUEUE_VERSION = "v0.17.0"
 CLI_UTILS_VERSION = "v0.37.2"  # gomod/kstatus/go.mod requires this version
+COREDNS_VERSION = "v1.15.0"  # gomod/coredns/go.mod requires this version
 
 
 def _kubernetes_version_flags(version: str) -> tuple[str, ...]:
@@ -104,7 +108,10 @@ KUEUE = Binary(
 KSTATUS = Binary("kstatus", "loraops.dev/devcluster/kstatus", "kstatus", CLI_UTILS_VERSION)
 
 CONTROL_PLANE = (ETCD, KUBE_APISERVER, KUBE_CONTROLLER_MANAGER, KUBE_SCHEDULER)
-ALL = (*CONTROL_PLANE, KUEUE, KSTATUS)
+# CoreDNS's version is a constant in its source (coremain.CoreVersion).
+COREDNS = Binary("coredns", "loraops.dev/devcluster/coredns", "coredns", COREDNS_VERSION)
+
+ALL = (*CONTROL_PLANE, KUEUE, KSTATUS, COREDNS)
 
 
 class MissingBinaryError(RuntimeError):

@@ -85,6 +85,11 @@ class ControlPlane:
         image_pull_error_pattern: images matching this regex fail to pull.
         simulated_runtime: run no container processes (operator benchmarks).
         kueue: start the real Kueue manager (devcluster/kueue.py).
+        dns: start the cluster DNS (CoreDNS, devcluster/clusterdns.py) and give
+            pods a resolv.conf naming it, so `<service>.<namespace>.svc` resolves
+            in a pod as in a cluster; pods then get routable IPs (198.18.B.x on lo)
+            that EndpointSlices accept. Needs root. Without it pods use the host's
+            resolver.
         timings: node-lifecycle intervals (devcluster.cluster.Timings).
         apiserver_args: extra kube-apiserver flags.
     """
@@ -106,6 +111,7 @@ class ControlPlane:
         image_pull_error_pattern: str | None = None,
         simulated_runtime: SimulatedRuntime | None = None,
         kueue: bool = False,
+        dns: bool = False,
         timings: Timings | None = None,
         apiserver_args: Sequence[str] = (),
     ) -> None:
@@ -129,6 +135,7 @@ class ControlPlane:
         self.image_pull_error_pattern = image_pull_error_pattern
         self.simulated_runtime = simulated_runtime
         self.with_kueue = kueue
+        self.with_dns = dns
         self.cluster = Cluster(
             workdir / "cluster",
             crds=yaml_documents(p for p in self.crds if p.exists()),
@@ -138,6 +145,7 @@ class ControlPlane:
         self.kubelet: Kubelet | None = None
         self.s3: Any = None
         self.kueue: Any = None
+        self.dns: Any = None
         self._stack = contextlib.ExitStack()
         self._operator: Process | None = None
         self.operator_log = workdir / "operator.log"
@@ -161,6 +169,12 @@ class ControlPlane:
                 self.kueue = self._stack.enter_context(
                     start_kueue(self.cluster, self.workdir / "kueue")
                 )
+            if self.with_dns:
+                from devcluster.clusterdns import start_cluster_dns  # noqa: PLC0415 - optional
+
+                self.dns = self._stack.enter_context(
+                    start_cluster_dns(self.cluster, self.workdir / "dns")
+                )
             if self.s3_buckets is not None:
                 from devcluster.s3 import s3_server  # noqa: PLC0415 - optional component
 
@@ -173,6 +187,10 @@ class ControlPlane:
                     image_pull_error_pattern=self.image_pull_error_pattern,
                     base_env=dict(self.kubelet_env),
                     simulated_runtime=self.simulated_runtime,
+                    cluster_dns=self.dns.ip if self.dns is not None else None,
+                    # A Service's EndpointSlice rejects 127.x pod IPs, and DNS for
+                    # Services is what the cluster DNS is for.
+                    routable_pod_ips=self.dns is not None,
                 )
                 self._stack.enter_context(self.kubelet)
                 self.wait_nodes_ready([n.name for n in self.nodes])
@@ -406,6 +424,7 @@ def main() -> None:
     parser.add_argument("--operator", action="store_true", help="start the operator")
     parser.add_argument("--s3", action="store_true", help="start the S3 server")
     parser.add_argument("--kueue", action="store_true", help="start Kueue")
+    parser.add_argument("--dns", action="store_true", help="start the cluster DNS (root)")
     parser.add_argument(
         "--bucket", action="append", default=[], help="S3 bucket to create (repeatable)"
     )
@@ -415,6 +434,7 @@ def main() -> None:
         args.workdir,
         operator=args.operator,
         kueue=args.kueue,
+        dns=args.dns,
         s3_buckets=(args.bucket or ["lorajob"]) if args.s3 else None,
     )
     # SIGTERM (e.g. from `timeout` or a process manager) unwinds like Ctrl-C, so
@@ -427,6 +447,8 @@ def main() -> None:
         print(f"kubectl: {kubectl()}")
         for name, log in plane.cluster.log_files().items():
             print(f"{name} log: {log}")
+        if plane.dns is not None:
+            print(f"cluster DNS: {plane.dns.ip} (log: {plane.dns.log})")
         if plane.s3 is not None:
             print(f"S3 endpoint: {plane.s3.endpoint} (access key {plane.s3.access_key})")
         if plane.with_operator:

@@ -15,7 +15,13 @@ collection):
   are per-pod host directories and any env value, argument or workingDir under a
   mount path is rewritten onto them; the terminationMessagePath becomes a host file
   whose content lands in `state.terminated.message`; pod IPs are 127.B.x.y, with a
-  /16 block B per kubelet that no concurrent kubelet on the machine uses;
+  /16 block B per kubelet that no concurrent kubelet on the machine uses
+  (`routable_pod_ips`: 198.18.B.x, added to lo, which Services can select);
+* cluster DNS (`cluster_dns`, the kubelet's --cluster-dns): each pod gets the
+  resolv.conf its dnsPolicy and dnsConfig call for (ClusterFirst: the cluster DNS,
+  search `<ns>.svc.cluster.local svc.cluster.local cluster.local`, ndots:5), mounted
+  over /etc/resolv.conf in a private mount namespace of its processes
+  (devcluster/clusterdns.py); without it pods use the host's resolver;
 * reports status through pods/status: Pending -> Running -> Succeeded/Failed;
 * on graceful deletion (deletionTimestamp) sends SIGTERM to the process group,
   SIGKILL after the grace period, then deletes the pod with grace 0;
@@ -47,13 +53,12 @@ import base64
 import concurrent.futures
 import contextlib
 import datetime as dt
-import fcntl
 import json
 import os
-import random
 import re
 import signal
 import ssl
+import subprocess
 import sys
 import tempfile
 import threading
@@ -67,6 +72,8 @@ import aiohttp
 import yaml
 from aiohttp import web
 
+from devcluster.clusterdns import CLUSTER_DOMAIN, in_pod_mounts, pod_resolv_conf
+from devcluster.process import claim_loopback_block
 from devcluster.quantity import parse_quantity
 
 T = TypeVar("T")
@@ -221,6 +228,7 @@ class PodRun:
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     killed_for_node_loss: bool = False
     no_restart: bool = False  # set when the pod is being stopped for good
+    resolv_conf: Path | None = None  # the pod's /etc/resolv.conf; None: the host's
 
 
 class ContainerConfigError(Exception):
@@ -240,6 +248,9 @@ class Kubelet:
         base_env: dict[str, str] | None = None,
         python: str = sys.executable,
         simulated_runtime: SimulatedRuntime | None = None,
+        cluster_dns: str | None = None,
+        cluster_domain: str = CLUSTER_DOMAIN,
+        routable_pod_ips: bool = False,
     ) -> None:
         self.kubeconfig = kubeconfig
         self._tempdir: tempfile.TemporaryDirectory[str] | None = None
@@ -254,6 +265,17 @@ class Kubelet:
         self.base_env = dict(base_env or {})
         self.python = python
         self.simulated_runtime = simulated_runtime
+        # A real kubelet's --cluster-dns / --cluster-domain; None: pods use the host's
+        # resolver whatever their dnsPolicy (a kubelet without --cluster-dns falls
+        # back to Default for ClusterFirst pods).
+        self.cluster_dns = cluster_dns
+        self.cluster_domain = cluster_domain
+        self.routable_pod_ips = routable_pod_ips
+        if routable_pod_ips and os.geteuid() != 0:
+            raise PermissionError(
+                "routable_pod_ips adds each pod's address to the loopback interface, "
+                "which needs root"
+            )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -300,6 +322,7 @@ class Kubelet:
             self._thread.join(timeout=60)
         self._thread = None
         if self._ip_lock is not None:
+            self._flush_pod_ips()
             self._ip_lock.close()  # releases the flock on the IP block
             self._ip_lock = None
         if self._tempdir is not None:
@@ -595,47 +618,64 @@ class Kubelet:
             self.pods[uid] = pod
 
     # ----------------------------------------------------------------- pods
+    @property
+    def _pod_ip_prefix(self) -> str:
+        """This kubelet's pod IP range (see _claim_ip_block): 127.<block>.0.0/16, or
+        with routable_pod_ips 198.18.<block>.0/24 (RFC 2544's range, unused by any
+        real network), because Endpoints and EndpointSlices reject loopback
+        addresses (ValidateEndpointIP) and a Service would never select the pod."""
+        if self.routable_pod_ips:
+            return f"198.18.{self._ip_block}.0/24"
+        return f"127.{self._ip_block}.0.0/16"
+
     def _allocate_ip(self) -> str:
-        """Next free IP in this kubelet's 127.<block>.0.0/16 (see _claim_ip_block),
-        searched from after the last one handed out, as a CNI's allocator does: a
-        freed IP is not reused at once, and allocating is O(1) while few are in use."""
-        size = 256 * 256
+        """Next free IP in this kubelet's range, searched from after the last one
+        handed out, as a CNI's allocator does: a freed IP is not reused at once, and
+        allocating is O(1) while few are in use."""
+        size = 256 if self.routable_pod_ips else 256 * 256
         for step in range(size):
             n = (self._next_ip + step) % size
             if n % 256 in (0, 255) or n < 2:
                 continue
-            ip = f"127.{self._ip_block}.{n // 256}.{n % 256}"
+            if self.routable_pod_ips:
+                ip = f"198.18.{self._ip_block}.{n}"
+            else:
+                ip = f"127.{self._ip_block}.{n // 256}.{n % 256}"
             if ip not in self._ips_in_use:
+                if self.routable_pod_ips:
+                    # Local to this machine like a 127.x address, but an ordinary
+                    # unicast one: the pod binds and is reached on it.
+                    _ip("addr", "add", f"{ip}/32", "dev", "lo")
                 self._ips_in_use.add(ip)
                 self._next_ip = n + 1
                 return ip
         raise RuntimeError("out of pod IPs")
 
-    def _claim_ip_block(self) -> None:
-        """Pick a 127.<block>.0.0/16 no other kubelet on this machine uses.
+    def _release_ip(self, ip: str) -> None:
+        self._ips_in_use.discard(ip)
+        if self.routable_pod_ips:
+            with contextlib.suppress(OSError, RuntimeError):
+                _ip("addr", "del", f"{ip}/32", "dev", "lo")
 
-        Several control planes may run at once (parallel test sessions); pods bind
+    def _flush_pod_ips(self) -> None:
+        """Remove every address of this kubelet's routable range from lo (at start: a
+        crashed kubelet's leftovers in the block it now owns; at stop: its own)."""
+        if self.routable_pod_ips:
+            with contextlib.suppress(OSError, RuntimeError):
+                _ip("-4", "addr", "flush", "dev", "lo", "to", self._pod_ip_prefix)
+
+    def _claim_ip_block(self) -> None:
+        """Pick a 127.<block>.0.0/16 no other kubelet on this machine uses: pods bind
         fixed ports (the trainer's 8080) on their IP, so pod IPs must be unique
-        machine-wide. An flock()ed file per block is the claim; it dies with us.
-        """
-        directory = Path(tempfile.gettempdir()) / "loraops-harness-pod-ip-blocks"
-        directory.mkdir(parents=True, exist_ok=True)
-        for block in random.sample(range(1, 255), 254):
-            handle = (directory / f"127.{block}.lock").open("a")
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                handle.close()
-                continue
-            self._ip_block, self._ip_lock = block, handle
-            return
-        raise RuntimeError("every 127.x.0.0/16 pod IP block is claimed by another kubelet")
+        machine-wide (see claim_loopback_block)."""
+        self._ip_block, self._ip_lock = claim_loopback_block()
+        self._flush_pod_ips()
 
     def _new_run(self, pod: Obj) -> PodRun:
         meta = pod["metadata"]
         directory = self.workdir / "pods" / f"{meta['namespace']}_{meta['name']}_{meta['uid'][:8]}"
         directory.mkdir(parents=True, exist_ok=True)
-        return PodRun(
+        run = PodRun(
             uid=meta["uid"],
             namespace=meta["namespace"],
             name=meta["name"],
@@ -643,6 +683,18 @@ class Kubelet:
             ip=self._allocate_ip(),
             directory=directory,
         )
+        if self.cluster_dns is not None:
+            resolv = pod_resolv_conf(pod, self.cluster_dns, self.cluster_domain)
+            if resolv is not None:
+                run.resolv_conf = directory / "resolv.conf"
+                run.resolv_conf.write_text(resolv)
+        return run
+
+    @staticmethod
+    def _in_pod(run: PodRun, argv: list[str]) -> list[str]:
+        """The command as it runs in the pod: with the pod's own /etc/resolv.conf
+        when the kubelet gave it one (the pid stays the command's; see in_pod_mounts)."""
+        return in_pod_mounts(argv, run.resolv_conf) if run.resolv_conf is not None else argv
 
     async def _get_obj(self, kind: str, namespace: str, name: str) -> Obj | None:
         code, body = await self._request("GET", f"/api/v1/namespaces/{namespace}/{kind}/{name}")
@@ -1171,7 +1223,10 @@ class Kubelet:
                 if argv and argv[0] in ("python", "python3"):
                     argv[0] = self.python
                 process = await asyncio.create_subprocess_exec(
-                    *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+                    *self._in_pod(run, argv),
+                    env=env,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.STDOUT,
                 )
                 try:
                     output, _ = await asyncio.wait_for(process.communicate(), timeout)
@@ -1250,7 +1305,7 @@ class Kubelet:
         record = ContainerRun(name=name, log_path=log_path, termination_path=termination)
         with log_path.open("ab") as log:
             record.process = await asyncio.create_subprocess_exec(
-                *argv,
+                *self._in_pod(run, argv),
                 env=env,
                 cwd=cwd,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -1406,7 +1461,7 @@ class Kubelet:
 
     def _forget(self, run: PodRun) -> None:
         self.runs.pop(run.uid, None)
-        self._ips_in_use.discard(run.ip)
+        self._release_ip(run.ip)
 
     async def _complete_deletion(self, run: PodRun) -> None:
         self._forget(run)
@@ -1526,6 +1581,13 @@ class Kubelet:
                     break
                 await asyncio.sleep(0.2)
         return response
+
+
+def _ip(*args: str) -> None:
+    """Run iproute2's `ip` (pod addresses on lo); raises with its message."""
+    result = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {result.stderr.strip()}")
 
 
 def _expand(value: str, env: dict[str, str]) -> str:

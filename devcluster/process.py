@@ -1,20 +1,23 @@
 """Child processes of the local cluster: started in their own process group with
 their output in a log file, stopped (SIGTERM, then SIGKILL) as a group, and killed
-at interpreter exit as a net. Also the two helpers every component needs: a free
-loopback port and a condition wait."""
+at interpreter exit as a net. Also the helpers every component needs: a free
+loopback port, a loopback address block of its own, and a condition wait."""
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import os
+import random
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import IO, TypeVar
 
 T = TypeVar("T")
 _LIVE_GROUPS: set[int] = set()
@@ -34,6 +37,28 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def claim_loopback_block() -> tuple[int, IO[str]]:
+    """A 127.<block>.0.0/16 no other user on this machine holds: the block and the
+    claim (close it to release the block).
+
+    Several control planes may run at once (parallel test sessions), and what gets
+    an address from a block (pod IPs, the cluster DNS) binds fixed ports on it (the
+    trainer's 8080, DNS's 53), so blocks must be unique machine-wide. An flock()ed
+    file per block is the claim; it dies with the process.
+    """
+    directory = Path(tempfile.gettempdir()) / "loraops-harness-pod-ip-blocks"
+    directory.mkdir(parents=True, exist_ok=True)
+    for block in random.sample(range(1, 255), 254):
+        handle = (directory / f"127.{block}.lock").open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            continue
+        return block, handle
+    raise RuntimeError("every 127.x.0.0/16 loopback block is claimed by another user")
 
 
 class WaitTimeoutError(AssertionError):

@@ -243,17 +243,21 @@ class Cluster:
 def cluster_factory(
     tiny_inputs: Inputs,
 ) -> Iterator[Callable[..., Cluster]]:
-    """Start a cluster with extra operator settings; stopped at the end of the test."""
+    """Start a cluster with extra operator settings; stopped at the end of the test.
+    `dns=True` adds the cluster DNS (CoreDNS): pods resolve `<svc>.<ns>.svc`."""
     planes: list[ControlPlane] = []
 
     def start(
-        operator_env: Mapping[str, str] | None = None, nodes: list[NodeConfig] | None = None
+        operator_env: Mapping[str, str] | None = None,
+        nodes: list[NodeConfig] | None = None,
+        dns: bool = False,
     ) -> Cluster:
         cp = ControlPlane(
             nodes=nodes or [cpu_node()],
             s3_buckets=[BUCKET],
             operator=True,
             operator_env={**FAST_OPERATOR_ENV, **(operator_env or {})},
+            dns=dns,
         )
         planes.append(cp)
         cp.start()
