@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lorajob_operator import objects
+from lorajob_operator.api import parse_spec
 from lorajob_operator.podstatus import classify_pod
+from lorajob_operator.settings import OperatorSettings
 from loraops_contract.reasons import Reason
 
 from devcluster import kueue
@@ -315,6 +318,59 @@ LONGER = {
     }
 }
 TOTAL_STEPS = 24
+
+
+def group_pods(ns: str) -> list[Obj]:
+    """The two pods the operator makes for a LoRAJob with resources.nodes 2 that goes
+    through LocalQueue lq, as sleepers carrying the Kueue metadata objects.py gives them
+    (pod group name, total count, retriable-in-group)."""
+    spec = parse_spec(
+        {
+            "model": {"uri": "s3://models/tiny"},
+            "dataset": {"uri": "s3://data/train.jsonl"},
+            "output": {"uri": "s3://adapters/pair"},
+            "resources": {"gpus": 0, "nodes": 2, "cpu": "1", "memory": "64Mi"},
+            "scheduling": {"queueName": "lq"},
+        }
+    )
+    job = objects.JobRef(name="pair", namespace=ns, uid="5d1c0e9a-group-test")
+    out = []
+    for built in objects.build_trainer_pods(job, spec, OperatorSettings(), 1):
+        assert "schedulingGates" not in built["spec"]  # Kueue gates a group, not the operator
+        pod = sleeper(built["metadata"]["name"])
+        pod["metadata"]["labels"] = built["metadata"]["labels"]
+        pod["metadata"]["annotations"] = built["metadata"]["annotations"]
+        out.append(pod)
+    return out
+
+
+def test_a_lorajob_pod_group_is_admitted_whole_or_not_at_all(plane: ControlPlane) -> None:
+    """Kueue makes one Workload of the group's pods and admits both or neither."""
+    small = namespace(plane, "kq-group-small")
+    queue_setup(plane, small, {"cpu": 1, "memory": "1Gi"})  # room for one pod of two
+    pods = [create_pod(plane, small, p) for p in group_pods(small)]
+    workload = wait_workload(plane, small, pods[0], "the group's Workload")
+    assert sum(p["count"] for p in workload["spec"]["podSets"]) == 2
+    second = kueue.workload_for_pod(plane.cluster, small, pods[1]["metadata"]["uid"])
+    assert (second or {}).get("metadata", {}).get("name") == workload["metadata"]["name"]
+    reserved = plane.wait_for(
+        lambda: kueue.condition(
+            kueue.workload_for_pod(plane.cluster, small, pods[0]["metadata"]["uid"]) or {},
+            "QuotaReserved",
+        ),
+        timeout=30,
+        message="the group's QuotaReserved condition",
+    )
+    assert reserved["status"] == "False"
+    for pod in pods:
+        assert kueue.ADMISSION_GATE in gates(get_pod(plane, small, pod["metadata"]["name"]) or {})
+    # Room for both: both admitted, both run.
+    roomy = namespace(plane, "kq-group")
+    queue_setup(plane, roomy, {"cpu": 2, "memory": "1Gi"})
+    for pod in group_pods(roomy):
+        create_pod(plane, roomy, pod)
+    for name in ("pair-1-n0", "pair-1-n1"):
+        wait_admitted_and_running(plane, roomy, name)
 
 
 @pytest.fixture
