@@ -30,6 +30,11 @@ def test_max_gpus() -> None:
         "spec.resources.gpus: 16 exceeds the cluster policy maxGpusPerJob=8; ask for at most 8 GPUs"
     ]
     assert check_policy(spec(resources={"gpus": 8}), "ns", Policy(max_gpus_per_job=8)) == []
+    # gpus is per node: a job on several nodes holds nodes x gpus.
+    (violation,) = check_policy(
+        spec(resources={"gpus": 8, "nodes": 2}), "ns", Policy(max_gpus_per_job=8)
+    )
+    assert violation.startswith("spec.resources.gpus: 8 per node x 2 nodes exceeds")
 
 
 def test_gpu_resource_names_use_settings_default() -> None:

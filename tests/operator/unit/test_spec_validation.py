@@ -628,3 +628,13 @@ def test_the_global_batch_decides_whether_more_gpus_resume_the_run() -> None:
     assert kept.new_run == []
     assert set(kept.resumable) == {"resources.gpus", "training.batchSize"}
     assert spec_changes(one, more_rows).new_run == ["resources.gpus"]
+
+
+def test_nodes_count_in_the_global_batch_as_gpus_do() -> None:
+    """gpus is per node: 2 nodes of 2 GPUs are 4 ranks. A change of nodes that keeps the
+    global batch resumes the run; one that changes it is a new run, named by nodes."""
+    two = parse_spec({**BASE, "resources": {"gpus": 2}, "training": {"batchSize": 4}})
+    four = parse_spec({**BASE, "resources": {"gpus": 2, "nodes": 2}, "training": {"batchSize": 2}})
+    assert spec_changes(two, four).new_run == []
+    more = parse_spec({**BASE, "resources": {"gpus": 2, "nodes": 2}, "training": {"batchSize": 4}})
+    assert spec_changes(two, more).new_run == ["resources.nodes"]
