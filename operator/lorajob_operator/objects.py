@@ -471,15 +471,6 @@ def build_trainer_pod(
         "ports": ports,
         "resources": _resources(spec, settings),
         "volumeMounts": mounts,
-        # Generous: model loading can starve the HTTP thread, and a false kill costs
-        # an attempt (the trainer resumes from its last checkpoint either way).
-        "livenessProbe": {
-            "httpGet": {"path": protocol.HEALTH_PATH, "port": "progress"},
-            "initialDelaySeconds": 60,
-            "periodSeconds": 30,
-            "timeoutSeconds": 10,
-            "failureThreshold": 10,
-        },
         "terminationMessagePath": protocol.DEFAULT_TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {
@@ -492,6 +483,19 @@ def build_trainer_pod(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
+    if nodes == 1:
+        # Generous: model loading can starve the HTTP thread, and a false kill costs
+        # an attempt (the trainer resumes from its last checkpoint either way). On several
+        # nodes only the pod that torch's rendezvous gives global rank 0 serves /healthz,
+        # so a probe would stop the others; a hung rank fails its peers' next collective
+        # step instead (the process group's timeout), which ends the attempt.
+        container["livenessProbe"] = {
+            "httpGet": {"path": protocol.HEALTH_PATH, "port": "progress"},
+            "initialDelaySeconds": 60,
+            "periodSeconds": 30,
+            "timeoutSeconds": 10,
+            "failureThreshold": 10,
+        }
     if args := _trainer_args(job, spec, settings, attempt, rank):
         container["args"] = args
     pod_spec: dict[str, Any] = {

@@ -769,9 +769,9 @@ def _restarting(b: _Builder) -> bool:
 
 # -- a job on several nodes ----------------------------------------------------------
 #
-# spec.resources.nodes > 1 runs one pod per node rank; status.podName names the rank-0
-# pod, which stands for the group (its progress, adapter and termination message are the
-# job's). The group is one attempt: any pod failing, disrupted or deleted ends it and the
+# spec.resources.nodes > 1 runs one pod per node rank; status.podName names the node-rank-0
+# pod, which stands for the group. Global rank 0, which serves progress and publishes the
+# adapter, is in whichever pod torch's rendezvous puts it (_lead). The group is one attempt: any pod failing, disrupted or deleted ends it and the
 # others are deleted (no rank hangs in a collective holding GPUs); the next attempt starts
 # all of them again from the last checkpoint, counted as a single pod's end would be.
 # Starting together: through Kueue, a pod group Kueue admits whole; without Kueue, the
@@ -849,11 +849,13 @@ def _gang(
     if size <= 1:
         return rank0, outcome
     members = _members(b, attempt)
-    if outcome.kind == "succeeded":
-        # Rank 0 published the adapter; the other ranks have finished or are about to.
-        _stop_group(b, members, Reason.COMPLETED)
-        return rank0, outcome
     outcomes = {r: outcome if r == 0 else classify_pod(p, b.now) for r, p in members.items()}
+    published = [r for r, o in sorted(outcomes.items()) if o.kind == "succeeded" and _adapter(o)]
+    if published:
+        # Global rank 0 published the adapter (from whichever pod torch's rendezvous put it
+        # in); the other pods have finished their part or are about to.
+        _stop_group(b, members, Reason.COMPLETED)
+        return members[published[0]], outcomes[published[0]]
     ended = [(r, o) for r, o in sorted(outcomes.items()) if o.kind in ("failed", "disrupted")]
     if ended:
         # A permanent failure first (it fails the job), then a failure, then a disruption.
@@ -897,14 +899,40 @@ def _gang(
     if gated:
         # All of the group exists: release all of it in this one pass.
         b.decision.ungate = [_pod_name(p) for p in gated]
+    # A pod that finished its part (exit 0, no adapter: not global rank 0's) waits for the
+    # others; the one furthest from running speaks for the group.
     rank, pod = min(members.items(), key=lambda m: (_GROUP_ORDER.get(outcomes[m[0]].kind, 2), m[0]))
     worst = outcomes[rank]
-    if rank == 0 and worst.kind == "running":
-        return rank0, outcome
+    if worst.kind == "succeeded":
+        return rank0, outcome  # all ended with exit 0 and none published: _succeeded says so
+    if worst.kind == "running":
+        lead = _lead(members, outcomes)
+        return members[lead], outcomes[lead]
     message = worst.message
     if objects.GANG_GATE in _gates(pod):
         message = f"the group's {size} pods start together; released now that all exist"
     return rank0, replace(worst, message=f"pod {_pod_name(pod)} (node rank {rank}): {message}")
+
+
+def _adapter(outcome: PodOutcome) -> bool:
+    return outcome.termination is not None and outcome.termination.adapter is not None
+
+
+def _lead(members: Mapping[int, Mapping[str, Any]], outcomes: Mapping[int, PodOutcome]) -> int:
+    """The node rank of the running pod that holds global rank 0, which serves progress.
+
+    torchrun's c10d rendezvous numbers the nodes by their sorted node descriptors
+    (torch.distributed.elastic.rendezvous.dynamic_rendezvous: `sorted(participants)`,
+    address first), not by --node-rank, and the trainer's launcher gives each pod's IP as
+    its address (--local-addr): global rank 0 runs in the pod whose IP sorts first, as a
+    string. Rank 0's pod while no pod has an IP."""
+    running = {
+        r: str((p.get("status") or {}).get("podIP") or "")
+        for r, p in members.items()
+        if outcomes[r].kind == "running"
+    }
+    with_ip = [(ip, r) for r, ip in running.items() if ip]
+    return min(with_ip)[1] if with_ip else min(running, default=0)
 
 
 def _gang_timed_out(

@@ -113,7 +113,9 @@ def test_the_gate_comes_off_all_pods_only_when_all_exist() -> None:
     assert "start together" in w.cond(ConditionType.QUEUED)["message"]
 
 
-def test_running_group_reports_progress_from_rank_0() -> None:
+def test_running_group_reports_progress_from_global_rank_0s_pod() -> None:
+    """torch's c10d rendezvous puts global rank 0 on the pod whose address (its IP, the
+    launcher's --local-addr) sorts first; that pod serves progress."""
     w = World(job(spec=GANG_SPEC), SETTINGS)
     started(w)
     d = w.step(at(10))
@@ -124,6 +126,9 @@ def test_running_group_reports_progress_from_rank_0() -> None:
         (0, "node-0", "Running"),
         (1, "node-1", "Running"),
     ]
+    # The rendezvous sorts addresses as strings: 10.0.0.100 < 10.0.0.11 < 10.0.0.9.
+    w.pods = [member(0, ip="10.0.0.9"), member(1, ip="10.0.0.100")]
+    assert w.step(at(11)).progress_ip == "10.0.0.100"
     # One rank not running yet: the group is not Running, and no progress is read.
     w.pods[1] = member(1, phase="Pending", waiting="ContainerCreating")
     d = w.step(at(12))
@@ -188,7 +193,7 @@ def test_a_rank_deleted_after_the_start_ends_the_attempt() -> None:
     assert f"{NAME}-1-n1 (node rank 1 of 2) was deleted" in w.cond(ConditionType.RUNNING)["message"]
 
 
-def test_rank_0_success_is_the_job_success() -> None:
+def test_the_pod_that_published_the_adapter_is_the_job_success() -> None:
     w = World(job(spec=GANG_SPEC), SETTINGS)
     started(w)
     w.pods[0] = member(0, phase="Succeeded", exit_code=0, message=termination(), finished=at(100))
@@ -196,6 +201,36 @@ def test_rank_0_success_is_the_job_success() -> None:
     assert w.status["phase"] == "Succeeded"
     assert w.status["adapter"]["uri"] == "s3://adapters/tune"
     assert [x.name for x in d.delete] == [f"{NAME}-1-n1"]
+
+
+def test_global_rank_0_may_publish_from_another_pod() -> None:
+    """A pod that finished its part (exit 0, no adapter) waits for the one that holds
+    global rank 0, whichever node rank it has."""
+    w = World(job(spec=GANG_SPEC), SETTINGS)
+    started(w)
+    done = termination(with_adapter=False)
+    w.pods[0] = member(0, phase="Succeeded", exit_code=0, message=done, finished=at(90))
+    d = w.step(at(91))
+    assert w.status["phase"] == "Running"
+    assert d.delete == []
+    assert d.progress_ip == "10.0.0.11"
+    w.pods[1] = member(1, phase="Succeeded", exit_code=0, message=termination(), finished=at(100))
+    w.step(at(101))
+    assert w.status["phase"] == "Succeeded"
+    assert w.status["adapter"]["uri"] == "s3://adapters/tune"
+    assert "failedAttempts" not in w.status
+
+
+def test_a_group_that_ends_without_an_adapter_failed() -> None:
+    w = World(job(spec=GANG_SPEC), SETTINGS)
+    started(w)
+    done = termination(with_adapter=False)
+    w.pods = [
+        member(r, phase="Succeeded", exit_code=0, message=done, finished=at(90)) for r in (0, 1)
+    ]
+    w.step(at(91))
+    assert w.status["failedAttempts"] == 1
+    assert "reported no adapter" in w.cond(ConditionType.RUNNING)["message"]
 
 
 def test_a_group_not_all_on_nodes_in_time_is_deleted_whole_and_retried() -> None:
