@@ -1,22 +1,28 @@
 """One training run of the trainer benchmark, in its own process (clean memory peak).
 
     python -m bench.trainer_worker <job.json> <result.json>
+    python -m torch.distributed.run --standalone --nproc-per-node N \\
+        -m bench.trainer_worker <job.json> <result.json>        # N ranks (DDP)
 
-`job.json` names the recipe (`ours` or `plain`) and the shared settings; the
-result holds wall time of `trainer.train()`, token counts taken from the
-batches the model actually received, and the memory peak: peak RSS minus the RSS
-after the recipe's libraries are imported (their import cost is reported apart, as
-imports_rss_bytes).
+`job.json` names the recipe (RECIPES) and the shared settings; the result holds the
+wall time of `trainer.train()`, token counts taken from the batches the model actually
+received (summed over ranks), the memory peak (peak RSS minus the RSS after the
+recipe's libraries are imported; on CUDA also `max_memory_allocated`), and the eval
+loss of the adapter at a few (wall time, step) points of the run.
 
-* ours: the real trainer path: `lora_trainer.data` reads and tokenizes the records
-  (`train.tokenize_inputs`), `hf` builds the load kwargs and LoRA config from a
-  TrainerConfig (packing on, the default), and `hf.build_trainer` builds the
-  SFTTrainer exactly as `lora_trainer.train.run` does, batch layout included (its
-  checkpoint/progress callbacks are left out: they upload, which is not training
-  throughput).
-* plain: the textbook QLoRA recipe: same model file, same bitsandbytes NF4 load,
-  same LoRA shape, SFTTrainer with `packing=False` and every row padded to
-  maxSeqLength (`pad_to_multiple_of=max_length`), TRL defaults otherwise.
+Recipes (same model file, records, steps, batch, LoRA shape, NF4 base, learning rate,
+seed; see bench/README.md for what each one is and why):
+
+* ours / ours_fp32: the trainer's real path (`lora_trainer.data` tokenizes,
+  `lora_trainer.hf` loads and builds the SFTTrainer as `train.run` does, batch layout
+  included); ours_fp32 sets `quantization.computeDtype: float32` (the measured
+  alternative to what `auto` picks).
+* trl_defaults: SFTTrainer with SFTConfig's defaults on the raw prompt/completion
+  records (no packing, each batch padded to its longest row, bf16 autocast), the
+  model loaded as TRL's QLoRA docs load it (NF4, double quant, bfloat16 compute).
+* trl_best: the same plus TRL's documented fastest settings: `packing=True`,
+  `packing_strategy="bfd"`, `padding_free=True`, and `use_liger_kernel=True` where
+  Liger runs (CUDA with liger_kernel installed).
 """
 
 # The heavy stack is imported inside the functions: the module imports cheaply.
@@ -25,6 +31,7 @@ imports_rss_bytes).
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -32,24 +39,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Job", "TokenCounter", "main", "run_job"]
+__all__ = ["RECIPES", "Job", "TokenCounter", "main", "run_job"]
+
+RECIPES = ("ours", "ours_fp32", "trl_defaults", "trl_best")
 
 
 @dataclass(frozen=True)
 class Job:
-    recipe: str  # "ours" | "plain"
+    recipe: str  # one of RECIPES
     model_dir: str
     data_path: str
     work_dir: str
     max_seq_length: int
-    batch_size: int
+    batch_size: int  # per rank
     grad_accum: int
     steps: int
+    eval_path: str | None = None  # held-out records; None: no eval curve
+    snapshots: int = 0  # adapter snapshots (evaluated after training), evenly over the steps
     learning_rate: float = 2e-4
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     seed: int = 42
+    threads: int | None = None  # torch threads (None: torch's default)
 
 
 @dataclass
@@ -115,9 +127,18 @@ def _peak_rss_bytes() -> int:
 # What each recipe's builder imports beyond torch and transformers. They are imported
 # before the memory baseline: code is a fixed cost (reported as imports_rss_bytes),
 # the peak delta is what building and training take.
+_TRL_MODULES = ("datasets", "peft", "trl.trainer.sft_config", "trl.trainer.sft_trainer")
+_OURS_MODULES = (
+    "lora_trainer.data",
+    "lora_trainer.hf",
+    "lora_trainer.inputs",
+    "lora_trainer.train",
+)
 _RECIPE_MODULES = {
-    "plain": ("datasets", "peft", "trl.trainer.sft_config", "trl.trainer.sft_trainer"),
-    "ours": ("lora_trainer.data", "lora_trainer.hf", "lora_trainer.inputs", "lora_trainer.train"),
+    "ours": _OURS_MODULES,
+    "ours_fp32": _OURS_MODULES,
+    "trl_defaults": _TRL_MODULES,
+    "trl_best": _TRL_MODULES,
 }
 
 
@@ -128,19 +149,27 @@ def _import_recipe(recipe: str) -> None:
         importlib.import_module(name)
 
 
-def _build_ours(job: Job, cuda: bool) -> Any:
+def _ranks() -> tuple[int, int]:
+    """(local rank, world size) as torchrun set them; (0, 1) for one process."""
+    return int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _build_ours(job: Job, cuda: bool) -> tuple[Any, str]:
     from lora_trainer import data
-    from lora_trainer.hf import build_trainer, detect_device, load_model
+    from lora_trainer.distributed import Strategy
+    from lora_trainer.hf import build_trainer, compute_dtype_name, detect_device, load_model
     from lora_trainer.inputs import Inputs
     from lora_trainer.train import tokenize_inputs
     from loraops_contract.config import TrainerConfig
     from transformers import AutoTokenizer
 
+    local_rank, world = _ranks()
     cfg = TrainerConfig.model_validate(
         {
             "model": {"uri": job.model_dir},
             "dataset": {"uri": job.data_path, "format": "prompt_completion", "evalSplit": 0},
             "lora": {"r": job.lora_r, "alpha": job.lora_alpha, "dropout": job.lora_dropout},
+            "quantization": {"computeDtype": "float32" if job.recipe == "ours_fp32" else "auto"},
             "training": {
                 "maxSteps": job.steps,
                 "batchSize": job.batch_size,
@@ -153,15 +182,16 @@ def _build_ours(job: Job, cuda: bool) -> Any:
             "output": {"uri": str(Path(job.work_dir) / "out")},
         }
     )
-    device = detect_device()
+    device = detect_device(local_rank)
     if device.cuda != cuda:
         raise RuntimeError(f"expected cuda={cuda}, torch says {device}")
+    strategy: Strategy = "ddp" if world > 1 else "single"
     tokenizer = AutoTokenizer.from_pretrained(job.model_dir)
     source = data.Source(Path(job.data_path), "prompt_completion")
     inputs = Inputs(model_dir=Path(job.model_dir), train=source)
     train_ds, _ = tokenize_inputs(cfg, tokenizer, inputs)
-    model, peft_config = load_model(cfg, Path(job.model_dir), device)
-    return build_trainer(
+    model, peft_config = load_model(cfg, Path(job.model_dir), device, strategy)
+    trainer = build_trainer(
         cfg,
         model,
         tokenizer,
@@ -169,10 +199,23 @@ def _build_ours(job: Job, cuda: bool) -> Any:
         peft_config=peft_config,
         datasets=(train_ds, None),
         ckpt_dir=Path(job.work_dir) / "ckpt",
+        strategy=strategy,
     )
+    return trainer, compute_dtype_name(cfg.quantization, device)
 
 
-def _build_plain(job: Job, cuda: bool) -> Any:
+def liger_runs(cuda: bool) -> tuple[bool, str]:
+    """Whether TRL's Liger kernels can run here, and why not: they are Triton kernels."""
+    if not cuda:
+        return False, "not run: needs CUDA (Liger's kernels are Triton GPU kernels)"
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        return False, "not run: liger_kernel is not installed"
+    return True, "on"
+
+
+def _build_trl(job: Job, cuda: bool) -> tuple[Any, str]:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -180,20 +223,22 @@ def _build_plain(job: Job, cuda: bool) -> Any:
     from trl.trainer.sft_config import SFTConfig
     from trl.trainer.sft_trainer import SFTTrainer
 
+    local_rank, _ = _ranks()
     records = [json.loads(line) for line in Path(job.data_path).read_text().splitlines() if line]
     dataset = Dataset.from_list(records)
-    compute = torch.bfloat16 if cuda else torch.float32
+    # TRL's QLoRA documentation (PEFT integration): NF4, double quant, bfloat16 compute.
     bnb = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_compute_dtype=torch.bfloat16,
     )
     model = AutoModelForCausalLM.from_pretrained(
         job.model_dir,
         quantization_config=bnb,
-        dtype=compute,
-        device_map={"": 0} if cuda else None,
+        dtype=torch.bfloat16,
+        attn_implementation="sdpa",  # flash-attn is not installed (see README)
+        device_map={"": local_rank} if cuda else None,
     )
     tokenizer = AutoTokenizer.from_pretrained(job.model_dir)
     peft_config = LoraConfig(
@@ -203,29 +248,158 @@ def _build_plain(job: Job, cuda: bool) -> Any:
         target_modules="all-linear",
         task_type="CAUSAL_LM",
     )
+    best: dict[str, Any] = {}
+    if job.recipe == "trl_best":
+        liger, _ = liger_runs(cuda)
+        best = {
+            "packing": True,
+            "packing_strategy": "bfd",
+            "padding_free": True,
+            "use_liger_kernel": liger,
+        }
     args = SFTConfig(
         output_dir=str(Path(job.work_dir) / "ckpt"),
+        # The job's own settings, the same for every recipe:
         max_steps=job.steps,
         per_device_train_batch_size=job.batch_size,
         gradient_accumulation_steps=job.grad_accum,
         learning_rate=job.learning_rate,
         seed=job.seed,
         max_length=job.max_seq_length,
-        packing=False,
-        pad_to_multiple_of=job.max_seq_length,  # every row padded to maxSeqLength
+        save_strategy="no",
         report_to="none",
         disable_tqdm=True,
-        # The only departure from the defaults: CPU runs cannot use bf16.
+        # What a CPU needs: SFTConfig's default bf16=True is refused without a bf16 GPU
+        # unless use_cpu is set (TrainingArguments._validate_args); it then autocasts.
         use_cpu=not cuda,
-        bf16=cuda,
+        **best,
     )
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    return trainer, "bfloat16" if args.bf16 else "float32"
+
+
+class Snapshots:
+    """Copies of the adapter at evenly spaced steps, with the training wall time at
+    which each was reached (the copying itself is taken out of that clock)."""
+
+    def __init__(self, model: Any, steps: int, count: int) -> None:
+        self.model = model
+        self.at = {round(steps * (i + 1) / count) for i in range(count)} if count else set()
+        self.taken: list[tuple[float, int, dict[str, Any]]] = []
+        self.paused = 0.0
+        self.start = 0.0
+
+    def begin(self) -> None:
+        self.start = time.perf_counter()
+        if self.at:
+            self.take(0)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start - self.paused
+
+    def take(self, step: int) -> None:
+        t0 = time.perf_counter()
+        state = {
+            n: p.detach().to("cpu", copy=True)
+            for n, p in self.model.named_parameters()
+            if p.requires_grad
+        }
+        self.taken.append((t0 - self.start - self.paused, step, state))
+        self.paused += time.perf_counter() - t0
+
+
+def _snapshot_callback(snaps: Snapshots) -> Any:
+    from transformers import TrainerCallback
+
+    class _Cb(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # noqa: ARG002 - the callback signature
+            if state.global_step in snaps.at and state.is_world_process_zero:
+                snaps.take(int(state.global_step))
+
+    return _Cb()
+
+
+def eval_records(tokenizer: Any, path: str, max_len: int) -> list[tuple[list[int], int]]:
+    """Held-out records as (ids, prompt length): prompt + completion + EOS, cut at
+    max_len; the loss is taken over the completion only, as in training."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        if not line:
+            continue
+        rec = json.loads(line)
+        prompt = tokenizer(rec["prompt"])["input_ids"]
+        full = tokenizer(rec["prompt"] + rec["completion"])["input_ids"] + [tokenizer.eos_token_id]
+        out.append((full[:max_len], len(prompt)))
+    return out
+
+
+def eval_loss(trainer: Any, records: list[tuple[list[int], int]], batch: int) -> float:
+    """Mean completion-token cross-entropy of the trainer's model on `records`, in the
+    recipe's own precision (its accelerator's autocast)."""
+    import torch
+
+    model = trainer.model
+    model.eval()
+    device = next(p for p in model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad(), trainer.accelerator.autocast():
+        for i in range(0, len(records), batch):
+            part = records[i : i + batch]
+            width = max(len(ids) for ids, _ in part)
+            ids = torch.zeros((len(part), width), dtype=torch.long)
+            mask = torch.zeros((len(part), width), dtype=torch.long)
+            labels = torch.full((len(part), width), -100, dtype=torch.long)
+            for row, (seq, prompt_len) in enumerate(part):
+                ids[row, : len(seq)] = torch.tensor(seq)
+                mask[row, : len(seq)] = 1
+                labels[row, prompt_len : len(seq)] = torch.tensor(seq[prompt_len:])
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            shift = logits[:, :-1].float()
+            target = labels[:, 1:].to(device)
+            loss = torch.nn.functional.cross_entropy(
+                shift.reshape(-1, shift.shape[-1]), target.reshape(-1), reduction="sum"
+            )
+            total += float(loss)
+            count += int((target != -100).sum())
+    model.train()
+    if not count:
+        raise ValueError("no held-out completion token within maxSeqLength")
+    return total / count
+
+
+def _eval_curve(trainer: Any, snaps: Snapshots, job: Job) -> list[dict[str, float]]:
+    import torch
+
+    if not snaps.taken or job.eval_path is None:
+        return []
+    records = eval_records(trainer.processing_class, job.eval_path, job.max_seq_length)
+    params = dict(trainer.model.named_parameters())
+    curve = []
+    for t, step, state in snaps.taken:
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+        curve.append({"time_s": t, "step": step, "eval_loss": eval_loss(trainer, records, 8)})
+    return curve
+
+
+def _all_ranks(values: list[float], op: str) -> list[float]:
+    """Sum (or max) `values` over the ranks of a torchrun group; as is for one process."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return [float(v) for v in t.tolist()]
 
 
 def run_job(job: Job) -> dict[str, Any]:
@@ -233,7 +407,12 @@ def run_job(job: Job) -> dict[str, Any]:
     import transformers
 
     transformers.utils.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    if job.threads:
+        torch.set_num_threads(job.threads)
     cuda = torch.cuda.is_available()
+    local_rank, world = _ranks()
+    if cuda:
+        torch.cuda.set_device(local_rank)
     torch.manual_seed(job.seed)
     rss_start = _rss_bytes()
     _import_recipe(job.recipe)
@@ -241,41 +420,61 @@ def run_job(job: Job) -> dict[str, Any]:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    trainer = _build_ours(job, cuda) if job.recipe == "ours" else _build_plain(job, cuda)
+    if job.recipe.startswith("ours"):
+        trainer, dtype = _build_ours(job, cuda)
+    else:
+        trainer, dtype = _build_trl(job, cuda)
     prep_s = time.perf_counter() - t0
     counter = TokenCounter(pad_token_id=trainer.processing_class.pad_token_id)
     trainer.model.register_forward_pre_hook(counter.hook, with_kwargs=True)
+    snaps = Snapshots(trainer.model, job.steps, job.snapshots if job.eval_path else 0)
+    trainer.add_callback(_snapshot_callback(snaps))
     if cuda:
         torch.cuda.synchronize()
-    t1 = time.perf_counter()
+    snaps.begin()
     result = trainer.train()
     if cuda:
         torch.cuda.synchronize()
-    train_s = time.perf_counter() - t1
+    train_s = snaps.elapsed()
+    real, loss_tokens, slots, rows = _all_ranks(
+        [counter.real, counter.loss, counter.slots, counter.rows], "sum"
+    )
+    peak_rss = _peak_rss_bytes()
+    peaks = [float(peak_rss - rss_before)]
+    if cuda:
+        peaks += [float(torch.cuda.max_memory_allocated()), float(torch.cuda.max_memory_reserved())]
+    mem = _all_ranks(peaks, "max")
+    liger = liger_runs(cuda)[1] if job.recipe == "trl_best" else "not used"
     out: dict[str, Any] = {
         "recipe": job.recipe,
+        "ranks": world,
+        "compute_dtype": dtype,
+        "mixed_precision": getattr(trainer.args, "mixed_precision", None),
+        "liger_kernel": liger,
+        "collator": type(trainer.data_collator).__name__,
         "steps": int(trainer.state.global_step),
         "prep_s": prep_s,
         "train_s": train_s,
         "train_loss": float(result.training_loss),
-        "real_tokens": counter.real,
-        "loss_tokens": counter.loss,
-        "token_slots": counter.slots,
-        "records": counter.rows,
+        "real_tokens": int(real),
+        "loss_tokens": int(loss_tokens),
+        "token_slots": int(slots),
+        "records": int(rows),
         "forwards": counter.forwards,
         "first_batch_shapes": counter.shapes,
-        "real_tokens_per_s": counter.real / train_s,
-        "loss_tokens_per_s": counter.loss / train_s,
-        "padding_fraction": 1 - counter.real / counter.slots if counter.slots else None,
+        "real_tokens_per_s": real / train_s,
+        "loss_tokens_per_s": loss_tokens / train_s,
+        "padding_fraction": 1 - real / slots if slots else None,
         "imports_rss_bytes": rss_before - rss_start,
         "rss_before_bytes": rss_before,
-        "peak_rss_bytes": _peak_rss_bytes(),
-        "peak_rss_delta_bytes": _peak_rss_bytes() - rss_before,
+        "peak_rss_bytes": peak_rss,
+        "peak_rss_delta_bytes": int(mem[0]),
     }
     if cuda:
-        out["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
-        out["cuda_max_reserved_bytes"] = int(torch.cuda.max_memory_reserved())
+        out["cuda_max_allocated_bytes"] = int(mem[1])
+        out["cuda_max_reserved_bytes"] = int(mem[2])
         out["gpu"] = torch.cuda.get_device_name()
+    out["eval_curve"] = _eval_curve(trainer, snaps, job) if local_rank == 0 else []
     return out
 
 
@@ -286,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     job = Job(**json.loads(Path(args[0]).read_text()))
     result = run_job(job)
-    Path(args[1]).write_text(json.dumps(result, indent=2))
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(args[1]).write_text(json.dumps(result, indent=2))
     return 0
 
 

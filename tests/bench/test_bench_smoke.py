@@ -15,12 +15,20 @@ from typing import Any
 
 import pytest
 import torch
+from lora_trainer.hf import has_fast_bf16
 from transformers import AutoModelForCausalLM
 
 from bench import trainer_gpu
 from bench.common import REPO_ROOT, format_table, percentile, ratio
 from bench.operator_scale import parse_metrics, parse_size
-from bench.trainer import mixed_length_records
+from bench.trainer import (
+    DISTRIBUTIONS,
+    eval_at_equal_time,
+    length_records,
+    length_stats,
+    mixed_length_records,
+)
+from devcluster.tiny_model import build_tokenizer
 
 
 def _run(module: str, results: Path, *extra: str, timeout: float = 300) -> str:
@@ -136,25 +144,81 @@ def test_transfer_quick(tmp_path: Path) -> None:
 def test_trainer_cpu_quick(tmp_path: Path) -> None:
     out = _run("bench.trainer", tmp_path)
     assert "effective tokens/s" in out
+    assert "eval loss at equal time" in out
     doc = _load(tmp_path, "trainer_cpu")
-    ours, plain = doc["ours"], doc["plain"]
-    assert ours["steps"] == plain["steps"] == doc["params"]["steps"]
-    # The baseline pads every row to maxSeqLength; packed rows (one per pack on CPU)
-    # are padded only at their tails, to the batch's longest row.
-    assert plain["token_slots"] == plain["forwards"] * doc["params"]["batch_size"] * 64
-    assert plain["padding_fraction"] > 0
-    assert ours["padding_fraction"] < plain["padding_fraction"]
-    assert all(shape[0] == doc["params"]["batch_size"] for shape in ours["first_batch_shapes"])
-    assert all(shape[1] <= 64 for shape in ours["first_batch_shapes"])
-    assert ours["real_tokens"] > plain["real_tokens"]
-    assert 0 < ours["loss_tokens"] <= ours["real_tokens"]
-    assert ours["peak_rss_delta_bytes"] > 0
-    # Each recipe's libraries are imported before the memory baseline, and measured.
-    assert ours["imports_rss_bytes"] > 0
-    assert plain["imports_rss_bytes"] > 0
-    assert "imports RSS MiB" in out
-    assert doc["memory_rows"] == {}  # --quick skips them
-    assert doc["comparison"]["effective_tokens_per_s_ratio"] > 0
+    assert doc["scaling"] is None  # --quick leaves it out unless asked
+    (name,) = doc["distributions"]
+    res = doc["distributions"][name]
+    assert res["distribution"]["source"]  # where the length distribution comes from
+    assert res["lengths"]["mean_tokens"] > 0
+    (runs,) = res["runs"]
+    assert set(runs) == {"ours", "ours_fp32", "trl_defaults", "trl_best"}
+    steps, batch = doc["params"]["steps"], doc["params"]["batch_size"]
+    assert {r["steps"] for r in runs.values()} == {steps}
+    ours, defaults, best = runs["ours"], runs["trl_defaults"], runs["trl_best"]
+    # ours: one packed row per pack, padded at the tail only; TRL's padding-free
+    # collator joins the micro-batch into one row; its defaults pad to the longest row.
+    assert all(s[0] == batch and s[1] <= 64 for s in ours["first_batch_shapes"])
+    assert all(s[0] == 1 for s in best["first_batch_shapes"])
+    assert best["padding_fraction"] == 0
+    assert defaults["padding_fraction"] > ours["padding_fraction"]
+    assert ours["real_tokens"] > defaults["real_tokens"]
+    # The dtype each recipe trained in: ours follows the machine, the peers autocast.
+    caps = dict(torch.cpu.get_capabilities())
+    bf16 = has_fast_bf16(cuda_capability=None, cpu_features=caps)
+    assert ours["compute_dtype"] == ("bfloat16" if bf16 else "float32")
+    assert runs["ours_fp32"]["compute_dtype"] == "float32"
+    assert runs["ours_fp32"]["mixed_precision"] == "no"
+    assert defaults["mixed_precision"] == best["mixed_precision"] == "bf16"
+    assert best["liger_kernel"].startswith("not run: needs CUDA")
+    for run in runs.values():
+        curve = run["eval_curve"]
+        assert [p["step"] for p in curve] == [0, 1, 2]  # before training, then 2 snapshots
+        assert [p["time_s"] for p in curve] == sorted(p["time_s"] for p in curve)
+        assert all(math.isfinite(p["eval_loss"]) for p in curve)
+        assert 0 < run["loss_tokens"] <= run["real_tokens"]
+        assert run["peak_rss_delta_bytes"] > 0
+        assert run["imports_rss_bytes"] > 0
+    summary = res["summary"]
+    equal = summary["equal_time"][0]
+    assert equal["time_s"] == min(r["train_s"] for r in runs.values())
+    assert set(summary["ours_over"]) == {"ours_fp32", "trl_defaults", "trl_best"}
+    assert summary["ours_over"]["trl_best"]["effective_tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_trainer_scaling_quick(tmp_path: Path) -> None:
+    out = _run("bench.trainer", tmp_path, "--recipes", "ours", "--scaling")
+    assert "scaling (ours, global batch 2)" in out
+    scaling = _load(tmp_path, "trainer_cpu")["scaling"]
+    assert scaling["global_batch"] == 2
+    assert scaling["tokens_per_s"]["1"]["median"] > 0
+    assert scaling["tokens_per_s"]["2"]["median"] > 0
+    assert scaling["speedup_2_over_1"] > 0
+
+
+def test_eval_at_equal_time_takes_each_recipes_last_copy_by_the_fastest_finish() -> None:
+    def run(train_s: float, points: list[tuple[float, int, float]]) -> dict[str, Any]:
+        curve = [{"time_s": t, "step": s, "eval_loss": loss} for t, s, loss in points]
+        return {"train_s": train_s, "eval_curve": curve}
+
+    runs = {
+        "fast": run(10.0, [(0, 0, 5.0), (5, 2, 4.0), (10, 4, 3.0)]),
+        "slow": run(20.0, [(0, 0, 5.0), (9.9, 2, 4.5), (10.1, 3, 4.2), (20, 4, 3.1)]),
+    }
+    equal = eval_at_equal_time(runs)
+    assert equal["time_s"] == 10.0
+    assert equal["fast"] == {"eval_loss": 3.0, "step": 4}
+    assert equal["slow"] == {"eval_loss": 4.5, "step": 2}
+
+
+def test_length_records_follow_the_distribution() -> None:
+    tokenizer = build_tokenizer()
+    dist = DISTRIBUTIONS["issue_215_of_256"]
+    records = length_records(dist, 200, tokenizer)
+    stats = length_stats(records, tokenizer, dist.max_seq_length)
+    assert 180 < stats["mean_tokens"] < 250  # the issue's ~215
+    assert stats["p10"] < stats["p50"] < stats["p90"]
 
 
 @pytest.mark.skipif(
