@@ -15,13 +15,15 @@ import pytest
 import torch
 from lora_trainer import distributed
 from lora_trainer.distributed import Parallel, Ranks, choose_strategy
-from lora_trainer.errors import ConfigError
+from lora_trainer.errors import ConfigError, PeerLost, classify
 from lora_trainer.hf import Device, model_load_kwargs, sft_config_kwargs, to_bnb_config
-from lora_trainer.launch import pick_outcome
+from lora_trainer.launch import Nodes, pick_outcome
+from lora_trainer.reporting import failure_message
 from loraops_contract.config import TrainerConfig, run_defining_changes, run_id
 from loraops_contract.protocol import ExitCode, TerminationMessage
 from transformers import AutoModelForCausalLM
 
+from devcluster.process import free_port
 from devcluster.tiny_model import write_dataset
 from tests.trainer.trainer_proc import TrainerRun, reaped, start_trainer
 
@@ -383,3 +385,173 @@ def test_a_lost_rank_and_sigterm_resume_the_group_from_its_checkpoint(
     assert sorted(after) == list(range(stopped_at + 1, MAX_STEPS + 1))
     for step, loss in after.items():
         assert loss == pytest.approx(reference[step], rel=LOSS_TOLERANCE), (step, after, reference)
+
+
+# --- several nodes: one launcher per pod, torchrun's c10d rendezvous between them -------
+
+
+def test_node_flags_are_checked_naming_the_flag() -> None:
+    assert Nodes.parse(1, 0, None, None) == Nodes()
+    two = Nodes.parse(2, 1, "job-rdzv.team.svc:29400", "job-abc")
+    assert (two.count, two.rank) == (2, 1)
+    with pytest.raises(ConfigError, match=r"--node-rank 2 is out of range for --nnodes 2"):
+        Nodes.parse(2, 2, "h:29400", "id")
+    with pytest.raises(ConfigError, match=r"--node-rank -1 is out of range"):
+        Nodes.parse(2, -1, "h:29400", "id")
+    with pytest.raises(ConfigError, match=r"--nnodes must be 1 or more"):
+        Nodes.parse(0, 0, None, None)
+    for endpoint in ("job-rdzv.team.svc", "job rdzv:29400", ":29400", "h:0", "h:70000", "h:x"):
+        with pytest.raises(ConfigError, match=r"--rdzv-endpoint .* is not HOST:PORT"):
+            Nodes.parse(2, 0, endpoint, "id")
+    with pytest.raises(ConfigError, match=r"needs --rdzv-endpoint"):
+        Nodes.parse(2, 0, None, "id")
+    with pytest.raises(ConfigError, match=r"needs --rdzv-id"):
+        Nodes.parse(2, 0, "h:29400", None)
+    with pytest.raises(ConfigError, match=r"for runs on several nodes"):
+        Nodes.parse(1, 0, "h:29400", "id")
+    assert Nodes.parse(2, 0, "[fd00::1]:29400", "id").endpoint == "[fd00::1]:29400"
+
+
+def test_node_zero_hosts_the_rendezvous_store() -> None:
+    """The c10d backend's own guess (does the endpoint resolve to this machine?) fails
+    before the Service has the pod's address and where nodes share a host: node 0 is
+    told to host, the others not to."""
+    host = Nodes.parse(2, 0, "job-rdzv.team.svc:29400", "job-abc").torchrun_args("10.1.2.3")
+    assert "--rdzv-backend=c10d" in host
+    assert "--rdzv-endpoint=job-rdzv.team.svc:29400" in host
+    assert "--rdzv-id=job-abc" in host
+    assert "--nnodes=2" in host
+    assert "--local-addr=10.1.2.3" in host
+    assert "--standalone" not in host
+    [conf] = [a for a in host if a.startswith("--rdzv-conf=")]
+    assert "is_host=true" in conf
+    assert "read_timeout=" in conf
+    peer = Nodes.parse(2, 1, "job-rdzv.team.svc:29400", "job-abc").torchrun_args(None)
+    assert any("is_host=false" in a for a in peer)
+    assert not any(a.startswith("--local-addr") for a in peer)
+    assert Nodes().torchrun_args("10.1.2.3") == ["--standalone"]
+
+
+def test_a_pod_without_rank_zero_reports_its_own_ranks() -> None:
+    done = TerminationMessage(outcome="Succeeded", message="rank 2: trained 10 steps")
+    outcome = pick_outcome({2: done, 3: done}, {}, world_size=4, stopped_by=None)
+    assert outcome.exit_code == ExitCode.OK
+    # Its peer on another node died: its ranks fail their next collective step.
+    lost = classify(
+        RuntimeError(
+            "[../third_party/gloo/gloo/transport/tcp/pair.cc:538] Connection closed by peer "
+            "[10.1.2.3]:41234"
+        )
+    )
+    assert isinstance(lost, PeerLost)
+    assert lost.retryable
+    report = failure_message(lost)
+    outcome = pick_outcome({2: report, 3: report}, {2: 30, 3: 30}, world_size=4, stopped_by=None)
+    assert outcome.exit_code == ExitCode.INTERNAL
+    assert outcome.message.retryable
+    assert "10.1.2.3" in outcome.message.message
+    # Its own rank died: named by its global rank, among all nodes' ranks.
+    silent = pick_outcome({}, {3: -9}, world_size=4, stopped_by=None)
+    assert "rank 3 of 4 was killed by SIGKILL" in silent.message.message
+    assert silent.message.retryable
+
+
+def _start_node(cfg: dict[str, Any], work: Path, name: str, node: int, endpoint: str) -> TrainerRun:
+    args = ["--nnodes", "2", "--node-rank", str(node), "--rdzv-endpoint", endpoint]
+    args += ["--rdzv-id", "two-nodes", "--shutdown-timeout", "30"]
+    env = {"LORA_TRAINER_CONFIG": json.dumps(cfg), "OMP_NUM_THREADS": "1"}
+    return start_trainer(args, env, work, name)
+
+
+@pytest.mark.slow
+def test_two_nodes_match_one_process_step_by_step(
+    tiny_model_dir: Path, dataset: Path, reference: dict[int, float], tmp_path: Path
+) -> None:
+    """Two pods (two launchers, each with its own scratch directory, 1 rank x 2 rows)
+    against 1 process x 4 rows: the same loss at every step, one adapter, and
+    checkpoints that hold both nodes' parts."""
+    out = tmp_path / "out"
+    cfg = _run_config(tiny_model_dir, out, dataset, 2)
+    endpoint = f"127.0.0.1:{free_port()}"
+    # Node 1 first: it waits for node 0's store (the pod whose DNS record comes later).
+    node1 = _start_node(cfg, tmp_path / "work", "node-1", 1, endpoint)
+    node0 = _start_node(cfg, tmp_path / "work", "node-0", 0, endpoint)
+    with reaped(node0), reaped(node1):
+        rc0, log0, term0 = node0.finish(timeout=600)
+        rc1, log1, term1 = node1.finish(timeout=120)
+    assert (rc0, rc1) == (ExitCode.OK, ExitCode.OK), log0[-3000:] + log1[-3000:]
+    assert term0 is not None
+    assert term1 is not None
+    # Global rank 0 is on either pod (the c10d backend numbers the nodes); it alone
+    # published and says where the adapter is.
+    [main] = [t for t in (term0, term1) if t.get("adapter")]
+    assert main["steps"] == MAX_STEPS
+    curve = _losses(out)
+    assert sorted(curve) == sorted(reference)
+    for step, loss in curve.items():
+        assert loss == pytest.approx(reference[step], rel=LOSS_TOLERANCE), (curve, reference)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["parallel"]["ranks"] == 2
+    assert metrics["parallel"]["global_batch_size"] == 4
+    for ckpt in {p.parent for p in out.rglob("COMPLETE")}:
+        assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in ckpt.iterdir()}
+        marker = json.loads((ckpt / "COMPLETE").read_text())
+        assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(marker["files"])
+
+
+@pytest.mark.slow
+def test_a_lost_node_rank_ends_both_pods_retryably_and_the_group_resumes(
+    tiny_model_dir: Path, dataset: Path, reference: dict[int, float], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    cfg = _run_config(tiny_model_dir, out, dataset, 2)
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [_start_node(cfg, tmp_path / "work", f"first-{n}", n, endpoint) for n in (0, 1)]
+
+    def past_first_checkpoint() -> bool:
+        steps = [(node.progress() or {}).get("step", 0) for node in nodes]
+        return bool(_complete(out)) and max(steps) > INTERVAL
+
+    # 1. Rank 1 (on whichever pod holds it) dies: its pod names it, the other pod's rank
+    # loses its peer; both are retryable.
+    with reaped(nodes[0]), reaped(nodes[1]):
+        nodes[0].wait_until(past_first_checkpoint, timeout=600)
+        [(holder, pid)] = [
+            (node, pid)
+            for node in nodes
+            for pid in [_child_with_rank(node.proc.pid, 1)]
+            if pid is not None
+        ]
+        os.kill(pid, signal.SIGKILL)
+        ends = {id(node): node.finish(timeout=300) for node in nodes}
+    for node in nodes:
+        rc, log, term = ends[id(node)]
+        assert rc == ExitCode.INTERNAL, log[-3000:]
+        assert term is not None
+        assert term["retryable"] is True
+        if node is holder:
+            assert "rank 1 of 2 was killed by SIGKILL" in term["message"]
+        else:
+            assert "lost contact with another rank" in term["message"], term
+
+    # 2. Both pods start again: the group resumes from the checkpoint both wrote, on the
+    # single process's loss curve.
+    endpoint = f"127.0.0.1:{free_port()}"
+    again = [_start_node(cfg, tmp_path / "work", f"second-{n}", n, endpoint) for n in (1, 0)]
+    with reaped(again[0]), reaped(again[1]):
+        results = [node.finish(timeout=600) for node in again]
+    assert [rc for rc, _, _ in results] == [ExitCode.OK, ExitCode.OK], results[0][1][-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    resumed = metrics["resumed_from_step"]
+    assert resumed >= INTERVAL
+    after = _losses(out)
+    assert sorted(after) == list(range(resumed + 1, MAX_STEPS + 1))
+    for step, loss in after.items():
+        assert loss == pytest.approx(reference[step], rel=LOSS_TOLERANCE), (step, after, reference)
+
+
+def _child_with_rank(launcher: int, rank: int) -> int | None:
+    try:
+        return _rank_pid(launcher, rank)
+    except AssertionError:
+        return None

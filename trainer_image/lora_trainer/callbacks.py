@@ -13,7 +13,7 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from lora_trainer import distributed
-from lora_trainer.checkpoints import Run, publish
+from lora_trainer.checkpoints import Run, publish, publish_part
 from lora_trainer.progress import ProgressBoard, Throughput
 from lora_trainer.signals import StopRequest
 from lora_trainer.storage import Storage
@@ -94,7 +94,9 @@ def _short(v: float | None) -> str:
 class CheckpointCallback(TrainerCallback):
     """Publishes every local checkpoint to <output>/checkpoints/run-<run>/attempt-<attempt>/
     as soon as it is saved: rank 0 does, once every rank has written its part (with
-    several ranks, each writes its own RNG state into the checkpoint)."""
+    several ranks, each writes its own RNG state into the checkpoint). On several nodes
+    the first rank of each other node first uploads its node's part (its scratch
+    directory is not rank 0's), and rank 0's COMPLETE marker lists those files too."""
 
     def __init__(
         self,
@@ -105,7 +107,9 @@ class CheckpointCallback(TrainerCallback):
         *,
         attempt: int,
         parallel: distributed.Parallel | None = None,
+        ranks: distributed.Ranks | None = None,
     ) -> None:
+        self.ranks = ranks or distributed.Ranks()
         self.storage = storage
         self.output_uri = output_uri
         self.run = run
@@ -118,12 +122,21 @@ class CheckpointCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         distributed.barrier()
+        local = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
+        parts: list[str] = []
+        if self.ranks.is_local_main and not self.ranks.beside_main:
+            parts = publish_part(
+                self.storage, local, self.output_uri, self.run, attempt=self.attempt
+            )
+        if self.ranks.world_size > self.ranks.local_world_size:  # several nodes
+            parts = sorted({name for names in distributed.gather(parts) for name in names})
         if not state.is_world_process_zero:
             return
-        local = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
         if self.parallel is not None:
             distributed.write_record(local, self.parallel)
-        remote = publish(self.storage, local, self.output_uri, self.run, attempt=self.attempt)
+        remote = publish(
+            self.storage, local, self.output_uri, self.run, attempt=self.attempt, parts=parts
+        )
         self.last_uri = remote.uri
         self.board.update(last_checkpoint=remote.uri)
 

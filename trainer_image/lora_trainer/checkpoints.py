@@ -38,6 +38,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ __all__ = [
     "list_complete",
     "next_attempt",
     "publish",
+    "publish_part",
     "restore",
     "run_uri",
 ]
@@ -346,22 +348,50 @@ def read_state(local_ckpt: Path, length: dict[str, Any] | None = None) -> Traine
         return None
 
 
-def publish(
+def _remote(local_ckpt: Path, output_uri: str, run: Run, attempt: int) -> RemoteCheckpoint:
+    m = _NAME.match(local_ckpt.name)
+    if not m:
+        raise ValueError(f"not a checkpoint directory: {local_ckpt}")
+    prefix = attempt_uri(output_uri, run.id, attempt)
+    return RemoteCheckpoint(int(m[1]), attempt, join_uri(prefix, local_ckpt.name), run.id)
+
+
+def _upload(storage: Storage, local_ckpt: Path, remote: RemoteCheckpoint) -> list[str]:
+    files = sorted(p for p in local_ckpt.rglob("*") if p.is_file())
+    for path in files:
+        storage.put_file(path, join_uri(remote.uri, path.relative_to(local_ckpt).as_posix()))
+    return [p.relative_to(local_ckpt).as_posix() for p in files]
+
+
+def publish_part(
     storage: Storage, local_ckpt: Path, output_uri: str, run: Run, *, attempt: int
+) -> list[str]:
+    """Upload what another node's ranks wrote into a checkpoint (each rank's RNG state)
+    beside rank 0's files; returns their names for rank 0's marker. On several nodes
+    each node's scratch directory holds only its own ranks' part, and the checkpoint
+    is complete only once rank 0 publishes it (`publish(..., parts=...)`)."""
+    return _upload(storage, local_ckpt, _remote(local_ckpt, output_uri, run, attempt))
+
+
+def publish(
+    storage: Storage,
+    local_ckpt: Path,
+    output_uri: str,
+    run: Run,
+    *,
+    attempt: int,
+    parts: Sequence[str] = (),
 ) -> RemoteCheckpoint:
     """Upload a local checkpoint under this run's and attempt's prefix, write its
-    COMPLETE marker last, prune this attempt's own older checkpoints, then delete what
-    this run supersedes (other runs, older layouts).
+    COMPLETE marker last (listing its files and the `parts` other nodes uploaded), prune
+    this attempt's own older checkpoints, then delete what this run supersedes (other
+    runs, older layouts).
 
     Other attempts' checkpoints of the run are never deleted: their trainer may still
     run (a lost node) and prune its own, and a later attempt may be resuming from them.
     """
-    m = _NAME.match(local_ckpt.name)
-    if not m:
-        raise ValueError(f"not a checkpoint directory: {local_ckpt}")
-    step = int(m[1])
-    prefix = attempt_uri(output_uri, run.id, attempt)
-    remote = RemoteCheckpoint(step, attempt, join_uri(prefix, local_ckpt.name), run.id)
+    remote = _remote(local_ckpt, output_uri, run, attempt)
+    step = remote.step
     marker_uri = join_uri(remote.uri, CHECKPOINT_COMPLETE_MARKER)
     own = [
         c for c in _all_complete(storage, output_uri) if c.run == run.id and c.attempt == attempt
@@ -370,16 +400,14 @@ def publish(
         # Rewritten (a job re-created with the same output reuses attempt numbers): the
         # marker goes first, so no reader takes a half-replaced checkpoint as complete.
         storage.delete(marker_uri)
-    files = sorted(p for p in local_ckpt.rglob("*") if p.is_file())
-    for path in files:
-        storage.put_file(path, join_uri(remote.uri, path.relative_to(local_ckpt).as_posix()))
+    files = _upload(storage, local_ckpt, remote)
     marker = {
         "step": step,
         "attempt": attempt,
         "run": run.id,
         "fingerprint": run.id,
         "length": run.length,
-        "files": [p.relative_to(local_ckpt).as_posix() for p in files],
+        "files": sorted({*files, *parts}),
     }
     storage.put_bytes(json.dumps(marker).encode(), marker_uri)
     log.info("checkpoint %d saved to %s", step, remote.uri)

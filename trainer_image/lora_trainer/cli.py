@@ -11,10 +11,12 @@ valid; torch and the training stack load afterwards, so a bad config fails in
 well under a second.
 
 With `--nproc-per-node N` (N > 1) this process is the launcher: it runs torchrun with
-N copies of itself, one per GPU (lora_trainer.launch), and reports their outcome. A
-copy started by torchrun (WORLD_SIZE set) is one rank of the run: only rank 0 serves
-progress, and each rank writes its report for the launcher instead of the termination
-log.
+N copies of itself, one per GPU (lora_trainer.launch), and reports their outcome. With
+`--nnodes M` (M > 1; one pod per node, with `--node-rank`, `--rdzv-endpoint` and
+`--rdzv-id`) it is the launcher even for N = 1, and its torchrun joins the other nodes'
+in a c10d rendezvous. A copy started by torchrun (WORLD_SIZE set) is one rank of the
+run: only global rank 0 serves progress and publishes, and each rank writes its report
+for its node's launcher instead of the termination log.
 """
 
 # The training stack (and yaml) load only once the config is valid: a bad config fails fast.
@@ -56,7 +58,7 @@ from pydantic import ValidationError
 from lora_trainer.distributed import Ranks
 from lora_trainer.errors import ConfigError, TrainerError, classify, scrub
 from lora_trainer.inputs import prepare_inputs
-from lora_trainer.launch import DEFAULT_SHUTDOWN_TIMEOUT, launch, report_path
+from lora_trainer.launch import DEFAULT_SHUTDOWN_TIMEOUT, Nodes, launch, report_path
 from lora_trainer.progress import ProgressBoard, ProgressServer
 from lora_trainer.reporting import failure_message, write_termination_message
 from lora_trainer.signals import StopRequest
@@ -200,12 +202,38 @@ def _parser() -> argparse.ArgumentParser:
         "ranks (DDP or FSDP, spec.training.strategy)",
     )
     p.add_argument(
+        "--nnodes",
+        type=int,
+        default=1,
+        metavar="M",
+        help="nodes (pods) the run spreads over, each running --nproc-per-node ranks; M > 1 "
+        "needs --node-rank, --rdzv-endpoint and --rdzv-id",
+    )
+    p.add_argument(
+        "--node-rank",
+        type=int,
+        default=0,
+        metavar="R",
+        help="this node's place, 0..M-1; node 0 hosts the rendezvous store",
+    )
+    p.add_argument(
+        "--rdzv-endpoint",
+        metavar="HOST:PORT",
+        help="with M > 1: the rendezvous store, the node-rank-0 pod's Service "
+        "(<service>.<namespace>.svc:29400)",
+    )
+    p.add_argument(
+        "--rdzv-id",
+        metavar="ID",
+        help="with M > 1: the rendezvous to join, the same on every node",
+    )
+    p.add_argument(
         "--shutdown-timeout",
         type=_positive,
         default=DEFAULT_SHUTDOWN_TIMEOUT,
         metavar="SECONDS",
-        help="with N > 1: how long stopping ranks get to save their checkpoint before "
-        "SIGKILL (a pod passes its terminationGracePeriodSeconds)",
+        help="with N > 1 or M > 1: how long stopping ranks get to save their checkpoint "
+        "before SIGKILL (a pod passes its terminationGracePeriodSeconds)",
     )
     return p
 
@@ -294,10 +322,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             print(json.dumps(loaded.config.to_wire(), indent=2))
             return ExitCode.OK
-        if args.nproc_per_node > 1 and not ranks.distributed:
+        nodes = Nodes.parse(args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_id)
+        if (args.nproc_per_node > 1 or nodes.count > 1) and not ranks.distributed:
             source = ["--job", args.job] if args.job else ["--config", args.config]
             worker_args = source if (args.job or args.config) else []
-            return _launch(args.nproc_per_node, args.shutdown_timeout, env, worker_args)
+            return _launch(args.nproc_per_node, args.shutdown_timeout, env, worker_args, nodes)
         local = args.job is not None or args.config is not None
         attempt = _attempt(env)
         log.info("config from %s (attempt %s)", loaded.source, attempt or "not numbered")
@@ -355,16 +384,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(temp_work, ignore_errors=True)
 
 
-def _launch(nproc: int, shutdown_timeout: int, env: dict[str, str], worker_args: list[str]) -> int:
-    """Run `nproc` ranks under torchrun and report the group's outcome. The ranks share
-    one scratch directory (the Trainer writes a checkpoint's parts from every rank into
-    the same folder), a temporary one outside a pod."""
+def _launch(
+    nproc: int, shutdown_timeout: int, env: dict[str, str], worker_args: list[str], nodes: Nodes
+) -> int:
+    """Run `nproc` ranks under torchrun (with the other `nodes`) and report this node's
+    outcome. The node's ranks share one scratch directory (the Trainer writes a
+    checkpoint's parts from every rank into the same folder), a temporary one outside a
+    pod."""
     temp: str | None = None
     if not env.get(ENV_WORK_DIR):
         temp = tempfile.mkdtemp(prefix="lora-trainer-")
         os.environ[ENV_WORK_DIR] = temp
+    # Where other nodes reach this one: the pod's IP, which the pod passes as the
+    # progress bind address (0.0.0.0, outside a pod, says nothing).
+    host = env.get(ENV_PROGRESS_HOST, "")
+    local_addr = host if host and host != "0.0.0.0" else None
     try:
-        outcome = launch(nproc, shutdown_timeout, worker_args)
+        outcome = launch(nproc, shutdown_timeout, worker_args, nodes, local_addr)
     finally:
         if temp is not None:
             shutil.rmtree(temp, ignore_errors=True)

@@ -14,7 +14,9 @@ torch.distributed:
   next all-reduce;
 * `from_main`: rank 0 decides (which checkpoint to resume) and every rank gets its
   answer;
-* `barrier`: rank 0 publishes a checkpoint once every rank has written its part.
+* `barrier`: rank 0 publishes a checkpoint once every rank has written its part;
+* `gather`: every rank gets every rank's value (the names of the checkpoint parts the
+  other nodes uploaded, for rank 0's marker).
 
 Without torchrun (WORLD_SIZE unset) the run is one process and all of these are
 no-ops, so train.py reads the same either way.
@@ -44,6 +46,7 @@ __all__ = [
     "choose_strategy",
     "follow_checkpoint",
     "from_main",
+    "gather",
     "init",
     "model_parameters",
     "read_record",
@@ -80,13 +83,14 @@ class Ranks:
     local_rank: int = 0
     world_size: int = 1
     local_world_size: int = 1
+    node: int = 0  # the node's rank in the rendezvous (torchrun's GROUP_RANK); rank 0's is 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Ranks:
         """The ranks torchrun set; one process (rank 0 of 1) without them."""
         if not env.get("WORLD_SIZE"):
             return cls()
-        names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+        names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK")
         try:
             values = [int(env.get(name) or "0") for name in names]
         except ValueError as e:
@@ -94,8 +98,8 @@ class Ranks:
                 f"torchrun's {', '.join(names)} must be integers: {e}",
                 hint="Start distributed runs with python -m lora_trainer --nproc-per-node N.",
             ) from e
-        rank, local_rank, world, local_world = values
-        return cls(rank, local_rank, max(1, world), max(1, local_world or world))
+        rank, local_rank, world, local_world, node = values
+        return cls(rank, local_rank, max(1, world), max(1, local_world or world), node)
 
     @property
     def is_main(self) -> bool:
@@ -110,6 +114,12 @@ class Ranks:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def beside_main(self) -> bool:
+        """On rank 0's node: what this node's ranks write lands in rank 0's scratch
+        directory (the node's ranks share one)."""
+        return self.node == 0
 
 
 @dataclass(frozen=True)
@@ -289,6 +299,17 @@ def from_main(value: T) -> T:
     dist.broadcast_object_list(box, src=0)
     result: T = box[0]
     return result
+
+
+def gather(value: T) -> list[T]:
+    """Every rank's `value`, in rank order, on every rank ([value] for one process)."""
+    if not _group():
+        return [value]
+    import torch.distributed as dist
+
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def agree(flag: bool, device: Any) -> bool:

@@ -30,6 +30,7 @@ __all__ = [
     "DatasetError",
     "Interrupted",
     "OutOfMemory",
+    "PeerLost",
     "PolicyViolation",
     "SourceNotFound",
     "StorageError",
@@ -144,6 +145,28 @@ class Interrupted(TrainerError):
     default_hint = "The pod was asked to stop; the job resumes from the last checkpoint."
 
 
+class PeerLost(TrainerError):
+    """A collective step failed because another rank of the run went away (its process
+    or its whole pod): retryable, and the message names the peer's address."""
+
+    reason = Reason.INTERNAL_ERROR
+    default_hint = (
+        "Another rank of this run stopped (on this pod or another pod of the job; its pod "
+        "says why). The next attempt resumes every rank from the last checkpoint."
+    )
+
+
+# What gloo and the c10d store say when the other end of a connection is gone.
+_PEER_GONE = re.compile(r"Connection (closed|reset) by peer|gloo/transport|\bc10d\b")
+
+
+def _is_peer_lost(exc: BaseException) -> bool:
+    # torch.distributed's errors (DistBackendError, DistNetworkError, DistStoreError)
+    # share the base DistError; matched by name so that this module needs no torch.
+    dist_error = any(cls.__name__ == "DistError" for cls in type(exc).__mro__)
+    return dist_error or (isinstance(exc, RuntimeError) and bool(_PEER_GONE.search(str(exc))))
+
+
 def classify(exc: BaseException) -> TrainerError:
     """Map any exception to a TrainerError (known ones keep their own reason)."""
     if isinstance(exc, TrainerError):
@@ -156,6 +179,8 @@ def classify(exc: BaseException) -> TrainerError:
             "the process ran out of host memory",
             hint="Request more memory (spec.resources.memory) or use a smaller model/batch.",
         )
+    if _is_peer_lost(exc):
+        return PeerLost(f"lost contact with another rank of the run: {shorten(text)}")
     if isinstance(exc, ConnectionError | TimeoutError):
         return StorageError(f"network error: {text}")
     return TrainerError(

@@ -157,7 +157,13 @@ def run(cfg: TrainerConfig, inputs: Inputs, rt: Runtime) -> TerminationMessage:
     # add a step).
     progress = ProgressCallback(rt.board)
     saver = CheckpointCallback(
-        rt.storage, cfg.output.uri, rt.board, this_run, attempt=attempt, parallel=parallel
+        rt.storage,
+        cfg.output.uri,
+        rt.board,
+        this_run,
+        attempt=attempt,
+        parallel=parallel,
+        ranks=ranks,
     )
     throughput = plots.StepThroughput()  # tokens/s of each step, for the model card
     # Experiment tracking (TensorBoard under <output>/logs/, MLflow, W&B): rank 0 reports.
