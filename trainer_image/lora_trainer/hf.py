@@ -43,7 +43,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -659,12 +659,17 @@ def save_adapter(trainer: Any, tokenizer: Any, out_dir: Path) -> None:
 def merge_adapter(
     cfg: TrainerConfig, model_dir: Path, adapter_dir: Path, dest: Path, device: Device
 ) -> None:
-    """Base model (unquantized, compute dtype) + adapter, merged and saved as safetensors."""
+    """Base model (unquantized, compute dtype) + adapter, merged and saved as safetensors.
+
+    On a CPU `auto` merges in float32 even where it trains in bfloat16: merging is one
+    pass, not worth bfloat16's rounding of every base weight (a GPU merges in its
+    compute dtype to fit the unquantized model in memory)."""
+    merge_device = device if device.cuda else replace(device, bf16=False)
     kwargs = model_load_kwargs(
         cfg.model_copy(
             update={"quantization": cfg.quantization.model_copy(update={"mode": "none"})}
         ),
-        device,
+        merge_device,
     )
     base = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
