@@ -21,6 +21,8 @@ from lora_trainer.launch import Nodes, pick_outcome
 from lora_trainer.reporting import failure_message
 from loraops_contract.config import TrainerConfig, run_defining_changes, run_id
 from loraops_contract.protocol import ExitCode, TerminationMessage
+from torch.distributed import DistNetworkError
+from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
 from transformers import AutoModelForCausalLM
 
 from devcluster.process import free_port
@@ -450,6 +452,18 @@ def test_a_pod_without_rank_zero_reports_its_own_ranks() -> None:
     assert outcome.exit_code == ExitCode.INTERNAL
     assert outcome.message.retryable
     assert "10.1.2.3" in outcome.message.message
+    # The rendezvous itself failed (here: the store's port taken): why, not "a bug".
+    try:
+        try:
+            raise DistNetworkError("failed to listen ... port: 29400, name: EADDRINUSE")
+        except DistNetworkError as inner:
+            raise RendezvousConnectionError("See inner exception for details.") from inner
+    except RendezvousConnectionError as e:
+        failed = classify(e)
+    assert failed.retryable
+    assert "rendezvous with the run's other nodes failed" in failed.message
+    assert "EADDRINUSE" in failed.message
+    assert "29400" in (failed.hint or "")
     # Its own rank died: named by its global rank, among all nodes' ranks.
     silent = pick_outcome({}, {3: -9}, world_size=4, stopped_by=None)
     assert "rank 3 of 4 was killed by SIGKILL" in silent.message.message

@@ -20,6 +20,7 @@ from loraops_contract.protocol import (
     ENV_S3_SESSION_TOKEN,
     PERMANENT_EXIT_CODES,
     REASON_EXIT_CODES,
+    RENDEZVOUS_PORT,
     ExitCode,
 )
 from loraops_contract.reasons import Reason
@@ -32,6 +33,7 @@ __all__ = [
     "OutOfMemory",
     "PeerLost",
     "PolicyViolation",
+    "RendezvousFailed",
     "SourceNotFound",
     "StorageError",
     "TargetModulesNotFound",
@@ -156,6 +158,18 @@ class PeerLost(TrainerError):
     )
 
 
+class RendezvousFailed(TrainerError):
+    """The pods of a run on several nodes did not meet at the rendezvous store."""
+
+    reason = Reason.INTERNAL_ERROR
+    default_hint = (
+        "The next attempt starts every pod again. If it keeps failing: the pods must resolve "
+        "and reach the node-rank-0 pod's Service (<service>.<namespace>.svc, port "
+        f"{RENDEZVOUS_PORT}: cluster DNS, NetworkPolicies), and nothing else in that pod may "
+        "listen on the port."
+    )
+
+
 # What gloo and the c10d store say when the other end of a connection is gone.
 _PEER_GONE = re.compile(r"Connection (closed|reset) by peer|gloo/transport|\bc10d\b")
 
@@ -178,6 +192,13 @@ def classify(exc: BaseException) -> TrainerError:
         return OutOfMemory(
             "the process ran out of host memory",
             hint="Request more memory (spec.resources.memory) or use a smaller model/batch.",
+        )
+    if any(cls.__name__ == "RendezvousError" for cls in type(exc).__mro__):
+        # torchrun's rendezvous errors say "see inner exception": quote that one too.
+        cause = exc.__cause__
+        inner = f" ({type(cause).__name__}: {cause})" if cause else ""
+        return RendezvousFailed(
+            f"the rendezvous with the run's other nodes failed: {shorten(text + inner)}"
         )
     if _is_peer_lost(exc):
         return PeerLost(f"lost contact with another rank of the run: {shorten(text)}")
