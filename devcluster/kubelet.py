@@ -39,7 +39,9 @@ collection):
   fails the pod);
 * `SimulatedRuntime`: optionally run no processes at all (operator benchmarks);
 * serves container logs at /containerLogs/<ns>/<pod>/<container> for `kubectl logs`;
-* not done: startup/grpc probes, init-container restarts, resource
+* not done: a network namespace per pod (pods bind on their own IP, but a port one
+  binds on every address, torch's c10d store on 29400, is taken for all pods on the
+  machine), startup/grpc probes, init-container restarts, resource
   limits enforcement, and mount paths *inside* a string (a `-c` script): pass paths
   through env values or whole arguments, which are rewritten (paths that already
   exist on the host are kept: they are files a test handed to the pod).
