@@ -165,10 +165,11 @@ DISTRIBUTIONS: dict[str, Distribution] = {
         Distribution(
             name="issue_215_of_256",
             source="the issue's case: real text averaging ~215 tokens against a 256 "
-            "limit (prompt ~60 + completion ~155, sigma 0.3: few records reach the limit)",
+            "limit (prompt 60 + completion 150 tokens on average, sigma 0.2: about 1 "
+            "record in 10 reaches the limit and is cut)",
             prompt_mean=60.0,
-            completion_mean=155.0,
-            sigma=0.3,
+            completion_mean=150.0,
+            sigma=0.2,
             max_seq_length=256,
         ),
     )
