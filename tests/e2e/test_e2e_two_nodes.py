@@ -1,7 +1,8 @@
 """A LoRAJob with `resources.nodes: 2` on the local cluster: two pods on two nodes, one
 training process each (gloo on the CPU), that meet through torchrun's c10d rendezvous
 at the attempt's headless Service, resolved by the cluster DNS (CoreDNS), and one
-adapter published by global rank 0."""
+adapter published by global rank 0; losing one of the pods restarts both from the
+last checkpoint."""
 
 from __future__ import annotations
 
