@@ -446,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
             f"--size-mib {args.size_mib} needs ~{3 * (size + adapter_size) / 2**30:.1f} "
             f"GiB free in {parent}; {free / 2**30:.1f} GiB free (use --work-dir)"
         )
+    # The JSON's machine.load_avg_1m is read at the end, when it counts this benchmark's
+    # own server, proxy and streams; the load before it started says what else ran.
+    load_before = round(os.getloadavg()[0], 2)
     with tempfile.TemporaryDirectory(prefix="bench-transfer-", dir=parent) as tmp:
         result = run(
             size,
@@ -456,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
             link_mib_s=args.link_mib_s,
         )
     result["quick"] = args.quick
+    result["load_avg_1m_before"] = load_before
     print(table(result))
     path = write_results("transfer", result, args.results_dir)
     print(f"\nwrote {path}")
