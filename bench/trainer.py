@@ -1,6 +1,6 @@
 """Trainer benchmark (CPU): our trainer vs TRL's SFTTrainer, defaults and best setup.
 
-Four recipes (bench/trainer_worker.py: ours, ours_fp32, trl_defaults, trl_best) train
+Four recipes (bench/trainer_worker.py: ours, ours_bf16, trl_defaults, trl_best) train
 the same model file on the same records for the same number of optimizer steps with
 the same batch, LoRA shape, NF4 base, learning rate and seed; each run is its own
 process (its memory peak is its own), and the recipes run interleaved (A, B, C, D, A,
@@ -100,6 +100,16 @@ SHAPES: dict[str, dict[str, Any]] = {
         "num_hidden_layers": 4,
         "num_attention_heads": 9,
         "num_key_value_heads": 3,
+    },
+    # SmolLM-135M's whole shape (30 layers, 49,152-token vocabulary: the output layer
+    # is a large, unquantized matmul), its embeddings untied; for the dtype rows.
+    "smollm_135m": {
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "vocab_size": 49152,
     },
     "tiny": {
         "hidden_size": 256,
@@ -466,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     scaling: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp_name:
         tmp = Path(tmp_name)
-        arch = SHAPES[args.shape] | _SHAPE_COMMON
+        arch = _SHAPE_COMMON | SHAPES[args.shape]
         model_dir = write_random_llama(tmp / "model", arch)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         for dist in dists:

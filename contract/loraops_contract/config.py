@@ -355,9 +355,9 @@ class QuantizationSpec(SpecModel):
     )
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto",
-        description="Dtype of the matmuls (mixed precision): auto = bfloat16 where the "
-        "hardware runs it natively (Ampere+ GPUs; CPUs with AVX512-BF16 or AMX-BF16), "
-        "float16 on older GPUs, float32 on other CPUs.",
+        description="Dtype of the matmuls (mixed precision): auto = bfloat16 on Ampere+ "
+        "GPUs, float16 on older GPUs, float32 on CPU (measured fastest there); bfloat16 "
+        "on a CPU runs bfloat16 autocast.",
     )
 
 

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 import torch
-from lora_trainer.hf import has_fast_bf16
 from transformers import AutoModelForCausalLM
 
 from bench import trainer_gpu
@@ -152,7 +151,7 @@ def test_trainer_cpu_quick(tmp_path: Path) -> None:
     assert res["distribution"]["source"]  # where the length distribution comes from
     assert res["lengths"]["mean_tokens"] > 0
     (runs,) = res["runs"]
-    assert set(runs) == {"ours", "ours_fp32", "trl_defaults", "trl_best"}
+    assert set(runs) == {"ours", "ours_bf16", "trl_defaults", "trl_best"}
     steps, batch = doc["params"]["steps"], doc["params"]["batch_size"]
     assert {r["steps"] for r in runs.values()} == {steps}
     ours, defaults, best = runs["ours"], runs["trl_defaults"], runs["trl_best"]
@@ -163,12 +162,12 @@ def test_trainer_cpu_quick(tmp_path: Path) -> None:
     assert best["padding_fraction"] == 0
     assert defaults["padding_fraction"] > ours["padding_fraction"]
     assert ours["real_tokens"] > defaults["real_tokens"]
-    # The dtype each recipe trained in: ours follows the machine, the peers autocast.
-    caps = dict(torch.cpu.get_capabilities())
-    bf16 = has_fast_bf16(cuda_capability=None, cpu_features=caps)
-    assert ours["compute_dtype"] == ("bfloat16" if bf16 else "float32")
-    assert runs["ours_fp32"]["compute_dtype"] == "float32"
-    assert runs["ours_fp32"]["mixed_precision"] == "no"
+    # The dtype each recipe trained in: ours float32 on a CPU (auto), the others
+    # bfloat16 autocast.
+    assert ours["compute_dtype"] == "float32"
+    assert ours["mixed_precision"] == "no"
+    assert runs["ours_bf16"]["compute_dtype"] == "bfloat16"
+    assert runs["ours_bf16"]["mixed_precision"] == "bf16"
     assert defaults["mixed_precision"] == best["mixed_precision"] == "bf16"
     assert best["liger_kernel"].startswith("not run: needs CUDA")
     for run in runs.values():
@@ -182,7 +181,7 @@ def test_trainer_cpu_quick(tmp_path: Path) -> None:
     summary = res["summary"]
     equal = summary["equal_time"][0]
     assert equal["time_s"] == min(r["train_s"] for r in runs.values())
-    assert set(summary["ours_over"]) == {"ours_fp32", "trl_defaults", "trl_best"}
+    assert set(summary["ours_over"]) == {"ours_bf16", "trl_defaults", "trl_best"}
     assert summary["ours_over"]["trl_best"]["effective_tokens_per_s"] > 0
 
 

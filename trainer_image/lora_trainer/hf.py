@@ -42,8 +42,8 @@ import gc
 import hashlib
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -120,10 +120,6 @@ IGNORE_INDEX = -100  # the label transformers' loss skips
 # --- 1. translators ----------------------------------------------------------------
 
 
-# CPU features with native bfloat16 arithmetic (torch.cpu.get_capabilities() names):
-# AVX512-BF16 (AMD Zen 4+, Intel Cooper Lake+) and AMX-BF16 (Intel Sapphire Rapids+).
-# Without them bfloat16 is emulated in float32 and only adds conversions.
-CPU_BF16_FEATURES = ("avx512_bf16", "amx_bf16")
 # bfloat16 tensor cores start with Ampere (compute capability 8.0). torch's own
 # is_bf16_supported() also says yes for older GPUs that emulate it, slowly.
 AMPERE = (8, 0)
@@ -134,32 +130,25 @@ class Device:
     """What the machine can do; `detect_device()` asks torch."""
 
     cuda: bool
-    bf16: bool = False  # fast bfloat16: an Ampere+ GPU, or a CPU with CPU_BF16_FEATURES
+    bf16: bool = False  # fast bfloat16: an Ampere+ GPU
     name: str = "cpu"
     index: int = 0  # this process's GPU: its LOCAL_RANK under torchrun
     memory: int | None = None  # bytes of that GPU's memory
 
 
-def has_fast_bf16(
-    *, cuda_capability: tuple[int, int] | None, cpu_features: Mapping[str, object]
-) -> bool:
-    """Whether bfloat16 math runs natively: on the GPU (`cuda_capability`, None without
-    one) from Ampere on; on the CPU with AVX512-BF16 or AMX-BF16."""
-    if cuda_capability is not None:
-        return cuda_capability >= AMPERE
-    return any(bool(cpu_features.get(f, False)) for f in CPU_BF16_FEATURES)
+def has_fast_bf16(cuda_capability: tuple[int, int]) -> bool:
+    """Whether a GPU of this compute capability runs bfloat16 natively (Ampere on)."""
+    return cuda_capability >= AMPERE
 
 
 def detect_device(local_rank: int = 0) -> Device:
     """The GPU `local_rank` (the process's own under torchrun), or the CPU."""
     if not torch.cuda.is_available():
-        features = dict(torch.cpu.get_capabilities())
-        return Device(cuda=False, bf16=has_fast_bf16(cuda_capability=None, cpu_features=features))
+        return Device(cuda=False)
     props = torch.cuda.get_device_properties(local_rank)
-    capability = torch.cuda.get_device_capability(local_rank)
     return Device(
         cuda=True,
-        bf16=has_fast_bf16(cuda_capability=capability, cpu_features={}),
+        bf16=has_fast_bf16(torch.cuda.get_device_capability(local_rank)),
         name=torch.cuda.get_device_name(local_rank),
         index=local_rank,
         memory=int(props.total_memory),
@@ -167,19 +156,17 @@ def detect_device(local_rank: int = 0) -> Device:
 
 
 def compute_dtype_name(q: QuantizationSpec, device: Device) -> str:
-    """The dtype of the matmuls, unless quantization.computeDtype names one: the fastest
-    correct one for the hardware, as measured in bench/README.md ("Dtype"):
+    """The dtype of the matmuls, unless quantization.computeDtype names one: bfloat16 on
+    Ampere+ GPUs, float16 (with loss scaling) on older ones, float32 on a CPU.
 
-    * bfloat16 where it runs natively (Ampere+ GPUs; CPUs with AVX512-BF16 or AMX-BF16,
-      where the Trainer runs bfloat16 autocast),
-    * float16 on older GPUs (with the Trainer's loss scaling),
-    * float32 on other CPUs (float16 autocast on a CPU is slower, not faster).
-    """
+    On a CPU float32 is the measured fastest even with AVX512-BF16: bfloat16 autocast
+    trained the NF4 model at 0.79x-0.91x float32's tokens/s (bench/README.md, "Dtype").
+    `computeDtype: bfloat16` on a CPU runs bfloat16 autocast (less memory)."""
     if q.compute_dtype != "auto":
         return q.compute_dtype
-    if device.bf16:
-        return "bfloat16"
-    return "float16" if device.cuda else "float32"
+    if not device.cuda:
+        return "float32"
+    return "bfloat16" if device.bf16 else "float16"
 
 
 def to_bnb_config(q: QuantizationSpec, device: Device, strategy: Strategy = "single") -> Any | None:
@@ -659,17 +646,12 @@ def save_adapter(trainer: Any, tokenizer: Any, out_dir: Path) -> None:
 def merge_adapter(
     cfg: TrainerConfig, model_dir: Path, adapter_dir: Path, dest: Path, device: Device
 ) -> None:
-    """Base model (unquantized, compute dtype) + adapter, merged and saved as safetensors.
-
-    On a CPU `auto` merges in float32 even where it trains in bfloat16: merging is one
-    pass, not worth bfloat16's rounding of every base weight (a GPU merges in its
-    compute dtype to fit the unquantized model in memory)."""
-    merge_device = device if device.cuda else replace(device, bf16=False)
+    """Base model (unquantized, compute dtype) + adapter, merged and saved as safetensors."""
     kwargs = model_load_kwargs(
         cfg.model_copy(
             update={"quantization": cfg.quantization.model_copy(update={"mode": "none"})}
         ),
-        merge_device,
+        device,
     )
     base = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
