@@ -20,7 +20,7 @@ and spread over the repeats are reported, for each record-length distribution
 
 `--scaling` adds ours at 1 and 2 ranks (torchrun, gloo) with the same global batch.
 
-    python -m bench.trainer                # CPU, ~12 minutes on 2 shared cores
+    python -m bench.trainer                # CPU, ~15 minutes on 2 quiet cores
     python -m bench.trainer --quick        # seconds; the smoke test
     python -m bench.trainer_gpu            # CUDA, Llama-3-8B-shaped, 4-bit
 """
