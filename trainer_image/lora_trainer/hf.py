@@ -215,6 +215,31 @@ def model_load_kwargs(
     return kwargs
 
 
+def keep_4bit_layout_for_training(model: Any) -> int:
+    """Keep bitsandbytes from repacking the 4-bit weights for inference on this CPU.
+
+    On a CPU with AVX512-BF16, `Linear4bit.forward` repacks its weight into a layout for
+    an inference kernel (`gemv_4bit`) the first time it runs in eval mode without grad,
+    and uses that kernel from then on, in training too. That kernel has no backward: the
+    gradient stops at every 4-bit layer, so the LoRA weights of all but the last layers
+    get wrong gradients. Our trainer evaluates the base model before training
+    (`evaluation.compareToBase`) and during it (`evalEverySteps`), so every such run
+    would train on broken gradients (bitsandbytes 0.50.2; checked by
+    tests/trainer/test_bnb_cpu_layout.py). Returns how many layers were switched."""
+    try:
+        import bitsandbytes as bnb  # noqa: PLC0415 - optional on a CPU-only install
+    except ImportError:  # pragma: no cover - bitsandbytes is in the image
+        return 0
+    switched = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(  # type: ignore[attr-defined]
+            module, "support_avx512bf16_for_cpu", False
+        ):
+            module.support_avx512bf16_for_cpu = False
+            switched += 1
+    return switched
+
+
 def linear_layer_names(model: Any) -> list[str]:
     """Distinct last-name components of every linear layer, output head excluded."""
     linear_types: tuple[type, ...] = (torch.nn.Linear,)
@@ -445,6 +470,7 @@ def load_model(
         os.environ.setdefault("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
     kwargs = model_load_kwargs(cfg, device, strategy)
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    keep_4bit_layout_for_training(model)
     targets = resolve_target_modules(cfg.lora, linear_layer_names(model))
     return model, to_lora_config(cfg.lora, targets)
 
