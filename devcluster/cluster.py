@@ -285,7 +285,7 @@ class Cluster:
                 "--log-level=warn",
             ],
         )
-        self._wait(process, lambda: _http_ok(f"{self.etcd_url}/health"), "etcd /health")
+        self._wait(process, lambda: http_ok(f"{self.etcd_url}/health"), "etcd /health")
 
     def _start_apiserver(self) -> None:
         assert self.ca is not None
@@ -574,7 +574,8 @@ def _etcd_call(base: str, path: str, body: Obj) -> Obj:
     return result
 
 
-def _http_ok(url: str) -> bool:
+def http_ok(url: str) -> bool:
+    """Whether `url` answers 200 now (a local health or readiness endpoint)."""
     try:
         with urllib.request.urlopen(url, timeout=1) as response:
             return bool(response.status == 200)

@@ -26,15 +26,13 @@ container's command in a private mount namespace with that file bind-mounted ove
 from __future__ import annotations
 
 import os
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
 from devcluster import binaries
-from devcluster.cluster import Cluster
+from devcluster.cluster import Cluster, http_ok
 from devcluster.process import Process, claim_loopback_block, free_port, log_tail, wait_for
 
 __all__ = [
@@ -164,13 +162,7 @@ class ClusterDns:
         informers) has synced."""
         assert self._process is not None
         self._process.check_running()
-        try:
-            with urllib.request.urlopen(
-                f"http://127.0.0.1:{self.ready_port}/ready", timeout=1
-            ) as response:
-                return bool(response.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
+        return http_ok(f"http://127.0.0.1:{self.ready_port}/ready")
 
     def stop(self) -> None:
         process, self._process = self._process, None

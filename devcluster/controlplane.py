@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 import yaml
 
 from devcluster import chart
-from devcluster.cluster import ApiStatusError, Cluster, Timings
+from devcluster.cluster import ApiStatusError, Cluster, Timings, http_ok
 from devcluster.kubelet import Kubelet, NodeConfig, SimulatedRuntime
 from devcluster.process import Process, WaitTimeoutError, free_port, log_tail, wait_for
 from devcluster.tools import REPO_ROOT, kubectl
@@ -322,13 +322,7 @@ class ControlPlane:
 
         def alive() -> bool:
             process.check_running()
-            try:
-                with urllib.request.urlopen(
-                    f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=1
-                ) as r:
-                    return bool(r.status == 200)
-            except (urllib.error.URLError, OSError):
-                return False
+            return http_ok(f"http://127.0.0.1:{self.liveness_port}/healthz")
 
         try:
             wait_for(
