@@ -230,6 +230,12 @@ def length_records(
     ]
 
 
+def write_jsonl(path: Path, records: list[dict[str, str]]) -> Path:
+    """`records` as a JSON Lines file at `path`."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
 def length_stats(records: list[dict[str, str]], tokenizer: Any, limit: int) -> dict[str, Any]:
     """Measured token lengths of `records` (prompt + completion), as trained."""
     lengths = sorted(
@@ -485,8 +491,8 @@ def main(argv: list[str] | None = None) -> int:
             work.mkdir()
             train = length_records(dist, args.records, tokenizer, seed=0)
             held_out = length_records(dist, args.eval_records, tokenizer, seed=1)
-            (work / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
-            (work / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held_out))
+            write_jsonl(work / "train.jsonl", train)
+            write_jsonl(work / "eval.jsonl", held_out)
             job = Job(
                 recipe="ours",
                 model_dir=str(model_dir),

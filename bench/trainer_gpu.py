@@ -35,7 +35,15 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import add_common_args, write_results
-from bench.trainer import DISTRIBUTIONS, length_records, length_stats, run_worker, summarize, table
+from bench.trainer import (
+    DISTRIBUTIONS,
+    length_records,
+    length_stats,
+    run_worker,
+    summarize,
+    table,
+    write_jsonl,
+)
 from bench.trainer_worker import Job
 
 __all__ = ["LLAMA3_8B", "main", "write_random_llama"]
@@ -185,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         train = length_records(dist, args.records, tokenizer, seed=0)
         held_out = length_records(dist, args.eval_records, tokenizer, seed=1)
-        (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
-        (tmp / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held_out))
+        write_jsonl(tmp / "train.jsonl", train)
+        write_jsonl(tmp / "eval.jsonl", held_out)
         base = Job(
             recipe="ours",
             model_dir=str(model_dir),
