@@ -26,6 +26,17 @@ def test_two_nodes_train_as_one_group(
         "evaluation": {"prompts": []},
     }
     cluster.apply(cluster.manifest("two-nodes", {"spec": spec}))
+    # The pods, read while the group exists: once global rank 0 has published, the
+    # operator deletes a pod of the group that is still finishing.
+    pods = cluster.cp.wait_for(
+        lambda: (
+            found
+            if len(found := {p["metadata"]["name"]: p for p in cluster.pods("two-nodes")}) == 2
+            else None
+        ),
+        timeout=JOB_TIMEOUT_S,
+        message="both pods of the group",
+    )
     status = cluster.wait_phase("two-nodes", "Succeeded")
 
     # One attempt of two pods, one per node, joined at rank 0's Service.
@@ -33,7 +44,6 @@ def test_two_nodes_train_as_one_group(
     assert status["podName"] == "two-nodes-1-n0"
     assert [r["pod"] for r in status["ranks"]] == ["two-nodes-1-n0", "two-nodes-1-n1"]
     assert sorted(r["node"] for r in status["ranks"]) == ["cpu-node-1", "cpu-node-2"]
-    pods = {p["metadata"]["name"]: p for p in cluster.pods("two-nodes")}
     args = pods["two-nodes-1-n1"]["spec"]["containers"][0]["args"]
     assert args[args.index("--node-rank") + 1] == "1"
     assert args[args.index("--rdzv-endpoint") + 1] == "two-nodes-1-rdzv.default.svc:29400"
