@@ -6,7 +6,7 @@ generated base-model-sized file and one adapter-sized file, three sides in the
 same run:
 
 * ours: `Storage.fetch` (HEAD, then boto3's managed download with 16 MiB parts,
-  8 in parallel, into the node cache, stamped) and `Storage.put_file` (multipart,
+  16 in parallel, into the node cache, stamped) and `Storage.put_file` (multipart,
   same parts and parallelism);
 * boto3 default: `client.download_file` / `client.upload_file` with no Config,
   i.e. `TransferConfig()`: 8 MiB parts, 10 threads, a default client (pool of 10);
