@@ -24,6 +24,16 @@ def _connection_options(parser: argparse.ArgumentParser, default: Any) -> None:
     )
 
 
+def _rank_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--rank",
+        type=int,
+        default=0,
+        help="a job on several nodes: the pod of this node rank (default 0, the one that "
+        "reports progress and publishes the adapter)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubectl lj", description="LoRAJob (finetune.loraops.dev) kubectl plugin."
@@ -49,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("-f", "--follow", action="store_true", help="follow, across attempts")
     logs.add_argument("--tail", type=int, default=-1, help="lines of the past log (-1: all)")
     logs.add_argument("--attempt", type=int, default=0, help="another attempt's pod")
+    _rank_option(logs)
     logs.set_defaults(run=cmd_logs)
 
     adapter = sub.add_parser(
@@ -69,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     why.add_argument("name")
     why.add_argument("--tail", type=int, default=20, help="log lines to show")
+    _rank_option(why)
     why.set_defaults(run=cmd_why)
     return parser
 

@@ -14,7 +14,7 @@ from kubernetes.client.exceptions import ApiException
 from lorajob_operator import api
 from lorajob_operator.kubectl_lj.errors import PluginError
 from lorajob_operator.kubectl_lj.view import current_attempt, finished
-from lorajob_operator.objects import LABEL_ATTEMPT, LABEL_JOB_UID
+from lorajob_operator.objects import LABEL_ATTEMPT, LABEL_JOB_UID, node_rank
 
 __all__ = ["Cluster", "wait_for_next", "wait_for_pod", "wait_started"]
 
@@ -77,15 +77,16 @@ class Cluster:
             call, *args, resource_version=resource_version, timeout_seconds=WATCH_SECONDS
         )
 
-    def attempt_pod(self, job: Mapping[str, Any], attempt: int) -> dict[str, Any] | None:
-        """The trainer pod of one attempt, by label (names are shortened for long jobs)."""
+    def attempt_pod(
+        self, job: Mapping[str, Any], attempt: int, rank: int = 0
+    ) -> dict[str, Any] | None:
+        """The trainer pod of one attempt and node rank, by label (names are shortened for
+        long jobs; a job on one node has one pod, of rank 0)."""
         meta = job.get("metadata") or {}
         selector = f"{LABEL_JOB_UID}={meta['uid']},{LABEL_ATTEMPT}={attempt}"
-        pods = self.core.list_namespaced_pod(meta["namespace"], label_selector=selector).items
-        if not pods:
-            return None
-        pod: dict[str, Any] = client.ApiClient().sanitize_for_serialization(pods[0])
-        return pod
+        listing = self.core.list_namespaced_pod(meta["namespace"], label_selector=selector)
+        pods = client.ApiClient().sanitize_for_serialization(listing.items)
+        return next((p for p in pods if node_rank(p) == rank), None)
 
     def log_tail(self, namespace: str, pod: str, lines: int) -> list[str] | None:
         try:
@@ -130,9 +131,9 @@ def first_matching(
 
 
 def wait_for_pod(
-    cluster: Cluster, job: Mapping[str, Any], attempt: int, follow: bool
+    cluster: Cluster, job: Mapping[str, Any], attempt: int, follow: bool, rank: int = 0
 ) -> dict[str, Any] | None:
-    pod = cluster.attempt_pod(job, attempt) if attempt else None
+    pod = cluster.attempt_pod(job, attempt, rank) if attempt else None
     if pod is not None or not follow:
         return pod
     meta = job["metadata"]
@@ -141,7 +142,7 @@ def wait_for_pod(
     found = first_matching(
         cluster.core.list_namespaced_pod,
         (meta["namespace"],),
-        lambda _: True,
+        lambda obj: node_rank(client.ApiClient().sanitize_for_serialization(obj)) == rank,
         label_selector=selector,
     )
     return None if found is None else client.ApiClient().sanitize_for_serialization(found)

@@ -101,15 +101,17 @@ def _render(
 
 def cmd_logs(cluster: Cluster, args: argparse.Namespace, out: TextIO) -> int:
     job = cluster.job(args.namespace, args.name)
+    _check_rank(job, args.rank)
     attempt = args.attempt or current_attempt(job)
     tail = args.tail if args.tail >= 0 else None
     while True:
-        pod = wait_for_pod(cluster, job, attempt, args.follow)
+        pod = wait_for_pod(cluster, job, attempt, args.follow, args.rank)
         if pod is None:
-            raise PluginError(_no_pod(job, attempt))
+            raise PluginError(_no_pod(job, attempt, args.rank))
         name = pod["metadata"]["name"]
         if args.follow or attempt > 1:
-            print(f"==> attempt {attempt}: pod {name} <==", file=out, flush=True)
+            rank = f", node rank {args.rank}" if _nodes(job) > 1 else ""
+            print(f"==> attempt {attempt}{rank}: pod {name} <==", file=out, flush=True)
         wait_started(cluster, pod, args.follow)
         for chunk in cluster.stream_log(args.namespace, name, tail, args.follow):
             out.write(chunk)
@@ -125,18 +127,33 @@ def cmd_logs(cluster: Cluster, args: argparse.Namespace, out: TextIO) -> int:
         attempt, tail = current_attempt(job), None
 
 
-def _no_pod(job: Mapping[str, Any], attempt: int) -> str:
+def _nodes(job: Mapping[str, Any]) -> int:
+    return int(((job.get("spec") or {}).get("resources") or {}).get("nodes") or 1)
+
+
+def _check_rank(job: Mapping[str, Any], rank: int) -> None:
+    nodes = _nodes(job)
+    if not 0 <= rank < nodes:
+        meta = job["metadata"]
+        raise PluginError(
+            f"--rank {rank}: lorajob {meta['namespace']}/{meta['name']} runs on {nodes} "
+            f"node(s) (spec.resources.nodes), so its node ranks are 0-{nodes - 1}"
+        )
+
+
+def _no_pod(job: Mapping[str, Any], attempt: int, rank: int = 0) -> str:
     meta = job["metadata"]
     name = f"lorajob {meta['namespace']}/{meta['name']}"
     latest = current_attempt(job)
+    pod = f"pod of node rank {rank}" if _nodes(job) > 1 else "pod"
     if not attempt:
-        return f"{name} has no trainer pod yet; -f waits for it"
+        return f"{name} has no trainer {pod} yet; -f waits for it"
     if attempt < latest:
         return (
-            f"the pod of attempt {attempt} of {name} is gone (evicted, preempted or deleted); "
-            f"the current attempt is {latest}"
+            f"the {pod} of attempt {attempt} of {name} is gone (evicted, preempted or "
+            f"deleted); the current attempt is {latest}"
         )
-    return f"{name} has no trainer pod for attempt {attempt}"
+    return f"{name} has no trainer {pod} for attempt {attempt}"
 
 
 def cmd_adapter(cluster: Cluster, args: argparse.Namespace, out: TextIO) -> int:
@@ -227,8 +244,9 @@ def cmd_adapter(cluster: Cluster, args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_why(cluster: Cluster, args: argparse.Namespace, out: TextIO) -> int:
     job = cluster.job(args.namespace, args.name)
+    _check_rank(job, args.rank)
     attempt = current_attempt(job)
-    pod = cluster.attempt_pod(job, attempt) if attempt else None
+    pod = cluster.attempt_pod(job, attempt, args.rank) if attempt else None
     pod_name = pod["metadata"]["name"] if pod else None
     log = cluster.log_tail(args.namespace, pod_name, args.tail) if pod_name else None
     print(why_report(job, log, pod_name), file=out)

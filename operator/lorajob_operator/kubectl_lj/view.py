@@ -41,6 +41,8 @@ def progress_line(job: Mapping[str, Any], width: int = BAR_WIDTH) -> str:
     tps = progress.get("tokensPerSecond")
     eta = 0.0 if phase in FINISHED else progress.get("etaSeconds")
     steps = f"{step}/{total}" if total else "-"
+    ready = status.get("ranksReady")
+    ranks = f"  ranks {ready}" if ready and phase not in FINISHED else ""
     detail = ""
     if phase not in ("Running", "Succeeded"):
         reason = _waiting_reason(status)
@@ -48,7 +50,7 @@ def progress_line(job: Mapping[str, Any], width: int = BAR_WIDTH) -> str:
     return (
         f"{meta.get('namespace', '')}/{meta.get('name', '')}  {phase:<9} {bar} {ratio:4.0%}"
         f"  step {steps:>9}  loss {'-' if loss is None else f'{loss:.4f}':>7}"
-        f"  tok/s {'-' if tps is None else f'{tps:.0f}':>6}  eta {_duration(eta)}{detail}"
+        f"  tok/s {'-' if tps is None else f'{tps:.0f}':>6}  eta {_duration(eta)}{ranks}{detail}"
     )
 
 
@@ -94,6 +96,7 @@ def why_report(job: Mapping[str, Any], log: Sequence[str] | None, pod: str | Non
         f"  attempts: {status.get('attempts', 0)} (failed {status.get('failedAttempts', 0)}, "
         f"disruptions {status.get('disruptions', 0)})"
     )
+    lines.extend(_rank_lines(status))
     if pod is None:
         lines.append("no trainer pod to read logs from")
     elif log is None:
@@ -102,6 +105,20 @@ def why_report(job: Mapping[str, Any], log: Sequence[str] | None, pod: str | Non
         lines.append(f"last {len(log)} log lines of pod {pod}:")
         lines.extend(f"  {line}" for line in log)
     return "\n".join(lines)
+
+
+def _rank_lines(status: Mapping[str, Any]) -> list[str]:
+    """A job on several nodes: each node rank's pod, node and state in the latest attempt."""
+    ranks = status.get("ranks") or []
+    if not ranks:
+        return []
+    lines = [f"  ranks:    {status.get('ranksReady') or '-'} running"]
+    lines.extend(
+        f"    rank {r.get('rank')}  {r.get('state', '-'):<11} pod {r.get('pod', '-')}"
+        f"  node {r.get('node') or '-'}"
+        for r in ranks
+    )
+    return lines
 
 
 def _condition(status: Mapping[str, Any], ctype: str) -> Mapping[str, Any] | None:

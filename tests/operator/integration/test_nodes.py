@@ -7,6 +7,8 @@ deleted whole and tried again."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,6 +31,45 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 def _service(cluster: Cluster, name: str) -> dict[str, Any] | None:
     result = cluster.cp.kubectl("get", "service", name, "-o", "json", check=False)
     return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+def _lj(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    """`kubectl lj` (its module, as kubectl's plugin discovery runs it) against the cluster."""
+    return subprocess.run(
+        [sys.executable, "-m", "lorajob_operator.kubectl_lj", *args],
+        env=cluster.cp.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _plugin_shows_each_rank(cluster: Cluster) -> None:
+    progress = _lj(cluster, "progress", "pair")
+    assert progress.returncode == 0, progress.stderr
+    assert "ranks 2/2" in progress.stdout
+    why = _lj(cluster, "why", "pair", "--tail", "5")
+    assert why.returncode == 0, why.stderr
+    lines = why.stdout.splitlines()
+    assert "  ranks:    2/2 running" in lines
+    assert any(
+        line.startswith("    rank 0  Running     pod pair-1-n0  node gpu-node-") for line in lines
+    )
+    assert any(
+        line.startswith("    rank 1  Running     pod pair-1-n1  node gpu-node-") for line in lines
+    )
+    assert "log lines of pod pair-1-n0:" in why.stdout
+    why1 = _lj(cluster, "why", "pair", "--rank", "1")
+    assert "log lines of pod pair-1-n1:" in why1.stdout
+    logs1 = _lj(cluster, "logs", "pair", "--rank", "1")
+    assert logs1.returncode == 0, logs1.stderr
+    wrong = _lj(cluster, "logs", "pair", "--rank", "2")
+    assert (wrong.returncode, wrong.stderr) == (
+        1,
+        "error: --rank 2: lorajob default/pair runs on 2 node(s) (spec.resources.nodes), "
+        "so its node ranks are 0-1\n",
+    )
 
 
 def test_two_nodes_start_together_and_finish_as_one_job(cluster: Cluster) -> None:
@@ -63,6 +104,7 @@ def test_two_nodes_start_together_and_finish_as_one_job(cluster: Cluster) -> Non
     selector = service["spec"]["selector"].items()
     assert selector <= pods["pair-1-n0"]["metadata"]["labels"].items()
     assert not selector <= pods["pair-1-n1"]["metadata"]["labels"].items()
+    _plugin_shows_each_rank(cluster)
 
     cluster.release("pair")
     done = cluster.wait_phase("pair", "Succeeded")

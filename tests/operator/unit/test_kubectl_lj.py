@@ -62,6 +62,25 @@ def test_why_names_reason_hint_and_log_tail() -> None:
     assert queued.endswith("no trainer pod to read logs from")
 
 
+def test_a_job_on_several_nodes_shows_its_ranks() -> None:
+    job = _recorded("running")
+    job["status"]["ranksReady"] = "1/2"
+    job["status"]["ranks"] = [
+        {"rank": 0, "pod": "health-running-1-n0", "node": "gpu-a", "state": "Running"},
+        {"rank": 1, "pod": "health-running-1-n1", "state": "Pending"},
+    ]
+    assert progress_line(job).endswith("eta 0:00:01  ranks 1/2")
+    report = why_report(job, None, "health-running-1-n0").splitlines()
+    assert report[-4:] == [
+        "  ranks:    1/2 running",
+        "    rank 0  Running     pod health-running-1-n0  node gpu-a",
+        "    rank 1  Pending     pod health-running-1-n1  node -",
+        "the log of pod health-running-1-n0 cannot be read (the pod is gone or not started)",
+    ]
+    job["status"]["phase"] = "Succeeded"
+    assert "ranks" not in progress_line(job)
+
+
 def _manifest(*files: dict[str, Any]) -> dict[str, Any]:
     return {
         "version": 1,
