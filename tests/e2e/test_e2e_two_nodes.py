@@ -15,17 +15,26 @@ from devcluster.kubelet import cpu_node
 from tests.e2e.conftest import JOB_TIMEOUT_S, Cluster
 
 
-def test_two_nodes_train_as_one_group(
-    cluster_factory: Callable[..., Cluster], tmp_path: Path
-) -> None:
+def _two_node_job(
+    cluster_factory: Callable[..., Cluster], name: str, training: dict[str, int]
+) -> Cluster:
+    """A cluster of two CPU nodes with the cluster DNS, and a LoRAJob `name` on both."""
     cluster = cluster_factory(nodes=[cpu_node("cpu-node-1"), cpu_node("cpu-node-2")], dns=True)
     cluster.create_secret()
     spec = {
         "resources": {"gpus": 0, "nodes": 2, "cpu": "1", "memory": "4Gi"},
-        "training": {"maxSteps": 6, "batchSize": 2, "gradientAccumulationSteps": 1},
+        "training": training,
         "evaluation": {"prompts": []},
     }
-    cluster.apply(cluster.manifest("two-nodes", {"spec": spec}))
+    cluster.apply(cluster.manifest(name, {"spec": spec}))
+    return cluster
+
+
+def test_two_nodes_train_as_one_group(
+    cluster_factory: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    training = {"maxSteps": 6, "batchSize": 2, "gradientAccumulationSteps": 1}
+    cluster = _two_node_job(cluster_factory, "two-nodes", training)
     # The pods, read while the group exists: once global rank 0 has published, the
     # operator deletes a pod of the group that is still finishing.
     pods = cluster.cp.wait_for(
@@ -66,14 +75,8 @@ def test_two_nodes_train_as_one_group(
 def test_losing_one_node_resumes_the_group_from_its_checkpoint(
     cluster_factory: Callable[..., Cluster],
 ) -> None:
-    cluster = cluster_factory(nodes=[cpu_node("cpu-node-1"), cpu_node("cpu-node-2")], dns=True)
-    cluster.create_secret()
-    spec = {
-        "resources": {"gpus": 0, "nodes": 2, "cpu": "1", "memory": "4Gi"},
-        "training": {"maxSteps": 12, "checkpointEverySteps": 2, "gradientAccumulationSteps": 4},
-        "evaluation": {"prompts": []},
-    }
-    cluster.apply(cluster.manifest("lose-node", {"spec": spec}))
+    training = {"maxSteps": 12, "checkpointEverySteps": 2, "gradientAccumulationSteps": 4}
+    cluster = _two_node_job(cluster_factory, "lose-node", training)
     # Evict node rank 1's pod once the group has a checkpoint.
     running = cluster.wait_status(
         "lose-node", lambda s: bool(s.get("lastCheckpoint")), "the first checkpoint"

@@ -267,6 +267,16 @@ def _rank_pid(launcher: int, rank: int) -> int:
     raise AssertionError(f"no rank {rank} under launcher {launcher}")
 
 
+def _assert_on_reference_curve(
+    curve: dict[int, float], reference: dict[int, float], after_step: int
+) -> None:
+    """`curve` logged every step after `after_step` up to MAX_STEPS, each loss the single
+    process's at that step within LOSS_TOLERANCE."""
+    assert sorted(curve) == list(range(after_step + 1, MAX_STEPS + 1)), curve
+    for step, loss in curve.items():
+        assert loss == pytest.approx(reference[step], rel=LOSS_TOLERANCE), (step, curve, reference)
+
+
 def _losses(out: Path) -> dict[int, float]:
     metrics = json.loads((out / "metrics.json").read_text())
     return {int(step): float(loss) for step, loss in metrics["loss_history"]}
@@ -310,10 +320,7 @@ def test_two_ranks_match_one_process_step_by_step(
     assert rc == ExitCode.OK, log[-3000:]
     assert term is not None
     assert term["steps"] == MAX_STEPS
-    curve = _losses(out)
-    assert sorted(curve) == sorted(reference)
-    for step, loss in curve.items():
-        assert loss == pytest.approx(reference[step], rel=LOSS_TOLERANCE), (curve, reference)
+    _assert_on_reference_curve(_losses(out), reference, after_step=0)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["parallel"]["strategy"] == "ddp"
     assert metrics["parallel"]["global_batch_size"] == 4
@@ -383,10 +390,7 @@ def test_a_lost_rank_and_sigterm_resume_the_group_from_its_checkpoint(
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["resumed_from_step"] == stopped_at
     assert metrics["parallel"] == metrics["parallel"] | {"ranks": 1, "global_batch_size": 4}
-    after = _losses(out)
-    assert sorted(after) == list(range(stopped_at + 1, MAX_STEPS + 1))
-    for step, loss in after.items():
-        assert loss == pytest.approx(reference[step], rel=LOSS_TOLERANCE), (step, after, reference)
+    _assert_on_reference_curve(_losses(out), reference, after_step=stopped_at)
 
 
 # --- several nodes: one launcher per pod, torchrun's c10d rendezvous between them -------
@@ -500,10 +504,7 @@ def test_two_nodes_match_one_process_step_by_step(
     # published and says where the adapter is.
     [main] = [t for t in (term0, term1) if t.get("adapter")]
     assert main["steps"] == MAX_STEPS
-    curve = _losses(out)
-    assert sorted(curve) == sorted(reference)
-    for step, loss in curve.items():
-        assert loss == pytest.approx(reference[step], rel=LOSS_TOLERANCE), (curve, reference)
+    _assert_on_reference_curve(_losses(out), reference, after_step=0)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["parallel"]["ranks"] == 2
     assert metrics["parallel"]["global_batch_size"] == 4
@@ -558,10 +559,7 @@ def test_a_lost_node_rank_ends_both_pods_retryably_and_the_group_resumes(
     metrics = json.loads((out / "metrics.json").read_text())
     resumed = metrics["resumed_from_step"]
     assert resumed >= INTERVAL
-    after = _losses(out)
-    assert sorted(after) == list(range(resumed + 1, MAX_STEPS + 1))
-    for step, loss in after.items():
-        assert loss == pytest.approx(reference[step], rel=LOSS_TOLERANCE), (step, after, reference)
+    _assert_on_reference_curve(_losses(out), reference, after_step=resumed)
 
 
 def _child_with_rank(launcher: int, rank: int) -> int | None:
