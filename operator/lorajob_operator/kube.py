@@ -117,6 +117,16 @@ class _ApiStatus(Exception):
         self.message = message
 
 
+def _refusal(exc: _ApiStatus) -> KubeError | None:
+    """What a refused create of a pod or Service is: over quota, or rejected (invalid,
+    forbidden, refused by an admission webhook); None for any other error."""
+    if exc.status == 403 and "exceeded quota" in exc.message:
+        return QuotaExceeded(exc.message)
+    if exc.status in (400, 403, 422):
+        return PodRejected(exc.message)
+    return None
+
+
 def load_config() -> None:
     """KUBECONFIG / ~/.kube/config, or the in-cluster service account."""
     try:
@@ -573,10 +583,8 @@ class Kube:
             if exc.status == 409:
                 await self._check_owner(namespace, body)
                 return None
-            if exc.status == 403 and "exceeded quota" in exc.message:
-                raise QuotaExceeded(exc.message) from exc
-            if exc.status in (400, 403, 422):
-                raise PodRejected(exc.message) from exc
+            if (refusal := _refusal(exc)) is not None:
+                raise refusal from exc
             raise KubeError(f"create pod in {namespace}: {exc.message}") from exc
         return created
 
@@ -609,10 +617,8 @@ class Kube:
         except _ApiStatus as exc:
             if exc.status == 409:
                 return
-            if exc.status == 403 and "exceeded quota" in exc.message:
-                raise QuotaExceeded(exc.message) from exc
-            if exc.status in (400, 403, 422):
-                raise PodRejected(exc.message) from exc
+            if (refusal := _refusal(exc)) is not None:
+                raise refusal from exc
             raise KubeError(f"create service in {namespace}: {exc.message}") from exc
 
     async def delete_service(self, namespace: str, name: str) -> None:
