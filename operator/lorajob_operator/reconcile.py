@@ -771,9 +771,10 @@ def _restarting(b: _Builder) -> bool:
 #
 # spec.resources.nodes > 1 runs one pod per node rank; status.podName names the node-rank-0
 # pod, which stands for the group. Global rank 0, which serves progress and publishes the
-# adapter, is in whichever pod torch's rendezvous puts it (_lead). The group is one attempt: any pod failing, disrupted or deleted ends it and the
-# others are deleted (no rank hangs in a collective holding GPUs); the next attempt starts
-# all of them again from the last checkpoint, counted as a single pod's end would be.
+# adapter, is in whichever pod torch's rendezvous puts it (_lead). The group is one
+# attempt: any pod failing, disrupted or deleted ends it and the others are deleted (no
+# rank hangs in a collective holding GPUs); the next attempt starts all of them again
+# from the last checkpoint, counted as a single pod's end would be.
 # Starting together: through Kueue, a pod group Kueue admits whole; without Kueue, the
 # operator's gang gate comes off all pods at once when all exist, and a group not all on
 # nodes within settings.gang_timeout_seconds is deleted whole and created again after
@@ -1414,8 +1415,9 @@ def _maybe_create(b: _Builder, spec: api.LoRAJobSpec, current_hash: str) -> None
     checkpoint = _recorded_checkpoint(b) if attempt > 1 else None
     resume = f" (resumes from checkpoint {checkpoint})" if checkpoint else ""
     message = f"created pod {name} for attempt {attempt}{resume}"
+    group = len(bodies) > 1
     service = None
-    if len(bodies) > 1:
+    if group:
         names = ", ".join(_pod_name(p) for p in bodies)
         message = (
             f"created pods {names} for attempt {attempt}, one per node, started together{resume}"
@@ -1431,12 +1433,12 @@ def _maybe_create(b: _Builder, spec: api.LoRAJobSpec, current_hash: str) -> None
     b.status.attempts = attempt
     b.status.pod_name = name
     b.status.node_name = None
-    b.status.ranks = [
-        api.RankStatus(rank=rank, pod=_pod_name(p), state="Pending")
-        for rank, p in enumerate(bodies)
-        if len(bodies) > 1
-    ]
-    b.status.ranks_ready = f"0/{len(bodies)}" if len(bodies) > 1 else None
+    b.status.ranks = (
+        [api.RankStatus(rank=r, pod=_pod_name(p), state="Pending") for r, p in enumerate(bodies)]
+        if group
+        else []
+    )
+    b.status.ranks_ready = f"0/{len(bodies)}" if group else None
     b.status.spec_hash = current_hash
     b.status.run_generation = b.generation
     b.status.run_id = b.parsed().run
