@@ -174,10 +174,16 @@ class RendezvousFailed(TrainerError):
 _PEER_GONE = re.compile(r"Connection (closed|reset) by peer|gloo/transport|\bc10d\b")
 
 
+def _is_a(exc: BaseException, class_name: str) -> bool:
+    """Whether `exc` is an instance of a class named `class_name`: torch's errors are
+    matched by name so that this module needs no torch."""
+    return any(cls.__name__ == class_name for cls in type(exc).__mro__)
+
+
 def _is_peer_lost(exc: BaseException) -> bool:
     # torch.distributed's errors (DistBackendError, DistNetworkError, DistStoreError)
-    # share the base DistError; matched by name so that this module needs no torch.
-    dist_error = any(cls.__name__ == "DistError" for cls in type(exc).__mro__)
+    # share the base DistError.
+    dist_error = _is_a(exc, "DistError")
     return dist_error or (isinstance(exc, RuntimeError) and bool(_PEER_GONE.search(str(exc))))
 
 
@@ -193,7 +199,7 @@ def classify(exc: BaseException) -> TrainerError:
             "the process ran out of host memory",
             hint="Request more memory (spec.resources.memory) or use a smaller model/batch.",
         )
-    if any(cls.__name__ == "RendezvousError" for cls in type(exc).__mro__):
+    if _is_a(exc, "RendezvousError"):
         # torchrun's rendezvous errors say "see inner exception": quote that one too.
         cause = exc.__cause__
         inner = f" ({type(cause).__name__}: {cause})" if cause else ""
