@@ -55,6 +55,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.compat import HAS_CRT
 from botocore.config import Config
 from lora_trainer.storage import CONCURRENCY, PART_SIZE, Storage
+from loraops_contract.manifest import file_sha256
 
 from bench.common import add_common_args, format_table, ratio, timed, write_results
 from bench.throttle import throttled_proxy
@@ -161,14 +162,6 @@ def write_random_file(path: Path, size: int, seed: int = 0) -> str:
             digest.update(chunk)
             written += len(chunk)
             i += 1
-    return digest.hexdigest()
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(8 * _MiB):
-            digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -287,7 +280,7 @@ def _measure(
             with timed() as t:
                 got = side.download(env, BUCKET, key, scratch)
             down[side.name].append(t.seconds)
-            if i == 0 and sha256_of(got) != want:
+            if i == 0 and file_sha256(got) != want:
                 raise RuntimeError(f"{side.name}: download returned different bytes")
             if side.name == OURS:
                 with timed() as t:
